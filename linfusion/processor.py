@@ -1,0 +1,112 @@
+"""The processor base class every family adapter builds on.
+
+A diffusers attention processor receives the attention module and its hidden
+states. Family processors (in :mod:`linfusion.pipelines`) only know how their
+family projects q/k/v (norms, RoPE, where the text sits) and how it projects the
+output; the shared :meth:`LinFusionProcessor.attend` does the rest: feature
+MLPs, the method's math, the optional softmax gate.
+
+The token grid is not module state: a forward pre-hook on the denoiser records
+the grid of each call in a :class:`TokenGrid` owned by the patch, and each layer
+derives its own level from its token count (UNet levels halve the grid).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .methods import QKV, AttentionMethod, SoftmaxGate, dense_attention
+
+#: project(x_for_q, x_for_k) -> (image QKV, text QKV or None), each (B, H, L, D)
+Projector = Callable[[torch.Tensor, torch.Tensor], tuple[QKV, "QKV | None"]]
+
+
+class TokenGrid:
+    """The latent token grid of the denoiser call in flight: (H, W) or (T, H, W)."""
+
+    def __init__(self) -> None:
+        self.grid: tuple[int, ...] | None = None
+
+    def record(self, grid: tuple[int, ...]) -> None:
+        self.grid = tuple(int(g) for g in grid)
+
+    def current(self) -> tuple[int, ...]:
+        """The recorded grid; raises if the model was not called through its forward."""
+        if self.grid is None:
+            raise RuntimeError(
+                "LinFusion does not know the token grid: call the patched model through its forward "
+                "(the patch records the grid of each call there)"
+            )
+        return self.grid
+
+    def for_tokens(self, n_tokens: int) -> tuple[int, ...]:
+        """The grid of a layer holding ``n_tokens`` image tokens.
+
+        Equal to the recorded grid for transformers; for UNets, the recorded grid
+        halved (rounding up, like a stride-2 convolution) once per level.
+        """
+        grid = self.current()
+        while math.prod(grid) > n_tokens and grid[-1] > 1:
+            grid = grid[:-2] + tuple(-(-g // 2) for g in grid[-2:])
+        if math.prod(grid) != n_tokens:
+            raise RuntimeError(
+                f"a patched layer got {n_tokens} image tokens, which matches no level of the token grid {self.grid}"
+            )
+        return grid
+
+
+def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H·D) -> (B, H, L, D)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def heads_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) -> (B, L, H·D)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+class LinFusionProcessor(nn.Module):
+    """Base class of the patched processors: holds the method, the gate and the grid.
+
+    It is an ``nn.Module`` so its parameters join the denoiser's ``parameters()``,
+    ``state_dict`` and ``.to()``; subclasses define ``__call__`` with the exact
+    signature of the processor they replace (diffusers drops kwargs a processor's
+    ``__call__`` does not declare).
+    """
+
+    def __init__(
+        self, method: AttentionMethod, token_grid: TokenGrid, layer_name: str, gate: SoftmaxGate | None = None
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.gate = gate
+        self.layer_name = layer_name
+        self.token_grid = token_grid
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_name!r}, method={self.method.name!r}, gated={self.gate is not None}"
+
+    def attend(self, project: Projector, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the patched attention.
+
+        Args:
+            project: the family's projection, ``project(x_q, x_k) -> (img QKV, txt QKV | None)``.
+            x_img: (B, N_img, C) image hidden states entering the q/k/v projections.
+
+        Returns:
+            (o_img, o_txt): (B, H, N_img, D) and (B, H, N_txt, D) or None.
+        """
+        x_q, x_k = self.method.adapt_inputs(x_img)
+        img, txt = project(x_q, x_k)
+        grid = self.token_grid.for_tokens(img.q.shape[2])
+        out_img, out_txt = self.method(img, txt, grid)
+        if self.gate is None:
+            return out_img, out_txt
+        if x_q is not x_img or x_k is not x_img:  # softmax uses the untouched projections
+            img, txt = project(x_img, x_img)
+        soft_img, soft_txt = dense_attention(img, txt)
+        return self.gate.mix(soft_img, out_img), self.gate.mix(soft_txt, out_txt)
