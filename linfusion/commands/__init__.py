@@ -1,0 +1,1 @@
+"""Small sub-commands of the ``linfusion`` CLI that belong to no larger area."""

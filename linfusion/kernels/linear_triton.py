@@ -1,0 +1,545 @@
+"""Fused Triton bidirectional linear attention, forward and backward.
+
+Computes exactly ``linear_reference.linear_attention_reference``::
+
+    S = (1/N) Σ_j k_jᵀ v_j        (Dk × Dv, fp32)
+    z = (1/N) Σ_j k_j             (Dk, fp32)
+    O_i = (q_i S) / (q_i · z + eps)
+
+Forward, three launches:
+
+1. ``_state_partial_kernel``: grid (token chunks, state tiles, B·H). Each program sums
+   ``k_jᵀ v_j`` and ``k_j`` over one chunk of keys into fp32 registers and writes a
+   partial state. Splitting N over chunks keeps the whole GPU busy when B·H is small.
+2. ``_state_reduce_kernel``: sums the partial states in a fixed order (deterministic,
+   no atomics) and multiplies by 1/N in fp32.
+3. ``_apply_kernel``: grid (query chunks, B·H). Each program loads the state once,
+   casts it to the input dtype for the tensor cores, and streams its queries:
+   ``num = q S`` (fp32 accumulate), ``den = q·z + eps`` (fp32), ``O = num / den``.
+
+Backward (gradients of q, k, v), three launches:
+
+A. ``_bwd_q_kernel``: per query tile, recompute ``num`` and ``den`` (no O is saved),
+   ``dq = (dO Sᵀ)/den + dden z`` with ``dden = -(dO·num)/den²``, and accumulate
+   partial ``dS = Σ qᵀ (dO/den)`` and ``dz = Σ dden q`` in fp32.
+B. ``_state_reduce_kernel`` again for ``dS/N`` and ``dz/N``.
+C. ``_bwd_kv_kernel``: ``dk = v dSᵀ/N + dz/N``, ``dv = k dS/N``.
+
+fp16 range: the 16-bit copies of S and dS/N that feed the tensor cores are divided by
+a power of two (the per-(b, h) maximum rounded up), and the per-tile ``dO/den`` by
+the tile's maximum, and the scale is multiplied back in fp32, so no intermediate
+overflows fp16 whatever N is. bf16 has fp32's range and skips this; fp32 inputs use
+fp32 dots (IEEE, or TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set).
+
+Head dims are padded to the next power of two ≥ 16 with masks (40 → 64, 72/80/96 →
+128); Dk and Dv may differ (hedgehog: Dk = 2·Dv) and go up to 256. Any sequence
+length works; q may have a different length M from the keys' N. Inputs need a unit
+stride on the last dimension only (others are passed to the kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import triton_interpreter_enabled
+from .linear_configs import MAX_HEAD_DIM, LinearConfig, linear_config, padded_dim
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REDUCE_ROWS = 16
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _pow2_ceil(x):
+    """Smallest power of two ≥ x (x ≥ 0); 1 for x == 0."""
+    return tl.where(x > 0, tl.exp2(tl.ceil(tl.log2(x))), 1.0)
+
+
+@triton.jit
+def _state_partial_kernel(
+    K, V, P, PZ,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    H, N, DK, DV, chunk_len, n_chunks,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    n_dv_blocks: tl.constexpr = DV_PAD // BLOCK_DV
+    pid_k = pid_t // n_dv_blocks
+    pid_v = pid_t % n_dv_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+
+    offs_dk = pid_k * BLOCK_DK + tl.arange(0, BLOCK_DK)
+    offs_dv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask_dk = offs_dk < DK
+    mask_dv = offs_dv < DV
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    start = pid_c * chunk_len
+    end = tl.minimum(start + chunk_len, N)
+    acc = tl.zeros((BLOCK_DK, BLOCK_DV), dtype=tl.float32)
+    ksum = tl.zeros((BLOCK_DK,), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        rows = offs_n.to(tl.int64)
+        k = tl.load(
+            k_base + rows[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+            mask=mask_n[:, None] & mask_dk[None, :], other=0.0,
+        )
+        v = tl.load(
+            v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=mask_n[:, None] & mask_dv[None, :], other=0.0,
+        )
+        acc = tl.dot(tl.trans(k), v, acc, input_precision=DOT_PRECISION)
+        ksum += tl.sum(k.to(tl.float32), axis=0)
+
+    part = pid_bh.to(tl.int64) * n_chunks + pid_c
+    tl.store(P + (part * DK_PAD + offs_dk[:, None]) * DV_PAD + offs_dv[None, :], acc)
+    if pid_v == 0:
+        tl.store(PZ + part * DK_PAD + offs_dk, ksum)
+
+
+@triton.jit
+def _state_reduce_kernel(
+    P, PZ, S, Z, MX, n_chunks, inv_n,
+    ROWS: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, TRACK_MAX: tl.constexpr,
+):
+    """S[bh, rows] = inv_n · Σ_c P[bh, c, rows]; Z likewise; MX[bh, stripe] = max |S[bh, rows]|."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    offs_r = pid_r * ROWS + tl.arange(0, ROWS)
+    offs_v = tl.arange(0, DV_PAD)
+    acc = tl.zeros((ROWS, DV_PAD), dtype=tl.float32)
+    zacc = tl.zeros((ROWS,), dtype=tl.float32)
+    for c in range(n_chunks):
+        part = pid_bh * n_chunks + c
+        acc += tl.load(P + (part * DK_PAD + offs_r[:, None]) * DV_PAD + offs_v[None, :])
+        zacc += tl.load(PZ + part * DK_PAD + offs_r)
+    acc = acc * inv_n
+    tl.store(S + (pid_bh * DK_PAD + offs_r[:, None]) * DV_PAD + offs_v[None, :], acc)
+    tl.store(Z + pid_bh * DK_PAD + offs_r, zacc * inv_n)
+    if TRACK_MAX:
+        tl.store(MX + pid_bh * (DK_PAD // ROWS) + pid_r, tl.max(tl.max(tl.abs(acc), axis=1), axis=0))
+
+
+@triton.jit
+def _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                ROWS: tl.constexpr, SCALE: tl.constexpr, dtype: tl.constexpr):
+    """Load rows ``offs_dk`` of an fp32 (DK_PAD × DV_PAD) state as ``dtype`` and its scale.
+
+    With SCALE (fp16), the state is divided by a power of two ≥ its max |entry| (taken
+    from the whole state, so every program and row block agrees) before the cast.
+    """
+    s = tl.load(S + (pid_bh * DK_PAD + offs_dk[:, None]) * DV_PAD + offs_dv[None, :])
+    if SCALE:
+        n_stripes: tl.constexpr = DK_PAD // ROWS
+        mx = tl.max(tl.load(MX + pid_bh * n_stripes + tl.arange(0, n_stripes)), axis=0)
+        scale = _pow2_ceil(mx)
+        s = s / scale
+    else:
+        scale = 1.0
+    return s.to(dtype), scale
+
+
+@triton.jit
+def _apply_kernel(
+    Q, S, Z, MX, O,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, M, DK, DV, chunk_len, eps,
+    BLOCK_M: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
+    SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    dtype = O.dtype.element_ty
+
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    mask_dk = offs_dk < DK
+    mask_dv = offs_dv < DV
+    s, scale = _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype)
+    z = tl.load(Z + pid_bh * DK_PAD + offs_dk)
+    q_base = Q + b * stride_qb + h * stride_qh
+    o_base = O + b * stride_ob + h * stride_oh
+
+    start = pid_c * chunk_len
+    end = tl.minimum(start + chunk_len, M)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        rows = offs_m.to(tl.int64)
+        q = tl.load(
+            q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+            mask=mask_m[:, None] & mask_dk[None, :], other=0.0,
+        )
+        num = tl.dot(q, s, input_precision=DOT_PRECISION)
+        den = tl.sum(q.to(tl.float32) * z[None, :], axis=1) + eps
+        out = num * (scale / den)[:, None]
+        tl.store(
+            o_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+            out.to(dtype), mask=mask_m[:, None] & mask_dv[None, :],
+        )
+
+
+@triton.jit
+def _bwd_q_kernel(
+    Q, DO, S, Z, MX, DQ, P, PZ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, M, DK, DV, chunk_len, n_chunks, eps,
+    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    ROWS: tl.constexpr, SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dq for this program's Dk block, partial dS = Σ qᵀ(dO/den) and dz = Σ dden·q.
+
+    ``num`` and ``den`` need the whole Dk, so with several Dk blocks (Dk > 128) each
+    program reads all of q and writes only its own block of dq, dS and dz.
+    """
+    pid_c = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    dtype = Q.dtype.element_ty
+    SPLIT: tl.constexpr = BLOCK_DK < DK_PAD
+
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    offs_own = pid_k * BLOCK_DK + tl.arange(0, BLOCK_DK)
+    mask_dk = offs_dk < DK
+    mask_dv = offs_dv < DV
+    mask_own = offs_own < DK
+    s, scale = _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype)
+    z = tl.load(Z + pid_bh * DK_PAD + offs_dk)
+    if SPLIT:
+        s_own, _ = _load_state(S, MX, pid_bh, offs_own, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype)
+        z_own = tl.load(Z + pid_bh * DK_PAD + offs_own)
+    else:
+        s_own = s
+        z_own = z
+    q_base = Q + b * stride_qb + h * stride_qh
+    g_base = DO + b * stride_gb + h * stride_gh
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+
+    ds_acc = tl.zeros((BLOCK_DK, DV_PAD), dtype=tl.float32)
+    dz_acc = tl.zeros((BLOCK_DK,), dtype=tl.float32)
+    start = pid_c * chunk_len
+    end = tl.minimum(start + chunk_len, M)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        rows = offs_m.to(tl.int64)
+        q = tl.load(
+            q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+            mask=mask_m[:, None] & mask_dk[None, :], other=0.0,
+        )
+        g = tl.load(
+            g_base + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+            mask=mask_m[:, None] & mask_dv[None, :], other=0.0,
+        )
+        if SPLIT:
+            q_own = tl.load(
+                q_base + rows[:, None] * stride_qm + offs_own[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_own[None, :], other=0.0,
+            )
+        else:
+            q_own = q
+        num = tl.dot(q, s, input_precision=DOT_PRECISION) * scale
+        den = tl.sum(q.to(tl.float32) * z[None, :], axis=1) + eps
+        w = 1.0 / den
+        g32 = g.to(tl.float32)
+        dden = -tl.sum(g32 * num, axis=1) * w * w
+        dq = tl.dot(g, tl.trans(s_own), input_precision=DOT_PRECISION) * (scale * w)[:, None]
+        dq += dden[:, None] * z_own[None, :]
+        tl.store(
+            dq_base + rows[:, None] * stride_dqm + offs_own[None, :] * stride_dqd,
+            dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_own[None, :],
+        )
+        dz_acc += tl.sum(dden[:, None] * q_own.to(tl.float32), axis=0)
+        dnum = g32 * w[:, None]
+        if SCALE:
+            tile_scale = _pow2_ceil(tl.max(tl.max(tl.abs(dnum), axis=1), axis=0))
+            ds_acc += tl.dot(tl.trans(q_own), (dnum / tile_scale).to(dtype),
+                             input_precision=DOT_PRECISION) * tile_scale
+        else:
+            ds_acc = tl.dot(tl.trans(q_own), dnum.to(dtype), ds_acc, input_precision=DOT_PRECISION)
+
+    part = pid_bh * n_chunks + pid_c
+    tl.store(P + (part * DK_PAD + offs_own[:, None]) * DV_PAD + offs_dv[None, :], ds_acc)
+    tl.store(PZ + part * DK_PAD + offs_own, dz_acc)
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    K, V, DS, DZ, MX, DKO, DVO,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, N, DK, DV, chunk_len,
+    BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
+    SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dk = v (dS/N)ᵀ + dz/N and dv = k (dS/N); DS and DZ already hold the 1/N."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    dtype = K.dtype.element_ty
+
+    offs_dk = tl.arange(0, DK_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    mask_dk = offs_dk < DK
+    mask_dv = offs_dv < DV
+    ds, scale = _load_state(DS, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype)
+    dz = tl.load(DZ + pid_bh * DK_PAD + offs_dk)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dk_base = DKO + b * stride_dkb + h * stride_dkh
+    dv_base = DVO + b * stride_dvb + h * stride_dvh
+
+    start = pid_c * chunk_len
+    end = tl.minimum(start + chunk_len, N)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        rows = offs_n.to(tl.int64)
+        k = tl.load(
+            k_base + rows[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+            mask=mask_n[:, None] & mask_dk[None, :], other=0.0,
+        )
+        v = tl.load(
+            v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=mask_n[:, None] & mask_dv[None, :], other=0.0,
+        )
+        dk = tl.dot(v, tl.trans(ds), input_precision=DOT_PRECISION) * scale + dz[None, :]
+        dv = tl.dot(k, ds, input_precision=DOT_PRECISION) * scale
+        tl.store(
+            dk_base + rows[:, None] * stride_dkn + offs_dk[None, :] * stride_dkd,
+            dk.to(DKO.dtype.element_ty), mask=mask_n[:, None] & mask_dk[None, :],
+        )
+        tl.store(
+            dv_base + rows[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+            dv.to(DVO.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :],
+        )
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError/RuntimeError for anything the kernels cannot compute exactly."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernel supports fp16, bf16 and fp32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"q, k, v must share (B, H): got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[3]} and {k.shape[3]}")
+    if k.shape[2] == 0:
+        raise ValueError("k and v must hold at least one token (the state is a mean over keys)")
+    dk, dv = q.shape[3], v.shape[3]
+    if not (1 <= dk <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM):
+        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got Dk={dk}, Dv={dv}")
+    if q.device.type == "cuda":
+        return
+    if q.device.type == "cpu" and triton_interpreter_enabled():
+        return
+    raise RuntimeError(
+        f"linear_attention_triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+        f"before triton is imported); got device {q.device}"
+    )
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _chunking(length: int, block: int, programs_per_chunk_set: int, target_programs: int) -> tuple[int, int]:
+    """Split ``length`` tokens into chunks of whole blocks: (chunk_len, n_chunks).
+
+    Aims at ``target_programs`` programs in total when each chunk spawns
+    ``programs_per_chunk_set`` programs (B·H times the state tiles).
+    """
+    n_blocks = triton.cdiv(length, block)
+    want = max(1, triton.cdiv(target_programs, programs_per_chunk_set))
+    blocks_per_chunk = triton.cdiv(n_blocks, min(want, n_blocks))
+    chunk_len = blocks_per_chunk * block
+    return chunk_len, triton.cdiv(length, chunk_len)
+
+
+def _get_config(q: torch.Tensor, dk_pad: int, dv_pad: int, config: LinearConfig | None) -> LinearConfig:
+    if config is not None:
+        return config
+    return linear_config(dk_pad, dv_pad, q.element_size(), q.device.type != "cuda")
+
+
+def _reduce(p, pz, bh, n_chunks, inv_n, dk_pad, dv_pad, track_max, device):
+    s = torch.empty(bh, dk_pad, dv_pad, device=device, dtype=torch.float32)
+    z = torch.empty(bh, dk_pad, device=device, dtype=torch.float32)
+    mx = torch.empty(bh, dk_pad // REDUCE_ROWS, device=device, dtype=torch.float32) if track_max else s
+    _state_reduce_kernel[(bh, dk_pad // REDUCE_ROWS)](
+        p, pz, s, z, mx, n_chunks, inv_n,
+        ROWS=REDUCE_ROWS, DK_PAD=dk_pad, DV_PAD=dv_pad, TRACK_MAX=track_max, num_warps=4,
+    )
+    return s, z, mx
+
+
+def _forward(q, k, v, eps, config=None):
+    B, H, M, DK = q.shape
+    N, DV = k.shape[2], v.shape[3]
+    dk_pad, dv_pad = padded_dim(DK), padded_dim(DV)
+    cfg = _get_config(q, dk_pad, dv_pad, config)
+    bh = B * H
+    target = cfg.programs_per_sm * _num_sms(q.device)
+    prec = _dot_precision(q.dtype)
+    scale = q.dtype == torch.float16
+
+    # pass 1: partial states
+    bdk, bdv = min(cfg.state_block_dk, dk_pad), min(cfg.state_block_dv, dv_pad)
+    tiles = (dk_pad // bdk) * (dv_pad // bdv)
+    chunk_len, n_chunks = _chunking(N, cfg.state_block_n, bh * tiles, target)
+    p = torch.empty(bh, n_chunks, dk_pad, dv_pad, device=q.device, dtype=torch.float32)
+    pz = torch.empty(bh, n_chunks, dk_pad, device=q.device, dtype=torch.float32)
+    _state_partial_kernel[(n_chunks, tiles, bh)](
+        k, v, p, pz, *k.stride(), *v.stride(), H, N, DK, DV, chunk_len, n_chunks,
+        BLOCK_N=cfg.state_block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK_PAD=dk_pad, DV_PAD=dv_pad,
+        DOT_PRECISION=prec, num_warps=cfg.state_warps, num_stages=cfg.state_stages,
+    )
+    s, z, mx = _reduce(p, pz, bh, n_chunks, 1.0 / N, dk_pad, dv_pad, scale, q.device)
+
+    # pass 2: apply to queries
+    o = torch.empty(B, H, M, DV, device=q.device, dtype=q.dtype)
+    if M > 0:
+        chunk_len, n_chunks = _chunking(M, cfg.apply_block_m, bh, target)
+        _apply_kernel[(n_chunks, bh)](
+            q, s, z, mx, o, *q.stride(), *o.stride(), H, M, DK, DV, chunk_len, eps,
+            BLOCK_M=cfg.apply_block_m, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
+            SCALE=scale, DOT_PRECISION=prec, num_warps=cfg.apply_warps, num_stages=cfg.apply_stages,
+        )
+    return o, s, z, mx
+
+
+def _backward(q, k, v, s, z, mx, do, eps, config=None):
+    B, H, M, DK = q.shape
+    N, DV = k.shape[2], v.shape[3]
+    dk_pad, dv_pad = padded_dim(DK), padded_dim(DV)
+    cfg = _get_config(q, dk_pad, dv_pad, config)
+    bh = B * H
+    target = cfg.programs_per_sm * _num_sms(q.device)
+    prec = _dot_precision(q.dtype)
+    scale = q.dtype == torch.float16
+    do = _last_dim_contiguous(do)
+
+    # pass A: dq and partial dS, dz over query chunks
+    dq = torch.empty_like(q)
+    bdk = min(cfg.bwdq_block_dk, dk_pad)
+    k_blocks = dk_pad // bdk
+    if M > 0:
+        chunk_len, n_chunks = _chunking(M, cfg.bwdq_block_m, bh * k_blocks, target)
+        p = torch.empty(bh, n_chunks, dk_pad, dv_pad, device=q.device, dtype=torch.float32)
+        pz = torch.empty(bh, n_chunks, dk_pad, device=q.device, dtype=torch.float32)
+        _bwd_q_kernel[(n_chunks, k_blocks, bh)](
+            q, do, s, z, mx, dq, p, pz, *q.stride(), *do.stride(), *dq.stride(),
+            H, M, DK, DV, chunk_len, n_chunks, eps,
+            BLOCK_M=cfg.bwdq_block_m, BLOCK_DK=bdk, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
+            SCALE=scale, DOT_PRECISION=prec, num_warps=cfg.bwdq_warps, num_stages=cfg.bwdq_stages,
+        )
+    else:  # no queries: dS = 0, dz = 0
+        n_chunks = 1
+        p = torch.zeros(bh, 1, dk_pad, dv_pad, device=q.device, dtype=torch.float32)
+        pz = torch.zeros(bh, 1, dk_pad, device=q.device, dtype=torch.float32)
+    ds, dz, dmx = _reduce(p, pz, bh, n_chunks, 1.0 / N, dk_pad, dv_pad, scale, q.device)
+
+    # pass B: dk, dv
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    chunk_len, n_chunks = _chunking(N, cfg.bwdkv_block_n, bh, target)
+    _bwd_kv_kernel[(n_chunks, bh)](
+        k, v, ds, dz, dmx, dk, dv, *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
+        H, N, DK, DV, chunk_len,
+        BLOCK_N=cfg.bwdkv_block_n, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
+        SCALE=scale, DOT_PRECISION=prec, num_warps=cfg.bwdkv_warps, num_stages=cfg.bwdkv_stages,
+    )
+    return dq, dk, dv
+
+
+class LinearAttentionTriton(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v and the fp32 state (not O; it is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, eps, config=None):
+        o, s, z, mx = _forward(q, k, v, eps, config)
+        ctx.save_for_backward(q, k, v, s, z, mx)
+        ctx.eps = eps
+        ctx.config = config
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, s, z, mx = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, s, z, mx, do, ctx.eps, ctx.config)
+        return dq, dk, dv, None, None
+
+
+def linear_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6, config: LinearConfig | None = None
+) -> torch.Tensor:
+    """Mean-normalised bidirectional linear attention on the Triton kernels.
+
+    Args:
+        q: (B, H, M, Dk) non-negative feature-mapped queries (fp16, bf16 or fp32).
+        k: (B, H, N, Dk) non-negative feature-mapped keys, N ≥ 1.
+        v: (B, H, N, Dv) values. Dk, Dv ≤ 256.
+        eps: added to the mean-normalised denominator.
+        config: tile configuration (default: ``linear_configs.linear_config``).
+
+    Returns:
+        (B, H, M, Dv) in the input dtype; differentiable w.r.t. q, k and v.
+
+    Raises:
+        ValueError: unsupported dtype, rank, shapes or head dims.
+        RuntimeError: tensors not on CUDA (and not on CPU under TRITON_INTERPRET=1).
+    """
+    _check_inputs(q, k, v)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return LinearAttentionTriton.apply(q, k, v, float(eps), config)
