@@ -1,0 +1,1 @@
+"""Helpers for tests, examples and demos that must run offline: tiny pipelines built from configs."""
