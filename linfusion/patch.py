@@ -258,7 +258,7 @@ def describe(obj: Any) -> dict[str, Any]:
                 options=record.config.to_dict(),
                 patched_layers=list(processors),
                 new_parameters=sum(p.numel() for proc in processors.values() for p in proc.parameters()),
-                gates={name: float(proc.gate.r) for name, proc in processors.items() if proc.gate is not None},
+                gates={name: float(proc.gate.r.detach()) for name, proc in processors.items() if proc.gate is not None},
             )
         components[component] = info
     return {"patched": any(c["patched"] for c in components.values()), "components": components}
