@@ -60,13 +60,34 @@ def _pow2_ceil(x):
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST works around the CPU interpreter, whose
+    tl.dot multiplies the raw bits of bf16 operands; on GPUs it is always False."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """x.to(dtype). INTERP_BF16 (CPU interpreter only, bf16) rounds to nearest even by
+    hand: the interpreter's fp32 -> bf16 conversion truncates, unlike the GPU's."""
+    if INTERP_BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _state_partial_kernel(
     K, V, P, PZ,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N, DK, DV, chunk_len, n_chunks,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -100,7 +121,7 @@ def _state_partial_kernel(
             v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=mask_n[:, None] & mask_dv[None, :], other=0.0,
         )
-        acc = tl.dot(tl.trans(k), v, acc, input_precision=DOT_PRECISION)
+        acc = _mma(tl.trans(k), v, acc, DOT_PRECISION, UPCAST)
         ksum += tl.sum(k.to(tl.float32), axis=0)
 
     part = pid_bh.to(tl.int64) * n_chunks + pid_c
@@ -134,7 +155,8 @@ def _state_reduce_kernel(
 
 @triton.jit
 def _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-                ROWS: tl.constexpr, SCALE: tl.constexpr, dtype: tl.constexpr):
+                ROWS: tl.constexpr, SCALE: tl.constexpr, dtype: tl.constexpr,
+                INTERP_BF16: tl.constexpr):
     """Load rows ``offs_dk`` of an fp32 (DK_PAD × DV_PAD) state as ``dtype`` and its scale.
 
     With SCALE (fp16), the state is divided by a power of two ≥ its max |entry| (taken
@@ -148,7 +170,7 @@ def _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD: tl.constexpr, DV_PAD: t
         s = s / scale
     else:
         scale = 1.0
-    return s.to(dtype), scale
+    return _cast(s, dtype, INTERP_BF16), scale
 
 
 @triton.jit
@@ -158,7 +180,7 @@ def _apply_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, M, DK, DV, chunk_len, eps,
     BLOCK_M: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
-    SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -170,7 +192,7 @@ def _apply_kernel(
     offs_dv = tl.arange(0, DV_PAD)
     mask_dk = offs_dk < DK
     mask_dv = offs_dv < DV
-    s, scale = _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype)
+    s, scale = _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype, UPCAST)
     z = tl.load(Z + pid_bh * DK_PAD + offs_dk)
     q_base = Q + b * stride_qb + h * stride_qh
     o_base = O + b * stride_ob + h * stride_oh
@@ -185,12 +207,12 @@ def _apply_kernel(
             q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
             mask=mask_m[:, None] & mask_dk[None, :], other=0.0,
         )
-        num = tl.dot(q, s, input_precision=DOT_PRECISION)
+        num = _mma(q, s, None, DOT_PRECISION, UPCAST)
         den = tl.sum(q.to(tl.float32) * z[None, :], axis=1) + eps
         out = num * (scale / den)[:, None]
         tl.store(
             o_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
-            out.to(dtype), mask=mask_m[:, None] & mask_dv[None, :],
+            _cast(out, dtype, UPCAST), mask=mask_m[:, None] & mask_dv[None, :],
         )
 
 
@@ -202,7 +224,7 @@ def _bwd_q_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, M, DK, DV, chunk_len, n_chunks, eps,
     BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    ROWS: tl.constexpr, SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROWS: tl.constexpr, SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dq for this program's Dk block, partial dS = Σ qᵀ(dO/den) and dz = Σ dden·q.
 
@@ -223,10 +245,10 @@ def _bwd_q_kernel(
     mask_dk = offs_dk < DK
     mask_dv = offs_dv < DV
     mask_own = offs_own < DK
-    s, scale = _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype)
+    s, scale = _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype, UPCAST)
     z = tl.load(Z + pid_bh * DK_PAD + offs_dk)
     if SPLIT:
-        s_own, _ = _load_state(S, MX, pid_bh, offs_own, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype)
+        s_own, _ = _load_state(S, MX, pid_bh, offs_own, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype, UPCAST)
         z_own = tl.load(Z + pid_bh * DK_PAD + offs_own)
     else:
         s_own = s
@@ -258,25 +280,24 @@ def _bwd_q_kernel(
             )
         else:
             q_own = q
-        num = tl.dot(q, s, input_precision=DOT_PRECISION) * scale
+        num = _mma(q, s, None, DOT_PRECISION, UPCAST) * scale
         den = tl.sum(q.to(tl.float32) * z[None, :], axis=1) + eps
         w = 1.0 / den
         g32 = g.to(tl.float32)
         dden = -tl.sum(g32 * num, axis=1) * w * w
-        dq = tl.dot(g, tl.trans(s_own), input_precision=DOT_PRECISION) * (scale * w)[:, None]
+        dq = _mma(g, tl.trans(s_own), None, DOT_PRECISION, UPCAST) * (scale * w)[:, None]
         dq += dden[:, None] * z_own[None, :]
         tl.store(
             dq_base + rows[:, None] * stride_dqm + offs_own[None, :] * stride_dqd,
-            dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_own[None, :],
+            _cast(dq, DQ.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_own[None, :],
         )
         dz_acc += tl.sum(dden[:, None] * q_own.to(tl.float32), axis=0)
         dnum = g32 * w[:, None]
         if SCALE:
             tile_scale = _pow2_ceil(tl.max(tl.max(tl.abs(dnum), axis=1), axis=0))
-            ds_acc += tl.dot(tl.trans(q_own), (dnum / tile_scale).to(dtype),
-                             input_precision=DOT_PRECISION) * tile_scale
+            ds_acc += _mma(tl.trans(q_own), _cast(dnum / tile_scale, dtype, UPCAST), None, DOT_PRECISION, UPCAST) * tile_scale
         else:
-            ds_acc = tl.dot(tl.trans(q_own), dnum.to(dtype), ds_acc, input_precision=DOT_PRECISION)
+            ds_acc = _mma(tl.trans(q_own), _cast(dnum, dtype, UPCAST), ds_acc, DOT_PRECISION, UPCAST)
 
     part = pid_bh * n_chunks + pid_c
     tl.store(P + (part * DK_PAD + offs_own[:, None]) * DV_PAD + offs_dv[None, :], ds_acc)
@@ -292,7 +313,7 @@ def _bwd_kv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N, DK, DV, chunk_len,
     BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
-    SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dk = v (dS/N)ᵀ + dz/N and dv = k (dS/N); DS and DZ already hold the 1/N."""
     pid_c = tl.program_id(0)
@@ -305,7 +326,7 @@ def _bwd_kv_kernel(
     offs_dv = tl.arange(0, DV_PAD)
     mask_dk = offs_dk < DK
     mask_dv = offs_dv < DV
-    ds, scale = _load_state(DS, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype)
+    ds, scale = _load_state(DS, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype, UPCAST)
     dz = tl.load(DZ + pid_bh * DK_PAD + offs_dk)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -326,15 +347,15 @@ def _bwd_kv_kernel(
             v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=mask_n[:, None] & mask_dv[None, :], other=0.0,
         )
-        dk = tl.dot(v, tl.trans(ds), input_precision=DOT_PRECISION) * scale + dz[None, :]
-        dv = tl.dot(k, ds, input_precision=DOT_PRECISION) * scale
+        dk = _mma(v, tl.trans(ds), None, DOT_PRECISION, UPCAST) * scale + dz[None, :]
+        dv = _mma(k, ds, None, DOT_PRECISION, UPCAST) * scale
         tl.store(
             dk_base + rows[:, None] * stride_dkn + offs_dk[None, :] * stride_dkd,
-            dk.to(DKO.dtype.element_ty), mask=mask_n[:, None] & mask_dk[None, :],
+            _cast(dk, DKO.dtype.element_ty, UPCAST), mask=mask_n[:, None] & mask_dk[None, :],
         )
         tl.store(
             dv_base + rows[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-            dv.to(DVO.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :],
+            _cast(dv, DVO.dtype.element_ty, UPCAST), mask=mask_n[:, None] & mask_dv[None, :],
         )
 
 
@@ -377,6 +398,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     )
 
 
+def _empty(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Every output and workspace comes from here, so tests can poison them (fill with NaN)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
@@ -413,9 +439,9 @@ def _get_config(q: torch.Tensor, dk_pad: int, dv_pad: int, config: LinearConfig 
 
 
 def _reduce(p, pz, bh, n_chunks, inv_n, dk_pad, dv_pad, track_max, device):
-    s = torch.empty(bh, dk_pad, dv_pad, device=device, dtype=torch.float32)
-    z = torch.empty(bh, dk_pad, device=device, dtype=torch.float32)
-    mx = torch.empty(bh, dk_pad // REDUCE_ROWS, device=device, dtype=torch.float32) if track_max else s
+    s = _empty((bh, dk_pad, dv_pad), device, torch.float32)
+    z = _empty((bh, dk_pad), device, torch.float32)
+    mx = _empty((bh, dk_pad // REDUCE_ROWS), device, torch.float32) if track_max else s
     _state_reduce_kernel[(bh, dk_pad // REDUCE_ROWS)](
         p, pz, s, z, mx, n_chunks, inv_n,
         ROWS=REDUCE_ROWS, DK_PAD=dk_pad, DV_PAD=dv_pad, TRACK_MAX=track_max, num_warps=4,
@@ -432,28 +458,29 @@ def _forward(q, k, v, eps, config=None):
     target = cfg.programs_per_sm * _num_sms(q.device)
     prec = _dot_precision(q.dtype)
     scale = q.dtype == torch.float16
+    upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
 
     # pass 1: partial states
     bdk, bdv = min(cfg.state_block_dk, dk_pad), min(cfg.state_block_dv, dv_pad)
     tiles = (dk_pad // bdk) * (dv_pad // bdv)
     chunk_len, n_chunks = _chunking(N, cfg.state_block_n, bh * tiles, target)
-    p = torch.empty(bh, n_chunks, dk_pad, dv_pad, device=q.device, dtype=torch.float32)
-    pz = torch.empty(bh, n_chunks, dk_pad, device=q.device, dtype=torch.float32)
+    p = _empty((bh, n_chunks, dk_pad, dv_pad), q.device, torch.float32)
+    pz = _empty((bh, n_chunks, dk_pad), q.device, torch.float32)
     _state_partial_kernel[(n_chunks, tiles, bh)](
         k, v, p, pz, *k.stride(), *v.stride(), H, N, DK, DV, chunk_len, n_chunks,
         BLOCK_N=cfg.state_block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK_PAD=dk_pad, DV_PAD=dv_pad,
-        DOT_PRECISION=prec, num_warps=cfg.state_warps, num_stages=cfg.state_stages,
+        DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.state_warps, num_stages=cfg.state_stages,
     )
     s, z, mx = _reduce(p, pz, bh, n_chunks, 1.0 / N, dk_pad, dv_pad, scale, q.device)
 
     # pass 2: apply to queries
-    o = torch.empty(B, H, M, DV, device=q.device, dtype=q.dtype)
+    o = _empty((B, H, M, DV), q.device, q.dtype)
     if M > 0:
         chunk_len, n_chunks = _chunking(M, cfg.apply_block_m, bh, target)
         _apply_kernel[(n_chunks, bh)](
             q, s, z, mx, o, *q.stride(), *o.stride(), H, M, DK, DV, chunk_len, eps,
             BLOCK_M=cfg.apply_block_m, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
-            SCALE=scale, DOT_PRECISION=prec, num_warps=cfg.apply_warps, num_stages=cfg.apply_stages,
+            SCALE=scale, DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.apply_warps, num_stages=cfg.apply_stages,
         )
     return o, s, z, mx
 
@@ -467,21 +494,22 @@ def _backward(q, k, v, s, z, mx, do, eps, config=None):
     target = cfg.programs_per_sm * _num_sms(q.device)
     prec = _dot_precision(q.dtype)
     scale = q.dtype == torch.float16
+    upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
     do = _last_dim_contiguous(do)
 
     # pass A: dq and partial dS, dz over query chunks
-    dq = torch.empty_like(q)
+    dq = _empty(q.shape, q.device, q.dtype)
     bdk = min(cfg.bwdq_block_dk, dk_pad)
     k_blocks = dk_pad // bdk
     if M > 0:
         chunk_len, n_chunks = _chunking(M, cfg.bwdq_block_m, bh * k_blocks, target)
-        p = torch.empty(bh, n_chunks, dk_pad, dv_pad, device=q.device, dtype=torch.float32)
-        pz = torch.empty(bh, n_chunks, dk_pad, device=q.device, dtype=torch.float32)
+        p = _empty((bh, n_chunks, dk_pad, dv_pad), q.device, torch.float32)
+        pz = _empty((bh, n_chunks, dk_pad), q.device, torch.float32)
         _bwd_q_kernel[(n_chunks, k_blocks, bh)](
             q, do, s, z, mx, dq, p, pz, *q.stride(), *do.stride(), *dq.stride(),
             H, M, DK, DV, chunk_len, n_chunks, eps,
             BLOCK_M=cfg.bwdq_block_m, BLOCK_DK=bdk, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
-            SCALE=scale, DOT_PRECISION=prec, num_warps=cfg.bwdq_warps, num_stages=cfg.bwdq_stages,
+            SCALE=scale, DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.bwdq_warps, num_stages=cfg.bwdq_stages,
         )
     else:  # no queries: dS = 0, dz = 0
         n_chunks = 1
@@ -490,14 +518,14 @@ def _backward(q, k, v, s, z, mx, do, eps, config=None):
     ds, dz, dmx = _reduce(p, pz, bh, n_chunks, 1.0 / N, dk_pad, dv_pad, scale, q.device)
 
     # pass B: dk, dv
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = _empty(k.shape, k.device, k.dtype)
+    dv = _empty(v.shape, v.device, v.dtype)
     chunk_len, n_chunks = _chunking(N, cfg.bwdkv_block_n, bh, target)
     _bwd_kv_kernel[(n_chunks, bh)](
         k, v, ds, dz, dmx, dk, dv, *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
         H, N, DK, DV, chunk_len,
         BLOCK_N=cfg.bwdkv_block_n, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
-        SCALE=scale, DOT_PRECISION=prec, num_warps=cfg.bwdkv_warps, num_stages=cfg.bwdkv_stages,
+        SCALE=scale, DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.bwdkv_warps, num_stages=cfg.bwdkv_stages,
     )
     return dq, dk, dv
 
