@@ -1,0 +1,47 @@
+"""Block sizes of the Triton local-attention kernels (kept apart from the kernels, NATTEN style).
+
+Chosen per (pass, dtype, padded head dim, tile volume). ``BM`` is the query block (a whole
+query tile or a slice of it), ``BN`` the key chunk of the inner loop. fp32 inputs use
+exact fp32 dots (``input_precision="ieee"``) and smaller blocks to fit shared memory.
+Override for experiments with ``set_config_override``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+_OVERRIDE: dict[str, dict] = {}
+
+
+def set_config_override(kind: str, config: dict | None) -> None:
+    """Force the config of one kernel kind ("fwd", "dkdv", "dq"), or clear it with None."""
+    if config is None:
+        _OVERRIDE.pop(kind, None)
+    else:
+        _OVERRIDE[kind] = dict(config)
+
+
+def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int) -> dict:
+    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq")."""
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    tile_block = max(16, min(128, _pow2(tile_volume)))
+    if interp:
+        # the interpreter runs block by block on the CPU: small blocks, few wasted rows
+        cfg = {"BM": min(tile_block, 32), "BN": 32, "num_warps": 4, "num_stages": 1}
+    elif dtype == torch.float32:
+        cfg = {"BM": min(tile_block, 64), "BN": 32, "num_warps": 4, "num_stages": 2}
+    elif kind == "fwd":
+        cfg = {"BM": tile_block, "BN": 64 if d_pad > 64 else 128, "num_warps": 8, "num_stages": 3}
+    elif kind == "dkdv":
+        cfg = {"BM": 64, "BN": tile_block, "num_warps": 8, "num_stages": 2}
+    else:  # dq
+        cfg = {"BM": tile_block, "BN": 64, "num_warps": 8, "num_stages": 2}
+    cfg.update(_OVERRIDE.get(kind, {}))
+    return cfg

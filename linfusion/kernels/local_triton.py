@@ -1,0 +1,680 @@
+"""Triton local (window) attention over ``[text | grid]`` tokens: forward and backward.
+
+Same function as :func:`linfusion.kernels.local_reference.local_attention_reference`.
+
+Design (sliding-tile style, STA / NATTEN-Hopper):
+
+* Image tokens are processed in tiles (default 8×16 in 2D, 2×8×8 in 3D). A query block is
+  (a slice of) one tile. Its key tiles form a box of ``2R_d + 1`` tiles per dimension
+  (``R_d`` = tile radius), clipped to the grid, computed from the tile coordinates in the
+  kernel: no N×N mask, no block-mask tensor. Tiles along the last dimension are contiguous in
+  tile order, so the key loop walks ``rows × chunks`` of contiguous token ranges.
+* Tokens may be in row-major order (default): the kernel computes each token's address from
+  its tile coordinates, so no permutation is ever materialised. With ``tile_order=True`` the
+  tokens are already in tile order (``local_layout.to_tile_order``) and the addresses are
+  contiguous ranges.
+* ``shape="tile"``: no per-token mask at all, only a column-validity bias on a range's last
+  chunk. ``shape="circle"``: per chunk, the largest query–key distance over the two tile
+  boxes decides whether every pair is visible (then no mask); otherwise the exact per-token
+  mask is applied, either ``Σ Δ_d² w_d ≤ w`` in fp32 integers (integer radii) or a lookup
+  in a float64-derived table — both equal the reference bit for bit.
+* Text keys are extra chunks of the same online softmax; text queries (≤ a few hundred rows)
+  attend to every key in a dense loop. Their programs run first (longest first).
+* Backward: flash-attention backward over the same tile pairs with the LSE saved by the
+  forward: one kernel for dK/dV (key tile, loop over query chunks, symmetric window), one for
+  dQ. Softmax statistics are fp32; fp32 inputs use exact fp32 dots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .local_configs import local_config
+from .local_layout import (
+    MASK_NONE,
+    LocalLayout,
+    from_tile_order,
+    get_layout,
+    to_tile_order,
+)
+from .local_reference import validate_local_args
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+__all__ = [
+    "local_attention_triton",
+    "local_attention_tiled",
+    "to_tile_order",
+    "from_tile_order",
+    "get_layout",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _local_coords(idx, s1, s2, IS_3D: tl.constexpr):
+    """Coordinates (a0, a1, a2) of token ``idx`` inside a tile of extents (·, s1, s2)."""
+    if IS_3D:
+        s12 = s1 * s2
+        a0 = idx // s12
+        r = idx - a0 * s12
+        a1 = r // s2
+        a2 = r - a1 * s2
+    else:
+        a0 = idx * 0
+        a1 = idx // s2
+        a2 = idx - a1 * s2
+    return a0, a1, a2
+
+
+@triton.jit
+def _tile_block(rem, SUB, N1, N2, G0, G1, G2, T0, T1, T2, TEXT,
+                BLOCK: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr):
+    """Block ``rem`` (= tile * SUB + slice) of the image: tile coords, token coords, positions."""
+    tile_id = rem // SUB
+    sb = rem - tile_id * SUB
+    c2 = tile_id % N2
+    tmp = tile_id // N2
+    c1 = tmp % N1
+    c0 = tmp // N1
+    s0 = tl.minimum(T0, G0 - c0 * T0)
+    s1 = tl.minimum(T1, G1 - c1 * T1)
+    s2 = tl.minimum(T2, G2 - c2 * T2)
+    idx = sb * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < s0 * s1 * s2
+    a0, a1, a2 = _local_coords(idx, s1, s2, IS_3D)
+    p0 = c0 * T0 + a0
+    p1 = c1 * T1 + a1
+    p2 = c2 * T2 + a2
+    if TILE_ORDER:
+        pos = TEXT + c0 * T0 * G1 * G2 + s0 * (c1 * T1 * G2 + s1 * c2 * T2) + idx
+    else:
+        pos = TEXT + (p0 * G1 + p1) * G2 + p2
+    return c0, c1, c2, p0, p1, p2, pos, valid
+
+
+@triton.jit
+def _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BLOCK: tl.constexpr):
+    """Box of tiles around tile c: rows (c0', c1') × a contiguous run of tiles along dim 2."""
+    lo0 = tl.maximum(c0 - R0, 0)
+    hi0 = tl.minimum(c0 + R0, N0 - 1)
+    lo1 = tl.maximum(c1 - R1, 0)
+    hi1 = tl.minimum(c1 + R1, N1 - 1)
+    lo2 = tl.maximum(c2 - R2, 0)
+    hi2 = tl.minimum(c2 + R2, N2 - 1)
+    nr1 = hi1 - lo1 + 1
+    full_w = tl.minimum((hi2 + 1) * T2, G2) - lo2 * T2
+    cpr = (T0 * T1 * full_w + BLOCK - 1) // BLOCK
+    n_iter = (hi0 - lo0 + 1) * nr1 * cpr
+    return lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter
+
+
+@triton.jit
+def _max_visible(TAB, d0, d1, CAP0, CAP1):
+    """Largest visible |Δ2| at (|Δ0|, |Δ1|) (-1: none), from the float64-derived table."""
+    idx = tl.minimum(d0, CAP0 + 1) * (CAP1 + 2) + tl.minimum(d1, CAP1 + 1)
+    return tl.load(TAB + idx)
+
+
+@triton.jit
+def _chunk(it, cpr, lo0, lo1, nr1, lo2, hi2, full_w, c0, c1, c2,
+           G0, G1, G2, T0, T1, T2, TEXT, TAB, CAP0, CAP1,
+           BLOCK: tl.constexpr, MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr):
+    """Chunk ``it`` of the window of tile c: token positions, validity, coordinates, mask need."""
+    r = it // cpr
+    ch = it - r * cpr
+    kc0 = lo0 + r // nr1
+    kc1 = lo1 + r % nr1
+    ks0 = tl.minimum(T0, G0 - kc0 * T0)
+    ks1 = tl.minimum(T1, G1 - kc1 * T1)
+    per_tile = ks0 * ks1 * T2  # tokens of each (full along dim 2) tile of this row
+    span_start = lo2 * per_tile
+    span_len = ks0 * ks1 * full_w
+    u = ch * BLOCK + tl.arange(0, BLOCK)
+    valid = u < span_len
+    rel = span_start + u
+    if MASK_MODE != 0 or not TILE_ORDER:
+        j = rel // per_tile
+        w = rel - j * per_tile
+        ks2 = tl.maximum(tl.minimum(T2, G2 - j * T2), 1)
+        a0, a1, a2 = _local_coords(w, ks1, ks2, IS_3D)
+        p0 = kc0 * T0 + a0
+        p1 = kc1 * T1 + a1
+        p2 = j * T2 + a2
+    else:
+        p0 = u
+        p1 = u
+        p2 = u
+    if TILE_ORDER:
+        pos = TEXT + kc0 * T0 * G1 * G2 + ks0 * kc1 * T1 * G2 + rel
+    else:
+        pos = TEXT + (p0 * G1 + p1) * G2 + p2
+    if MASK_MODE != 0:
+        # every query of tile c sees every key of the chunk iff the farthest pair of the two
+        # tile boxes is visible (visibility is monotone in each |Δ_d|)
+        jf = (span_start + ch * BLOCK) // per_tile
+        jl = tl.minimum((span_start + tl.minimum(ch * BLOCK + BLOCK, span_len) - 1) // per_tile, hi2)
+        mx0 = tl.abs(kc0 - c0) * T0 + T0 - 1
+        mx1 = tl.abs(kc1 - c1) * T1 + T1 - 1
+        mx2 = tl.maximum(tl.abs(jf - c2), tl.abs(jl - c2)) * T2 + T2 - 1
+        need_mask = _max_visible(TAB, mx0, mx1, CAP0, CAP1) < mx2
+    else:
+        need_mask = False
+    return pos, valid, p0, p1, p2, need_mask
+
+
+@triton.jit
+def _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                 MASK_MODE: tl.constexpr, IS_3D: tl.constexpr):
+    """[rows, cols] visibility between row tokens and column tokens (symmetric in the roles)."""
+    if MASK_MODE == 2:
+        d1 = cp1.to(tl.float32)[None, :] - rp1.to(tl.float32)[:, None]
+        d2 = cp2.to(tl.float32)[None, :] - rp2.to(tl.float32)[:, None]
+        s = d1 * d1 * W1 + d2 * d2 * W2
+        if IS_3D:
+            d0 = cp0.to(tl.float32)[None, :] - rp0.to(tl.float32)[:, None]
+            s += d0 * d0 * W0
+        vis = s <= WT
+    else:
+        d1 = tl.abs(cp1[None, :] - rp1[:, None])
+        d2 = tl.abs(cp2[None, :] - rp2[:, None])
+        idx = tl.minimum(d1, CAP1 + 1)
+        if IS_3D:
+            d0 = tl.abs(cp0[None, :] - rp0[:, None])
+            idx += tl.minimum(d0, CAP0 + 1) * (CAP1 + 2)
+        vis = d2 <= tl.load(TAB + idx)
+    return vis
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, end, qk_scale, offs_d, dmask,
+               BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over the contiguous keys [start, end) (text keys, or all keys)."""
+    for s0 in range(start, end, BN):
+        kpos = s0 + tl.arange(0, BN)
+        kvalid = kpos < end
+        lmask = kvalid[:, None] & dmask[None, :]
+        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        s = qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, TAB,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
+    G0, G1, G2, T0, T1, T2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
+    W0, W1, W2, WT, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < HEAD_DIM
+    if pid < n_text_progs:  # text queries: every key
+        bh = pid // NTB
+        qpos = (pid - bh * NTB) * BM + tl.arange(0, BM)
+        qvalid = qpos < TEXT
+        c0, c1, c2 = bh * 0, bh * 0, bh * 0  # unused on this path
+        qp0, qp1, qp2 = qpos, qpos, qpos
+    else:
+        bh = (pid - n_text_progs) // n_img_per_bh
+        rem = (pid - n_text_progs) - bh * n_img_per_bh
+        c0, c1, c2, qp0, qp1, qp2, qpos, qvalid = _tile_block(
+            rem, SUB, N1, N2, G0, G1, G2, T0, T1, T2, TEXT, BM, IS_3D, TILE_ORDER)
+    b = bh // H
+    h = bh - b * H
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    qmask = qvalid[:, None] & dmask[None, :]
+    q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D_PAD], tl.float32)
+    if pid < n_text_progs:
+        acc, m_i, l_i = _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, 0, L, qk_scale,
+                                   offs_d, dmask, BN, DOT_PREC)
+    else:
+        acc, m_i, l_i = _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, 0, TEXT, qk_scale,
+                                   offs_d, dmask, BN, DOT_PREC)
+        lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
+            c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BN)
+        for it in range(0, n_iter):
+            kpos, kvalid, kp0, kp1, kp2, need_mask = _chunk(
+                it, cpr, lo0, lo1, nr1, lo2, hi2, full_w, c0, c1, c2, G0, G1, G2, T0, T1, T2, TEXT,
+                TAB, CAP0, CAP1, BN, MASK_MODE, IS_3D, TILE_ORDER)
+            lmask = kvalid[:, None] & dmask[None, :]
+            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            s = qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
+            if MASK_MODE != 0:
+                if need_mask:
+                    vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                                       MASK_MODE, IS_3D)
+                    s = tl.where(vis, s, float("-inf"))
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    tl.store(o_base + qpos[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
+    tl.store(LSE + bh.to(tl.int64) * L + qpos, m_i + tl.math.log2(l_safe), mask=qvalid)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (rows < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * son + offs_d[None, :],
+                mask=mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + rows[:, None] * sdn + offs_d[None, :],
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rows < L)
+
+
+@triton.jit
+def _kv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PREC: tl.constexpr):
+    """dK/dV contribution of one query chunk (columns), without mask."""
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+    pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, start, end, qk_scale,
+              offs_d, dmask, BM: tl.constexpr, DOT_PREC: tl.constexpr):
+    for s0 in range(start, end, BM):
+        qpos = s0 + tl.arange(0, BM)
+        qvalid = qpos < end
+        lmask = qvalid[:, None] & dmask[None, :]
+        q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
+        do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
+        lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
+        delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
+        dk, dv = _kv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, TAB,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
+    H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
+    G0, G1, G2, T0, T1, T2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
+    W0, W1, W2, WT, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One key block (BN keys: text keys, or a slice of a key tile); loops over query chunks (BM)."""
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < HEAD_DIM
+    if pid < n_text_progs:  # text keys: seen by every query
+        bh = pid // NTB
+        kpos = (pid - bh * NTB) * BN + tl.arange(0, BN)
+        kvalid = kpos < TEXT
+        c0, c1, c2 = bh * 0, bh * 0, bh * 0  # unused on this path
+        kp0, kp1, kp2 = kpos, kpos, kpos
+    else:
+        bh = (pid - n_text_progs) // n_img_per_bh
+        rem = (pid - n_text_progs) - bh * n_img_per_bh
+        c0, c1, c2, kp0, kp1, kp2, kpos, kvalid = _tile_block(
+            rem, SUB, N1, N2, G0, G1, G2, T0, T1, T2, TEXT, BN, IS_3D, TILE_ORDER)
+    b = bh // H
+    h = bh - b * H
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    LSE_bh = LSE + bh.to(tl.int64) * L
+    DELTA_bh = DELTA + bh.to(tl.int64) * L
+    kmask = kvalid[:, None] & dmask[None, :]
+    k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + kpos[:, None] * skn + offs_d[None, :],
+                mask=kmask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + kpos[:, None] * svn + offs_d[None, :],
+                mask=kmask, other=0.0)
+    dk = tl.zeros([BN, D_PAD], tl.float32)
+    dv = tl.zeros([BN, D_PAD], tl.float32)
+    if pid < n_text_progs:
+        dk, dv = _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, 0, L, qk_scale,
+                           offs_d, dmask, BM, DOT_PREC)
+    else:
+        dk, dv = _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, 0, TEXT, qk_scale,
+                           offs_d, dmask, BM, DOT_PREC)
+        lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
+            c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BM)
+        for it in range(0, n_iter):
+            qpos, qvalid, qp0, qp1, qp2, need_mask = _chunk(
+                it, cpr, lo0, lo1, nr1, lo2, hi2, full_w, c0, c1, c2, G0, G1, G2, T0, T1, T2, TEXT,
+                TAB, CAP0, CAP1, BM, MASK_MODE, IS_3D, TILE_ORDER)
+            lmask = qvalid[:, None] & dmask[None, :]
+            q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
+            do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
+            lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
+            delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+            if MASK_MODE != 0:
+                if need_mask:
+                    vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                                       MASK_MODE, IS_3D)
+                    pT = tl.where(vis, pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    g_off = b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + kpos[:, None] * sgn + offs_d[None, :]
+    tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _q_step(dq, q, do, k, v, lse, delta, bias, qk_scale, DOT_PREC: tl.constexpr):
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    p = tl.math.exp2(qk * qk_scale + bias[None, :] - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, start, end, qk_scale, offs_d, dmask,
+             BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    for s0 in range(start, end, BN):
+        kpos = s0 + tl.arange(0, BN)
+        kvalid = kpos < end
+        lmask = kvalid[:, None] & dmask[None, :]
+        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        dq = _q_step(dq, q, do, k, v, lse, delta, tl.where(kvalid, 0.0, float("-inf")), qk_scale, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, TAB,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
+    H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
+    G0, G1, G2, T0, T1, T2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
+    W0, W1, W2, WT, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < HEAD_DIM
+    if pid < n_text_progs:
+        bh = pid // NTB
+        qpos = (pid - bh * NTB) * BM + tl.arange(0, BM)
+        qvalid = qpos < TEXT
+        c0, c1, c2 = bh * 0, bh * 0, bh * 0  # unused on this path
+        qp0, qp1, qp2 = qpos, qpos, qpos
+    else:
+        bh = (pid - n_text_progs) // n_img_per_bh
+        rem = (pid - n_text_progs) - bh * n_img_per_bh
+        c0, c1, c2, qp0, qp1, qp2, qpos, qvalid = _tile_block(
+            rem, SUB, N1, N2, G0, G1, G2, T0, T1, T2, TEXT, BM, IS_3D, TILE_ORDER)
+    b = bh // H
+    h = bh - b * H
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    qmask = qvalid[:, None] & dmask[None, :]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qpos[:, None] * sqn + offs_d[None, :],
+                mask=qmask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + qpos[:, None] * sdn + offs_d[None, :],
+                 mask=qmask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
+    dq = tl.zeros([BM, D_PAD], tl.float32)
+    if pid < n_text_progs:
+        dq = _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, 0, L, qk_scale, offs_d, dmask,
+                      BN, DOT_PREC)
+    else:
+        dq = _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, 0, TEXT, qk_scale, offs_d, dmask,
+                      BN, DOT_PREC)
+        lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
+            c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BN)
+        for it in range(0, n_iter):
+            kpos, kvalid, kp0, kp1, kp2, need_mask = _chunk(
+                it, cpr, lo0, lo1, nr1, lo2, hi2, full_w, c0, c1, c2, G0, G1, G2, T0, T1, T2, TEXT,
+                TAB, CAP0, CAP1, BN, MASK_MODE, IS_3D, TILE_ORDER)
+            lmask = kvalid[:, None] & dmask[None, :]
+            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            p = tl.math.exp2(qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :] - lse[:, None])
+            if MASK_MODE != 0:
+                if need_mask:
+                    vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                                       MASK_MODE, IS_3D)
+                    p = tl.where(vis, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qpos[:, None] * sgn + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"local_attention_triton expects q, k, v of one shape (B, H, L, D); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"local_attention_triton supports float16, bfloat16 and float32 (all three alike); got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}. Use backend='torch' for other dtypes."
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda":
+        import os
+
+        if not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+            raise RuntimeError(
+                f"local_attention_triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                f"got {q.device}. Use backend='torch'."
+            )
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported by the Triton local kernel (1..{MAX_HEAD_DIM}); "
+                         "use backend='torch'")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[2] * max(t.stride(2), 1) >= 2**31:
+            raise ValueError(f"{name}: token offsets overflow int32 (L={t.shape[2]}, stride {t.stride(2)})")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kernel_args(layout: LocalLayout):
+    g0, g1, g2 = layout.grid
+    t0, t1, t2 = layout.tile
+    n0, n1, n2 = layout.n_tiles
+    r0, r1, r2 = layout.radius
+    w0, w1, w2, wt = layout.weights
+    return [g0, g1, g2, t0, t1, t2, n0, n1, n2, r0, r1, r2, layout.cap0, layout.cap1, w0, w1, w2, wt]
+
+
+def _table(layout: LocalLayout, device) -> torch.Tensor:
+    if layout.table is not None:
+        return layout.table
+    return torch.zeros(1, dtype=torch.int32, device=device)  # unused placeholder
+
+
+def _strides(t: torch.Tensor):
+    return [t.stride(0), t.stride(1), t.stride(2)]
+
+
+def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
+    B, H, L, D = q.shape
+    d_pad = max(16, _pow2(D))
+    cfg = local_config("fwd", q.dtype, d_pad, layout.tile_volume)
+    BM, BN = cfg["BM"], cfg["BN"]
+    o = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    sub = -(-layout.tile_volume // BM)
+    ntb = -(-text_len // BM)
+    n_text_progs = ntb * B * H
+    n_img = layout.num_tiles * sub
+    grid = (n_text_progs + n_img * B * H,)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, _table(layout, q.device),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, L, text_len, n_text_progs, ntb, n_img, sub,
+        *_kernel_args(layout), LOG2E / math.sqrt(D),
+        HEAD_DIM=D, D_PAD=d_pad, BM=BM, BN=BN, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
+        TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool):
+    B, H, L, D = q.shape
+    do = _last_dim_contiguous(do)
+    d_pad = max(16, _pow2(D))
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(L, 64), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
+    )
+    dq = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    common = dict(
+        HEAD_DIM=D, D_PAD=d_pad, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3, TILE_ORDER=tile_order,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
+    table = _table(layout, q.device)
+
+    cfg = local_config("dkdv", q.dtype, d_pad, layout.tile_volume)
+    BM, BN = cfg["BM"], cfg["BN"]
+    sub = -(-layout.tile_volume // BN)
+    ntb = -(-text_len // BN)
+    n_text_progs = ntb * B * H
+    n_img = layout.num_tiles * sub
+    _dkdv_kernel[(n_text_progs + n_img * B * H,)](
+        q, k, v, do, lse, delta, dk, dv, table,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
+        H, L, text_len, n_text_progs, ntb, n_img, sub,
+        *_kernel_args(layout), qk_scale, sm_scale,
+        BM=BM, BN=BN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common,
+    )
+
+    cfg = local_config("dq", q.dtype, d_pad, layout.tile_volume)
+    BM, BN = cfg["BM"], cfg["BN"]
+    sub = -(-layout.tile_volume // BM)
+    ntb = -(-text_len // BM)
+    n_text_progs = ntb * B * H
+    n_img = layout.num_tiles * sub
+    _dq_kernel[(n_text_progs + n_img * B * H,)](
+        q, k, v, do, lse, delta, dq, table,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, L, text_len, n_text_progs, ntb, n_img, sub,
+        *_kernel_args(layout), qk_scale, sm_scale,
+        BM=BM, BN=BN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common,
+    )
+    return dq, dk, dv
+
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, text_len, tile_order):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = _forward(q, k, v, layout, text_len, tile_order)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout, ctx.text_len, ctx.tile_order = layout, text_len, tile_order
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.layout, ctx.text_len, ctx.tile_order)
+        return dq, dk, dv, None, None, None
+
+
+def _prepare(q, k, v, grid, window, text_len, shape, tile) -> LocalLayout:
+    _check_inputs(q, k, v)
+    grid, radii, tile = validate_local_args(grid, window, int(text_len), shape, tile, q.shape[2])
+    return get_layout(grid, radii, shape, tile, q.device)
+
+
+def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None):
+    """Local attention on tokens already in tile order (see ``local_layout.to_tile_order``).
+
+    Same arguments and result as :func:`local_attention_triton`, with q, k, v and the output in
+    tile order (text first). Keeping tokens in tile order across layers makes every key range
+    of the kernel one contiguous run of memory.
+    """
+    layout = _prepare(q, k, v, grid, window, text_len, shape, tile)
+    return _LocalAttention.apply(q, k, v, layout, int(text_len), True)
+
+
+def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
+                           tile_order: bool = False):
+    """Local window attention (Triton), equal to ``local_attention_reference``.
+
+    Args:
+        q, k, v: (B, H, L, D), L = text_len + prod(grid); fp16, bf16 or fp32; D ≤ 128; any strides
+            with a contiguous last dimension (e.g. a (B, L, H, D) tensor transposed).
+        grid: (H, W) or (T, H, W).
+        window: radius or per-dimension radii.
+        text_len: leading text tokens (global: seen by and seeing every token).
+        shape: "circle" (exact ellipse) or "tile" (tile-aligned window).
+        tile: tile size per dimension (default (8, 16) / (2, 8, 8)).
+        tile_order: tokens are in tile order (``to_tile_order``) rather than row-major.
+
+    Returns:
+        (B, H, L, D) in q's dtype, contiguous, in the same token order as the inputs.
+    """
+    layout = _prepare(q, k, v, grid, window, text_len, shape, tile)
+    return _LocalAttention.apply(q, k, v, layout, int(text_len), bool(tile_order))
