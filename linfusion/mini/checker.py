@@ -9,8 +9,9 @@ Pipeline (at a fixed analysis scale, shorter side = 128 px):
 2. Background = most frequent colour. For each other colour: connected components,
    dropping thin ones (anti-aliasing rims between two colours can land on a third
    palette colour) and tiny ones (noise).
-3. Each component gets a shape from three geometric descriptors, a size from its area,
-   a texture from correlation with the world's texture patterns, and a centroid.
+3. Each component gets a shape (a hole -> ring, else the dominant 3/4/5-fold harmonic
+   of its radius-vs-angle profile -> triangle/square/star, none -> circle), a size from
+   its area, a texture from a fit of the world's texture patterns, and a centroid.
 4. The scene's claims (background colour/texture, per group colour, shape, size,
    texture, count, position, relations) are checked against the components.
 
@@ -32,7 +33,6 @@ from .world import (
     PALETTE,
     PALETTE_LAB,
     SHADES,
-    SHAPES,
     SIZE_RADIUS,
     SIZES,
     TEXTURE_PERIOD,
@@ -75,54 +75,40 @@ class Component:
     area: float  # filled area, fraction of (shorter side)^2
 
 
-def classify_shape(mask: np.ndarray) -> str:
-    """Shape of a single blob from three rotation-invariant descriptors.
+_HARMONIC_SHAPES = {3: "triangle", 4: "square", 5: "star"}
+_MIN_HARMONIC = 0.05  # ideal amplitudes: square 0.13, triangle 0.27, star 0.27; circle < 0.015
 
-    Ideal values (circle / square / triangle / star / ring):
-      hole ratio  (hole area / filled area):   0 / 0 / 0 / 0 / 0.30
-      solidity    (area / convex hull area):   1 / 1 / 1 / 0.62 / 1 (filled)
-      disc fill   (area / pi r_max^2, r_max from the centroid): 1 / 0.64 / 0.41 / 0.45 / 1
-    Thresholds sit between the ideal values with room for blur and pixelisation.
+
+def radial_harmonics(mask: np.ndarray, n_angles: int = 64) -> np.ndarray:
+    """Relative Fourier amplitudes of the blob's radius-vs-angle profile.
+
+    Element ``k - 1`` is harmonic ``k``: a shape with k-fold symmetry has a strong k-th
+    harmonic whatever its rotation, size or blur (rounded corners only weaken it).
     """
-    filled = ndimage.binary_fill_holes(mask)
-    area = float(filled.sum())
-    if (area - mask.sum()) / area > 0.12:
-        return "ring"
+    filled = ndimage.binary_fill_holes(mask).astype(np.float64)
     ys, xs = np.nonzero(filled)
     cy, cx = ys.mean(), xs.mean()
-    r_max = np.sqrt((xs - cx) ** 2 + (ys - cy) ** 2).max() + 0.5  # +0.5: pixel centre to edge
-    if area / _hull_area(filled) < 0.8:
-        return "star"
-    disc_fill = area / (np.pi * r_max**2)
-    if disc_fill > 0.8:
-        return "circle"
-    return "square" if disc_fill > 0.53 else "triangle"
+    radii = np.arange(0.0, np.hypot(*filled.shape), 0.25)
+    theta = np.arange(n_angles) * 2 * np.pi / n_angles
+    py = cy + radii[None, :] * np.sin(theta)[:, None]
+    px = cx + radii[None, :] * np.cos(theta)[:, None]
+    inside = ndimage.map_coordinates(filled, [py, px], order=1, cval=0.0) >= 0.5
+    profile = radii[np.argmin(inside, axis=1)]  # first radius that leaves the blob
+    spectrum = np.abs(np.fft.rfft(profile))
+    if spectrum[0] == 0:  # centroid outside the blob (e.g. a "C"): no radial profile
+        return np.zeros(len(spectrum) - 1)
+    return 2 * spectrum[1:] / spectrum[0]
 
 
-def _hull_area(mask: np.ndarray) -> float:
-    """Area of the convex hull of the mask's pixel squares (Andrew's monotone chain)."""
-    edge = mask & ~ndimage.binary_erosion(mask)
-    ys, xs = np.nonzero(edge)
-    corners = np.unique(np.concatenate([
-        np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)
-    ]), axis=0)  # sorted by x then y
-    pts = [tuple(p) for p in corners.tolist()]
-    if len(pts) < 3:
-        return float(mask.sum())
-
-    def half(points: list) -> list:
-        out: list = []
-        for p in points:
-            while len(out) >= 2 and (
-                (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])
-            ) <= 0:
-                out.pop()
-            out.append(p)
-        return out
-
-    hull = np.array(half(pts)[:-1] + half(pts[::-1])[:-1], np.float64)
-    x, y = hull[:, 0], hull[:, 1]
-    return float(0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+def classify_shape(mask: np.ndarray) -> str:
+    """Shape of one blob: a hole makes a ring; otherwise the dominant 3/4/5-fold
+    radial harmonic gives triangle/square/star, and no dominant harmonic a circle."""
+    filled_area = float(ndimage.binary_fill_holes(mask).sum())
+    if (filled_area - mask.sum()) / filled_area > 0.12:  # ideal ring: 0.30
+        return "ring"
+    harmonics = radial_harmonics(mask)
+    k = max(_HARMONIC_SHAPES, key=lambda j: harmonics[j - 1])
+    return _HARMONIC_SHAPES[k] if harmonics[k - 1] > _MIN_HARMONIC else "circle"
 
 
 def classify_size(area: float, shape: str) -> str:
@@ -135,51 +121,67 @@ def classify_size(area: float, shape: str) -> str:
 
 _TEXTURED = ("stripes", "dots", "checker")
 _TEXTURE_MIN_CORR = 0.3  # below this the region counts as plain
+_TEXTURE_MIN_GAIN = 0.4  # fitted pattern amplitude, as a fraction of the rendered contrast
 
 
-def _shade_sign(colour: str) -> float:
-    """+1 if the texture shade is lighter than the base colour, else -1."""
+@lru_cache(maxsize=None)
+def _shade_contrast(colour: str) -> float:
+    """Signed lightness step (Lab L) from a colour to its texture shade."""
     lab = rgb_to_lab(np.array([PALETTE[colour], SHADES[colour]], np.float64))
-    return 1.0 if lab[1, 0] > lab[0, 0] else -1.0
+    return float(lab[1, 0] - lab[0, 0])
+
+
+@lru_cache(maxsize=8)
+def _templates(h: int, w: int) -> tuple[tuple[str, np.ndarray], ...]:
+    """Every texture pattern at quarter-period phase shifts, rendered at (h, w).
+
+    The phase search makes detection robust to patterns shifted relative to the
+    renderer's anchor, e.g. in a generated image.
+    """
+    short = min(h, w)
+    steps = np.arange(4) / 4 * TEXTURE_PERIOD
+    out = []
+    for kind in _TEXTURED:
+        for dx in steps:
+            for dy in steps if kind != "stripes" else steps[:1]:  # vertical stripes ignore y
+                acc = np.zeros((h, w))
+                for o in (0.25, 0.75):  # 2x2 supersampling matches anti-aliased renders
+                    for p in (0.25, 0.75):
+                        u = (np.arange(w)[None, :] + o) / short + dx
+                        v = (np.arange(h)[:, None] + p) / short + dy
+                        acc += texture_pattern(kind, u, v)
+                out.append((kind, acc / 4))
+    return tuple(out)
 
 
 def classify_texture(lightness: np.ndarray, region: np.ndarray, colour: str) -> str:
-    """Texture of ``region`` by correlating its lightness with each world pattern.
+    """Texture of ``region`` by fitting each world pattern to its lightness.
 
-    A small phase search (quarter periods) makes it robust to patterns that are shifted
-    relative to the renderer's anchor, e.g. in a generated image.
+    A pattern is accepted if it correlates with the lightness *and* its fitted
+    amplitude is a sizeable part of the contrast the renderer uses for ``colour`` --
+    the second test rejects anti-aliasing and noise that happen to correlate.
     """
     if region.sum() < 40:
         return "plain"
-    h, w = lightness.shape
-    short = min(h, w)
-    ys, xs = np.nonzero(region)
-    y = _shade_sign(colour) * lightness[ys, xs]
+    y = lightness[region]
     y = y - y.mean()
     norm_y = np.sqrt((y * y).sum())
     if norm_y < 1e-6:
         return "plain"
+    contrast = _shade_contrast(colour)
     best, best_corr = "plain", _TEXTURE_MIN_CORR
-    steps = np.arange(4) / 4 * TEXTURE_PERIOD
-    for kind in _TEXTURED:
-        for dx in steps:
-            for dy in steps if kind != "stripes" else steps[:1]:
-                t = _pattern_at(kind, xs, ys, short, dx, dy)
-                t = t - t.mean()
-                denom = norm_y * np.sqrt((t * t).sum())
-                corr = float((y * t).sum() / denom) if denom > 0 else 0.0
-                if corr > best_corr:
-                    best, best_corr = kind, corr
+    for kind, template in _templates(*lightness.shape):
+        t = template[region]
+        t = t - t.mean()
+        tt = (t * t).sum()
+        if tt < 1e-6:
+            continue
+        yt = (y * t).sum()
+        corr = np.sign(contrast) * yt / (norm_y * np.sqrt(tt))
+        gain = (yt / tt) / contrast
+        if corr > best_corr and gain > _TEXTURE_MIN_GAIN:
+            best, best_corr = kind, corr
     return best
-
-
-def _pattern_at(kind: str, xs: np.ndarray, ys: np.ndarray, short: int, dx: float, dy: float) -> np.ndarray:
-    """Pattern coverage at pixels (2x2 supersampled so it matches anti-aliased renders)."""
-    acc = np.zeros(xs.shape, np.float64)
-    for ox in (0.25, 0.75):
-        for oy in (0.25, 0.75):
-            acc += texture_pattern(kind, (xs + ox) / short + dx, (ys + oy) / short + dy)
-    return acc / 4
 
 
 # --------------------------------------------------------------------------- analysis
@@ -349,7 +351,7 @@ class AdherenceChecker:
 
 # --------------------------------------------------------------------------- validation
 
-DEGRADATIONS = ("blur", "noise", "jpeg", "colour_shift")
+DEGRADATIONS = ("blur", "pixel_noise", "jpeg", "colour_shift")
 
 
 def degrade(image: np.ndarray, kind: str, rng: np.random.Generator | int | None = None) -> np.ndarray:
@@ -358,11 +360,11 @@ def degrade(image: np.ndarray, kind: str, rng: np.random.Generator | int | None 
     scale = min(image.shape[:2]) / 128  # strengths are defined at 128 px
     if kind == "blur":
         return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1.0 * scale)))
-    if kind == "noise":
+    if kind == "pixel_noise":
         return np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
     if kind == "jpeg":
         buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=30)
+        Image.fromarray(image).save(buf, format="JPEG", quality=40)
         return np.asarray(Image.open(buf).convert("RGB"))
     if kind == "colour_shift":
         shift = rng.uniform(-15, 15, 3)

@@ -488,7 +488,7 @@ def layout(scene: Scene, rng: np.random.Generator | int | None = None,
     rng = _as_rng(rng, "layout:" + scene.key())
     instances = [(i, k) for i, o in enumerate(scene.objects) for k in range(o.count)]
     cells = _assign_cells(scene, instances, rng)
-    short = min(aspect, 1.0), min(1.0 / aspect, 1.0)  # shorter side in units of width, height
+    short = min(1.0, 1.0 / aspect), min(1.0, aspect)  # shorter side as a fraction of width, height
     placements = []
     for (i, k), (r, c) in zip(instances, cells):
         radius = SIZE_RADIUS[scene.objects[i].size]
