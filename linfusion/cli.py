@@ -15,6 +15,7 @@ from collections.abc import Sequence
 #: sub-command modules, in the order ``--help`` lists them
 COMMAND_MODULES = (
     "linfusion.commands.info",
+    "linfusion.commands.generate",
     "linfusion.distill.cli",
 )
 

@@ -1,0 +1,184 @@
+"""Loading pipelines and running them: shared by the CLI and the web demo.
+
+Keeps one pipeline in memory and patches/unpatches it in turn (never a deep
+copy), so an original-vs-accelerated comparison costs no extra weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .patch import denoisers, is_patched, patch_pipeline, unpatch_pipeline
+
+VIDEO_PIPELINES = ("WanPipeline", "CogVideoXPipeline")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """"auto" → bf16 on CUDA, fp32 on CPU."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
+    return table[name]
+
+
+def load_pipeline(model: str | os.PathLike | None, device: torch.device | None = None, dtype: str | None = None):
+    """A diffusers pipeline from a hub id or local folder; ``None`` loads the bundled LinFusion-Mini."""
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    if model is None:
+        from .mini.bundle import load_mini_pipeline
+
+        pipe = load_mini_pipeline(torch_dtype=torch_dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(model), dtype=torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def is_video_pipeline(pipe) -> bool:
+    return type(pipe).__name__ in VIDEO_PIPELINES
+
+
+def resolution_multiple(pipe) -> int:
+    """Pixel multiple a pipeline's height/width must respect (VAE factor × patch size, UNet depth)."""
+    vae_factor = int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8))
+    model = denoisers(pipe)[0][1]
+    config = model.config
+    patch = config.get("patch_size", 1) or 1
+    if isinstance(patch, (tuple, list)):
+        patch = patch[-1]
+    multiple = vae_factor * int(patch)
+    if type(pipe).__name__.startswith("Flux"):
+        multiple = vae_factor * 2  # FLUX packs 2×2 latents into one token
+    if "UNet" in type(model).__name__:
+        multiple = max(multiple, 8)  # diffusers' SD pipelines require multiples of 8
+    return multiple
+
+
+def check_resolution(pipe, height: int, width: int) -> None:
+    """Raise ``ValueError`` naming the nearest valid sizes when a pipeline cannot serve height×width."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive, got {height}x{width}")
+    multiple = resolution_multiple(pipe)
+    if height % multiple or width % multiple:
+        def near(x: int) -> int:
+            return max(multiple, round(x / multiple) * multiple)
+
+        raise ValueError(
+            f"{type(pipe).__name__} needs height and width divisible by {multiple}; got {height}x{width} "
+            f"(nearest: {near(height)}x{near(width)})"
+        )
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Images as PIL (videos: the frames of the first video), and wall time in seconds."""
+
+    images: list[Image.Image]
+    seconds: float
+    peak_memory_gb: float | None = None
+
+
+def _to_pil(output, video: bool) -> list[Image.Image]:
+    frames = output.frames[0] if video else output.images
+    if isinstance(frames, torch.Tensor):
+        frames = frames.float().cpu().numpy()
+    if isinstance(frames, np.ndarray):
+        arrays = frames if frames.ndim == 4 else frames[None]
+        return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in arrays]
+    return list(frames)
+
+
+def run_pipeline(
+    pipe,
+    prompt: str,
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
+    num_frames: int | None = None,
+    callback=None,
+    extra: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """Run the pipeline once with a fixed seed; time it (synchronising CUDA) and read peak memory."""
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty")
+    check_resolution(pipe, height, width)
+    device = pipe._execution_device if hasattr(pipe, "_execution_device") else default_device()
+    kwargs: dict[str, Any] = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps)
+    kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+    kwargs["output_type"] = "np"
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    if negative_prompt:
+        kwargs["negative_prompt"] = negative_prompt
+    video = is_video_pipeline(pipe)
+    if video and num_frames:
+        kwargs["num_frames"] = num_frames
+    if callback is not None:
+        kwargs["callback_on_step_end"] = callback
+    kwargs.update(extra or {})
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    output = pipe(**kwargs)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return GenerationResult(_to_pil(output, video), seconds, peak)
+
+
+def apply_patch(pipe, method: str | None, adapter: str | None, options: dict[str, Any] | None = None) -> None:
+    """Patch with ``method`` (or an adapter); ``method=None`` and no adapter leave it original."""
+    if is_patched(pipe):
+        unpatch_pipeline(pipe)
+    if adapter:
+        patch_pipeline(pipe, adapter=adapter, **({"backend": options["backend"]} if options and "backend" in options else {}))
+    elif method:
+        patch_pipeline(pipe, method=method, **(options or {}))
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:
+    """One image with ``left`` and ``right`` next to each other on a white background."""
+    height = max(left.height, right.height)
+    canvas = Image.new("RGB", (left.width + gap + right.width, height), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return canvas
+
+
+def save_images(images: list[Image.Image], out: str | os.PathLike) -> Path:
+    """One image → PNG at ``out``; several (video frames) → an animated GIF/PNG strip beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        images[0].save(out)
+        return out
+    if out.suffix.lower() == ".gif":
+        images[0].save(out, save_all=True, append_images=images[1:], duration=125, loop=0)
+        return out
+    images[0].save(out, save_all=True, append_images=images[1:], duration=125, loop=0, format="PNG")
+    return out

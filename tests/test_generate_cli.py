@@ -1,0 +1,43 @@
+"""``linfusion generate`` on tiny pipelines saved to folders (offline)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from linfusion.testing.tiny_pipelines import save_tiny_pipeline
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def linfusion(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "linfusion", *args], cwd=cwd, env=ENV, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tmp_path_factory):
+    return save_tiny_pipeline("sd15", tmp_path_factory.mktemp("models") / "sd15")
+
+
+def test_generate_compare_writes_side_by_side(tmp_path, sd15_dir):
+    result = linfusion("generate", "a red circle", "--model", sd15_dir, "--height", "64", "--width", "96",
+                       "--steps", "2", "--method", "local", "--window", "4", "--compare", "--out", "cmp.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "speedup" in result.stdout and "wrote" in result.stdout
+    image = Image.open(tmp_path / "cmp.png")
+    assert image.size == (96 * 2 + 8, 64)
+
+
+def test_generate_rejects_impossible_resolution(tmp_path, sd15_dir):
+    result = linfusion("generate", "x", "--model", sd15_dir, "--height", "60", "--width", "96", "--steps", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "divisible by 8" in result.stderr and "64x96" in result.stderr
+
+
+def test_info_and_help_run(tmp_path):
+    assert "kernel backends" in linfusion("info", cwd=tmp_path).stdout
+    assert "generate" in linfusion("--help", cwd=tmp_path).stdout
