@@ -1,0 +1,140 @@
+"""The crossover cost model: shape of the curves, consistency with the H200 measurements, API errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from linfusion import crossover
+from linfusion.config import PatchConfig
+from linfusion.crossover import (
+    crossover_tokens,
+    device_class,
+    estimate_attention_ms,
+    load_profiles,
+    patched_pays_off,
+    profile_for,
+    speedup,
+    window_keys,
+)
+
+LINEAR = PatchConfig(method="linear")
+TILE = PatchConfig(method="local", window=16, shape="tile")
+CIRCLE = PatchConfig(method="local", window=16, shape="circle")
+FLUX = dict(batch=1, heads=24, head_dim=128, text_len=512, channels=3072)  # FLUX.1-dev layer
+SDXL = dict(batch=2, heads=20, head_dim=64, text_len=0, channels=1280)  # SDXL inner level, CFG
+
+
+def flux_layer(res: int) -> dict:
+    side = res // 16
+    return dict(FLUX, tokens=side * side, grid=(side, side))
+
+
+@pytest.mark.parametrize("profile", ["cuda-sm90", "cuda-default", "cpu"])
+@pytest.mark.parametrize("config", [LINEAR, TILE, CIRCLE], ids=["linear", "tile", "circle"])
+def test_speedup_grows_with_tokens(profile, config):
+    ratios = [speedup(config, profile=profile, **flux_layer(res)) for res in (256, 512, 1024, 2048, 4096, 8192)]
+    assert all(b >= a * 0.999 for a, b in zip(ratios, ratios[1:])), ratios
+    times = [estimate_attention_ms("dense", profile=profile, batch=1, heads=24, tokens=n, head_dim=128)
+             for n in (256, 1024, 4096, 16384)]
+    assert times == sorted(times)
+
+
+@pytest.mark.parametrize("config", [LINEAR, TILE, CIRCLE], ids=["linear", "tile", "circle"])
+def test_dense_wins_small_patched_wins_large_on_sm90(config):
+    assert not patched_pays_off(config, profile="cuda-sm90", **flux_layer(256))
+    assert not patched_pays_off(config, profile="cuda-sm90", **flux_layer(512))
+    assert patched_pays_off(config, profile="cuda-sm90", **flux_layer(4096))
+    assert patched_pays_off(config, profile="cuda-sm90", **flux_layer(8192))
+
+
+def test_flux_linear_crossover_between_1k_and_2k_on_sm90():
+    n = crossover_tokens(LINEAR, 24, 128, text_len=512, channels=3072, profile="cuda-sm90")
+    assert (1024 // 16) ** 2 <= n <= (2048 // 16) ** 2, n
+    # at 1K the gain is marginal by construction of the margin; at 2K it is clear
+    assert speedup(LINEAR, profile="cuda-sm90", **flux_layer(2048)) > 3
+
+
+def test_matches_h200_measurements():
+    # FLUX-4K dense cuDNN 86.5 ms; tile window (no text, 1,920 keys/query) 3.57 ms
+    dense = estimate_attention_ms("dense", batch=1, heads=24, tokens=65536, head_dim=128, text_len=512,
+                                  profile="cuda-sm90")
+    assert 70 < dense < 100
+    tile = estimate_attention_ms("local", batch=1, heads=24, tokens=65536, head_dim=128, keys_per_query=1920,
+                                 profile="cuda-sm90")
+    assert 3.0 < tile < 4.5
+    circle = estimate_attention_ms("local", batch=1, heads=24, tokens=65536, head_dim=128, keys_per_query=1920,
+                                   shape="circle", profile="cuda-sm90")
+    assert 1.7 < circle / tile < 2.3
+    # linear near the HBM floor (~0.4 ms for q, k, v, o) plus fixed costs
+    lin = estimate_attention_ms("linear", batch=1, heads=24, tokens=65536, head_dim=128, profile="cuda-sm90")
+    assert 0.4 < lin < 2.0
+    # FLUX step attention share (13% / 34% / 72% at 1K / 2K / 4K of 176 ms / 876 ms / 7.2 s), 57 layers
+    for res, step_ms, share in ((1024, 176, 0.13), (2048, 876, 0.34), (4096, 7200, 0.72)):
+        n = (res // 16) ** 2
+        per_layer = estimate_attention_ms("dense", batch=1, heads=24, tokens=n, head_dim=128, text_len=512,
+                                          profile="cuda-sm90")
+        assert 0.7 < 57 * per_layer / (step_ms * share) < 1.3, res
+
+
+def test_sdxl_shapes():
+    side = 4096 // 32
+    big = dict(SDXL, tokens=side * side, grid=(side, side))
+    assert patched_pays_off(LINEAR, profile="cuda-sm90", **big)
+    small = dict(SDXL, tokens=16 * 16, grid=(16, 16))
+    assert not patched_pays_off(LINEAR, profile="cuda-sm90", **small)
+    n = crossover_tokens(LINEAR, 20, 64, batch=2, channels=1280, profile="cuda-sm90")
+    assert 32**2 <= n <= 128**2
+
+
+def test_cpu_local_reference_never_pays_off():
+    # the PyTorch reference masks full rows: O(N²) like dense, plus the masks
+    assert crossover_tokens(TILE, 24, 128, text_len=512, profile="cpu", max_tokens=1 << 16) is None
+    assert crossover_tokens(LINEAR, 24, 128, text_len=512, profile="cpu", dtype=torch.float32) is not None
+
+
+def test_gate_never_pays_off():
+    gated = PatchConfig(method="linear", gate=True)
+    assert not patched_pays_off(gated, profile="cuda-sm90", **flux_layer(8192))
+
+
+def test_margin_and_extras():
+    layer = flux_layer(1024)
+    ratio = speedup(LINEAR, profile="cuda-sm90", **layer)
+    assert patched_pays_off(LINEAR, profile="cuda-sm90", margin=ratio * 0.99, **layer)
+    assert not patched_pays_off(LINEAR, profile="cuda-sm90", margin=ratio * 1.01, **layer)
+    no_mlp = PatchConfig(method="linear", feature_mlp=False)
+    assert speedup(no_mlp, profile="cuda-sm90", **layer) > ratio  # MLPs cost something
+    pooled = PatchConfig(method="local", window=16, shape="tile", global_pool=4)
+    assert speedup(pooled, profile="cuda-sm90", **flux_layer(4096)) < speedup(TILE, profile="cuda-sm90",
+                                                                              **flux_layer(4096))
+
+
+def test_window_keys():
+    assert window_keys(TILE, (256, 256)) == 1920  # ±2 tile rows × ±1 tile column of 8×16 tiles
+    assert window_keys(TILE, (8, 8)) == 64  # capped by the grid
+    video = PatchConfig(method="local", window=8, temporal_window=2)
+    assert window_keys(video, (21, 30, 52)) == (3 * 2) * (3 * 8) * (3 * 8)
+
+
+def test_errors_and_profiles(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="kind"):
+        estimate_attention_ms("sparse", batch=1, heads=1, tokens=16, head_dim=8)
+    with pytest.raises(ValueError, match="keys_per_query"):
+        estimate_attention_ms("local", batch=1, heads=1, tokens=16, head_dim=8)
+    with pytest.raises(ValueError, match="grid"):
+        patched_pays_off(TILE, batch=1, heads=1, tokens=16, head_dim=8, grid=(3, 3))
+    with pytest.raises(KeyError, match="known"):
+        profile_for("cpu", "tpu-v9")
+    assert device_class("cpu") == "cpu"
+    assert profile_for("cpu").name == "cpu"
+    assert {"cuda-sm90", "cuda-default", "cpu"} <= set(load_profiles())
+    # a JSON named by the environment replaces the shipped profiles
+    data = json.loads(crossover.PROFILES_PATH.read_text())
+    data["profiles"]["cpu"]["dense_tflops"] = 1e9  # dense "free": nothing pays off
+    path = tmp_path / "profiles.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv(crossover.PROFILES_ENV, str(path))
+    assert not patched_pays_off(LINEAR, dtype=torch.float32, **flux_layer(4096))
