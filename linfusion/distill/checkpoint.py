@@ -1,0 +1,153 @@
+"""Atomic training checkpoints: written to a temporary folder, then renamed into place.
+
+A checkpoint ``checkpoints/step-00000100/`` holds
+
+* ``trainable.safetensors``: the trainable parameters (``component.param`` keys);
+* ``optimizer.pt``: optimizer and LR-scheduler state (plain tensors, loaded ``weights_only``);
+* ``state.json``: step, the run's resume identity, the RNG states of every process.
+
+Only complete folders carry the ``step-`` name, so a run killed while writing leaves at most
+a ``.tmp-`` folder that resuming ignores (and removes).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or does not fit this run."""
+
+
+def fault(name: str) -> bool:
+    """Test hook: True when ``LINFUSION_DISTILL_FAULT`` names this fault point."""
+    return os.environ.get("LINFUSION_DISTILL_FAULT") == name
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as JSON-able lists."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically under ``root`` and keep the newest ``keep`` ones.
+
+    On any ``OSError`` (a full disk: ``ENOSPC``) the partial folder is removed, older
+    checkpoints are untouched, and a :class:`CheckpointError` explains what happened.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE))
+        if fault("enospc-checkpoint"):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        torch.save(optimizer_state, tmp / OPTIMIZER)
+        if fault("kill-in-checkpoint"):
+            os._exit(137)
+        (tmp / STATE).write_text(json.dumps(dict(state, step=step)))
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in checkpoint_dirs(root)]
+        reason = "the disk is full" if error.errno == errno.ENOSPC else f"of an I/O error ({error})"
+        raise CheckpointError(
+            f"could not write checkpoint {final.name} because {reason}; nothing half-written was left behind; "
+            f"the last complete checkpoint is {previous[-1] if previous else 'none'}. "
+            "Free space and rerun with --resume."
+        ) from error
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def clean_partial(root: Path) -> None:
+    """Remove ``.tmp-`` folders left by a killed run."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(".tmp-"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def find_checkpoint(root: Path, which: str) -> Path | None:
+    """``which`` = "latest" (newest under ``root``, None if there is none) or a checkpoint folder."""
+    if which in ("latest", "auto", "true", ""):
+        found = checkpoint_dirs(root)
+        return found[-1] if found else None
+    path = Path(which)
+    if not (path / STATE).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE})")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(trainable tensors, optimizer state, state dict)."""
+    state = json.loads((path / STATE).read_text())
+    return load_file(str(path / TRAINABLE)), torch.load(path / OPTIMIZER, weights_only=True), state
+
+
+def check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint made with a different configuration, naming the keys."""
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing[:6])
+        raise CheckpointError(
+            f"cannot resume from {path}: it was made with a different configuration ({', '.join(differing)}). "
+            f"{details}. Use the original options or a new --output."
+        )
