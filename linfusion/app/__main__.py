@@ -1,0 +1,7 @@
+"""``python -m linfusion.app``: the same as ``linfusion demo``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
