@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # Dk (hedgehog feature maps double it)
+MAX_VALUE_DIM = 128  # Dv: larger states no longer fit shared memory in the backward
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ fp16 range: the 16-bit copies of S and dS/N that feed the tensor cores are divid
 a power of two (the per-(b, h) maximum rounded up), and the per-tile ``dO/den`` by
 the tile's maximum, and the scale is multiplied back in fp32, so no intermediate
 overflows fp16 whatever N is. bf16 has fp32's range and skips this; fp32 inputs use
-fp32 dots (IEEE, or TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set).
+IEEE fp32 dots (exact, slow; fp32 is for checking, not speed).
 
 Head dims are padded to the next power of two ≥ 16 with masks (40 → 64, 72/80/96 →
 128); Dk and Dv may differ (hedgehog: Dk = 2·Dv) and go up to 256. Any sequence
-length works; q may have a different length M from the keys' N. Inputs need a unit
+length works; Dv ≤ 128 (the state must fit in shared memory); q may have a different length M from the keys' N. Inputs need a unit
 stride on the last dimension only (others are passed to the kernels).
 """
 
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreter_enabled
-from .linear_configs import MAX_HEAD_DIM, LinearConfig, linear_config, padded_dim
+from .linear_configs import MAX_HEAD_DIM, MAX_VALUE_DIM, LinearConfig, linear_config, padded_dim
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCE_ROWS = 16
@@ -83,10 +83,10 @@ def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 @triton.jit
 def _state_partial_kernel(
     K, V, P, PZ,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    H, N, DK, DV, chunk_len, n_chunks,
-    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H, N, chunk_len, n_chunks,
+    DK: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -102,8 +102,8 @@ def _state_partial_kernel(
     offs_dv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     mask_dk = offs_dk < DK
     mask_dv = offs_dv < DV
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb * ALIGN + h * stride_kh * ALIGN
+    v_base = V + b * stride_vb * ALIGN + h * stride_vh * ALIGN
 
     start = pid_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
@@ -114,11 +114,11 @@ def _state_partial_kernel(
         mask_n = offs_n < end
         rows = offs_n.to(tl.int64)
         k = tl.load(
-            k_base + rows[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+            k_base + rows[:, None] * stride_kn * ALIGN + offs_dk[None, :],
             mask=mask_n[:, None] & mask_dk[None, :], other=0.0,
         )
         v = tl.load(
-            v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v_base + rows[:, None] * stride_vn * ALIGN + offs_dv[None, :],
             mask=mask_n[:, None] & mask_dv[None, :], other=0.0,
         )
         acc = _mma(tl.trans(k), v, acc, DOT_PRECISION, UPCAST)
@@ -176,10 +176,10 @@ def _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD: tl.constexpr, DV_PAD: t
 @triton.jit
 def _apply_kernel(
     Q, S, Z, MX, O,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H, M, DK, DV, chunk_len, eps,
-    BLOCK_M: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
+    stride_qb, stride_qh, stride_qm,
+    stride_ob, stride_oh, stride_om,
+    H, M, chunk_len, eps,
+    DK: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
     SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -194,8 +194,8 @@ def _apply_kernel(
     mask_dv = offs_dv < DV
     s, scale = _load_state(S, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype, UPCAST)
     z = tl.load(Z + pid_bh * DK_PAD + offs_dk)
-    q_base = Q + b * stride_qb + h * stride_qh
-    o_base = O + b * stride_ob + h * stride_oh
+    q_base = Q + b * stride_qb * ALIGN + h * stride_qh * ALIGN
+    o_base = O + b * stride_ob * ALIGN + h * stride_oh * ALIGN
 
     start = pid_c * chunk_len
     end = tl.minimum(start + chunk_len, M)
@@ -204,14 +204,14 @@ def _apply_kernel(
         mask_m = offs_m < end
         rows = offs_m.to(tl.int64)
         q = tl.load(
-            q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+            q_base + rows[:, None] * stride_qm * ALIGN + offs_dk[None, :],
             mask=mask_m[:, None] & mask_dk[None, :], other=0.0,
         )
         num = _mma(q, s, None, DOT_PRECISION, UPCAST)
         den = tl.sum(q.to(tl.float32) * z[None, :], axis=1) + eps
         out = num * (scale / den)[:, None]
         tl.store(
-            o_base + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+            o_base + rows[:, None] * stride_om * ALIGN + offs_dv[None, :],
             _cast(out, dtype, UPCAST), mask=mask_m[:, None] & mask_dv[None, :],
         )
 
@@ -219,11 +219,11 @@ def _apply_kernel(
 @triton.jit
 def _bwd_q_kernel(
     Q, DO, S, Z, MX, DQ, P, PZ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, M, DK, DV, chunk_len, n_chunks, eps,
-    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    stride_qb, stride_qh, stride_qm,
+    stride_gb, stride_gh, stride_gm,
+    stride_dqb, stride_dqh, stride_dqm,
+    H, M, chunk_len, n_chunks, eps,
+    DK: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     ROWS: tl.constexpr, SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dq for this program's Dk block, partial dS = Σ qᵀ(dO/den) and dz = Σ dden·q.
@@ -253,9 +253,9 @@ def _bwd_q_kernel(
     else:
         s_own = s
         z_own = z
-    q_base = Q + b * stride_qb + h * stride_qh
-    g_base = DO + b * stride_gb + h * stride_gh
-    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    q_base = Q + b * stride_qb * ALIGN + h * stride_qh * ALIGN
+    g_base = DO + b * stride_gb * ALIGN + h * stride_gh * ALIGN
+    dq_base = DQ + b * stride_dqb * ALIGN + h * stride_dqh * ALIGN
 
     ds_acc = tl.zeros((BLOCK_DK, DV_PAD), dtype=tl.float32)
     dz_acc = tl.zeros((BLOCK_DK,), dtype=tl.float32)
@@ -266,16 +266,16 @@ def _bwd_q_kernel(
         mask_m = offs_m < end
         rows = offs_m.to(tl.int64)
         q = tl.load(
-            q_base + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd,
+            q_base + rows[:, None] * stride_qm * ALIGN + offs_dk[None, :],
             mask=mask_m[:, None] & mask_dk[None, :], other=0.0,
         )
         g = tl.load(
-            g_base + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+            g_base + rows[:, None] * stride_gm * ALIGN + offs_dv[None, :],
             mask=mask_m[:, None] & mask_dv[None, :], other=0.0,
         )
         if SPLIT:
             q_own = tl.load(
-                q_base + rows[:, None] * stride_qm + offs_own[None, :] * stride_qd,
+                q_base + rows[:, None] * stride_qm * ALIGN + offs_own[None, :],
                 mask=mask_m[:, None] & mask_own[None, :], other=0.0,
             )
         else:
@@ -288,7 +288,7 @@ def _bwd_q_kernel(
         dq = _mma(g, tl.trans(s_own), None, DOT_PRECISION, UPCAST) * (scale * w)[:, None]
         dq += dden[:, None] * z_own[None, :]
         tl.store(
-            dq_base + rows[:, None] * stride_dqm + offs_own[None, :] * stride_dqd,
+            dq_base + rows[:, None] * stride_dqm * ALIGN + offs_own[None, :],
             _cast(dq, DQ.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_own[None, :],
         )
         dz_acc += tl.sum(dden[:, None] * q_own.to(tl.float32), axis=0)
@@ -307,12 +307,12 @@ def _bwd_q_kernel(
 @triton.jit
 def _bwd_kv_kernel(
     K, V, DS, DZ, MX, DKO, DVO,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N, DK, DV, chunk_len,
-    BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N, chunk_len,
+    DK: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, DK_PAD: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr,
     SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dk = v (dS/N)ᵀ + dz/N and dv = k (dS/N); DS and DZ already hold the 1/N."""
@@ -328,10 +328,10 @@ def _bwd_kv_kernel(
     mask_dv = offs_dv < DV
     ds, scale = _load_state(DS, MX, pid_bh, offs_dk, offs_dv, DK_PAD, DV_PAD, ROWS, SCALE, dtype, UPCAST)
     dz = tl.load(DZ + pid_bh * DK_PAD + offs_dk)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    dk_base = DKO + b * stride_dkb + h * stride_dkh
-    dv_base = DVO + b * stride_dvb + h * stride_dvh
+    k_base = K + b * stride_kb * ALIGN + h * stride_kh * ALIGN
+    v_base = V + b * stride_vb * ALIGN + h * stride_vh * ALIGN
+    dk_base = DKO + b * stride_dkb * ALIGN + h * stride_dkh * ALIGN
+    dv_base = DVO + b * stride_dvb * ALIGN + h * stride_dvh * ALIGN
 
     start = pid_c * chunk_len
     end = tl.minimum(start + chunk_len, N)
@@ -340,21 +340,21 @@ def _bwd_kv_kernel(
         mask_n = offs_n < end
         rows = offs_n.to(tl.int64)
         k = tl.load(
-            k_base + rows[:, None] * stride_kn + offs_dk[None, :] * stride_kd,
+            k_base + rows[:, None] * stride_kn * ALIGN + offs_dk[None, :],
             mask=mask_n[:, None] & mask_dk[None, :], other=0.0,
         )
         v = tl.load(
-            v_base + rows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+            v_base + rows[:, None] * stride_vn * ALIGN + offs_dv[None, :],
             mask=mask_n[:, None] & mask_dv[None, :], other=0.0,
         )
         dk = _mma(v, tl.trans(ds), None, DOT_PRECISION, UPCAST) * scale + dz[None, :]
         dv = _mma(k, ds, None, DOT_PRECISION, UPCAST) * scale
         tl.store(
-            dk_base + rows[:, None] * stride_dkn + offs_dk[None, :] * stride_dkd,
+            dk_base + rows[:, None] * stride_dkn * ALIGN + offs_dk[None, :],
             _cast(dk, DKO.dtype.element_ty, UPCAST), mask=mask_n[:, None] & mask_dk[None, :],
         )
         tl.store(
-            dv_base + rows[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+            dv_base + rows[:, None] * stride_dvn * ALIGN + offs_dv[None, :],
             _cast(dv, DVO.dtype.element_ty, UPCAST), mask=mask_n[:, None] & mask_dv[None, :],
         )
 
@@ -386,8 +386,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape[2] == 0:
         raise ValueError("k and v must hold at least one token (the state is a mean over keys)")
     dk, dv = q.shape[3], v.shape[3]
-    if not (1 <= dk <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM):
-        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got Dk={dk}, Dv={dv}")
+    if not (1 <= dk <= MAX_HEAD_DIM and 1 <= dv <= MAX_VALUE_DIM):
+        raise ValueError(
+            f"head dims must be Dk in [1, {MAX_HEAD_DIM}] and Dv in [1, {MAX_VALUE_DIM}], got Dk={dk}, Dv={dv}"
+        )
     if q.device.type == "cuda":
         return
     if q.device.type == "cpu" and triton_interpreter_enabled():
@@ -407,9 +409,29 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
+def _strides(align: int, *tensors: torch.Tensor) -> list[int]:
+    """(B, H, L) strides of each tensor in units of ``align`` elements (the last stride is 1)."""
+    return [st // align for t in tensors for st in t.stride()[:3]]
+
+
+def _alignment(*tensors: torch.Tensor) -> int:
+    """Elements per 16 bytes when every non-last stride is a multiple of it, else 1.
+
+    The kernels multiply the strides they receive by this constexpr, which tells the
+    compiler that every row starts 16-byte aligned, so it emits 16-byte vector loads and
+    asynchronous copies even for head dims such as 40 (rows of 80 bytes).
+    """
+    align = 16 // tensors[0].element_size()
+    for t in tensors:
+        if any(st % align for st in t.stride()[:3]) or t.data_ptr() % 16:
+            return 1
+    return align
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """Dots on 16-bit inputs multiply exactly and accumulate in fp32 whatever this says;
+    fp32 inputs get IEEE fp32 dots (FMA units: exact but slow; TF32 variants would need
+    more shared memory than Hopper has for Dk = 256), so fp32 matches the reference to ~1e-6."""
     return "ieee"
 
 
@@ -456,18 +478,19 @@ def _forward(q, k, v, eps, config=None):
     cfg = _get_config(q, dk_pad, dv_pad, config)
     bh = B * H
     target = cfg.programs_per_sm * _num_sms(q.device)
-    prec = _dot_precision(q.dtype)
+    prec = _dot_precision(q.dtype, q.device)
     scale = q.dtype == torch.float16
     upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
 
     # pass 1: partial states
+    align = _alignment(k, v)
     bdk, bdv = min(cfg.state_block_dk, dk_pad), min(cfg.state_block_dv, dv_pad)
     tiles = (dk_pad // bdk) * (dv_pad // bdv)
     chunk_len, n_chunks = _chunking(N, cfg.state_block_n, bh * tiles, target)
     p = _empty((bh, n_chunks, dk_pad, dv_pad), q.device, torch.float32)
     pz = _empty((bh, n_chunks, dk_pad), q.device, torch.float32)
     _state_partial_kernel[(n_chunks, tiles, bh)](
-        k, v, p, pz, *k.stride(), *v.stride(), H, N, DK, DV, chunk_len, n_chunks,
+        k, v, p, pz, *_strides(align, k, v), H, N, chunk_len, n_chunks, DK=DK, DV=DV, ALIGN=align,
         BLOCK_N=cfg.state_block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK_PAD=dk_pad, DV_PAD=dv_pad,
         DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.state_warps, num_stages=cfg.state_stages,
     )
@@ -475,10 +498,11 @@ def _forward(q, k, v, eps, config=None):
 
     # pass 2: apply to queries
     o = _empty((B, H, M, DV), q.device, q.dtype)
+    align = _alignment(q, o)
     if M > 0:
         chunk_len, n_chunks = _chunking(M, cfg.apply_block_m, bh, target)
         _apply_kernel[(n_chunks, bh)](
-            q, s, z, mx, o, *q.stride(), *o.stride(), H, M, DK, DV, chunk_len, eps,
+            q, s, z, mx, o, *_strides(align, q, o), H, M, chunk_len, eps, DK=DK, DV=DV, ALIGN=align,
             BLOCK_M=cfg.apply_block_m, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
             SCALE=scale, DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.apply_warps, num_stages=cfg.apply_stages,
         )
@@ -492,7 +516,7 @@ def _backward(q, k, v, s, z, mx, do, eps, config=None):
     cfg = _get_config(q, dk_pad, dv_pad, config)
     bh = B * H
     target = cfg.programs_per_sm * _num_sms(q.device)
-    prec = _dot_precision(q.dtype)
+    prec = _dot_precision(q.dtype, q.device)
     scale = q.dtype == torch.float16
     upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
     do = _last_dim_contiguous(do)
@@ -502,12 +526,13 @@ def _backward(q, k, v, s, z, mx, do, eps, config=None):
     bdk = min(cfg.bwdq_block_dk, dk_pad)
     k_blocks = dk_pad // bdk
     if M > 0:
+        align = _alignment(q, do, dq)
         chunk_len, n_chunks = _chunking(M, cfg.bwdq_block_m, bh * k_blocks, target)
         p = _empty((bh, n_chunks, dk_pad, dv_pad), q.device, torch.float32)
         pz = _empty((bh, n_chunks, dk_pad), q.device, torch.float32)
         _bwd_q_kernel[(n_chunks, k_blocks, bh)](
-            q, do, s, z, mx, dq, p, pz, *q.stride(), *do.stride(), *dq.stride(),
-            H, M, DK, DV, chunk_len, n_chunks, eps,
+            q, do, s, z, mx, dq, p, pz, *_strides(align, q, do, dq),
+            H, M, chunk_len, n_chunks, eps, DK=DK, DV=DV, ALIGN=align,
             BLOCK_M=cfg.bwdq_block_m, BLOCK_DK=bdk, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
             SCALE=scale, DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.bwdq_warps, num_stages=cfg.bwdq_stages,
         )
@@ -520,10 +545,11 @@ def _backward(q, k, v, s, z, mx, do, eps, config=None):
     # pass B: dk, dv
     dk = _empty(k.shape, k.device, k.dtype)
     dv = _empty(v.shape, v.device, v.dtype)
+    align = _alignment(k, v, dk, dv)
     chunk_len, n_chunks = _chunking(N, cfg.bwdkv_block_n, bh, target)
     _bwd_kv_kernel[(n_chunks, bh)](
-        k, v, ds, dz, dmx, dk, dv, *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
-        H, N, DK, DV, chunk_len,
+        k, v, ds, dz, dmx, dk, dv, *_strides(align, k, v, dk, dv), H, N, chunk_len,
+        DK=DK, DV=DV, ALIGN=align,
         BLOCK_N=cfg.bwdkv_block_n, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
         SCALE=scale, DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.bwdkv_warps, num_stages=cfg.bwdkv_stages,
     )
@@ -557,7 +583,7 @@ def linear_attention_triton(
     Args:
         q: (B, H, M, Dk) non-negative feature-mapped queries (fp16, bf16 or fp32).
         k: (B, H, N, Dk) non-negative feature-mapped keys, N ≥ 1.
-        v: (B, H, N, Dv) values. Dk, Dv ≤ 256.
+        v: (B, H, N, Dv) values. Dk ≤ 256, Dv ≤ 128.
         eps: added to the mean-normalised denominator.
         config: tile configuration (default: ``linear_configs.linear_config``).
 
