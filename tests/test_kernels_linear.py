@@ -24,7 +24,13 @@ from linfusion.kernels.linear_triton import linear_attention_triton  # noqa: E40
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
-needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+
+def needs_cuda(test):
+    """GPU-only test at real sizes (marked ``gpu``; skipped without CUDA)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")(test))
+
+
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytestmark = pytest.mark.skip(reason="no CUDA and TRITON_INTERPRET is not 1")
 
