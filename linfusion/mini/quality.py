@@ -1,0 +1,281 @@
+"""The LinFusion-Mini quality benchmark: prompt adherence and fidelity to the teacher.
+
+For the teacher, the zero-shot patched pipelines (linear, local; no distillation) and
+each distilled student, on a fixed held-out prompt set with fixed seeds (the initial
+noise of prompt ``i`` depends only on ``(seed, i)`` and the size): adherence (fraction of
+images the analytic checker passes), PSNR and SSIM against the teacher's image of the
+same prompt and noise, at the base resolution and at 2x and 4x, and seconds per image
+(batch 1, median of a few runs). Writes ``quality.json``::
+
+    {"base_resolution", "checker_accuracy", "rows": [{"model", "resolution", "adherence",
+     "psnr_vs_teacher", "ssim_vs_teacher", "sec_per_image"}], ...settings}
+
+(the teacher's own rows have ``null`` PSNR/SSIM) and a PNG grid (prompts x models at the
+base resolution, with the world's ground-truth render first).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import TEXT_LEN
+
+MODELS = ("teacher", "zero_shot_linear", "zero_shot_local", "linear", "local")
+
+
+def load_pipeline(folder: str | Path | None, device, dtype: torch.dtype = torch.float32):
+    """A LinFusion-Mini pipeline folder (``None``: the bundled one) on ``device``."""
+    from diffusers import DiffusionPipeline
+
+    if folder is None:
+        from .bundle import load_mini_pipeline
+
+        pipe = load_mini_pipeline(torch_dtype=dtype)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def initial_latents(pipe, n: int, size: int, seed: int, start: int = 0) -> torch.Tensor:
+    """Noise of prompts ``start..start+n-1``: one seeded CPU generator per prompt."""
+    channels = pipe.transformer.config.in_channels
+    side = size // pipe.vae_scale_factor
+    return torch.stack([
+        torch.randn((channels, side, side), generator=torch.Generator("cpu").manual_seed(seed * 1_000_003 + i))
+        for i in range(start, start + n)
+    ])
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], *, size: int, steps: int, seed: int, batch: int = 16,
+             guidance_scale: float = 4.5) -> list[np.ndarray]:
+    """uint8 HxWx3 images of ``prompts`` at ``size``x``size``, batch-independent noise."""
+    device = pipe._execution_device
+    dtype = pipe.transformer.dtype
+    images: list[np.ndarray] = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        latents = initial_latents(pipe, len(chunk), size, seed, start).to(device, dtype)
+        out = pipe(prompt=chunk, negative_prompt="", latents=latents, height=size, width=size,
+                   num_inference_steps=steps, guidance_scale=guidance_scale, use_resolution_binning=False,
+                   clean_caption=False, max_sequence_length=TEXT_LEN, output_type="np").images
+        images += [(np.clip(np.asarray(im, np.float32), 0, 1) * 255).round().astype(np.uint8) for im in out]
+    return images
+
+
+def time_per_image(pipe, prompt: str, *, size: int, steps: int, runs: int) -> float:
+    """Median wall time of a batch-1 generation (synchronised on CUDA)."""
+    cuda = pipe._execution_device.type == "cuda"
+    times = []
+    for _ in range(runs):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(pipe, [prompt], size=size, steps=steps, seed=0, batch=1)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03), mean over RGB."""
+    from scipy.ndimage import gaussian_filter
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for ch in range(a.shape[-1]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        f = lambda t: gaussian_filter(t, 1.5, truncate=3.5)  # noqa: E731
+        mx, my = f(x), f(y)
+        vx, vy, cxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        values.append(float(s.mean()))
+    return float(np.mean(values))
+
+
+def _check(args: tuple[np.ndarray, str]) -> bool:
+    from .checker import AdherenceChecker
+
+    image, prompt = args
+    return AdherenceChecker().check(image, prompt)
+
+
+def _checker_accuracy(n: int) -> dict:
+    from .checker import validate_checker
+
+    return validate_checker(n=n)
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def save_grid(path: Path, prompts: list[str], columns: dict[str, list[np.ndarray]], cell: int = 128) -> None:
+    """Rows = prompts, columns = models (ground truth first); labels from PIL's default font."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    text_w, header, gap = 190, 18, 4
+    names = list(columns)
+    width = text_w + len(names) * (cell + gap)
+    height = header + len(prompts) * (cell + gap)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(names):
+        draw.text((text_w + j * (cell + gap) + 2, 3), name, fill="black", font=font)
+    for i, prompt in enumerate(prompts):
+        y = header + i * (cell + gap)
+        words, lines, line = prompt.split(), [], ""
+        for w in words:
+            if len(line) + len(w) + 1 > 30:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+        for k, text in enumerate(lines[:9]):
+            draw.text((4, y + 4 + 13 * k), text, fill="black", font=font)
+        for j, name in enumerate(names):
+            img = Image.fromarray(columns[name][i]).resize((cell, cell), Image.LANCZOS)
+            canvas.paste(img, (text_w + j * (cell + gap), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | None] | None = None, *,
+                  n_prompts: int = 96, seed: int = 0, steps: int = 20, scales: tuple[int, ...] = (1, 2, 4),
+                  batch: int = 32, device: str | torch.device | None = None, window: int = 4,
+                  time_runs: int = 3, grid_prompts: int = 6, checker_n: int = 200, workers: int = 0,
+                  out_json: str | Path | None = None, out_grid: str | Path | None = None,
+                  models: tuple[str, ...] = MODELS) -> dict:
+    """Run the benchmark; ``pipeline``/``adapters`` default to the bundled LinFusion-Mini."""
+    from ..generation import apply_patch
+    from .world import parse_prompt, prompt_set, render
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if adapters is None:
+        adapters = {}
+        for method in ("linear", "local"):
+            try:
+                from .bundle import bundled_adapter
+
+                adapters[method] = bundled_adapter(method)
+            except (FileNotFoundError, ValueError):
+                adapters[method] = None
+    pipe = load_pipeline(pipeline, device)
+    base = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    prompts = prompt_set("heldout", n_prompts, seed=seed)
+    pool = None
+    if workers > 0:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers)
+        accuracy_job = pool.apply_async(_checker_accuracy, (checker_n,))
+    started = time.time()
+    rows, skipped = [], []
+    teacher_images: dict[int, list[np.ndarray]] = {}
+    grid: dict[str, list[np.ndarray]] = {"world (truth)": [render(parse_prompt(p), base, base, seed) for p in prompts[:grid_prompts]]}
+    for name in models:
+        method = {"zero_shot_linear": "linear", "zero_shot_local": "local"}.get(name)
+        adapter = adapters.get(name) if name in ("linear", "local") else None
+        if name in ("linear", "local") and not adapter:
+            skipped.append(name)
+            continue
+        options = {"window": window} if method == "local" else {}
+        apply_patch(pipe, method, adapter, options)
+        for scale in scales:
+            size = base * scale
+            images = generate(pipe, prompts, size=size, steps=steps, seed=seed, batch=max(1, batch // scale**2))
+            pairs = list(zip(images, prompts))
+            passed = pool.map(_check, pairs, chunksize=4) if pool else [_check(p) for p in pairs]
+            if name == "teacher":
+                teacher_images[scale] = images
+                p_t = s_t = None
+            else:
+                ref = teacher_images.get(scale)
+                p_t = float(np.mean([psnr(a, b) for a, b in zip(images, ref)])) if ref else None
+                s_t = float(np.mean([ssim(a, b) for a, b in zip(images, ref)])) if ref else None
+            sec = time_per_image(pipe, prompts[0], size=size, steps=steps, runs=time_runs)
+            rows.append({"model": name, "resolution": size, "adherence": float(np.mean(passed)),
+                         "psnr_vs_teacher": p_t, "ssim_vs_teacher": s_t, "sec_per_image": sec})
+            print(f"[quality] {json.dumps(rows[-1])} ({time.time() - started:.0f}s)", flush=True)
+            if scale == 1:
+                grid[name] = images[:grid_prompts]
+    apply_patch(pipe, None, None)
+    if pool:
+        validation = accuracy_job.get()
+        pool.close()
+    else:
+        validation = _checker_accuracy(checker_n)
+    result = {
+        "base_resolution": base,
+        "checker_accuracy": validation["checker_accuracy"],
+        "rows": rows,
+        "settings": {"n_prompts": n_prompts, "prompt_split": "heldout", "seed": seed, "steps": steps,
+                     "guidance_scale": 4.5, "scales": list(scales), "local_window": window, "checker_n": checker_n,
+                     "device": str(device), "torch": torch.__version__, "skipped": skipped,
+                     "sec_per_image": f"batch 1, median of {time_runs}"},
+        "checker_validation": {k: v for k, v in validation.items() if k not in ("n", "seed")},
+        "seconds": round(time.time() - started, 1),
+    }
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=1) + "\n")
+    if out_grid:
+        save_grid(Path(out_grid), prompts[:grid_prompts], grid)
+    return result
+
+
+QUICK = dict(n_prompts=2, steps=2, scales=(1,), batch=2, time_runs=1, grid_prompts=2, checker_n=2, workers=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="LinFusion-Mini quality benchmark")
+    parser.add_argument("--pipeline", default=None, help="pipeline folder (default: bundled LinFusion-Mini)")
+    parser.add_argument("--adapter-linear", default=None, help="adapter folder (default: bundled)")
+    parser.add_argument("--adapter-local", default=None, help="adapter folder (default: bundled)")
+    parser.add_argument("--out", default="benchmarks/results/quality.json")
+    parser.add_argument("--grid", default="benchmarks/results/quality_grid.png")
+    parser.add_argument("--prompts", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--scales", default="1,2,4", help="resolutions as multiples of the base, comma-separated")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, default=4, help="zero-shot local radius (latent tokens)")
+    parser.add_argument("--workers", type=int, default=0, help="checker processes (0: in this process)")
+    parser.add_argument("--checker-n", type=int, default=200, help="prompts for validate_checker")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--quick", "--tiny", dest="quick", action="store_true",
+                        help="2 prompts, 2 steps, base resolution only: a CPU smoke test of the code path")
+    args = parser.parse_args(argv)
+    adapters = None
+    if args.adapter_linear or args.adapter_local:
+        adapters = {"linear": args.adapter_linear, "local": args.adapter_local}
+    settings = dict(n_prompts=args.prompts, steps=args.steps, scales=tuple(int(s) for s in args.scales.split(",")),
+                    batch=args.batch, checker_n=args.checker_n, workers=args.workers)
+    if args.quick:
+        settings.update(QUICK)
+    result = run_benchmark(args.pipeline, adapters, seed=args.seed, device=args.device, window=args.window,
+                           out_json=args.out, out_grid=args.grid, **settings)
+    print(json.dumps({k: v for k, v in result.items() if k != "checker_validation"}, indent=1))
+    return 0

@@ -1,0 +1,539 @@
+"""Train LinFusion-Mini from scratch, then distil its linear and local students.
+
+One command::
+
+    python -m linfusion.mini.train --out DIR [--minutes 5.5] [--device cuda]
+    python -m linfusion.mini.train --out DIR --smoke          # seconds on a CPU, tiny sizes
+
+Stages (time budgets are fractions of ``--minutes``; ``--*-steps`` fix step counts instead):
+
+1. **VAE** (22%): ``AutoencoderKL`` on renders streamed from CPU workers (L1 + L2 + edge
+   loss, tiny KL); then the latent mean is folded into the VAE and ``scaling_factor`` set.
+2. **text encoder** (6%): T5 pre-trained to parse the prompt into its scene (slot heads).
+3. **transformer** (72%): v-prediction on VAE latents of fresh renders, text encoder
+   fine-tuned jointly (lower LR, parse loss kept as an auxiliary), 10% empty prompts for
+   classifier-free guidance, EMA weights shipped.
+4. ``save_pretrained`` of the ``PixArtSigmaPipeline`` in fp16 safetensors to ``DIR/pipeline``.
+5. **students**: the distillation toolkit's own commands, ``linfusion generate-data`` once
+   and ``linfusion distill --method linear|local`` on that data (see :func:`distill_argv`),
+   written to ``DIR/adapter-linear`` and ``DIR/adapter-local`` (weights then stored fp16).
+
+``DIR/train_summary.json`` records sizes, steps, losses and timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import model as mm
+from .data import RenderStream, to_tensor
+
+#: local attention radius (latent tokens) of the student: the base grid is 16x16 tokens
+LOCAL_WINDOW = 4
+STAGE_SHARES = {"vae": 0.22, "text": 0.06, "dit": 0.72}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Budget:
+    """Stop after ``steps`` steps if given, else after ``seconds``; ``progress`` in [0, 1]."""
+
+    def __init__(self, seconds: float, steps: int | None = None) -> None:
+        self.seconds, self.steps, self.start, self.step = max(seconds, 1e-3), steps, time.time(), 0
+
+    @property
+    def progress(self) -> float:
+        if self.steps:
+            return min(1.0, self.step / self.steps)
+        return min(1.0, (time.time() - self.start) / self.seconds)
+
+    def done(self) -> bool:
+        return self.step >= self.steps if self.steps else time.time() - self.start >= self.seconds
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+
+def lr_factor(progress: float, step: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0.05 over the budget."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (decay ramps up from 0)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.module, self.decay, self.n = module, decay, 0
+        self.shadow = [p.detach().clone().float() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.module.parameters()], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for p, s in zip(module.parameters(), self.shadow):
+            p.copy_(s)
+
+
+def log(msg: str) -> None:
+    print(f"[mini.train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- stage 1: VAE
+
+
+def train_vae(vae, stream: RenderStream, budget: Budget, device, batch: int, lr: float, keep: list) -> dict:
+    """Train the VAE on streamed renders; every non-crop chunk seen is appended to ``keep``."""
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    capacity = 16384 if device.type == "cuda" else 256
+    pool = torch.empty((capacity, 3, vae.config.sample_size, vae.config.sample_size), dtype=torch.uint8, device=device)
+    filled, pos, losses = 0, 0, []
+
+    def add(chunks) -> None:
+        nonlocal filled, pos
+        for chunk in chunks:
+            if not chunk.crop:
+                keep.append(chunk)
+            x = torch.from_numpy(chunk.images).permute(0, 3, 1, 2).to(device)
+            for row in x:
+                pool[pos] = row
+                pos = (pos + 1) % capacity
+                filled = min(capacity, filled + 1)
+
+    while filled < min(batch, capacity):
+        add([stream.get()])
+    while not budget.done():
+        add(stream.drain(limit=64))
+        if stream.workers == 0 and budget.step % 4 == 0:
+            add([stream.get()])
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(budget.progress, budget.step, 100)
+        idx = torch.randint(0, filled, (batch,), device=device)
+        x = pool[idx].float().div(127.5).sub(1.0)
+        with autocast(device):
+            posterior = vae.encode(x).latent_dist
+            rec = vae.decode(posterior.sample()).sample.float()
+        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + 1e-6 * posterior.kl().float().mean()
+        loss = loss + _edge_l1(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        budget.step += 1
+        losses.append(float(loss.detach()) if budget.step % 50 == 0 or budget.step < 3 else losses[-1] if losses else 0.0)
+        if budget.step % 500 == 0:
+            log(f"vae step {budget.step} loss {losses[-1]:.4f} ({budget.elapsed():.0f}s)")
+    vae.eval()
+    return {"steps": budget.step, "seconds": round(budget.elapsed(), 1), "final_loss": losses[-1] if losses else None}
+
+
+def _edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+
+
+@torch.no_grad()
+def normalise_latents(vae, chunks: list, device) -> dict:
+    """Centre the latents (folded into the VAE) and set ``scaling_factor`` to 1/std."""
+    images = np.concatenate([c.images for c in chunks])[:2048]
+    means = []
+    for i in range(0, len(images), 256):
+        with autocast(device):
+            means.append(vae.encode(to_tensor(images[i : i + 256]).to(device)).latent_dist.mean.float())
+    z = torch.cat(means)
+    mean = z.mean(dim=(0, 2, 3))
+    mm.center_latents(vae, mean)
+    std = float((z - mean[None, :, None, None]).std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return {"latent_mean": [round(float(m), 4) for m in mean], "latent_std": round(std, 4), "scaling_factor": 1.0 / std}
+
+
+# --------------------------------------------------------------------------- latent bank
+
+
+class Bank:
+    """Ring buffer (on the training device) of scaled latents, token ids, masks and parse targets."""
+
+    def __init__(self, capacity: int, latent_shape: tuple[int, ...], n_targets: int, device, dtype) -> None:
+        self.z = torch.empty((capacity, *latent_shape), dtype=dtype, device=device)
+        self.ids = torch.zeros((capacity, mm.TEXT_LEN), dtype=torch.long, device=device)
+        self.mask = torch.zeros((capacity, mm.TEXT_LEN), dtype=torch.long, device=device)
+        self.targets = torch.zeros((capacity, n_targets), dtype=torch.long, device=device)
+        self.capacity, self.size, self.pos, self.added = capacity, 0, 0, 0
+
+    @torch.no_grad()
+    def add_chunks(self, chunks: list, vae, tokenizer, device) -> None:
+        chunks = [c for c in chunks if not c.crop]
+        if not chunks:
+            return
+        images = np.concatenate([c.images for c in chunks])
+        prompts = [p for c in chunks for p in c.prompts]
+        targets = torch.from_numpy(np.concatenate([c.targets for c in chunks]))
+        ids, mask = mm.tokenize(tokenizer, prompts)
+        for i in range(0, len(images), 512):
+            with autocast(device):
+                z = vae.encode(to_tensor(images[i : i + 512]).to(device)).latent_dist.mean.float()
+            z = z * vae.config.scaling_factor
+            n = z.shape[0]
+            rows = (torch.arange(n) + self.pos) % self.capacity
+            self.z[rows.to(device)] = z.to(self.z.dtype)
+            self.ids[rows.to(device)] = ids[i : i + n].to(device)
+            self.mask[rows.to(device)] = mask[i : i + n].to(device)
+            self.targets[rows.to(device)] = targets[i : i + n].to(device)
+            self.pos = (self.pos + n) % self.capacity
+            self.size = min(self.capacity, self.size + n)
+            self.added += n
+
+    def sample(self, n: int, device):
+        idx = torch.randint(0, self.size, (n,), device=device)
+        return self.z[idx].float(), self.ids[idx], self.mask[idx], self.targets[idx]
+
+
+# --------------------------------------------------------------------------- stage 2: text encoder
+
+
+def train_text(text_encoder, head, bank: Bank, budget: Budget, device, batch: int, lr: float) -> dict:
+    text_encoder.to(device).train()
+    head.to(device).train()
+    params = list(text_encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    loss = torch.zeros(())
+    while not budget.done():
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(budget.progress, budget.step, 50)
+        _, ids, mask, targets = bank.sample(batch, device)
+        with autocast(device):
+            hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
+            loss = head(hidden, mask, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        budget.step += 1
+        if budget.step % 200 == 0:
+            log(f"text step {budget.step} parse loss {float(loss):.4f}")
+    return {"steps": budget.step, "seconds": round(budget.elapsed(), 1), "final_parse_loss": float(loss.detach())}
+
+
+# --------------------------------------------------------------------------- stage 3: transformer
+
+
+def train_dit(transformer, text_encoder, head, tokenizer, vae, bank: Bank, stream: RenderStream, scheduler,
+              budget: Budget, device, batch: int, lr: float, text_lr_scale: float = 0.3, cfg_drop: float = 0.1,
+              ema_decay: float = 0.999) -> dict:
+    transformer.to(device).train()
+    text_encoder.train()
+    head.train()
+    groups = [{"params": list(transformer.parameters()), "base": lr},
+              {"params": list(text_encoder.parameters()) + list(head.parameters()), "base": lr * text_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema_dit, ema_text = EMA(transformer, ema_decay), EMA(text_encoder, ema_decay)
+    alphas = scheduler.alphas_cumprod.to(device, torch.float32)
+    empty_ids, empty_mask = (t.to(device) for t in mm.tokenize(tokenizer, [""]))
+    added = {"resolution": None, "aspect_ratio": None}
+    history, t0 = [], time.time()
+    while not budget.done():
+        if budget.step % 8 == 0:
+            ready = stream.drain(limit=32) if stream.workers else ([stream.get()] if budget.step % 32 == 0 else [])
+            bank.add_chunks(ready, vae, tokenizer, device)
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * lr_factor(budget.progress, budget.step, 200)
+        z, ids, mask, targets = bank.sample(batch, device)
+        drop = torch.rand(batch, device=device) < cfg_drop
+        ids = torch.where(drop[:, None], empty_ids, ids)
+        mask = torch.where(drop[:, None], empty_mask, mask)
+        targets = torch.where(drop[:, None], torch.full_like(targets, mm.IGNORE), targets)
+        t = torch.randint(0, alphas.numel(), (batch,), device=device)
+        a = alphas[t].sqrt()[:, None, None, None]
+        s = (1 - alphas[t]).sqrt()[:, None, None, None]
+        noise = torch.randn_like(z)
+        x_t, v = a * z + s * noise, a * noise - s * z
+        with autocast(device):
+            hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
+            aux = head(hidden, mask, targets) if bool((~drop).any()) else hidden.sum() * 0
+            pred = transformer(x_t, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=t,
+                               added_cond_kwargs=added, return_dict=False)[0]
+        mse = F.mse_loss(pred.float(), v)
+        loss = mse + 0.1 * aux.float()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        ema_dit.update()
+        ema_text.update()
+        budget.step += 1
+        if budget.step % 100 == 0 or budget.step == 1:
+            history.append({"step": budget.step, "mse": round(float(mse), 5), "parse": round(float(aux), 4),
+                            "bank": bank.size, "seen": bank.added, "time": round(time.time() - t0, 1)})
+            if budget.step % 500 == 0:
+                log(f"dit step {budget.step} {history[-1]}")
+    ema_dit.copy_to(transformer)
+    ema_text.copy_to(text_encoder)
+    transformer.eval()
+    text_encoder.eval()
+    return {"steps": budget.step, "seconds": round(budget.elapsed(), 1), "samples": budget.step * batch,
+            "unique_images": bank.added, "history": history[-20:]}
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_pipeline(components: dict, folder: Path) -> dict:
+    """fp16 safetensors ``save_pretrained``; returns file sizes in MB."""
+    pipe = mm.assemble_pipeline({k: (copy.deepcopy(v).to("cpu", torch.float16) if isinstance(v, torch.nn.Module) else v)
+                                 for k, v in components.items()})
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return {str(p.relative_to(folder)): round(p.stat().st_size / 2**20, 3) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- stage 5: students
+
+
+def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: int, batch_size: int, lr: float,
+                 mixed_precision: str) -> list[str]:
+    """The ``linfusion distill`` command line of one student (see ``linfusion distill --help``)."""
+    argv = ["distill", "--model", str(pipeline), "--method", method, "--output", str(out), "--data", str(data),
+            "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup-steps",
+            str(min(50, max(1, steps // 10))), "--mixed-precision", mixed_precision, "--trainable", "new+qkvo",
+            "--checkpoint-every", str(10**9), "--log-every", "25", "--no-progress"]
+    if method == "local":
+        argv += ["--patch-option", f"window={LOCAL_WINDOW}"]
+    return argv
+
+
+def generate_data_argv(pipeline: Path, data: Path, prompts_file: Path, data_steps: int) -> list[str]:
+    """``linfusion generate-data``: the teacher's own trajectories on training prompts, at 128 px."""
+    return ["generate-data", "--model", str(pipeline), "--output", str(data), "--prompts", str(prompts_file),
+            "--resolution", "128", "--data-steps", str(data_steps), "--max-sequence-length", str(mm.TEXT_LEN),
+            "--prompts-per-shard", "16", "--no-progress"]
+
+
+def run_linfusion(argvs: list[list[str]], parallel: bool, logs: list[Path]) -> None:
+    """Run ``linfusion ARGV`` for each argv: in this process one after the other, or as
+    parallel subprocesses (``python -m linfusion``) sharing the GPU."""
+    if not parallel:
+        from ..cli import main as cli_main
+
+        for argv in argvs:
+            log("linfusion " + " ".join(argv))
+            code = cli_main(argv)
+            if code:
+                raise RuntimeError(f"linfusion {argv[0]} failed with exit code {code}")
+        return
+    procs = []
+    for argv, path in zip(argvs, logs):
+        log("linfusion " + " ".join(argv) + f"  (log: {path})")
+        handle = open(path, "w")
+        procs.append((subprocess.Popen([sys.executable, "-m", "linfusion", *argv], stdout=handle,
+                                       stderr=subprocess.STDOUT, env=os.environ.copy()), handle, argv, path))
+    failed = []
+    for proc, handle, argv, path in procs:
+        code = proc.wait()
+        handle.close()
+        if code:
+            failed.append(f"linfusion {argv[0]} {argv[argv.index('--method') + 1] if '--method' in argv else ''} "
+                          f"exit {code}: {path.read_text()[-2000:]}")
+    if failed:
+        raise RuntimeError("\n".join(failed))
+
+
+def adapter_to_fp16(folder: Path) -> None:
+    """Store an adapter's weights in fp16 (they are loaded into fp32 or fp16 models alike)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "linfusion_adapter.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, batch_size: int,
+                     parallel: bool, device: torch.device, lrs: dict[str, float] | None = None) -> dict:
+    """Teacher data once, then both students, with the distillation toolkit's commands."""
+    from .world import prompt_set
+
+    lrs = lrs or {"linear": 5e-4, "local": 2e-4}
+    pipeline, data = out / "pipeline", out / "distill-data"
+    prompts_file = out / "distill_prompts.txt"
+    prompts_file.write_text("\n".join(prompt_set("train", prompts, seed=1)) + "\n")
+    mixed = "bf16" if device.type == "cuda" else "no"
+    start = time.time()
+    run_linfusion([generate_data_argv(pipeline, data, prompts_file, data_steps)], False, [])
+    data_seconds = time.time() - start
+    argvs = [distill_argv(pipeline, out / f"adapter-{m}", method=m, data=data, steps=steps, batch_size=batch_size,
+                          lr=lrs[m], mixed_precision=mixed) for m in ("linear", "local")]
+    run_linfusion(argvs, parallel, [out / "distill-linear.log", out / "distill-local.log"])
+    summary = {"data_seconds": round(data_seconds, 1), "distill_seconds": round(time.time() - start - data_seconds, 1),
+               "steps": steps, "prompts": prompts, "data_steps": data_steps, "batch_size": batch_size, "lr": lrs,
+               "local_window": LOCAL_WINDOW}
+    for m in ("linear", "local"):
+        folder = out / f"adapter-{m}"
+        adapter_to_fp16(folder)
+        metrics = folder / "metrics.jsonl"
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            summary[f"{m}_last_metrics"] = json.loads(lines[-1]) if lines else None
+        summary[f"{m}_mb"] = round((folder / "linfusion_adapter.safetensors").stat().st_size / 2**20, 3)
+    return summary
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def quick_adherence(folder: Path, device, n: int, steps: int) -> dict:
+    """Teacher adherence on ``n`` held-out prompts (an early read-out; the benchmark is the reference)."""
+    from .quality import generate, load_pipeline
+    from .checker import AdherenceChecker
+    from .world import prompt_set
+
+    pipe = load_pipeline(folder, device)
+    prompts = prompt_set("heldout", n, seed=0)
+    images = generate(pipe, prompts, size=pipe.transformer.config.sample_size * pipe.vae_scale_factor, steps=steps,
+                      seed=0, batch=32)
+    checker = AdherenceChecker()
+    passed = [checker.check(img, p) for img, p in zip(images, prompts)]
+    return {"n": n, "adherence": float(np.mean(passed))}
+
+
+def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, seed: int = 0, workers: int | None = None,
+              steps: dict[str, int | None] | None = None, distill: bool = True, distill_steps: int | None = None,
+              distill_prompts: int | None = None, distill_parallel: bool | None = None) -> dict:
+    cfg = mm.SMOKE if smoke else mm.FULL
+    steps = steps or {}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if workers is None:
+        workers = 0 if smoke else max(1, (os.cpu_count() or 2) - 2)
+    summary: dict = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "device": str(device),
+                     "minutes": minutes, "seed": seed, "workers": workers}
+    start = time.time()
+    batch = {"vae": 8, "text": 16, "dit": 8} if smoke else {"vae": 64, "text": 1024, "dit": 256}
+    stream = RenderStream(seed, chunk=8 if smoke else 64, size=cfg.resolution, workers=workers,
+                          crop_every=0 if smoke else 4)
+    try:
+        tokenizer = mm.build_tokenizer()
+        components = mm.build_components(cfg, tokenizer)
+        summary["parameters"] = mm.parameter_counts(components)
+        log(f"parameters {summary['parameters']}, {workers} render workers, device {device}")
+        seconds = {k: minutes * 60 * v for k, v in STAGE_SHARES.items()}
+        kept: list = []
+        summary["vae"] = train_vae(components["vae"], stream, Budget(seconds["vae"], steps.get("vae")), device,
+                                   batch["vae"], 1e-3, kept)
+        summary["vae"].update(normalise_latents(components["vae"], kept, device))
+        log(f"vae {summary['vae']}")
+        latent_shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        capacity = 600_000 if cuda else 512
+        bank = Bank(capacity, latent_shape, len(mm.scene_targets(_any_scene())), device,
+                    torch.bfloat16 if cuda else torch.float32)
+        bank.add_chunks(kept, components["vae"], tokenizer, device)
+        kept.clear()
+        head = mm.ParseHead(cfg.text_dim)
+        summary["text"] = train_text(components["text_encoder"], head, bank, Budget(seconds["text"], steps.get("text")),
+                                     device, batch["text"], 1e-3)
+        log(f"text {summary['text']}")
+        summary["dit"] = train_dit(components["transformer"], components["text_encoder"], head, tokenizer,
+                                   components["vae"], bank, stream, components["scheduler"],
+                                   Budget(seconds["dit"], steps.get("dit")), device, batch["dit"], 5e-4)
+        log(f"dit steps {summary['dit']['steps']} samples {summary['dit']['samples']} "
+            f"unique images {summary['dit']['unique_images']}")
+    finally:
+        stream.close()
+    summary["train_seconds"] = round(time.time() - start, 1)
+    summary["files_mb"] = save_pipeline(components, out / "pipeline")
+    summary["pipeline_mb"] = round(sum(summary["files_mb"].values()), 3)
+    log(f"saved {out / 'pipeline'} ({summary['pipeline_mb']} MB)")
+    del components
+    if cuda:
+        torch.cuda.empty_cache()
+    summary["quick_adherence"] = quick_adherence(out / "pipeline", device, n=4 if smoke else 64, steps=2 if smoke else 20)
+    log(f"teacher quick adherence {summary['quick_adherence']}")
+    _write(out / "train_summary.json", summary)
+    if distill:
+        summary["distill"] = distill_students(
+            out, steps=distill_steps or (2 if smoke else 1200), prompts=distill_prompts or (2 if smoke else 192),
+            data_steps=2 if smoke else 20, batch_size=2 if smoke else 64,
+            parallel=cuda if distill_parallel is None else distill_parallel, device=device,
+        )
+        log(f"distill {summary['distill']}")
+    summary["total_seconds"] = round(time.time() - start, 1)
+    _write(out / "train_summary.json", summary)
+    return summary
+
+
+def _any_scene():
+    from .world import sample_scene
+
+    return sample_scene(0)
+
+
+def _write(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m linfusion.mini.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (pipeline/, adapter-*/, train_summary.json)")
+    parser.add_argument("--minutes", type=float, default=5.5, help="teacher training time, all stages (default 5.5)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps: tests the code path on a CPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="render processes (default: cores - 2; smoke: 0)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="fix the VAE's steps instead of its time share")
+    parser.add_argument("--text-steps", type=int, default=None)
+    parser.add_argument("--dit-steps", type=int, default=None)
+    parser.add_argument("--no-distill", dest="distill", action="store_false", help="train the teacher only")
+    parser.add_argument("--distill-steps", type=int, default=None, help="steps per student (default 1200; smoke 2)")
+    parser.add_argument("--distill-prompts", type=int, default=None, help="teacher-data prompts (default 192)")
+    parser.add_argument("--distill-parallel", choices=["auto", "yes", "no"], default="auto",
+                        help="run both students at once as subprocesses (default: on CUDA)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    smoke_steps = {"vae": 3, "text": 3, "dit": 3} if args.smoke else {}
+    steps = {k: getattr(args, f"{k}_steps") or smoke_steps.get(k) for k in ("vae", "text", "dit")}
+    parallel = None if args.distill_parallel == "auto" else args.distill_parallel == "yes"
+    summary = train_all(Path(args.out), minutes=args.minutes, device=device, smoke=args.smoke, seed=args.seed,
+                        workers=args.workers, steps=steps, distill=args.distill, distill_steps=args.distill_steps,
+                        distill_prompts=args.distill_prompts, distill_parallel=parallel)
+    log(f"done in {summary['total_seconds']} s: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
