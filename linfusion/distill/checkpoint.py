@@ -91,10 +91,10 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE))
-        if fault("enospc-checkpoint"):
+        if fault("enospc-checkpoint") or fault(f"enospc-checkpoint-{step}"):
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         torch.save(optimizer_state, tmp / OPTIMIZER)
-        if fault("kill-in-checkpoint"):
+        if fault(f"kill-in-checkpoint-{step}"):
             os._exit(137)
         (tmp / STATE).write_text(json.dumps(dict(state, step=step)))
         for file in tmp.iterdir():

@@ -32,6 +32,15 @@ def alpha_schedule(step: int, total: int, start: float = 20.0, end: float = 2.0)
     return start + (end - start) * frac
 
 
+def reg_ramp(step: int, total: int, warmup: float = 0.3) -> float:
+    """Weight of L_reg: 0 → 1 over the first ``warmup`` fraction of training.
+
+    Scores start at exactly 1, where the polarising term pushes hardest towards 1; ramping it
+    in lets the count constraint move the scores first.
+    """
+    return min(1.0, step / max(1.0, warmup * total))
+
+
 def scores_of(gates: dict[str, dict[str, torch.nn.Parameter]]) -> torch.Tensor:
     """All gate scores as one (L,) tensor, clamped to [0, 1] with a straight-through gradient."""
     raw = torch.stack([p for component in sorted(gates) for _, p in sorted(gates[component].items())])
@@ -39,8 +48,26 @@ def scores_of(gates: dict[str, dict[str, torch.nn.Parameter]]) -> torch.Tensor:
 
 
 def selection_losses(scores: torch.Tensor, target: int, alpha: float) -> dict[str, torch.Tensor]:
-    """{"con": L_con, "reg": L_reg} for scores r (L,) and a target number of converted layers."""
-    converted = straight_through_round(1.0 - scores).sum()
+    """{"con": L_con, "reg": L_reg} for scores r (L,) and a target number of converted layers.
+
+    ``L_con`` has the paper's value; its straight-through gradient is routed to the layers at
+    the margin only (when too few are converted: the lowest-scored unconverted ones; when too
+    many: the highest-scored converted ones; ties go to earlier layers). A plain straight-through
+    gradient is identical for every layer, so layers with equal scores would move in lockstep
+    and oscillate around 0.5 instead of splitting into converted and kept.
+    """
+    hard = torch.round(1.0 - scores.detach())
+    count = hard.sum()
+    deficit = float(target) - float(count)
+    order = torch.arange(scores.numel(), device=scores.device, dtype=scores.dtype) * 1e-6
+    route = torch.zeros_like(scores)
+    if deficit > 0:  # convert more: push down the unconverted layers with the lowest scores
+        candidates = torch.where(hard == 0, scores.detach() + order, torch.full_like(scores, float("inf")))
+        route[torch.topk(candidates, int(deficit), largest=False).indices] = 1.0
+    elif deficit < 0:  # convert fewer: push up the converted layers with the highest scores
+        candidates = torch.where(hard == 1, scores.detach() - order, torch.full_like(scores, -float("inf")))
+        route[torch.topk(candidates, int(-deficit), largest=True).indices] = 1.0
+    converted = count + ((1.0 - scores) * route - ((1.0 - scores) * route).detach()).sum()
     con = (converted - float(target)) ** 2
     reg = (1.0 - (2.0 * scores - 1.0).abs().clamp_min(1e-6).pow(alpha)).sum()
     return {"con": con, "reg": reg}

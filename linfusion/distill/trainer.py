@@ -38,7 +38,7 @@ from .data import (
 from .inheritance import Student, build_student, finalize_lora, freeze_all
 from .losses import attention_matching_loss, capture_attention, mse, split_variance, task_loss
 from .schedule import deterministic_step
-from .selective import alpha_schedule, finalize_selection, project_scores, scores_of, selection_losses
+from .selective import alpha_schedule, reg_ramp, finalize_selection, project_scores, scores_of, selection_losses
 
 METRICS = "metrics.jsonl"
 
@@ -179,7 +179,10 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu` with
+        # ACCELERATE_USE_CPU=1): data parallel on CPU through gloo.
+        cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
         self.output = Path(cfg.output)
         self.ckpt_root = self.output / "checkpoints"
         self.is_main = self.accelerator.is_main_process
@@ -302,14 +305,15 @@ class Trainer:
                 terms = group_losses(self.student, batch, weights, kind, self.accelerator.autocast)
                 for name, value in terms.items():
                     loss = loss + share * weights[name] * value
-                    totals[name] = totals.get(name, 0.0) + share * float(value) / cfg.grad_accum
+                    totals[name] = totals.get(name, 0.0) + share * float(value.detach()) / cfg.grad_accum
             if cfg.selective and micro == 0:
                 alpha = alpha_schedule(self.step, cfg.steps)
                 sel = selection_losses(scores_of(self.student.gate_params), cfg.select_layers, alpha)
-                loss = loss + cfg.select_weight * (sel["con"] + sel["reg"]) * cfg.grad_accum
-                totals["con"], totals["reg"] = float(sel["con"]), float(sel["reg"])
+                ramp = reg_ramp(self.step, cfg.steps)
+                loss = loss + cfg.select_weight * (sel["con"] + ramp * sel["reg"]) * cfg.grad_accum
+                totals["con"], totals["reg"] = float(sel["con"].detach()), float(sel["reg"].detach())
             self.accelerator.backward(loss / cfg.grad_accum)
-            totals["loss"] = totals.get("loss", 0.0) + float(loss) / cfg.grad_accum
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
         self._sync_gradients()
         if cfg.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
