@@ -1,0 +1,180 @@
+"""Context-parallel inference on CPU with gloo and 2 processes (torchrun), tiny pipelines.
+
+Baseline (single process) vs context parallel (2 ranks): equal within a stated
+tolerance (only the order of the reductions differs) for ``linear`` and ``local``
+on an image family (FLUX) and a video family (Wan 2.1), plus SD3, PixArt and
+CogVideoX, unequal splits, tile windows, layers left dense, gate and conv branches;
+and a rank that dies makes torchrun fail fast with the failing rank named.
+
+This file is also the worker torchrun runs (``python tests/test_parallel.py worker OUT``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+#: name -> (family, patch options or None for unpatched, call overrides, split axis)
+CASES: dict[str, tuple[str, dict | None, dict, int | None]] = {
+    "flux_linear": ("flux", {"method": "linear"}, {}, None),
+    "flux_local": ("flux", {"method": "local", "window": 2}, {}, None),
+    "flux_local_tile": ("flux", {"method": "local", "window": 2, "shape": "tile", "tile": (2, 4)}, {}, None),
+    "flux_linear_unequal": ("flux", {"method": "linear"}, {"height": 36}, None),  # 9 rows: 5 + 4
+    "flux_local_unequal": ("flux", {"method": "local", "window": 3}, {"height": 36}, None),
+    "flux_dense": ("flux", None, {}, None),
+    "flux_partial_gate_conv": ("flux", {"method": "linear", "layers": ["transformer_blocks.0.attn"],
+                                        "gate": True, "conv_v": True, "conv_kernel": 3}, {}, None),
+    "wan21_linear": ("wan21", {"method": "linear"}, {}, None),  # 3 frames: 2 + 1
+    "wan21_local": ("wan21", {"method": "local", "window": 2, "temporal_window": 1}, {}, None),
+    "wan21_local_rows": ("wan21", {"method": "local", "window": 1}, {}, 1),  # split rows of every frame
+    "sd3_local": ("sd3", {"method": "local", "window": 2}, {}, None),
+    "pixart_linear": ("pixart_sigma", {"method": "linear"}, {}, None),
+    "cogvideox_local": ("cogvideox", {"method": "local", "window": 2}, {}, None),
+}
+#: max |CP - single| over the output (values in [0, 1]); fp32, reduction order only
+TOLERANCE = 1e-4
+
+
+def run_case(name: str, cp=None) -> np.ndarray:
+    import torch
+
+    from linfusion import patch_pipeline
+    from linfusion.testing.tiny_pipelines import build_tiny_pipeline, call_kwargs
+
+    family, options, overrides, axis = CASES[name]
+    pipe = build_tiny_pipeline(family)
+    if options is not None:
+        patch_pipeline(pipe, **options)
+        torch.manual_seed(1)
+        from linfusion.patch import iter_processors
+
+        with torch.no_grad():  # non-trivial gate and conv so both branches matter
+            for _, _, proc in iter_processors(pipe):
+                if proc.gate is not None:
+                    proc.gate.score.fill_(0.5)
+                conv = getattr(proc.method, "conv", None)
+                if conv is not None:
+                    conv.weight.normal_(0, 0.1)
+    if cp is not None:
+        from linfusion.parallel import enable_context_parallel
+
+        enable_context_parallel(pipe, cp, axis=axis)
+    out = pipe(**call_kwargs(family, **overrides))
+    frames = out.frames if hasattr(out, "frames") else out.images
+    return np.asarray(frames, dtype=np.float32)
+
+
+def worker(out_dir: str, names: list[str] | None = None) -> None:
+    """Run every case context parallel; rank 0 writes the outputs and the traffic per case."""
+    import torch
+
+    torch.set_num_threads(1)
+    from linfusion.parallel import init_context_parallel
+
+    cp = init_context_parallel(timeout=60)
+    results, traffic = {}, {}
+    for name in names or CASES:
+        cp.stats.reset()
+        results[name] = run_case(name, cp)
+        traffic[name] = cp.stats.summary()
+    if cp.rank == 0:
+        np.savez(Path(out_dir) / "cp.npz", **results)
+        (Path(out_dir) / "traffic.json").write_text(json.dumps(traffic, indent=1))
+    cp.close()
+
+
+def dying_worker() -> None:
+    """Rank 1 dies in the middle of a context-parallel generation; rank 0 is left waiting on it."""
+    import torch
+
+    torch.set_num_threads(1)
+    from linfusion import patch_pipeline
+    from linfusion.parallel import enable_context_parallel, init_context_parallel
+    from linfusion.testing.tiny_pipelines import build_tiny_pipeline, call_kwargs
+
+    cp = init_context_parallel(timeout=20)
+    pipe = build_tiny_pipeline("flux")
+    patch_pipeline(pipe, method="linear")
+    enable_context_parallel(pipe, cp)
+    if cp.rank == 1:
+        pipe.transformer.x_embedder.register_forward_hook(lambda *a: os._exit(3))
+    pipe(**call_kwargs("flux"))
+
+
+def torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cp_outputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cp")
+    proc = torchrun([__file__, "worker", str(out)], timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return dict(np.load(out / "cp.npz")), json.loads((out / "traffic.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_context_parallel_equals_single_process(name, cp_outputs):
+    outputs, traffic = cp_outputs
+    single = run_case(name)
+    parallel = outputs[name]
+    assert parallel.shape == single.shape
+    error = float(np.abs(parallel - single).max())
+    print(f"{name}: max |cp - single| = {error:.2e}; traffic {traffic[name]}")
+    assert error < TOLERANCE, f"{name}: max abs error {error}"
+
+
+def test_traffic_is_what_each_method_needs(cp_outputs):
+    _, traffic = cp_outputs
+    assert "linear_state" in traffic["flux_linear"] and "halo" not in traffic["flux_linear"]
+    assert "halo" in traffic["flux_local"] and "linear_state" not in traffic["flux_local"]
+    assert "dense_kv" in traffic["flux_dense"]
+    assert "dense_kv" not in traffic["flux_linear"]  # every layer patched: no K/V gathered
+
+
+def test_dead_rank_fails_the_launcher_quickly(tmp_path):
+    start = time.monotonic()
+    proc = torchrun([__file__, "die"], timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "exitcode" in proc.stderr and "3" in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+def test_split_is_by_whole_rows_and_tiles():
+    from linfusion.parallel import ContextParallelError, choose_split
+
+    assert choose_split((9, 12), 2).bounds == ((0, 5), (5, 9))
+    assert choose_split((3, 4, 6), 2).axis == 0  # video: frames first
+    assert choose_split((1, 4, 6), 2).axis == 1  # one latent frame: rows
+    assert choose_split((8, 12), 2, units=(2, 4)).bounds == ((0, 4), (4, 8))
+    assert choose_split((9, 12), 2, units=(2, 4)).bounds == ((0, 6), (6, 9))  # tile-aligned starts
+    with pytest.raises(ContextParallelError, match="too small"):
+        choose_split((1, 12), 2)
+
+
+def test_unet_is_refused_clearly():
+    from linfusion.parallel import ContextParallel, ContextParallelError, enable_context_parallel
+    from linfusion.testing.tiny_pipelines import build_tiny_pipeline
+
+    import torch
+
+    pipe = build_tiny_pipeline("sd15")
+    with pytest.raises(ContextParallelError, match="UNet"):
+        enable_context_parallel(pipe, ContextParallel(None, 0, 2, torch.device("cpu")))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "worker":
+        worker(sys.argv[2], sys.argv[3:])
+    elif sys.argv[1] == "die":
+        dying_worker()
