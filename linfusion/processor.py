@@ -30,6 +30,9 @@ class TokenGrid:
 
     def __init__(self) -> None:
         self.grid: tuple[int, ...] | None = None
+        #: this rank's :class:`linfusion.parallel.Shard` while a context-parallel call is in flight
+        #: (the grid above is then the rank's local box); None otherwise
+        self.parallel = None
 
     def record(self, grid: tuple[int, ...]) -> None:
         self.grid = tuple(int(g) for g in grid)
@@ -103,10 +106,14 @@ class LinFusionProcessor(nn.Module):
         x_q, x_k = self.method.adapt_inputs(x_img)
         img, txt = project(x_q, x_k)
         grid = self.token_grid.for_tokens(img.q.shape[2])
-        out_img, out_txt = self.method(img, txt, grid)
+        shard = self.token_grid.parallel
+        if shard is None:
+            out_img, out_txt = self.method(img, txt, grid)
+        else:  # context parallel: the method's cross-rank form (linfusion.parallel.attention)
+            out_img, out_txt = shard.method_forward(self.method, img, txt, grid)
         if self.gate is None:
             return out_img, out_txt
         if x_q is not x_img or x_k is not x_img:  # softmax uses the untouched projections
             img, txt = project(x_img, x_img)
-        soft_img, soft_txt = dense_attention(img, txt)
+        soft_img, soft_txt = dense_attention(img, txt) if shard is None else shard.dense(img, txt)
         return self.gate.mix(soft_img, out_img), self.gate.mix(soft_txt, out_txt)
