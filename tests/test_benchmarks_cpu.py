@@ -1,0 +1,101 @@
+"""The GPU benchmark scripts in --tiny mode on CPU, so they don't rot; the `linfusion bench` command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_e2e_tiny(tmp_path):
+    e2e = _load("e2e")
+    out = tmp_path / "e2e.json"
+    e2e.main(["--tiny", "--models", "flux", "sdxl", "wan13b", "--resolutions", "64",
+              "--impls", "cudnn", "sdpa_default", "linear", "local_tile", "local_flex", "--out", str(out)],
+             log=lambda *a: None)
+    result = json.loads(out.read_text())
+    assert {"gpu", "torch", "triton", "cuda", "diffusers"} <= set(result["env"])
+    rows = result["rows"]
+    assert {r["model"] for r in rows} == {"flux", "sdxl", "wan13b"}
+    for r in rows:
+        assert set(r) >= {"model", "resolution", "impl", "step_ms", "peak_gb", "status"}
+        if r["impl"] == "cudnn":
+            assert r["status"] == "skipped" and "CUDA" in r["reason"]
+        else:
+            assert r["status"] == "ok", r
+            assert r["step_ms"] > 0
+    assert {r["resolution"] for r in rows} == {"64x64", "tiny-v-9f"}
+
+
+def test_e2e_flex_route_matches_reference():
+    e2e = _load("e2e")
+    from linfusion.kernels import local_attention_reference
+
+    torch.manual_seed(0)
+    for grid, text in (((6, 7), 3), ((3, 4, 5), 0)):
+        n = text + torch.Size(grid).numel()
+        q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+        radii = (2.5,) * len(grid)
+        got = e2e._flex_local_attention(q, k, v, grid, radii, text_len=text)
+        want = local_attention_reference(q, k, v, grid, radii, text_len=text)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_e2e_skips_by_prediction():
+    e2e = _load("e2e")
+    prev = {"step_ms": 100.0, "tokens": 1024}
+    assert e2e.predict_ms(prev, (64, 64), "cudnn") == pytest.approx(1600.0)
+    assert e2e.predict_ms(prev, (64, 64), "linear") == pytest.approx(480.0)
+    assert e2e.predict_ms(None, (64, 64), "linear") is None
+
+
+def test_highres16k_tiny(tmp_path):
+    bench = _load("highres16k")
+    out = tmp_path / "hr.json"
+    bench.main(["--tiny", "--out", str(out)], log=lambda *a: None)
+    result = json.loads(out.read_text())
+    assert result["sizes"][-1] == [128, 128] and result["image_shape"] == [1, 128, 128, 3]
+    assert result["finite"]
+
+
+def test_bench_command_parses_and_finds_scripts():
+    from linfusion.commands import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "e2e", "--tiny", "--models", "flux"])
+    assert args.benchmark == "e2e" and args.args == ["--tiny", "--models", "flux"]
+    assert bench.find_script("e2e") == ROOT / "benchmarks" / "e2e.py"
+    assert bench.find_script("calibrate").name == "calibrate_crossover.py"
+
+
+def test_calibration_fits_kernel_rows():
+    cal = _load("calibrate_crossover")
+    base = json.loads((ROOT / "linfusion" / "crossover_profiles.json").read_text())["profiles"]["cuda-sm90"]
+    rows = []
+    for n in (4096, 16384, 65536):
+        flops = 4.0 * 24 * n * n * 128
+        rows.append({"op": "dense", "impl": "cudnn", "pass": "fwd", "shape": f"1x24x{n}x128",
+                     "ms": flops / 600e12 * 1e3 + 0.01})
+        nbytes = 4 * 24 * n * 128 * 2
+        rows.append({"op": "linear", "impl": "triton", "pass": "fwd", "variant": "elu1", "shape": f"1x24x{n}x128",
+                     "ms": nbytes / 3.6e12 * 1e3 + 0.025, "floor_ms": nbytes / 4.0e12 * 1e3})
+    prof = cal.fit_from_rows(rows, base)
+    assert prof["dense_tflops"] == pytest.approx(600, rel=0.01)
+    assert prof["launch_us"] == pytest.approx(10, abs=1)
+    assert prof["bandwidth_tbps"] == pytest.approx(4.0, rel=0.01)
+    assert prof["linear_bw_efficiency"] == pytest.approx(0.9, rel=0.01)
+    assert prof["linear_launch_us"] == pytest.approx(25, abs=1)
