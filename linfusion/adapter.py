@@ -144,10 +144,13 @@ def _check_same_model(component: str, entry: dict[str, Any], model: nn.Module) -
         )
 
 
-def load_adapter(obj: Any, path_or_id: str | os.PathLike, backend: str | None = None) -> Any:
+def load_adapter(
+    obj: Any, path_or_id: str | os.PathLike, backend: str | None = None, dense_fallback: bool | None = None
+) -> Any:
     """Re-create a saved patch on ``obj`` (pipeline or bare denoiser) with its weights.
 
-    ``backend`` overrides the saved kernel backend. Everything is checked before
+    ``backend`` overrides the saved kernel backend and ``dense_fallback`` the saved
+    choice of running dense attention where it is faster. Everything is checked before
     any model changes; on a weight mismatch the patch is rolled back.
     """
     directory = resolve_adapter(path_or_id)
@@ -165,6 +168,8 @@ def load_adapter(obj: Any, path_or_id: str | os.PathLike, backend: str | None = 
             raise AdapterMismatchError(f"adapter is for the {entry['family']} family, the model is {family.name}")
         _check_same_model(component, entry, model)
         options = dict(entry["options"], layers=entry["layers"], backend=backend)
+        if dense_fallback is not None:
+            options["dense_fallback"] = dense_fallback
         plans.append((component, model, PatchConfig.from_dict(options), entry))
     tensors = load_file(directory / WEIGHTS_NAME)
     for component, model, config, entry in plans:

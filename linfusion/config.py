@@ -27,8 +27,13 @@ class PatchConfig:
 
     Common:
         method: "linear" (LinFusion / LiT / SANA style) or "local" (CLEAR / sliding-tile style).
-        layers: "all", a list of layer names, or a predicate ``f(name) -> bool``. Names are module paths inside the denoiser, e.g.
+        layers: "auto" (default: every self-attention layer, but at inference each layer runs
+            dense softmax wherever :mod:`linfusion.crossover` estimates dense to be faster at the
+            current resolution, so a patch never makes a user slower), "all", a list of layer
+            names, or a predicate ``f(name) -> bool``. Names are module paths inside the denoiser, e.g.
             ``"down_blocks.1.attentions.0.transformer_blocks.0.attn1"``.
+        dense_fallback: run dense attention where it is faster (None: only with ``layers="auto"``).
+            Stored in adapters; pass ``dense_fallback=False`` to force the replacement everywhere.
         gate: add a learnable score r per layer: ``r·softmax + (1-r)·new``; r starts
             at 1 (pure softmax). Used by selective layer transfer.
         backend: None (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
@@ -53,7 +58,8 @@ class PatchConfig:
     """
 
     method: str = "linear"
-    layers: LayerSelector = "all"
+    layers: LayerSelector = "auto"
+    dense_fallback: bool | None = None
     gate: bool = False
     backend: str | None = None
     # linear
@@ -80,13 +86,15 @@ class PatchConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.layers, str):
-            if self.layers != "all":
-                raise ValueError(f"layers must be 'all', a list of names or a predicate, got {self.layers!r}")
+            if self.layers not in ("auto", "all"):
+                raise ValueError(f"layers must be 'auto', 'all', a list of names or a predicate, got {self.layers!r}")
         elif not callable(self.layers):
             names = list(self.layers)
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError("layers given as a list must be a non-empty list of module names")
             self.layers = names
+        if self.dense_fallback is None:
+            self.dense_fallback = self.layers == "auto"
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
         if self.mlp_ratio is not None and not self.mlp_ratio > 0:

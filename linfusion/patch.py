@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 from .config import PatchConfig
 from .methods import SoftmaxGate, build_method
 from .pipelines import FamilyAdapter, UnsupportedModelError, family_for, supported_families
-from .processor import LinFusionProcessor, TokenGrid
+from .processor import DenseFallback, LinFusionProcessor, TokenGrid
 
 #: pipeline attributes that may hold a denoiser, in order
 DENOISER_ATTRIBUTES = ("unet", "transformer", "transformer_2")
@@ -36,7 +37,7 @@ class PatchRecord:
     token_grid: TokenGrid
     #: layer name -> (attention module, its original processor)
     layers: dict[str, tuple[nn.Module, Any]]
-    hook: torch.utils.hooks.RemovableHandle
+    hooks: list[torch.utils.hooks.RemovableHandle]
     #: base parameter name -> original value (CPU copy) for weights changed after patching
     original_base_params: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
@@ -72,7 +73,7 @@ def _models_of(obj: Any) -> list[tuple[str, nn.Module]]:
 
 
 def _select_layers(all_layers: dict[str, nn.Module], selector, component: str) -> dict[str, nn.Module]:
-    if selector in ("all",):
+    if selector in ("all", "auto"):
         return dict(all_layers)
     if callable(selector):
         return {name: module for name, module in all_layers.items() if selector(name)}
@@ -85,6 +86,31 @@ def _select_layers(all_layers: dict[str, nn.Module], selector, component: str) -
 
 def _record_grid(family: FamilyAdapter, token_grid: TokenGrid, model: nn.Module, args: tuple, kwargs: dict) -> None:
     token_grid.record(family.token_grid(model, args, kwargs))
+
+
+def _notice_if_all_dense(noticed: set, model: nn.Module, args: tuple, output: Any) -> None:
+    """Tell the user once per resolution when no patched layer paid off (``layers="auto"``)."""
+    record = patch_record(model)
+    processors = list(record.processors().values())
+    grid = record.token_grid.grid
+    if grid in noticed or not processors or any(p.last_choice != "dense" for p in processors):
+        return
+    noticed.add(grid)
+    from .crossover import crossover_tokens
+
+    first = processors[0]
+    fallback = first.dense_fallback
+    threshold = crossover_tokens(record.config, fallback.heads, fallback.head_dim, channels=fallback.channels,
+                                 mlp_ratio=fallback.mlp_ratio, device=next(model.parameters()).device,
+                                 dtype=next(model.parameters()).dtype)
+    where = f"from about {threshold} image tokens per layer" if threshold else "at no size up to 4M tokens"
+    warnings.warn(
+        f"LinFusion: at this size (token grid {'x'.join(map(str, grid))}) dense attention is estimated faster "
+        f"than {record.config.method} attention in every patched layer of {type(model).__name__}, so the original "
+        f"attention runs (layers='auto'). On this device the patch pays off {where}; "
+        "pass dense_fallback=False to force it.",
+        stacklevel=2,
+    )
 
 
 def patch_model(model: nn.Module, config: PatchConfig | None = None, **options: Any) -> nn.Module:
@@ -129,15 +155,18 @@ def _apply_plan(model: nn.Module, config: PatchConfig, family: FamilyAdapter, se
         channels, heads, head_dim = family.layer_dims(attn)
         method = build_method(config, channels, heads, head_dim, ratio)
         gate = SoftmaxGate() if config.gate else None
-        processor = family.processor_cls(method, token_grid, name, gate)
+        fallback = DenseFallback(config, channels, heads, head_dim, ratio) if config.dense_fallback else None
+        processor = family.processor_cls(method, token_grid, name, gate, fallback)
         processors[name] = processor.to(device=reference.device, dtype=reference.dtype)
     layers = {}
     for name, processor in processors.items():
         attn = selected[name]
         layers[name] = (attn, attn.processor)
         attn.set_processor(processor)
-    hook = model.register_forward_pre_hook(functools.partial(_record_grid, family, token_grid), with_kwargs=True)
-    setattr(model, _RECORD, PatchRecord(config, family, token_grid, layers, hook))
+    hooks = [model.register_forward_pre_hook(functools.partial(_record_grid, family, token_grid), with_kwargs=True)]
+    if config.dense_fallback:
+        hooks.append(model.register_forward_hook(functools.partial(_notice_if_all_dense, set())))
+    setattr(model, _RECORD, PatchRecord(config, family, token_grid, layers, hooks))
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
@@ -147,7 +176,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         raise ValueError(f"{type(model).__name__} is not patched by LinFusion")
     for attn, original in record.layers.values():
         attn.set_processor(original)
-    record.hook.remove()
+    for hook in record.hooks:
+        hook.remove()
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in record.original_base_params.items():
@@ -163,17 +193,20 @@ def patch_pipeline(pipe: Any, method: str | None = None, *, adapter: str | None 
         pipe: a diffusers pipeline of a supported family.
         method: "linear" or "local" (default "linear"); not allowed with ``adapter``.
         adapter: a folder or hub id written by :func:`save_adapter`: re-creates that
-            patch with its trained weights (``backend=`` may still be given).
+            patch with its trained weights (``backend=`` and ``dense_fallback=`` may still be given).
         **options: :class:`PatchConfig` fields (``window=16``, ``layers=[...]``, ...).
 
     Patching an already patched pipeline replaces the old patch.
     """
     if adapter is not None:
-        if method is not None or set(options) - {"backend"}:
-            raise ValueError("patch_pipeline(adapter=...) re-creates the saved patch; pass only `backend=` beside it")
+        if method is not None or set(options) - {"backend", "dense_fallback"}:
+            raise ValueError(
+                "patch_pipeline(adapter=...) re-creates the saved patch; only `backend=` and `dense_fallback=` "
+                "may be given beside it"
+            )
         from .adapter import load_adapter
 
-        return load_adapter(pipe, adapter, backend=options.get("backend"))
+        return load_adapter(pipe, adapter, **options)
     config = PatchConfig.from_kwargs(method=method or "linear", **options)
     models = denoisers(pipe)
     if not models:

@@ -72,6 +72,35 @@ def heads_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
+class DenseFallback:
+    """``layers="auto"``: at inference, run dense softmax where it beats the patched attention.
+
+    The decision comes from :mod:`linfusion.crossover`'s cost model, per layer shape,
+    token count, device and dtype, and is cached per resolution. While gradients are
+    on (distillation) the patched path always runs: it is what is being trained.
+    """
+
+    def __init__(self, config, channels: int, heads: int, head_dim: int, mlp_ratio: float) -> None:
+        self.config = config
+        self.channels, self.heads, self.head_dim, self.mlp_ratio = channels, heads, head_dim, mlp_ratio
+        self._decisions: dict[tuple, bool] = {}
+
+    def patched_is_faster(self, processor: LinFusionProcessor, x_img: torch.Tensor, n_txt: int) -> bool:
+        if torch.is_grad_enabled():
+            return True
+        batch, n_img = x_img.shape[0], x_img.shape[1]
+        key = (batch, n_img, n_txt, x_img.device.type, x_img.dtype)
+        if key not in self._decisions:
+            from .crossover import patched_pays_off
+
+            self._decisions[key] = patched_pays_off(
+                self.config, batch=batch, heads=self.heads, tokens=n_img, head_dim=self.head_dim,
+                text_len=n_txt, grid=processor.token_grid.for_tokens(n_img), dtype=x_img.dtype,
+                device=x_img.device, channels=self.channels, mlp_ratio=self.mlp_ratio,
+            )
+        return self._decisions[key]
+
+
 class LinFusionProcessor(nn.Module):
     """Base class of the patched processors: holds the method, the gate and the grid.
 
@@ -82,31 +111,47 @@ class LinFusionProcessor(nn.Module):
     """
 
     def __init__(
-        self, method: AttentionMethod, token_grid: TokenGrid, layer_name: str, gate: SoftmaxGate | None = None
+        self,
+        method: AttentionMethod,
+        token_grid: TokenGrid,
+        layer_name: str,
+        gate: SoftmaxGate | None = None,
+        dense_fallback: DenseFallback | None = None,
     ) -> None:
         super().__init__()
         self.method = method
         self.gate = gate
         self.layer_name = layer_name
         self.token_grid = token_grid
+        self.dense_fallback = dense_fallback
+        #: "patched" or "dense": what the last call ran (read by the patch's once-per-size notice)
+        self.last_choice: str | None = None
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_name!r}, method={self.method.name!r}, gated={self.gate is not None}"
 
-    def attend(self, project: Projector, x_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the patched attention.
+    def attend(
+        self, project: Projector, x_img: torch.Tensor, n_txt: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the patched attention (or dense softmax where ``layers="auto"`` finds it faster).
 
         Args:
             project: the family's projection, ``project(x_q, x_k) -> (img QKV, txt QKV | None)``.
             x_img: (B, N_img, C) image hidden states entering the q/k/v projections.
+            n_txt: number of text tokens joining the attention (for the cost estimate).
 
         Returns:
             (o_img, o_txt): (B, H, N_img, D) and (B, H, N_txt, D) or None.
         """
+        shard = self.token_grid.parallel
+        if self.dense_fallback is not None and not self.dense_fallback.patched_is_faster(self, x_img, n_txt):
+            self.last_choice = "dense"
+            img, txt = project(x_img, x_img)
+            return dense_attention(img, txt) if shard is None else shard.dense(img, txt)
+        self.last_choice = "patched"
         x_q, x_k = self.method.adapt_inputs(x_img)
         img, txt = project(x_q, x_k)
         grid = self.token_grid.for_tokens(img.q.shape[2])
-        shard = self.token_grid.parallel
         if shard is None:
             out_img, out_txt = self.method(img, txt, grid)
         else:  # context parallel: the method's cross-rank form (linfusion.parallel.attention)

@@ -30,7 +30,7 @@ def test_triton_backend_matches_reference_in_pipelines(family, options):
     results = {}
     for backend in ("torch", "triton"):
         pipe = build_tiny_pipeline(family).to("cuda")
-        patch_pipeline(pipe, backend=backend, **options)
+        patch_pipeline(pipe, backend=backend, layers="all", **options)
         results[backend] = _run(pipe, family)
     ref, fast = results["torch"], results["triton"]
     assert torch.isfinite(fast).all()
@@ -46,7 +46,7 @@ def test_default_backend_on_cuda_is_triton(monkeypatch):
 
     original = lt.linear_attention_triton
     monkeypatch.setattr(lt, "linear_attention_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
-    pipe = patch_pipeline(build_tiny_pipeline("flux").to("cuda"), method="linear")
+    pipe = patch_pipeline(build_tiny_pipeline("flux").to("cuda"), method="linear", layers="all")
     _run(pipe, "flux")
     assert calls, "the patched pipeline on CUDA did not use the Triton linear kernel"
     assert kernels.choose_backend("linear", torch.ones(1, device="cuda"), None) == "triton"

@@ -22,7 +22,8 @@ from linfusion import (
 )
 from linfusion.patch import denoisers, iter_processors
 
-METHOD_OPTIONS = {"linear": {"method": "linear"}, "local": {"method": "local", "window": 2}}
+# layers="all": tiny models are far below the crossover, where the default ("auto") runs dense attention
+METHOD_OPTIONS = {"linear": {"method": "linear", "layers": "all"}, "local": {"method": "local", "window": 2, "layers": "all"}}
 
 
 def generate(pipe, family: str, **overrides) -> np.ndarray:
@@ -67,7 +68,7 @@ def test_patch_runs_differs_and_unpatch_restores_bit_for_bit(family, method):
     ],
 )
 def test_adapter_round_trip_into_fresh_pipeline(tmp_path, family, options):
-    pipe = patch_pipeline(build_tiny_pipeline(family), **options)
+    pipe = patch_pipeline(build_tiny_pipeline(family), layers="all", **options)
     perturb_new_parameters(pipe)
     expected = generate(pipe, family)
     save_adapter(pipe, tmp_path / "adapter")
@@ -84,7 +85,7 @@ def test_adapter_round_trip_into_fresh_pipeline(tmp_path, family, options):
 
 
 def test_resolution_changes_between_calls():
-    pipe = patch_pipeline(build_tiny_pipeline("sd15"), method="local", window=3)
+    pipe = patch_pipeline(build_tiny_pipeline("sd15"), method="local", window=3, layers="all")
     first = generate(pipe, "sd15", height=32, width=48)
     second = generate(pipe, "sd15", height=48, width=24)
     again = generate(pipe, "sd15", height=32, width=48)
@@ -94,7 +95,9 @@ def test_resolution_changes_between_calls():
 
 def test_odd_grids_on_unet_levels():
     """Latents 9x13 give UNet levels 9x13 and 5x7 (stride-2 convs round up)."""
-    pipe = patch_pipeline(build_tiny_pipeline("sd15"), method="local", window=2, shape="tile", tile=(2, 4))
+    pipe = patch_pipeline(
+        build_tiny_pipeline("sd15"), method="local", window=2, shape="tile", tile=(2, 4), layers="all"
+    )
     unet = pipe.unet
     context = torch.randn(1, 16, unet.config.cross_attention_dim)
     with torch.no_grad():
@@ -107,7 +110,7 @@ def test_odd_grids_on_unet_levels():
 
 def test_cfg_batch_rows_are_independent():
     """With CFG the batch holds [uncond, cond]; a patched layer must not mix them."""
-    pipe = patch_pipeline(build_tiny_pipeline("sd15"), method="linear")
+    pipe = patch_pipeline(build_tiny_pipeline("sd15"), method="linear", layers="all")
     unet = pipe.unet
     sample = torch.randn(2, 4, 8, 12)
     context = torch.randn(2, 16, unet.config.cross_attention_dim)
@@ -120,7 +123,7 @@ def test_cfg_batch_rows_are_independent():
 def test_lora_on_patched_model_runs():
     from peft import LoraConfig
 
-    pipe = patch_pipeline(build_tiny_pipeline("sd15"), method="linear")
+    pipe = patch_pipeline(build_tiny_pipeline("sd15"), method="linear", layers="all")
     before = generate(pipe, "sd15")
     pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
     after = generate(pipe, "sd15")
@@ -289,7 +292,7 @@ def test_adapter_keeps_trained_base_weights_and_unpatch_restores_them(tmp_path):
 
     pipe = build_tiny_pipeline("sd15")
     original = generate(pipe, "sd15")
-    patch_pipeline(pipe, method="linear")
+    patch_pipeline(pipe, method="linear", layers="all")
     name = next(n for n, _ in pipe.unet.named_parameters() if n.endswith("attn1.to_q.weight"))
     mark_base_params_trained(pipe.unet, [name])
     with torch.no_grad():
@@ -305,3 +308,50 @@ def test_adapter_keeps_trained_base_weights_and_unpatch_restores_them(tmp_path):
 def test_config_round_trip():
     config = PatchConfig(method="local", window=(2, 3), tile=[2, 4], shape="tile")
     assert PatchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# --- layers="auto": never slower ----------------------------------------------------------------
+
+
+def test_auto_runs_dense_below_the_crossover_and_says_so_once():
+    pipe = build_tiny_pipeline("flux")
+    original = generate(pipe, "flux")
+    patch_pipeline(pipe, method="linear")  # default layers="auto"
+    with pytest.warns(UserWarning, match="dense attention is estimated faster"):
+        patched = generate(pipe, "flux")
+    np.testing.assert_allclose(patched, original, atol=1e-5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per resolution: no second notice
+        generate(pipe, "flux")
+    assert {p.last_choice for _, _, p in iter_processors(pipe)} == {"dense"}
+
+
+def test_auto_runs_the_patch_above_the_crossover_and_while_training():
+    from linfusion.processor import DenseFallback
+
+    pipe = patch_pipeline(build_tiny_pipeline("flux"), method="linear")
+    _, _, processor = next(iter_processors(pipe))
+    fallback = processor.dense_fallback
+    assert isinstance(fallback, DenseFallback)
+    processor.token_grid.record((512, 512))
+    with torch.no_grad():
+        big = torch.empty(1, 512 * 512, fallback.channels)
+        assert fallback.patched_is_faster(processor, big, 0)  # 262k tokens: linear wins
+        small = torch.empty(1, 16, fallback.channels)
+        processor.token_grid.record((4, 4))
+        assert not fallback.patched_is_faster(processor, small, 0)
+    assert fallback.patched_is_faster(processor, small, 0)  # gradients on: always train the patch
+
+
+def test_dense_fallback_false_forces_the_patch_and_adapters_keep_the_choice(tmp_path):
+    pipe = build_tiny_pipeline("sd15")
+    original = generate(pipe, "sd15")
+    patch_pipeline(pipe, method="linear", dense_fallback=False)
+    assert not np.array_equal(generate(pipe, "sd15"), original)
+    save_adapter(pipe, tmp_path / "a")
+    fresh = patch_pipeline(build_tiny_pipeline("sd15"), adapter=str(tmp_path / "a"))
+    assert all(p.dense_fallback is None for _, _, p in iter_processors(fresh))
+    fresh = patch_pipeline(build_tiny_pipeline("sd15"), adapter=str(tmp_path / "a"), dense_fallback=True)
+    assert all(p.dense_fallback is not None for _, _, p in iter_processors(fresh))

@@ -51,7 +51,7 @@ class CogVideoXProcessor(LinFusionProcessor):
             )
             return img, txt
 
-        out_img, out_txt = self.attend(project, x)
+        out_img, out_txt = self.attend(project, x, 0 if context is None else context.shape[1])
         out = torch.cat([heads_last(out_txt), heads_last(out_img)], dim=1).to(x.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         n_txt = context.shape[1]

@@ -70,7 +70,7 @@ class FluxProcessor(LinFusionProcessor):
             )
             return QKV(*(t.transpose(1, 2) for t in img)), QKV(*(t.transpose(1, 2) for t in txt))
 
-        out_img, out_txt = self.attend(project, x_img)
+        out_img, out_txt = self.attend(project, x_img, n_txt)
         out_img = heads_last(out_img).to(x_img.dtype)
         out_txt = heads_last(out_txt).to(x_img.dtype)
         if not double_stream:

@@ -51,7 +51,7 @@ class JointAttentionProcessor(LinFusionProcessor):
             )
             return img, txt
 
-        out_img, out_txt = self.attend(project, x)
+        out_img, out_txt = self.attend(project, x, 0 if context is None else context.shape[1])
         out = attn.to_out[1](attn.to_out[0](heads_last(out_img).to(x.dtype)))
         if context is None:
             return out
