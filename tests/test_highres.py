@@ -29,7 +29,7 @@ def _run(pipe, family, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_stages_reach_target_with_patch_in_place(family):
     pipe = build_tiny_pipeline(family)
-    patch_pipeline(pipe, method="linear")
+    patch_pipeline(pipe, method="linear", layers="all")
     model = pipe.unet if family in ("sd15", "sdxl") else pipe.transformer
     before = dict(model.attn_processors)
     out = _run(pipe, family)
@@ -51,7 +51,7 @@ def test_refiner_shares_modules():
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_lean_mode_matches_normal(family):
     pipe = build_tiny_pipeline(family)
-    patch_pipeline(pipe, method="linear")
+    patch_pipeline(pipe, method="linear", layers="all")
     normal = _run(pipe, family).images
     lean = _run(pipe, family, lean=True).images
     np.testing.assert_allclose(lean, normal, atol=1e-4)
