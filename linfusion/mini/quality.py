@@ -203,7 +203,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         apply_patch(pipe, method, adapter, options)
         for scale in scales:
             size = base * scale
-            images = generate(pipe, prompts, size=size, steps=steps, seed=seed, batch=max(1, batch // scale**2))
+            images = generate(pipe, prompts, size=size, steps=steps, seed=seed, batch=max(1, batch // scale))
             pairs = list(zip(images, prompts))
             passed = pool.map(_check, pairs, chunksize=4) if pool else [_check(p) for p in pairs]
             if name == "teacher":

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# LinFusion-Mini on one H200, in ONE device call (<= 600 s):
+#   teacher training -> distillation of the linear and local students -> quality benchmark
+#   -> weights (tar in <= 15 MiB parts), quality.json, grid PNG and logs under $OUT.
+#
+# From the developer machine (the .whl/ folder holds the diffusers + importlib_metadata wheels):
+#   run(command="bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
+# then, here:
+#   python -m linfusion.mini.package unpack <files_at> --results     # -> linfusion/mini/weights, benchmarks/results
+#
+# Knobs (environment): MINI_MINUTES (teacher training, default 5), MINI_STAGE=all|teacher|students
+# (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
+# pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),
+# MINI_DISTILL_STEPS (1200), MINI_DISTILL_PROMPTS (192), MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s),
+# MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
+set -uo pipefail
+T0=$(date +%s)
+OUT=${OUT:-/tmp/mini-out}
+WORK=${MINI_WORK:-/tmp/mini-train}
+STAGE=${MINI_STAGE:-all}
+MINUTES=${MINI_MINUTES:-5}
+DEADLINE=${MINI_DEADLINE:-570}
+DEVICE=${MINI_DEVICE:-cuda}
+SMOKE=${MINI_SMOKE:-}
+TRAIN_FLAGS=(); BENCH_FLAGS=(--workers 12 --checker-n 100); DISTILL=(1200 192 20 64)
+if [ -n "$SMOKE" ]; then TRAIN_FLAGS=(--smoke); BENCH_FLAGS=(--quick); DISTILL=(2 2 2 2); fi
+mkdir -p "$OUT" "$WORK"
+LOG="$OUT/run_log.txt"
+left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+say() { echo "[mini_gpu_run +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >>"$LOG" 2>&1
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
+
+if [ "$STAGE" = all ] || [ "$STAGE" = teacher ]; then
+  say "teacher: $MINUTES min"
+  python3 -m linfusion.mini.train --out "$WORK" --minutes "$MINUTES" --device "$DEVICE" --no-distill "${TRAIN_FLAGS[@]}" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" = 0 ] || { say "teacher training failed"; exit 1; }
+  python3 -m linfusion.mini.package pack "$WORK" "$OUT" >>"$LOG" 2>&1   # weights come back even if later stages run out of time
+  cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null
+fi
+if [ "$STAGE" = students ]; then
+  rm -rf "$WORK/pipeline" && cp -r linfusion/mini/weights/pipeline "$WORK/pipeline" || { say "no unpacked pipeline"; exit 1; }
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = students ]; then
+  STEPS=${MINI_DISTILL_STEPS:-${DISTILL[0]}}
+  if [ "$(left)" -lt 200 ]; then STEPS=$(( STEPS / 3 )); fi
+  say "students: $STEPS steps each ($(left)s left)"
+  python3 - "$WORK" "$STEPS" "${MINI_DISTILL_PROMPTS:-${DISTILL[1]}}" "${DISTILL[2]}" "${DISTILL[3]}" "$DEVICE" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys, torch
+from pathlib import Path
+from linfusion.mini.train import distill_students
+out = Path(sys.argv[1])
+summary = distill_students(out, steps=int(sys.argv[2]), prompts=int(sys.argv[3]), data_steps=int(sys.argv[4]),
+                           batch_size=int(sys.argv[5]), parallel=True, device=torch.device(sys.argv[6]))
+path = out / "train_summary.json"
+data = json.loads(path.read_text()) if path.exists() else {}
+data["distill"] = summary
+path.write_text(json.dumps(data, indent=1, default=str))
+print(json.dumps(summary))
+PY
+  [ "${PIPESTATUS[0]}" = 0 ] || say "distillation failed"
+  for m in linear local; do [ -f "$WORK/distill-$m.log" ] && { echo "--- distill-$m.log (tail)"; tail -c 3000 "$WORK/distill-$m.log"; } >>"$LOG"; done
+  python3 -m linfusion.mini.package pack "$WORK" "$OUT" >>"$LOG" 2>&1
+  cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null
+  LEFT=$(left)
+  PROMPTS=${MINI_BENCH_PROMPTS:-96}
+  if [ "$LEFT" -lt 150 ]; then PROMPTS=$(( PROMPTS / 2 )); fi
+  if [ "$LEFT" -gt 45 ]; then
+    say "quality benchmark: $PROMPTS prompts (${LEFT}s left)"
+    python3 benchmarks/quality.py --pipeline "$WORK/pipeline" --adapter-linear "$WORK/adapter-linear" \
+      --adapter-local "$WORK/adapter-local" --prompts "$PROMPTS" --device "$DEVICE" "${BENCH_FLAGS[@]}" \
+      --out "$OUT/quality.json" --grid "$OUT/quality_grid.png" 2>&1 | grep -v -i "warn" | tee -a "$LOG"
+  else
+    say "no time left for the benchmark"
+  fi
+fi
+say "done; \$OUT: $(ls "$OUT" | tr '\n' ' ')"
