@@ -12,6 +12,7 @@ import tempfile
 import numpy as np
 
 from linfusion import describe, patch_pipeline, save_adapter, unpatch_pipeline
+from linfusion.patch import iter_processors
 from linfusion.testing.tiny_pipelines import build_tiny_pipeline, call_kwargs
 
 
@@ -22,10 +23,12 @@ def main() -> None:
     original = pipe(**kwargs).images
     print(f"original image {original.shape[1:3]}")
 
-    # The default, layers="auto", keeps dense attention wherever it is faster; a tiny model at 64x96 px
-    # is far below the crossover, so LinFusion says so and runs the original attention.
+    # The default, layers="auto", keeps dense attention in every layer where the cost model
+    # (linfusion.crossover) estimates it faster at this resolution, so a patch never slows you down.
     patch_pipeline(pipe, method="linear")
     pipe(**call_kwargs("sd15", height=64, width=96))
+    choices = [processor.last_choice for _, _, processor in iter_processors(pipe)]
+    print(f"layers='auto' at 64x96 px: {choices.count('patched')} layers patched, {choices.count('dense')} kept dense")
 
     # layers="all" forces the replacement everywhere (what distillation trains).
     patch_pipeline(pipe, method="linear", layers="all")  # or method="local", window=16

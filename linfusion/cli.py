@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMAND_MODULES = (
     "linfusion.commands.info",
     "linfusion.commands.generate",
+    "linfusion.commands.bench",
     "linfusion.distill.cli",
 )
 
