@@ -34,7 +34,11 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int) ->
     tile_block = max(16, min(128, _pow2(tile_volume)))
     if interp:
         # the interpreter runs block by block on the CPU: small blocks, few wasted rows
-        cfg = {"BM": min(tile_block, 32), "BN": 32, "num_warps": 4, "num_stages": 1}
+        # (few, large blocks: the interpreter's cost is per operation, not per element)
+        if kind == "dkdv":
+            cfg = {"BM": 128, "BN": tile_block, "num_warps": 4, "num_stages": 1}
+        else:
+            cfg = {"BM": tile_block, "BN": 128, "num_warps": 4, "num_stages": 1}
     elif dtype == torch.float32:
         cfg = {"BM": min(tile_block, 64), "BN": 32, "num_warps": 4, "num_stages": 2}
     elif kind == "fwd":

@@ -195,22 +195,36 @@ def _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST (CPU interpreter with bf16 only) works around the
+    interpreter multiplying the raw bits of bf16 operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
 
 # ----------------------------------------------------------------------------- forward
 
+# resolution-dependent integers are not specialised: a new resolution must not recompile
+_NO_SPEC = ["H", "L", "TEXT", "n_text_progs", "NTB", "n_img_per_bh", "SUB", "G0", "G1", "G2", "T0", "T1", "T2",
+            "N0", "N1", "N2", "R0", "R1", "R2", "CAP0", "CAP1"]
+
+
 
 @triton.jit
 def _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, end, qk_scale, offs_d, dmask,
-               BN: tl.constexpr, DOT_PREC: tl.constexpr):
+               BN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online softmax over the contiguous keys [start, end) (text keys, or all keys)."""
     for s0 in range(start, end, BN):
         kpos = s0 + tl.arange(0, BN)
@@ -218,13 +232,13 @@ def _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, end, qk_scale,
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         s = qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC, UPCAST)
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(
     Q, K, V, O, LSE, TAB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -233,6 +247,7 @@ def _fwd_kernel(
     W0, W1, W2, WT, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
@@ -260,10 +275,10 @@ def _fwd_kernel(
     acc = tl.zeros([BM, D_PAD], tl.float32)
     if pid < n_text_progs:
         acc, m_i, l_i = _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, 0, L, qk_scale,
-                                   offs_d, dmask, BN, DOT_PREC)
+                                   offs_d, dmask, BN, DOT_PREC, UPCAST)
     else:
         acc, m_i, l_i = _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, 0, TEXT, qk_scale,
-                                   offs_d, dmask, BN, DOT_PREC)
+                                   offs_d, dmask, BN, DOT_PREC, UPCAST)
         lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
             c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BN)
         for it in range(0, n_iter):
@@ -273,14 +288,14 @@ def _fwd_kernel(
             lmask = kvalid[:, None] & dmask[None, :]
             k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
             v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
             s = qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
             if MASK_MODE != 0:
                 if need_mask:
                     vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
                                        MASK_MODE, IS_3D)
                     s = tl.where(vis, s, float("-inf"))
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC, UPCAST)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
@@ -291,7 +306,7 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L"])
 def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
     bh = tl.program_id(1)
@@ -309,20 +324,20 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L,
 
 
 @triton.jit
-def _kv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PREC: tl.constexpr):
+def _kv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dK/dV contribution of one query chunk (columns), without mask."""
-    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+    qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
     pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+    dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
     dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
     return dk, dv
 
 
 @triton.jit
 def _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, start, end, qk_scale,
-              offs_d, dmask, BM: tl.constexpr, DOT_PREC: tl.constexpr):
+              offs_d, dmask, BM: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     for s0 in range(start, end, BM):
         qpos = s0 + tl.arange(0, BM)
         qvalid = qpos < end
@@ -331,11 +346,11 @@ def _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, start, 
         do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
-        dk, dv = _kv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PREC)
+        dk, dv = _kv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PREC, UPCAST)
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, TAB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
@@ -344,6 +359,7 @@ def _dkdv_kernel(
     W0, W1, W2, WT, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """One key block (BN keys: text keys, or a slice of a key tile); loops over query chunks (BM)."""
     pid = tl.program_id(0)
@@ -375,10 +391,10 @@ def _dkdv_kernel(
     dv = tl.zeros([BN, D_PAD], tl.float32)
     if pid < n_text_progs:
         dk, dv = _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, 0, L, qk_scale,
-                           offs_d, dmask, BM, DOT_PREC)
+                           offs_d, dmask, BM, DOT_PREC, UPCAST)
     else:
         dk, dv = _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, 0, TEXT, qk_scale,
-                           offs_d, dmask, BM, DOT_PREC)
+                           offs_d, dmask, BM, DOT_PREC, UPCAST)
         lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
             c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BM)
         for it in range(0, n_iter):
@@ -390,46 +406,46 @@ def _dkdv_kernel(
             do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
             lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
             delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
-            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
             pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
             if MASK_MODE != 0:
                 if need_mask:
                     vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
                                        MASK_MODE, IS_3D)
                     pT = tl.where(vis, pT, 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+            dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
             dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+            dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
     g_off = b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + kpos[:, None] * sgn + offs_d[None, :]
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
-def _q_step(dq, q, do, k, v, lse, delta, bias, qk_scale, DOT_PREC: tl.constexpr):
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+def _q_step(dq, q, do, k, v, lse, delta, bias, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
     p = tl.math.exp2(qk * qk_scale + bias[None, :] - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
     ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     return dq
 
 
 @triton.jit
 def _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, start, end, qk_scale, offs_d, dmask,
-             BN: tl.constexpr, DOT_PREC: tl.constexpr):
+             BN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     for s0 in range(start, end, BN):
         kpos = s0 + tl.arange(0, BN)
         kvalid = kpos < end
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-        dq = _q_step(dq, q, do, k, v, lse, delta, tl.where(kvalid, 0.0, float("-inf")), qk_scale, DOT_PREC)
+        dq = _q_step(dq, q, do, k, v, lse, delta, tl.where(kvalid, 0.0, float("-inf")), qk_scale, DOT_PREC, UPCAST)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, TAB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
@@ -438,6 +454,7 @@ def _dq_kernel(
     W0, W1, W2, WT, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
@@ -467,10 +484,10 @@ def _dq_kernel(
     dq = tl.zeros([BM, D_PAD], tl.float32)
     if pid < n_text_progs:
         dq = _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, 0, L, qk_scale, offs_d, dmask,
-                      BN, DOT_PREC)
+                      BN, DOT_PREC, UPCAST)
     else:
         dq = _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, 0, TEXT, qk_scale, offs_d, dmask,
-                      BN, DOT_PREC)
+                      BN, DOT_PREC, UPCAST)
         lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
             c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BN)
         for it in range(0, n_iter):
@@ -480,16 +497,16 @@ def _dq_kernel(
             lmask = kvalid[:, None] & dmask[None, :]
             k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
             v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
             p = tl.math.exp2(qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :] - lse[:, None])
             if MASK_MODE != 0:
                 if need_mask:
                     vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
                                        MASK_MODE, IS_3D)
                     p = tl.where(vis, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+            dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qpos[:, None] * sgn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -499,6 +516,14 @@ def _dq_kernel(
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# every output buffer is allocated here; tests replace it with a NaN-filling allocator
+_ALLOC = torch.empty
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    return _ALLOC(shape, dtype=dtype, device=device)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -559,8 +584,8 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     d_pad = max(16, _pow2(D))
     cfg = local_config("fwd", q.dtype, d_pad, layout.tile_volume)
     BM, BN = cfg["BM"], cfg["BN"]
-    o = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    o = _new((B, H, L, D), q.dtype, q.device)
+    lse = _new((B, H, L), torch.float32, q.device)
     sub = -(-layout.tile_volume // BM)
     ntb = -(-text_len // BM)
     n_text_progs = ntb * B * H
@@ -573,6 +598,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         *_kernel_args(layout), LOG2E / math.sqrt(D),
         HEAD_DIM=D, D_PAD=d_pad, BM=BM, BN=BN, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
@@ -582,16 +608,15 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     B, H, L, D = q.shape
     do = _last_dim_contiguous(do)
     d_pad = max(16, _pow2(D))
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    delta = _new((B, H, L), torch.float32, q.device)
     _delta_kernel[(triton.cdiv(L, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
     )
-    dq = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
+    dq, dk, dv = (_new((B, H, L, D), q.dtype, q.device) for _ in range(3))
     common = dict(
         HEAD_DIM=D, D_PAD=d_pad, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3, TILE_ORDER=tile_order,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
     )
     qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
     table = _table(layout, q.device)

@@ -1,0 +1,457 @@
+"""Benchmark: Triton local (window) attention vs dense SDPA and FlexAttention on one GPU.
+
+Run on a CUDA GPU::
+
+    python benchmarks/kernels_local.py --out benchmarks/results/kernels_local.json [--sweep]
+
+``run_local_cases(rows)`` appends one dict per measurement (the merged
+``benchmarks/kernels.py`` calls it)::
+
+    {"case", "op": "local"|"dense", "variant", "impl", "pass": "fwd"|"bwd", "shape", "ms",
+     "tflops", "tbps", ...extras}
+
+impl: "triton" (row-major tokens, the default API), "triton_tiled" (tokens already in tile
+order), "flex" (torch FlexAttention, compiled, on the same tile-ordered tokens with the same
+mask) for op "local"; "cudnn" (SDPA forced to cuDNN) and "sdpa_default" for op "dense".
+
+Shapes (B × H × L × D, bf16; L = text + image tokens):
+
+* ``flux-{1,2,4,8}k``: 1 × 24 × (512 + (res/16)²) × 128, grid (res/16)², text 512.
+* ``sdxl-4k``: 2 × 10 × 16384 × 64, grid 128² (the shape the linear benchmark uses), no text.
+* ``sd15-2k``: 2 × 8 × 65536 × 40, grid 256², no text.
+* ``wan-480p``: 1 × 12 × 32760 × 128, grid 21 × 30 × 52 (3D), no text.
+
+Variants (2D): ``circle-r16`` (exact disc of radius 16 tokens, 8×16 tiles) and
+``tile-8x16-r2x1`` (tile window: ±2 tile rows × ±1 tile column = 40 × 48 keys, 1,920 keys).
+3D: ``circle-r2x8x8`` and ``tile-2x8x8-r1x1x1`` (±1 tile in every dimension, 3,456 keys).
+
+Effective TFLOP/s count useful work only: fwd 4·B·H·D·Σ_queries(visible keys), bwd 2.5×
+that (FlashAttention convention); dense: L² pairs. TB/s: q, k, v read + o written once (fwd),
+q, k, v, o, dO read + dq, dk, dv written (bwd). Timing: ``triton.testing.do_bench`` median
+after warm-up (it flushes L2 between calls); calls slower than 20 ms: median of 2–3 CUDA-event
+timed calls. Setup: the per-resolution layout (``get_layout``, cache cleared) vs FlexAttention's
+``create_block_mask(..., _compile=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+CASES = [
+    # name, B, H, D, grid, text_len
+    ("flux-1k", 1, 24, 128, (64, 64), 512),
+    ("flux-2k", 1, 24, 128, (128, 128), 512),
+    ("flux-4k", 1, 24, 128, (256, 256), 512),
+    ("flux-8k", 1, 24, 128, (512, 512), 512),
+    ("sdxl-4k", 2, 10, 64, (128, 128), 0),
+    ("sd15-2k", 2, 8, 40, (256, 256), 0),
+    ("wan-480p", 1, 12, 128, (21, 30, 52), 0),
+]
+VARIANTS_2D = [("circle-r16", "circle", 16, (8, 16)), ("tile-8x16-r2x1", "tile", 16, (8, 16))]
+VARIANTS_3D = [("circle-r2x8x8", "circle", (2, 8, 8), (2, 8, 8)), ("tile-2x8x8-r1x1x1", "tile", (2, 8, 8), (2, 8, 8))]
+FLEX_CASES = ("flux-2k", "flux-4k")  # FlexAttention compiles + builds masks for seconds per shape
+FLEX_BWD_CASES = ("flux-4k",)
+DENSE_BWD_MAX_L = 70000
+SLOW_MS = 20.0
+
+
+def environment() -> dict:
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def bench_ms(fn, slow_ms: float = SLOW_MS) -> float:
+    """Median milliseconds of fn() (already warmed up)."""
+    from triton.testing import do_bench
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    if first < slow_ms:
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for _ in range(2 if first > 500 else 3):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return float(times[len(times) // 2])
+
+
+def visible_pairs(grid, window, shape, tile, text_len) -> int:
+    """Σ over queries of visible keys (text rows see all L keys), counted exactly."""
+    from linfusion.kernels.local_layout import get_layout
+    from linfusion.kernels.local_reference import normalize_window, tile_radius
+
+    n = math.prod(grid)
+    L = n + text_len
+    total = text_len * L + n * text_len
+    if shape == "tile":
+        radius = tile_radius(normalize_window(window, len(grid)), tile, grid)
+        prod = 1
+        for g, t, r in zip(grid, tile, radius):
+            nt = -(-g // t)
+            sizes = [min(t, g - c * t) for c in range(nt)]
+            prod *= sum(sizes[c] * sizes[c2] for c in range(nt) for c2 in range(nt) if abs(c - c2) <= r)
+        return total + prod
+    layout = get_layout(grid, window, "circle", tile, "cpu")
+    table = layout.table.view(layout.cap0 + 2, layout.cap1 + 2)
+    g0, g1, g2 = layout.grid
+    for d0 in range(-layout.cap0, layout.cap0 + 1):
+        for d1 in range(-layout.cap1, layout.cap1 + 1):
+            m = int(table[abs(d0), abs(d1)])
+            if m < 0:
+                continue
+            w = sum(g2 - abs(d2) for d2 in range(-m, m + 1))
+            total += (g0 - abs(d0)) * (g1 - abs(d1)) * w
+    return total
+
+
+def row(case, op, variant, impl, pss, shape, ms, flops, nbytes, **extra):
+    return {
+        "case": case, "op": op, "variant": variant, "impl": impl, "pass": pss,
+        "shape": "x".join(str(s) for s in shape), "ms": ms,
+        "tflops": flops / (ms * 1e-3) / 1e12, "tbps": nbytes / (ms * 1e-3) / 1e12, **extra,
+    }
+
+
+def make_qkv(B, H, L, D, seed=0, requires_grad=False):
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(seed)
+    out = [torch.randn(B, H, L, D, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3)]
+    return [t.requires_grad_(requires_grad) for t in out]
+
+
+def flex_mask_mod(grid, window, shape, tile, text_len, device):
+    """FlexAttention mask_mod over tile-ordered tokens, equal to the reference's mask."""
+    from linfusion.kernels.local_layout import get_layout, tile_order_index
+    from linfusion.kernels.local_reference import grid_coordinates
+
+    layout = get_layout(grid, window, shape, tile, "cpu")
+    coords = grid_coordinates(grid)
+    index = tile_order_index(grid, tile)
+    tcoords = torch.empty_like(coords)
+    tcoords[index] = coords
+    if len(grid) == 2:
+        tcoords = torch.cat([torch.zeros_like(tcoords[:, :1]), tcoords], 1)
+    pad = torch.zeros(text_len, 3, dtype=tcoords.dtype)
+    c = torch.cat([pad, tcoords]).to(torch.int32).to(device)
+    c0, c1, c2 = c[:, 0].contiguous(), c[:, 1].contiguous(), c[:, 2].contiguous()
+    T = text_len
+    if shape == "tile":
+        t0, t1, t2 = layout.tile
+        r0, r1, r2 = layout.radius
+
+        def window_mod(q, kv):
+            return (((c0[q] // t0 - c0[kv] // t0).abs() <= r0) & ((c1[q] // t1 - c1[kv] // t1).abs() <= r1)
+                    & ((c2[q] // t2 - c2[kv] // t2).abs() <= r2))
+    else:
+        w0, w1, w2, wt = (int(x) for x in layout.weights)
+        assert layout.mask_mode == 2, "benchmark circles use integer radii"
+
+        def window_mod(q, kv):
+            d0, d1, d2 = c0[q] - c0[kv], c1[q] - c1[kv], c2[q] - c2[kv]
+            return d0 * d0 * w0 + d1 * d1 * w1 + d2 * d2 * w2 <= wt
+
+    def mask_mod(b, h, q, kv):
+        return (q < T) | (kv < T) | window_mod(q, kv)
+
+    return mask_mod
+
+
+def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, dense: bool = True,
+                    tiled: bool = True, log=print) -> None:
+    """Time every case: Triton local fwd/bwd (both variants), dense SDPA and FlexAttention baselines."""
+    from linfusion.kernels.local_layout import clear_layout_cache, get_layout, to_tile_order
+    from linfusion.kernels.local_triton import local_attention_tiled, local_attention_triton
+
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    for name, B, H, D, grid, text in CASES:
+        if cases and name not in cases:
+            continue
+        L = text + math.prod(grid)
+        shape = (B, H, L, D)
+        tbytes = B * H * L * D * 2
+        fwd_bytes, bwd_bytes = 4 * tbytes, 8 * tbytes
+        q, k, v = make_qkv(B, H, L, D, requires_grad=True)
+        do = torch.randn_like(q)
+        variants = VARIANTS_2D if len(grid) == 2 else VARIANTS_3D
+        for vname, vshape, window, tile in variants:
+            pairs = visible_pairs(grid, window, vshape, tile, text)
+            fl_f, fl_b = 4 * B * H * D * pairs, 10 * B * H * D * pairs
+            extra = {"keys_per_query": pairs / L, "grid": list(grid), "text_len": text, "tile": list(tile)}
+            # per-resolution setup: layout (cache cleared) — what a new resolution costs
+            clear_layout_cache()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            get_layout(grid, window, vshape, tile, q.device)
+            torch.cuda.synchronize()
+            setup_ms = (time.perf_counter() - t0) * 1e3
+            impls = {"triton": (local_attention_triton, (q, k, v))}
+            if tiled:
+                qt, kt, vt = (to_tile_order(t.detach(), grid, tile, text).requires_grad_() for t in (q, k, v))
+                impls["triton_tiled"] = (local_attention_tiled, (qt, kt, vt))
+            for impl_name, (fn, args) in impls.items():
+                t_start = time.time()
+                try:
+                    def fwd(fn=fn, args=args):
+                        return fn(*(a.detach() for a in args), grid, window, text, vshape, tile)
+                    fwd()
+                    torch.cuda.synchronize()
+                    ms_f = bench_ms(fwd)
+                    out = fn(*args, grid, window, text, vshape, tile)
+                    def bwd(out=out, args=args):
+                        return torch.autograd.grad(out, args, do, retain_graph=True)
+                    bwd()
+                    torch.cuda.synchronize()
+                    ms_b = bench_ms(bwd)
+                    del out
+                except Exception as exc:  # noqa: BLE001
+                    log(f"{name} {vname} {impl_name}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+                    continue
+                out_rows.append(row(name, "local", vname, impl_name, "fwd", shape, ms_f, fl_f, fwd_bytes,
+                                    setup_ms=setup_ms, **extra))
+                out_rows.append(row(name, "local", vname, impl_name, "bwd", shape, ms_b, fl_b, bwd_bytes, **extra))
+                log(f"{name:9s} {vname:18s} {impl_name:13s} fwd {ms_f:8.3f} ms {fl_f / ms_f / 1e9:6.0f} TF/s"
+                    f"  bwd {ms_b:8.3f} ms {fl_b / ms_b / 1e9:6.0f} TF/s  bwd/fwd {ms_b / ms_f:4.2f}"
+                    f"  setup {setup_ms:5.2f} ms  [{time.time() - t_start:.1f}s]")
+            if tiled:
+                del qt, kt, vt
+            if flex_cases and name in flex_cases:
+                run_flex(out_rows, name, B, H, D, grid, window, vshape, tile, text, vname, fl_f, fl_b,
+                         fwd_bytes, bwd_bytes, extra, bwd=name in FLEX_BWD_CASES and vshape == "tile", log=log)
+            torch.cuda.empty_cache()
+        if dense:
+            run_dense(out_rows, name, q, k, v, do, fwd_bytes, bwd_bytes, log=log)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+
+def run_flex(out_rows, name, B, H, D, grid, window, vshape, tile, text, vname, fl_f, fl_b, fwd_bytes, bwd_bytes,
+             extra, bwd, log=print):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    L = text + math.prod(grid)
+    shape = (B, H, L, D)
+    t_start = time.time()
+    try:
+        mask_mod = flex_mask_mod(grid, window, vshape, tile, text, "cuda")
+        builds = []
+        for _ in range(2):  # first build includes compiling the mask function
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            bm = create_block_mask(mask_mod, None, None, L, L, device="cuda", _compile=True)
+            torch.cuda.synchronize()
+            builds.append((time.perf_counter() - t0) * 1e3)
+        flex = torch.compile(flex_attention, dynamic=False)
+        q, k, v = make_qkv(B, H, L, D, seed=1, requires_grad=True)
+
+        def fwd():
+            return flex(q.detach(), k.detach(), v.detach(), block_mask=bm)
+        fwd()
+        torch.cuda.synchronize()
+        ms_f = bench_ms(fwd)
+        out_rows.append(row(name, "local", vname, "flex", "fwd", shape, ms_f, fl_f, fwd_bytes,
+                            mask_build_ms=builds[1], mask_build_first_ms=builds[0], **extra))
+        msg = f"{name:9s} {vname:18s} flex          fwd {ms_f:8.3f} ms {fl_f / ms_f / 1e9:6.0f} TF/s"
+        if bwd:
+            do = torch.randn_like(q)
+            out = flex(q, k, v, block_mask=bm)
+
+            def bwd_fn():
+                return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+            bwd_fn()
+            torch.cuda.synchronize()
+            ms_b = bench_ms(bwd_fn)
+            out_rows.append(row(name, "local", vname, "flex", "bwd", shape, ms_b, fl_b, bwd_bytes, **extra))
+            msg += f"  bwd {ms_b:8.3f} ms {fl_b / ms_b / 1e9:6.0f} TF/s"
+            del out, do
+        log(msg + f"  mask build {builds[0]:.0f} / {builds[1]:.0f} ms  [{time.time() - t_start:.1f}s]")
+        del q, k, v, bm
+    except Exception as exc:  # noqa: BLE001
+        log(f"{name} {vname} flex: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+
+
+def run_dense(out_rows, name, q, k, v, do, fwd_bytes, bwd_bytes, log=print):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, L, D = q.shape
+    fl_f, fl_b = 4 * B * H * L * L * D, 10 * B * H * L * L * D
+    for impl_name in ("cudnn", "sdpa_default"):
+        if impl_name == "sdpa_default" and L > 70000:
+            log(f"{name} dense {impl_name}: skipped (> 2 s a call)")
+            continue
+
+        def sdpa(q, k, v, _impl=impl_name):
+            if _impl == "cudnn":
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v)
+
+        t_start = time.time()
+        try:
+            def fwd():
+                return sdpa(q.detach(), k.detach(), v.detach())
+            fwd()
+            torch.cuda.synchronize()
+            ms_f = bench_ms(fwd)
+            out_rows.append(row(name, "dense", "-", impl_name, "fwd", tuple(q.shape), ms_f, fl_f, fwd_bytes))
+            msg = f"{name:9s} dense {impl_name:12s} fwd {ms_f:9.3f} ms {fl_f / ms_f / 1e9:6.0f} TF/s"
+            if impl_name == "cudnn" and L <= DENSE_BWD_MAX_L:
+                out = sdpa(q, k, v)
+
+                def bwd():
+                    return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+                bwd()
+                ms_b = bench_ms(bwd)
+                out_rows.append(row(name, "dense", "-", impl_name, "bwd", tuple(q.shape), ms_b, fl_b, bwd_bytes))
+                msg += f"  bwd {ms_b:9.3f} ms"
+                del out
+            log(msg + f"  [{time.time() - t_start:.1f}s]")
+        except Exception as exc:  # noqa: BLE001
+            log(f"{name} dense {impl_name}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+        torch.cuda.empty_cache()
+
+
+def sweep(log=print) -> list[dict]:
+    """Block-config sweep of the Triton kernels at flux-4k (fwd per variant, bwd tile variant)."""
+    from linfusion.kernels.local_configs import set_config_override
+    from linfusion.kernels.local_triton import local_attention_triton
+
+    name, B, H, D, grid, text = next(c for c in CASES if c[0] == "flux-4k")
+    L = text + math.prod(grid)
+    q, k, v = make_qkv(B, H, L, D, requires_grad=True)
+    do = torch.randn_like(q)
+    todo = [("fwd", {"BN": 64, "num_stages": 3}), ("fwd", {"BN": 128, "num_stages": 2}),
+            ("fwd", {"BN": 64, "num_stages": 2}), ("fwd", {"BN": 128, "num_stages": 3}),
+            ("fwd", {"BN": 64, "num_stages": 4}),
+            ("dkdv", {"BM": 64, "num_stages": 2}), ("dkdv", {"BM": 32, "num_stages": 3}),
+            ("dkdv", {"BM": 64, "num_stages": 3}),
+            ("dq", {"BN": 64, "num_stages": 2}), ("dq", {"BN": 32, "num_stages": 3}),
+            ("dq", {"BN": 64, "num_stages": 3})]
+    results = []
+    for vname, vshape, window, tile in VARIANTS_2D:
+        for kind, cfg in todo:
+            if kind != "fwd" and vshape == "circle":
+                continue
+            set_config_override(kind, cfg)
+            try:
+                if kind == "fwd":
+                    fn = lambda: local_attention_triton(q.detach(), k.detach(), v.detach(), grid, window, text,  # noqa: E731
+                                                        vshape, tile)
+                else:
+                    out = local_attention_triton(q, k, v, grid, window, text, vshape, tile)
+                    fn = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
+                fn()
+                torch.cuda.synchronize()
+                ms = bench_ms(fn)
+            except Exception as exc:  # noqa: BLE001
+                ms = float("nan")
+                log(f"sweep {vname} {kind} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+            finally:
+                set_config_override(kind, None)
+            results.append({"case": name, "variant": vname, "kernel": kind, "config": cfg, "ms": ms})
+            log(f"sweep {name} {vname:16s} {kind:5s} {ms:8.3f} ms  {cfg}")
+    return results
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per case and variant: Triton ms and TF/s, speedups over cuDNN dense and FlexAttention."""
+    def find(case, op, impl, pss, variant=None):
+        for r in rows:
+            if (r["case"], r["op"], r["impl"], r["pass"]) == (case, op, impl, pss) and (
+                variant is None or r["variant"] == variant
+            ):
+                return r
+        return None
+
+    table, crossover = {}, {}
+    for name, *_ in CASES:
+        for r in rows:
+            if r["case"] != name or r["op"] != "local" or r["impl"] != "triton":
+                continue
+            cud = find(name, "dense", "cudnn", r["pass"])
+            flex = find(name, "local", "flex", r["pass"], r["variant"])
+            tiled = find(name, "local", "triton_tiled", r["pass"], r["variant"])
+            e = table.setdefault(f"{name} {r['variant']}", {})
+            e[r["pass"]] = {
+                "ms": r["ms"], "tflops": r["tflops"],
+                "tiled_ms": tiled["ms"] if tiled else None,
+                "speedup_vs_cudnn": cud["ms"] / r["ms"] if cud else None,
+                "speedup_vs_flex": flex["ms"] / r["ms"] if flex else None,
+                "setup_ms": r.get("setup_ms"),
+                "flex_mask_build_ms": flex.get("mask_build_ms") if flex else None,
+            }
+            if r["pass"] == "fwd" and cud and cud["ms"] > r["ms"] and r["variant"] not in crossover:
+                crossover[r["variant"]] = name
+    for e in table.values():
+        if "fwd" in e and "bwd" in e:
+            e["bwd_over_fwd"] = e["bwd"]["ms"] / e["fwd"]["ms"]
+    return {"cases": table, "crossover_fwd_beats_cudnn": crossover}
+
+
+def print_table(summary, log=print):
+    def fmt(x, f="{:.2f}x"):
+        return "-" if x is None else f.format(x)
+
+    log("\n| case variant | pass | triton ms | TF/s | tiled ms | vs cuDNN | vs flex | setup ms | flex mask ms |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, e in summary["cases"].items():
+        for pss in ("fwd", "bwd"):
+            x = e.get(pss)
+            if x:
+                log(f"| {key} | {pss} | {x['ms']:.3f} | {x['tflops']:.0f} | {fmt(x['tiled_ms'], '{:.3f}')} | "
+                    f"{fmt(x['speedup_vs_cudnn'])} | {fmt(x['speedup_vs_flex'])} | {fmt(x['setup_ms'], '{:.2f}')} | "
+                    f"{fmt(x['flex_mask_build_ms'], '{:.0f}')} |")
+    log(f"crossover (smallest case where local fwd beats cuDNN dense): {summary['crossover_fwd_beats_cudnn']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/kernels_local.json")
+    parser.add_argument("--cases", nargs="*", default=None)
+    parser.add_argument("--flex", nargs="*", default=list(FLEX_CASES), help="cases with FlexAttention baselines")
+    parser.add_argument("--no-dense", action="store_true")
+    parser.add_argument("--no-tiled", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also sweep block configs at flux-4k")
+    args = parser.parse_args(argv)
+    rows: list[dict] = []
+    result = {"env": environment()}
+    t0 = time.time()
+    if args.sweep:
+        result["sweep"] = sweep()
+    try:
+        run_local_cases(rows, args.cases, flex_cases=args.flex, dense=not args.no_dense, tiled=not args.no_tiled)
+    finally:
+        result["rows"] = rows
+        result["summary"] = summarize(rows)
+        result["wall_s"] = time.time() - t0
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print_table(result["summary"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Triton local (window) attention, forward and backward, against the float64 reference.
+
+Without CUDA the kernels run under the Triton CPU interpreter (TRITON_INTERPRET=1, set here
+before triton is imported) on tiny grids with small explicit tiles; the GPU-only tests use
+real sizes (FLUX-2K: 128×128 grid + 512 text tokens, head dim 128, bf16) and skip cleanly
+without CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from linfusion.kernels import local_layout, local_triton  # noqa: E402
+from linfusion.kernels.local_layout import (  # noqa: E402
+    MASK_FORMULA,
+    MASK_TABLE,
+    clear_layout_cache,
+    from_tile_order,
+    get_layout,
+    layout_cache_info,
+    tile_order_index,
+    to_tile_order,
+)
+from linfusion.kernels.local_reference import local_attention_mask, local_attention_reference  # noqa: E402
+from linfusion.kernels.local_triton import local_attention_tiled, local_attention_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytestmark = pytest.mark.skip(reason="no CUDA and TRITON_INTERPRET is not 1")
+
+HEAD_DIMS = (40, 64, 72, 80, 96, 128)
+# relative L2 error ‖out − ref‖ / ‖ref‖ allowed per input dtype (fp32 uses IEEE fp32 dots)
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the kernels write (o, lse, delta, dq, dk, dv) starts as NaN."""
+
+    def full_of_nan(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(local_triton, "_ALLOC", full_of_nan)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite (unwritten?) elements"
+    return float((out - ref).norm() / ref.norm())
+
+
+def check(B, H, D, grid, window, text_len, shape, tile, dtype, backward=True, layout="bhld", seed=None):
+    """Kernel vs float64 reference on fresh random inputs: output and dq, dk, dv."""
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed)
+    L = text_len + math.prod(grid)
+    if layout == "blhd":  # heads-interleaved memory, as projections produce it: strided q/k/v
+        q, k, v = (torch.randn(B, L, H, D, generator=gen, device=DEVICE).to(dtype).transpose(1, 2)
+                   for _ in range(3))
+    else:
+        q, k, v = (torch.randn(B, H, L, D, generator=gen, device=DEVICE).to(dtype) for _ in range(3))
+    q, k, v = (t.requires_grad_(backward) for t in (q, k, v))
+    out = local_attention_triton(q, k, v, grid, window, text_len, shape, tile)
+    q64, k64, v64 = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
+    ref = local_attention_reference(q64, k64, v64, grid, window, text_len, shape, tile)
+    assert out.shape == ref.shape and out.dtype == dtype
+    errs = {"out": rel_err(out, ref)}
+    if backward:
+        g = torch.randn(out.shape, generator=gen, device=DEVICE).to(dtype)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        refs = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+        errs.update({n: rel_err(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads, refs)})
+    tol = TOL[dtype]
+    assert all(e < tol for e in errs.values()), f"relative errors {errs} (tolerance {tol})"
+    return errs
+
+
+# -------------------------------------------------------------------- interpreter-sized cases
+
+CASES = [
+    # id, B, H, D, grid, window, text_len, shape, tile, dtype
+    ("2d-circle-13x21", 2, 1, 64, (13, 21), 5, 0, "circle", (4, 8), torch.float32),
+    ("2d-circle-text", 1, 2, 64, (13, 21), 5, 6, "circle", (4, 8), torch.float32),
+    ("2d-ellipse-table", 1, 1, 64, (11, 17), (2.5, 6.0), 3, "circle", (4, 8), torch.float32),
+    ("2d-circle-inf-row", 1, 1, 64, (7, 12), (math.inf, 2), 2, "circle", (4, 8), torch.float32),
+    ("2d-tile-13x21", 2, 1, 64, (13, 21), (3, 7), 5, "tile", (4, 8), torch.float32),
+    ("2d-tile-default-tile", 1, 1, 64, (10, 19), 9, 0, "tile", None, torch.float32),
+    ("3d-circle", 1, 1, 64, (5, 6, 7), (2, 3, 3), 4, "circle", (2, 4, 4), torch.float32),
+    ("3d-tile", 2, 1, 64, (3, 7, 9), (1, 4, 4), 0, "tile", (2, 4, 4), torch.float32),
+    ("2d-circle-bf16", 1, 1, 64, (13, 21), 5, 5, "circle", (4, 8), torch.bfloat16),
+    ("2d-tile-fp16", 1, 1, 64, (13, 21), 6, 3, "tile", (4, 8), torch.float16),
+    ("3d-circle-fp16", 1, 1, 64, (3, 5, 9), (1.5, 3, 3), 2, "circle", (2, 4, 4), torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_reference(case):
+    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
+    check(B, H, D, grid, window, text_len, shape, tile, dtype)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_head_dims(head_dim):
+    check(1, 1, head_dim, (6, 11), 3, 3, "circle", (4, 8), torch.float32)
+
+
+def test_strided_inputs():
+    check(1, 2, 40, (6, 11), (2, 5), 2, "tile", (4, 8), torch.float32, layout="blhd")
+
+
+def test_tile_order_entry_point():
+    """local_attention_tiled on to_tile_order'ed tokens equals the row-major call."""
+    grid, tile, text_len, window = (9, 13), (4, 8), 3, 4
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    L = text_len + math.prod(grid)
+    q, k, v = (torch.randn(1, 2, L, 64, generator=gen, device=DEVICE) for _ in range(3))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ref = local_attention_reference(*(t.double() for t in (q, k, v)), grid, window, text_len)
+    tiled_in = [to_tile_order(t, grid, tile, text_len) for t in (q, k, v)]
+    out_t = local_attention_tiled(*tiled_in, grid, window, text_len, "circle", tile)
+    out = from_tile_order(out_t, grid, tile, text_len)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    refs = torch.autograd.grad(local_attention_triton(q, k, v, grid, window, text_len, "circle", tile), (q, k, v), g)
+    for a, b in zip(grads, refs):
+        assert rel_err(a, b) < TOL[torch.float32]
+
+
+# -------------------------------------------------------------------- layout
+
+
+def test_tile_order_is_tile_major_and_invertible():
+    grid, tile, text_len = (5, 7, 11), (2, 4, 4), 3
+    L = text_len + math.prod(grid)
+    x = torch.randn(2, L, 5)
+    y = to_tile_order(x, grid, tile, text_len, dim=1)
+    assert torch.equal(from_tile_order(y, grid, tile, text_len, dim=1), x)
+    assert torch.equal(y[:, :text_len], x[:, :text_len])
+    # tokens of each tile are contiguous, tiles in row-major order of tile coordinates
+    coords = torch.stack(torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij"), -1).reshape(-1, 3)
+    tile_id = ((coords[:, 0] // 2) * 2 + coords[:, 1] // 4) * 3 + coords[:, 2] // 4
+    order = tile_order_index(grid, tile)
+    assert torch.equal(torch.sort(order).values, torch.arange(math.prod(grid)))
+    ids_in_order = torch.empty_like(tile_id)
+    ids_in_order[order] = tile_id
+    assert torch.all(ids_in_order[1:] >= ids_in_order[:-1])
+
+
+def test_circle_masks_match_reference_exactly():
+    """The kernel's two exact mask forms (fp32 integer formula, float64-derived table)."""
+    for window, mode in ((5, MASK_FORMULA), ((2.5, 6.0), MASK_TABLE), ((3, 4, 4), MASK_FORMULA),
+                         ((1.5, 3, 3.3), MASK_TABLE)):
+        grid = (9, 11) if isinstance(window, (int, float)) or len(window) == 2 else (5, 7, 9)
+        lay = get_layout(grid, window, "circle", None, "cpu")
+        assert lay.mask_mode == mode
+        mask = local_attention_mask(grid, window)
+        coords = torch.stack(torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij"), -1).reshape(-1, len(grid))
+        if len(grid) == 2:
+            coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1)
+        d = (coords[:, None, :] - coords[None, :, :]).abs()
+        table = lay.table.view(lay.cap0 + 2, lay.cap1 + 2)
+        thr = table[d[..., 0].clamp(max=lay.cap0 + 1), d[..., 1].clamp(max=lay.cap1 + 1)]
+        assert torch.equal(d[..., 2] <= thr, mask)
+        if mode == MASK_FORMULA:
+            w = torch.tensor(lay.weights[:3], dtype=torch.float32)
+            s = (d.to(torch.float32) ** 2 * w).sum(-1)
+            assert torch.equal(s <= lay.weights[3], mask)
+
+
+def test_layout_cache_hit_and_setup_fast():
+    clear_layout_cache()
+    start = time.perf_counter()
+    lay = get_layout((512, 512), 16, "circle", None, DEVICE)  # FLUX-8K grid
+    first_ms = (time.perf_counter() - start) * 1e3
+    assert first_ms < 50, f"per-resolution setup took {first_ms:.1f} ms"
+    assert get_layout((512, 512), 16, "circle", None, DEVICE) is lay
+    assert layout_cache_info()["layout"].hits >= 1
+    start = time.perf_counter()
+    get_layout((21, 30, 52), (2, 8, 8), "tile", None, DEVICE)
+    assert (time.perf_counter() - start) * 1e3 < 50
+    # the permutation used by to_tile_order is cached too
+    x = torch.randn(1, 512 + 256 * 256, 4, device=DEVICE)
+    to_tile_order(x, (256, 256), None, 512, dim=1)
+    misses = layout_cache_info()["permutation"].misses
+    to_tile_order(x, (256, 256), None, 512, dim=1)
+    assert layout_cache_info()["permutation"].misses == misses
+
+
+def test_layout_geometry():
+    lay = get_layout((256, 256), 16, "tile", (8, 16), "cpu")
+    assert lay.radius == (0, 2, 1) and lay.n_tiles == (1, 32, 16) and lay.mask_mode == 0
+    lay = get_layout((256, 256), 16, "circle", (8, 16), "cpu")
+    assert lay.radius == (0, 2, 1) and lay.mask_mode == MASK_FORMULA
+    assert local_layout.get_layout((256, 256), 16, "circle", (8, 16), "cpu") is lay
+
+
+# -------------------------------------------------------------------- errors
+
+
+def test_unsupported_inputs_raise():
+    grid = (4, 8)
+    q = torch.randn(1, 1, 32, 64, device=DEVICE)
+    with pytest.raises(TypeError):
+        local_attention_triton(q.double(), q.double(), q.double(), grid, 3)
+    with pytest.raises(ValueError, match="head dim"):
+        big = torch.randn(1, 1, 32, 256, device=DEVICE)
+        local_attention_triton(big, big, big, grid, 3)
+    with pytest.raises(ValueError, match="sequence length"):
+        local_attention_triton(q, q, q, (4, 9), 3)
+    with pytest.raises(ValueError, match="shape"):
+        local_attention_triton(q, q, q, grid, 3, shape="square")
+    with pytest.raises(ValueError):
+        local_attention_triton(q, q, q, grid, 0)
+    with pytest.raises(ValueError):
+        local_attention_triton(q, q[..., :32], q, grid, 3)
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 1, 32, 64)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        local_attention_triton(q, q, q, (4, 8), 3)
+
+
+# -------------------------------------------------------------------- GPU, real sizes
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", ["circle", "tile"])
+def test_gpu_flux_2k_bf16(shape):
+    """FLUX-2K: 128×128 grid + 512 text tokens, head dim 128, bf16 (2 heads to keep the reference cheap)."""
+    errs = check(1, 2, 128, (128, 128), 16, 512, shape, None, torch.bfloat16, seed=0)
+    assert errs["out"] < 1e-2
+
+
+@needs_cuda
+def test_gpu_wan_3d_and_dtypes():
+    check(1, 2, 128, (21, 30, 52), (2, 8, 8), 0, "circle", None, torch.bfloat16, seed=1)
+    check(1, 2, 128, (21, 30, 52), (2, 8, 8), 0, "tile", None, torch.float16, seed=2)
+    check(2, 2, 64, (40, 72), 12, 77, "circle", None, torch.float32, seed=3)
+    check(2, 2, 40, (37, 50), 9, 0, "tile", None, torch.bfloat16, seed=4, layout="blhd")
+    for d in (72, 80, 96):
+        check(1, 2, d, (33, 47), (6.5, 9), 20, "circle", None, torch.bfloat16, seed=d)
+
+
+@needs_cuda
+def test_gpu_flux_8k_offsets_and_new_resolution_cost():
+    """8K-sized sequence (int64 bases), and a new resolution costs no recompilation."""
+    q, k, v = (torch.randn(1, 24, 512 + 512 * 512, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = local_attention_triton(q, k, v, (512, 512), 16, 512, "tile")
+    assert torch.isfinite(out).all()
+    # the last head computed alone (no large base offsets) gives the same bits
+    last = local_attention_triton(*(t[:, -1:].contiguous() for t in (q, k, v)), (512, 512), 16, 512, "tile")
+    assert torch.equal(out[:, -1:], last)
+    del q, k, v, out, last
+    torch.cuda.empty_cache()
+    x = torch.randn(1, 4, 300 + 96 * 80, 64, device="cuda", dtype=torch.bfloat16)
+    local_attention_triton(x, x, x, (96, 80), 16, 300, "circle")  # compiled for this config
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    y = torch.randn(1, 4, 77 + 88 * 72, 64, device="cuda", dtype=torch.bfloat16)
+    local_attention_triton(y, y, y, (88, 72), 16, 77, "circle")
+    torch.cuda.synchronize()
+    assert (time.perf_counter() - start) * 1e3 < 500, "a new resolution must not recompile the kernel"
