@@ -106,8 +106,11 @@ def test_matches_reference(head_dim, dtype):
     check(q, k, v)
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("dv", (64, 128))
+@pytest.mark.parametrize(
+    "dv, dtype",
+    [(64, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16), (128, torch.float16)],
+    ids=["64-fp32", "64-bf16", "128-bf16", "128-fp16"],
+)
 def test_hedgehog_dk_twice_dv(dv, dtype):
     """Hedgehog feature maps double the key dim: Dk = 2·Dv (up to 256)."""
     gen = make_gen()
@@ -209,6 +212,7 @@ def test_dispatch_routes_to_triton(monkeypatch):
         (((1, 1, 8, 16), (1, 1, 0, 16), (1, 1, 0, 16)), torch.float32, "at least one token"),
         (((1, 1, 8, 512), (1, 1, 8, 512), (1, 1, 8, 16)), torch.float32, "head dims"),
         (((1, 1, 8, 16), (1, 1, 8, 16), (1, 1, 8, 256)), torch.float32, "head dims"),
+        (((1, 1, 8, 256), (1, 1, 8, 256), (1, 1, 8, 128)), torch.float32, "fp32"),
     ],
 )
 def test_bad_inputs_raise(shapes, dtype, match):
@@ -268,11 +272,16 @@ def test_gpu_real_shapes(B, H, M, N, dk, dv, dtype):
 
 @needs_cuda
 def test_gpu_fp16_large_n_no_overflow():
-    """N = 262144 keys of magnitude ~1: raw fp16 sums would overflow (> 65504)."""
+    """N = 262144 keys of magnitude ~1: raw fp16 sums would overflow (> 65504).
+
+    v is zero-mean: with a large common offset in v and N this large, every output row
+    is nearly mean(v), and dq becomes a difference of two nearly equal terms that any
+    16-bit copy of the state cannot resolve (see benchmarks/NOTES_linear.md).
+    """
     gen = make_gen()
     q = features(1, 2, 262144, 64, dtype=torch.float16, gen=gen)
     k = features(1, 2, 262144, 64, dtype=torch.float16, gen=gen)
-    v = (1 + torch.rand(1, 2, 262144, 64, generator=gen, device=DEVICE)).to(torch.float16)
+    v = values(1, 2, 262144, 64, dtype=torch.float16, gen=gen)
     check(q, k, v)
 
 

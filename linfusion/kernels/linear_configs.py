@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_HEAD_DIM = 256  # Dk (hedgehog feature maps double it)
+MAX_HEAD_DIM_FP32 = 128  # fp32 states of 256 rows overflow shared memory in the backward
 MAX_VALUE_DIM = 128  # Dv: larger states no longer fit shared memory in the backward
 
 
@@ -59,17 +60,24 @@ def linear_config(dk_pad: int, dv_pad: int, elem_bytes: int, interpret: bool) ->
             bwdkv_block_n=32, bwdkv_warps=4, bwdkv_stages=1,
             programs_per_sm=2,
         )
-    big = max(dk_pad, dv_pad) > 128 or elem_bytes == 4
-    if not big:
+    if elem_bytes == 4:
+        # fp32 (IEEE dots on the FMA units; for checking, not speed): small token blocks keep
+        # shared memory well under the limit (the fp32 state alone is 64 KB at 128 × 128).
+        return LinearConfig(
+            state_block_n=32, state_block_dk=dk_pad, state_block_dv=dv_pad, state_warps=8, state_stages=2,
+            apply_block_m=32, apply_warps=8, apply_stages=1,
+            bwdq_block_m=16, bwdq_block_dk=dk_pad, bwdq_warps=8, bwdq_stages=1,
+            bwdkv_block_n=16, bwdkv_warps=8, bwdkv_stages=1,
+        )
+    if max(dk_pad, dv_pad) <= 128:
         # Hopper, head dims ≤ 128, 16-bit: tuned on H200 (see benchmarks/NOTES_linear.md).
         return LinearConfig(
-            state_block_n=64, state_block_dk=dk_pad, state_block_dv=dv_pad, state_warps=8, state_stages=3,
+            state_block_n=64, state_block_dk=dk_pad, state_block_dv=dv_pad, state_warps=4, state_stages=3,
             apply_block_m=128, apply_warps=8, apply_stages=3,
             bwdq_block_m=64, bwdq_block_dk=dk_pad, bwdq_warps=8, bwdq_stages=2,
             bwdkv_block_n=64, bwdkv_warps=8, bwdkv_stages=2,
         )
-    # Large head dims (hedgehog Dk = 2·Dv, up to 256) or fp32: smaller token blocks to fit
-    # shared memory and registers.
+    # Hedgehog Dk = 2·Dv up to 256 (16-bit): smaller token blocks to fit shared memory.
     return LinearConfig(
         state_block_n=32, state_block_dk=min(dk_pad, 128), state_block_dv=min(dv_pad, 128),
         state_warps=8, state_stages=2,

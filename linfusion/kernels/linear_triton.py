@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreter_enabled
-from .linear_configs import MAX_HEAD_DIM, MAX_VALUE_DIM, LinearConfig, linear_config, padded_dim
+from .linear_configs import MAX_HEAD_DIM, MAX_HEAD_DIM_FP32, MAX_VALUE_DIM, LinearConfig, linear_config, padded_dim
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCE_ROWS = 16
@@ -390,6 +390,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"head dims must be Dk in [1, {MAX_HEAD_DIM}] and Dv in [1, {MAX_VALUE_DIM}], got Dk={dk}, Dv={dv}"
         )
+    if q.dtype == torch.float32 and dk > MAX_HEAD_DIM_FP32:
+        raise ValueError(
+            f"fp32 inputs support Dk ≤ {MAX_HEAD_DIM_FP32} (got {dk}): an fp32 state of Dk > 128 rows does "
+            "not fit shared memory; use bf16/fp16 inputs or backend='torch'"
+        )
     if q.device.type == "cuda":
         return
     if q.device.type == "cpu" and triton_interpreter_enabled():
@@ -583,7 +588,7 @@ def linear_attention_triton(
     Args:
         q: (B, H, M, Dk) non-negative feature-mapped queries (fp16, bf16 or fp32).
         k: (B, H, N, Dk) non-negative feature-mapped keys, N ≥ 1.
-        v: (B, H, N, Dv) values. Dk ≤ 256, Dv ≤ 128.
+        v: (B, H, N, Dv) values. Dk ≤ 256 (≤ 128 in fp32), Dv ≤ 128.
         eps: added to the mean-normalised denominator.
         config: tile configuration (default: ``linear_configs.linear_config``).
 
