@@ -39,6 +39,8 @@ stride on the last dimension only (others are passed to the kernels).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -442,8 +444,13 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _chunking(length: int, block: int, programs_per_chunk_set: int, target_programs: int) -> tuple[int, int]:
