@@ -199,7 +199,9 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         if name in ("linear", "local") and not adapter:
             skipped.append(name)
             continue
-        options = {"window": window} if method == "local" else {}
+        options = {"layers": "all"}  # replace every layer at every size (no dense fallback)
+        if method == "local":
+            options["window"] = window
         apply_patch(pipe, method, adapter, options)
         for scale in scales:
             size = base * scale

@@ -289,7 +289,7 @@ def train_dit(transformer, text_encoder, head, tokenizer, vae, bank: Bank, strea
         ema_text.update()
         budget.step += 1
         if budget.step % 100 == 0 or budget.step == 1:
-            history.append({"step": budget.step, "mse": round(float(mse), 5), "parse": round(float(aux), 4),
+            history.append({"step": budget.step, "mse": round(float(mse.detach()), 5), "parse": round(float(aux.detach()), 4),
                             "bank": bank.size, "seen": bank.added, "time": round(time.time() - t0, 1)})
             if budget.step % 500 == 0:
                 log(f"dit step {budget.step} {history[-1]}")
@@ -322,6 +322,9 @@ def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: i
             "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup-steps",
             str(min(50, max(1, steps // 10))), "--mixed-precision", mixed_precision, "--trainable", "new+qkvo",
             "--checkpoint-every", str(10**9), "--log-every", "25", "--no-progress"]
+    # layers=all: the replacement runs in every layer at every size (no per-size dense fallback),
+    # so the student learns the new attention and the adapter keeps it that way.
+    argv += ["--patch-option", "layers=all"]
     if method == "local":
         argv += ["--patch-option", f"window={LOCAL_WINDOW}"]
     return argv

@@ -1,0 +1,237 @@
+"""LinFusion-Mini model: the training code path (smoke sizes on CPU), the quality benchmark's
+quick mode, the weight packaging, and -- once weights are bundled -- the bundled pipeline,
+adapters and the CLI default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from linfusion.mini import bundle, mini_is_bundled
+from linfusion.mini import model as mm
+from linfusion.mini.world import parse_prompt, prompt_set
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"model", "resolution", "adherence", "psnr_vs_teacher", "ssim_vs_teacher", "sec_per_image"}
+needs_bundle = pytest.mark.skipif(not mini_is_bundled(),
+                                  reason="LinFusion-Mini weights are not bundled yet (linfusion/mini/weights/)")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """``python -m linfusion.mini.train --smoke`` (in-process): teacher + both students."""
+    from linfusion.mini.train import main
+
+    out = tmp_path_factory.mktemp("mini") / "run"
+    assert main(["--out", str(out), "--smoke", "--device", "cpu"]) == 0
+    return out
+
+
+def _pipe(folder: Path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------- smoke training path
+
+
+def test_smoke_training_writes_a_loadable_fp16_pipeline(smoke_run):
+    folder = smoke_run / "pipeline"
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "PixArtSigmaPipeline"
+    assert index["transformer"][1] == "PixArtTransformer2DModel" and index["vae"][1] == "AutoencoderKL"
+    assert index["text_encoder"][1] == "T5EncoderModel"
+    from safetensors import safe_open
+
+    weights = sorted(folder.rglob("*.safetensors"))
+    assert len(weights) == 3
+    for path in weights:
+        with safe_open(str(path), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path
+    pipe = _pipe(folder)
+    assert type(pipe).__name__ == "PixArtSigmaPipeline"
+    assert pipe.transformer.config.sample_size * pipe.vae_scale_factor == 128
+    summary = json.loads((smoke_run / "train_summary.json").read_text())
+    assert summary["dit"]["steps"] == 3 and summary["vae"]["scaling_factor"] > 0
+    assert set(summary["distill"]) >= {"linear_mb", "local_mb"}
+
+
+def test_smoke_pipeline_is_deterministic_per_seed_at_128px(smoke_run):
+    from linfusion.mini.quality import generate
+
+    pipe = _pipe(smoke_run / "pipeline")
+    prompt = ["a red circle above a blue square"]
+    start = time.perf_counter()
+    a = generate(pipe, prompt, size=128, steps=2, seed=0, batch=1)[0]
+    seconds = time.perf_counter() - start
+    b = generate(pipe, prompt, size=128, steps=2, seed=0, batch=1)[0]
+    c = generate(pipe, prompt, size=128, steps=2, seed=1, batch=1)[0]
+    assert a.shape == (128, 128, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert seconds < 10
+    # the plain diffusers call, with its own generator, is deterministic too
+    kw = dict(num_inference_steps=2, height=128, width=128, output_type="np", use_resolution_binning=False)
+    x = pipe("a red circle", generator=torch.Generator().manual_seed(3), **kw).images
+    y = pipe("a red circle", generator=torch.Generator().manual_seed(3), **kw).images
+    assert np.array_equal(x, y)
+
+
+def test_smoke_students_are_fp16_adapters_that_patch_the_pipeline(smoke_run):
+    from safetensors import safe_open
+
+    from linfusion import describe, patch_pipeline, unpatch_pipeline
+
+    pipe = _pipe(smoke_run / "pipeline")
+    for method in ("linear", "local"):
+        folder = smoke_run / f"adapter-{method}"
+        with safe_open(str(folder / "linfusion_adapter.safetensors"), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        config = json.loads((folder / "linfusion_adapter.json").read_text())
+        options = config["components"]["transformer"]["options"]
+        assert options["method"] == method and options["dense_fallback"] is False
+        patch_pipeline(pipe, adapter=str(folder))
+        assert describe(pipe)["patched"] and method in json.dumps(describe(pipe), default=str)
+        unpatch_pipeline(pipe)
+
+
+def test_quality_quick_mode_writes_the_schema(smoke_run, tmp_path):
+    from linfusion.mini.quality import QUICK, run_benchmark
+
+    out, grid = tmp_path / "quality.json", tmp_path / "grid.png"
+    adapters = {m: str(smoke_run / f"adapter-{m}") for m in ("linear", "local")}
+    run_benchmark(smoke_run / "pipeline", adapters, device="cpu", out_json=out, out_grid=grid, **QUICK)
+    result = json.loads(out.read_text())
+    assert result["base_resolution"] == 128 and 0 <= result["checker_accuracy"] <= 1
+    assert [r["model"] for r in result["rows"]] == ["teacher", "zero_shot_linear", "zero_shot_local", "linear", "local"]
+    for row in result["rows"]:
+        assert set(row) == ROW_KEYS and row["resolution"] == 128
+        assert 0 <= row["adherence"] <= 1 and row["sec_per_image"] > 0
+        if row["model"] == "teacher":
+            assert row["psnr_vs_teacher"] is None and row["ssim_vs_teacher"] is None
+        else:
+            assert row["psnr_vs_teacher"] > 0 and -1 <= row["ssim_vs_teacher"] <= 1
+    from PIL import Image
+
+    assert Image.open(grid).size[0] > 6 * 128
+
+
+def test_weights_pack_into_parts_and_unpack_loadable(smoke_run, tmp_path):
+    from linfusion.mini.package import pack, unpack
+
+    manifest = pack(smoke_run, tmp_path / "out", part_bytes=100_000)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(manifest["parts"]) >= 2 and names[0] == "mini_weights.json"
+    assert set(manifest["files_mb"]) >= {"pipeline/model_index.json", "adapter-linear/linfusion_adapter.safetensors",
+                                        "adapter-local/linfusion_adapter.json"}
+    dest = tmp_path / "weights"
+    unpack(tmp_path / "out", dest)
+    assert (dest / "pipeline" / "model_index.json").is_file()
+    (tmp_path / "out" / manifest["parts"][0]["name"]).write_bytes(b"corrupt")
+    with pytest.raises(ValueError, match="corrupt"):
+        unpack(tmp_path / "out", tmp_path / "other")
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def test_tokenizer_covers_the_grammar_and_falls_back_to_characters():
+    tok = mm.build_tokenizer()
+    prompts = prompt_set("heldout", 100, seed=5)
+    ids, mask = mm.tokenize(tok, prompts)
+    assert tok.unk_token_id not in ids[mask.bool()].tolist()
+    assert int(mask.sum(1).max()) < mm.TEXT_LEN
+    words = [w for p in prompts for w in p.replace(",", " ").split()]
+    assert all(len(tok.tokenize(w)) == 1 for w in words), "every grammar word is one token"
+    unknown = tok("a zebra-like unicorn").input_ids
+    assert tok.unk_token_id not in unknown and len(unknown) > 5
+
+
+def test_padding_length_does_not_change_the_text_embedding():
+    torch.manual_seed(0)
+    parts = mm.build_components(mm.SMOKE)
+    tok, enc = parts["tokenizer"], parts["text_encoder"].eval()
+    short = mm.tokenize(tok, ["a big red star at the top"], 16)
+    long = mm.tokenize(tok, ["a big red star at the top"], 300)
+    n = int(short[1].sum())
+    with torch.no_grad():
+        a = enc(short[0], attention_mask=short[1]).last_hidden_state[0, :n]
+        b = enc(long[0], attention_mask=long[1]).last_hidden_state[0, :n]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_center_latents_keeps_decoding_and_centres_the_mean():
+    torch.manual_seed(0)
+    vae = mm.build_components(mm.SMOKE)["vae"].eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        before = vae.decode(z).sample
+        mean = z.mean(dim=(0, 2, 3))
+        mm.center_latents(vae, mean)
+        z2 = vae.encode(x).latent_dist.mean
+        after = vae.decode(z2).sample
+    torch.testing.assert_close(z2.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_scene_targets_encode_the_parsed_scene():
+    scene = parse_prompt("two small striped red squares above a large blue ring on a green background")
+    t = mm.scene_targets(scene)
+    assert len(t) == mm.N_SLOTS * len(mm.SLOT_FIELDS) + len(mm.BG_FIELDS)
+    fields = [name for name, _ in mm.SLOT_FIELDS]
+    assert t[fields.index("present")] == 1 and t[fields.index("count")] == 1  # two -> class 1
+    assert t[fields.index("relation")] == 1  # "above" is relation 1 (0 = none)
+
+
+# --------------------------------------------------------------------------- bundled weights
+
+
+@needs_bundle
+def test_bundled_weights_fit_the_budget():
+    files = [p for p in bundle.WEIGHTS_DIR.rglob("*") if p.is_file()]
+    sizes = {str(p.relative_to(bundle.WEIGHTS_DIR)): p.stat().st_size / 1e6 for p in files}
+    assert max(sizes.values()) < 16.0, sizes
+    assert sum(sizes.values()) <= 32.0, sizes
+
+
+@needs_bundle
+def test_bundled_pipeline_and_adapters_load_offline_and_are_deterministic():
+    from linfusion import patch_pipeline, unpatch_pipeline
+    from linfusion.mini.quality import generate
+
+    pipe = bundle.load_mini_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "PixArtSigmaPipeline"
+    a = generate(pipe, ["a red circle above a blue square"], size=128, steps=2, seed=0, batch=1)[0]
+    b = generate(pipe, ["a red circle above a blue square"], size=128, steps=2, seed=0, batch=1)[0]
+    assert a.shape == (128, 128, 3) and np.array_equal(a, b)
+    for method in ("linear", "local"):
+        patch_pipeline(pipe, adapter=bundle.bundled_adapter(method))
+        c = generate(pipe, ["a red circle above a blue square"], size=128, steps=2, seed=0, batch=1)[0]
+        assert c.shape == (128, 128, 3)
+        unpatch_pipeline(pipe)
+
+
+@needs_bundle
+def test_cli_default_model_writes_a_valid_png(tmp_path):
+    from PIL import Image
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for args in ([], ["--method", "linear"]):
+        out = tmp_path / f"mini{len(args)}.png"
+        proc = subprocess.run([sys.executable, "-m", "linfusion", "generate", "a red circle above a blue square",
+                               "--steps", "2", "--device", "cpu", "--out", str(out), *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert Image.open(out).size == (128, 128)
