@@ -89,13 +89,16 @@ class DenseFallback:
         if torch.is_grad_enabled():
             return True
         batch, n_img = x_img.shape[0], x_img.shape[1]
+        shard = processor.token_grid.parallel  # context parallel: decide on the global grid, alike on every rank
+        if shard is not None:
+            n_img = shard.n_global
         key = (batch, n_img, n_txt, x_img.device.type, x_img.dtype)
         if key not in self._decisions:
             from .crossover import patched_pays_off
 
             self._decisions[key] = patched_pays_off(
                 self.config, batch=batch, heads=self.heads, tokens=n_img, head_dim=self.head_dim,
-                text_len=n_txt, grid=processor.token_grid.for_tokens(n_img), dtype=x_img.dtype,
+                text_len=n_txt, grid=shard.global_grid if shard is not None else processor.token_grid.for_tokens(n_img), dtype=x_img.dtype,
                 device=x_img.device, channels=self.channels, mlp_ratio=self.mlp_ratio,
             )
         return self._decisions[key]

@@ -23,20 +23,22 @@ import pytest
 
 #: name -> (family, patch options or None for unpatched, call overrides, split axis)
 CASES: dict[str, tuple[str, dict | None, dict, int | None]] = {
-    "flux_linear": ("flux", {"method": "linear"}, {}, None),
-    "flux_local": ("flux", {"method": "local", "window": 2}, {}, None),
-    "flux_local_tile": ("flux", {"method": "local", "window": 2, "shape": "tile", "tile": (2, 4)}, {}, None),
-    "flux_linear_unequal": ("flux", {"method": "linear"}, {"height": 36}, None),  # 9 rows: 5 + 4
-    "flux_local_unequal": ("flux", {"method": "local", "window": 3}, {"height": 36}, None),
+    "flux_linear": ("flux", {"method": "linear", "layers": "all"}, {}, None),
+    "flux_local": ("flux", {"method": "local", "window": 2, "layers": "all"}, {}, None),
+    "flux_local_tile": ("flux", {"method": "local", "window": 2, "shape": "tile", "tile": (2, 4), "layers": "all"}, {}, None),
+    "flux_linear_unequal": ("flux", {"method": "linear", "layers": "all"}, {"height": 36}, None),  # 9 rows: 5 + 4
+    # layers="auto": the dense/patched choice is made on the global grid, alike on every rank
+    "flux_auto_unequal": ("flux", {"method": "linear"}, {"height": 36}, None),
+    "flux_local_unequal": ("flux", {"method": "local", "window": 3, "layers": "all"}, {"height": 36}, None),
     "flux_dense": ("flux", None, {}, None),
     "flux_partial_gate_conv": ("flux", {"method": "linear", "layers": ["transformer_blocks.0.attn"],
                                         "gate": True, "conv_v": True, "conv_kernel": 3}, {}, None),
-    "wan21_linear": ("wan21", {"method": "linear"}, {}, None),  # 3 frames: 2 + 1
-    "wan21_local": ("wan21", {"method": "local", "window": 2, "temporal_window": 1}, {}, None),
-    "wan21_local_rows": ("wan21", {"method": "local", "window": 1}, {}, 1),  # split rows of every frame
-    "sd3_local": ("sd3", {"method": "local", "window": 2}, {}, None),
-    "pixart_linear": ("pixart_sigma", {"method": "linear"}, {}, None),
-    "cogvideox_local": ("cogvideox", {"method": "local", "window": 2}, {}, None),
+    "wan21_linear": ("wan21", {"method": "linear", "layers": "all"}, {}, None),  # 3 frames: 2 + 1
+    "wan21_local": ("wan21", {"method": "local", "window": 2, "temporal_window": 1, "layers": "all"}, {}, None),
+    "wan21_local_rows": ("wan21", {"method": "local", "window": 1, "layers": "all"}, {}, 1),  # split rows of every frame
+    "sd3_local": ("sd3", {"method": "local", "window": 2, "layers": "all"}, {}, None),
+    "pixart_linear": ("pixart_sigma", {"method": "linear", "layers": "all"}, {}, None),
+    "cogvideox_local": ("cogvideox", {"method": "local", "window": 2, "layers": "all"}, {}, None),
 }
 #: max |CP - single| over the output (values in [0, 1]); fp32, reduction order only
 TOLERANCE = 1e-4
@@ -178,3 +180,28 @@ if __name__ == "__main__":
         worker(sys.argv[2], sys.argv[3:])
     elif sys.argv[1] == "die":
         dying_worker()
+
+
+@pytest.mark.parametrize("family,method", [("flux", "local")])
+def test_generate_cli_under_torchrun_equals_single_process(family, method, tmp_path):
+    from PIL import Image
+
+    from linfusion.testing.tiny_pipelines import save_tiny_pipeline
+
+    model = save_tiny_pipeline(family, tmp_path / "model")
+    h, w = (32, 48) if family == "flux" else (64, 96)
+    common = ["generate", "a red cube", "--model", model, "--method", method, "--window", "2",
+              "--height", str(h), "--width", str(w), "--steps", "2", "--dtype", "fp32", "--device", "cpu"]
+    if family == "wan21":
+        common += ["--num-frames", "9"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    single = subprocess.run([sys.executable, "-m", "linfusion", *common, "--out", str(tmp_path / "single.png")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    parallel = torchrun(["-m", "linfusion", *common, "--context-parallel", "--out", str(tmp_path / "cp.png")],
+                        timeout=180)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert parallel.stdout.count("wrote") == 1  # rank 0 only
+    a = np.asarray(Image.open(tmp_path / "single.png").convert("RGB"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "cp.png").convert("RGB"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 1  # 8-bit images: at most one level of rounding

@@ -33,6 +33,9 @@ def add_parser(subparsers) -> None:
                         help="also run the original pipeline and write both side by side with their timings")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    parser.add_argument("--context-parallel", action="store_true",
+                        help="under torchrun: split the image/video tokens over the processes (NCCL on GPUs, "
+                             "gloo on CPU); every rank runs, rank 0 writes the output")
     parser.set_defaults(run=run)
 
 
@@ -57,6 +60,15 @@ def run(args: argparse.Namespace) -> int:
     from ..mini.bundle import MiniNotBundledError
 
     device = torch.device(args.device) if args.device else None
+    cp = None
+    if args.context_parallel:  # linfusion.parallel: one rank per process, same inputs on every rank
+        import functools
+
+        from ..parallel import init_context_parallel
+        from ..parallel.run import run_pipeline_parallel
+
+        cp = init_context_parallel(device=device)
+        device, run_pipeline = cp.device, functools.partial(run_pipeline_parallel, cp)
     try:
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
     except MiniNotBundledError as error:
@@ -84,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if cp is not None and not cp.is_main:
+        cp.close()
+        return 0
     out = Path(args.out)
     if original is not None:
         combined = [side_by_side(a, b) for a, b in zip(original.images, result.images)]
@@ -94,4 +109,6 @@ def run(args: argparse.Namespace) -> int:
         save_images(result.images, out)
         print(f"{label}: {result.seconds:.2f} s at {width}x{height}")
     print(f"wrote {out.resolve()}")
+    if cp is not None:
+        cp.close()
     return 0

@@ -23,7 +23,7 @@ import torch
 from . import comm
 
 
-class ContextParallelError(RuntimeError):
+class ContextParallelError(ValueError):
     """The model, its patch or the resolution cannot be run with context parallelism."""
 
 
