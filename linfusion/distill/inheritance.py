@@ -171,7 +171,7 @@ def build_student(
         if mode != "shared":  # an unpatched frozen copy, taken before anything changes
             twin = copy.deepcopy(model).requires_grad_(False).eval()
             copies[component] = twin.to("cpu") if mode == "offload" else twin
-        patch_model(model, dataclasses.replace(config, layers=plans[component]))
+        patch_model(model, dataclasses.replace(config, layers=plans[component], **_train_everywhere(config)))
     params: dict[str, dict[str, nn.Parameter]] = {}
     gates: dict[str, dict[str, nn.Parameter]] = {}
     for component, model in models.items():
@@ -196,6 +196,11 @@ def build_student(
             param.requires_grad_(True)
         params[component] = chosen
     return Student(pipe, models, trainable, params, gates, Teacher(models, mode, copies), config)
+
+
+def _train_everywhere(config: PatchConfig) -> dict:
+    """Training needs the replacement in every chosen layer: no dense fallback (where the core has one)."""
+    return {"dense_fallback": False} if "dense_fallback" in {f.name for f in dataclasses.fields(config)} else {}
 
 
 def patch_has_parameters(config: PatchConfig) -> bool:

@@ -1,0 +1,322 @@
+"""Distillation toolkit: CLI runs on tiny offline pipelines, resume, faults, ADM, selective transfer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny_pipelines import call_kwargs, save_tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+ENV.pop("LINFUSION_DISTILL_FAULT", None)
+
+#: per family: generation flags for the tiny pipelines
+GEN = {
+    "sd15": ["--resolution", "32x48"],
+    "pixart_sigma": ["--resolution", "32x48", "--max-sequence-length", "16"],
+    "flux": ["--resolution", "32x48", "--max-sequence-length", "16"],
+    "wan21": ["--resolution", "64x96", "--num-frames", "9", "--max-sequence-length", "16"],
+}
+DATA = ["--num-prompts", "4", "--data-steps", "4", "--no-progress"]
+
+
+def cli(*args: str, fault: str | None = None, check: bool = True, launcher: list[str] | None = None):
+    env = dict(ENV)
+    if fault:
+        env["LINFUSION_DISTILL_FAULT"] = fault
+    command = (launcher or [sys.executable]) + ["-m", "linfusion", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """family -> (saved pipeline folder, teacher data folder), built once per session."""
+    root = tmp_path_factory.mktemp("distill")
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in made:
+            model = Path(save_tiny_pipeline(family, root / family))
+            data = root / f"{family}-data"
+            cli("generate-data", "--model", str(model), "--output", str(data), *GEN[family], *DATA)
+            made[family] = (model, data)
+        return made[family]
+
+    return get
+
+
+def distill(model: Path, data: Path, output: Path, family: str, *extra: str, **kw):
+    return cli("distill", "--model", str(model), "--data", str(data), "--output", str(output), *GEN[family],
+               "--no-progress", *extra, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end per family
+# ---------------------------------------------------------------------------------------------
+
+FAMILY_RUNS = {
+    "sd15": ["--method", "linear", "--losses", "kd=1", "attn=1"],
+    "pixart_sigma": ["--method", "linear", "--losses", "kd=1", "attn=1", "var=0.05"],
+    "flux": ["--method", "local", "--patch-option", "window=2", "--losses", "kd=1", "attn=1"],  # CLEAR: q/k/v/out
+    "wan21": ["--method", "linear", "--trainable", "new+qkvo", "--losses", "kd=1", "attn=1"],
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_RUNS))
+def test_distill_cli_family(family, tiny, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    import linfusion
+
+    model, data = tiny(family)
+    output = tmp_path / "run"
+    distill(model, data, output, family, "--steps", "30", "--lr", "1e-2", "--batch-size", "2",
+            "--checkpoint-every", "10", *FAMILY_RUNS[family])
+    log = metrics(output)
+    assert [m["step"] for m in log] == list(range(1, 31))
+    first = sum(m["loss"] for m in log[:5]) / 5
+    last = sum(m["loss"] for m in log[-5:]) / 5
+    print(f"{family}: first {log[0]['loss']:.6g} last {log[-1]['loss']:.6g} (mean5 {first:.6g} -> {last:.6g})")
+    assert last < first
+    pipe = DiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    linfusion.patch_pipeline(pipe, adapter=str(output))
+    assert linfusion.is_patched(pipe)
+    kwargs = call_kwargs(family)
+    out = pipe(**kwargs)
+    images = out.frames if hasattr(out, "frames") else out.images
+    assert torch.isfinite(torch.as_tensor(images)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# resume, faults, bad input
+# ---------------------------------------------------------------------------------------------
+
+RESUME = ["--steps", "12", "--checkpoint-every", "4", "--lr", "1e-2", "--batch-size", "2"]
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny, tmp_path):
+    model, data = tiny("sd15")
+    straight = tmp_path / "straight"
+    distill(model, data, straight, "sd15", *RESUME)
+    killed = tmp_path / "killed"
+    # killed while writing checkpoint 8: only a .tmp- folder, step 4 stays the newest
+    result = distill(model, data, killed, "sd15", *RESUME, fault="kill-in-checkpoint-8", check=False)
+    assert result.returncode == 137
+    names = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert names[0].startswith(".tmp-") and names[1:] == ["step-00000004"]
+    # resumed, then killed between checkpoints (after step 10)
+    result = distill(model, data, killed, "sd15", *RESUME, "--resume", fault="kill-at-10", check=False)
+    assert result.returncode == 137
+    distill(model, data, killed, "sd15", *RESUME, "--resume")
+    a = load_file(straight / "linfusion_adapter.safetensors")
+    b = load_file(killed / "linfusion_adapter.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in metrics(straight)] == [m["loss"] for m in metrics(killed)]
+
+
+def test_resume_with_other_configuration_is_refused(tiny, tmp_path):
+    model, data = tiny("sd15")
+    output = tmp_path / "run"
+    distill(model, data, output, "sd15", "--steps", "4", "--checkpoint-every", "2", "--lr", "1e-2")
+    result = distill(model, data, output, "sd15", "--steps", "4", "--checkpoint-every", "2", "--lr", "0.5",
+                     "--resume", check=False)
+    assert result.returncode == 2
+    assert "different configuration" in result.stderr and "lr" in result.stderr
+    again = distill(model, data, output, "sd15", "--steps", "4", "--lr", "1e-2", check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_full_disk_leaves_no_partial_checkpoint(tiny, tmp_path):
+    model, data = tiny("sd15")
+    output = tmp_path / "run"
+    result = distill(model, data, output, "sd15", "--steps", "6", "--checkpoint-every", "2",
+                     fault="enospc-checkpoint-4", check=False)
+    assert result.returncode == 2
+    assert "disk is full" in result.stderr and "step-00000002" in result.stderr
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_unsupported_family_and_foreign_data(tiny, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    result = cli("distill", "--model", str(tmp_path / "ddpm"), "--output", str(tmp_path / "o1"), "--steps", "2",
+                 check=False)
+    assert result.returncode == 2 and "does not support UNet2DModel" in result.stderr
+    flux, _ = tiny("flux")
+    _, sd_data = tiny("sd15")
+    result = distill(flux, sd_data, tmp_path / "o2", "flux", "--steps", "2", check=False)
+    assert result.returncode == 2 and "another model" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# selective transfer, config file
+# ---------------------------------------------------------------------------------------------
+
+
+def test_selective_transfer_meets_target(tiny, tmp_path):
+    import yaml
+    from diffusers import DiffusionPipeline
+
+    import linfusion
+
+    model, data = tiny("sd15")
+    config = tmp_path / "distill.yaml"
+    config.write_text(yaml.safe_dump({"steps": 40, "lr": 1e-2, "batch-size": 2, "select_layers": 2,
+                                      "losses": ["kd=1", "attn=1"], "checkpoint_every": 100}))
+    output = tmp_path / "run"
+    distill(model, data, output, "sd15", "--config", str(config))
+    log = metrics(output)
+    scores = log[-1]["scores"]
+    assert len(scores) == 6  # 7 self-attention layers, the first kept softmax
+    assert all(min(s, 1 - s) < 0.01 for s in scores)
+    assert sum(s < 0.5 for s in scores) == 2
+    meta = json.loads((output / "linfusion_adapter.json").read_text())
+    layers = meta["components"]["unet"]["layers"]
+    assert len(layers) == 2 and meta["components"]["unet"]["options"]["gate"] is False
+    pipe = DiffusionPipeline.from_pretrained(str(model))
+    linfusion.patch_pipeline(pipe, adapter=str(output))
+    assert linfusion.describe(pipe)["components"]["unet"]["patched_layers"] == layers
+
+
+# ---------------------------------------------------------------------------------------------
+# data: images with captions, reuse
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_folder_and_lora(tiny, tmp_path):
+    from PIL import Image
+
+    model, _ = tiny("sd15")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        pixels = (torch.rand(32, 48, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"a random picture number {i}")
+    output = tmp_path / "run"
+    cli("distill", "--model", str(model), "--data", str(images), "--output", str(output), "--resolution", "32x48",
+        "--data-steps", "3", "--steps", "4", "--trainable", "lora", "--lora-rank", "4", "--no-progress")
+    manifest = json.loads((output / "data" / "manifest.json").read_text())
+    assert manifest["images"] == ["img0.png", "img1.png", "img2.png"]
+    meta = json.loads((output / "linfusion_adapter.json").read_text())
+    assert meta["components"]["unet"]["base_params"]  # merged LoRA stored as trained base weights
+    assert not any("lora" in key for key in load_file(output / "linfusion_adapter.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# units: ADM, schedule, data stream
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["flow", "epsilon", "v_prediction"])
+def test_adm_gradient_vanishes_when_student_is_teacher(kind):
+    from linfusion.distill.adm import adm_direction, adm_surrogate
+    from linfusion.distill.schedule import deterministic_step
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x_t = torch.randn(2, 4, 6, 6)
+    a, s = torch.tensor([0.6, 0.8]), torch.tensor([0.8, 0.6])
+    a2, s2 = torch.tensor([0.8, 0.9]), torch.tensor([0.6, 0.43589])
+    if kind == "flow":
+        a, s, a2, s2 = 1 - s, s, 1 - s2, s2
+    x_hat = deterministic_step(kind, x_t, net(x_t), a, s, a2, s2)
+    with torch.no_grad():
+        same = net(x_hat)
+    loss = adm_surrogate(x_hat, adm_direction(kind, x_hat.detach(), same, same, a2, s2))
+    loss.backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in net.parameters())
+    net.zero_grad()
+    x_hat = deterministic_step(kind, x_t, net(x_t), a, s, a2, s2)
+    with torch.no_grad():
+        teacher = net(x_hat) + 0.1
+    adm_surrogate(x_hat, adm_direction(kind, x_hat.detach(), teacher, net(x_hat).detach(), a2, s2)).backward()
+    assert any(p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_flow_adm_direction_matches_formula():
+    from linfusion.distill.adm import adm_direction
+
+    sigma = torch.tensor([0.3])
+    x = torch.randn(1, 4)
+    u_teacher, u_student = torch.randn(1, 4), torch.randn(1, 4)
+    g = adm_direction("flow", x, u_teacher, u_student, 1 - sigma, sigma)
+    # s_real − s_fake = −((1−t)/t)(u_T − u_S) and g = s_fake − s_real
+    assert torch.allclose(g, (1 - sigma) / sigma * (u_teacher - u_student), atol=1e-6)
+
+
+def test_task_target_round_trip():
+    from linfusion.distill.schedule import task_target, to_x0_eps
+
+    torch.manual_seed(0)
+    x0, eps = torch.randn(3, 4), torch.randn(3, 4)
+    alpha_bar = torch.tensor([0.2, 0.5, 0.9])
+    for kind, a, s in (("epsilon", alpha_bar.sqrt(), (1 - alpha_bar).sqrt()),
+                       ("v_prediction", alpha_bar.sqrt(), (1 - alpha_bar).sqrt()),
+                       ("flow", 1 - alpha_bar, alpha_bar)):
+        x_t = a[:, None] * x0 + s[:, None] * eps
+        target = task_target(kind, x_t, x0, a, s)
+        got_x0, got_eps = to_x0_eps(kind, x_t, target, a, s)
+        assert torch.allclose(got_x0, x0, atol=1e-4) and torch.allclose(got_eps, eps, atol=1e-4)
+
+
+def test_index_stream_splits_global_batch():
+    from linfusion.distill.trainer import IndexStream
+
+    one = IndexStream(10, seed=3, batch_size=4, world=1, accum=1)
+    two = IndexStream(10, seed=3, batch_size=2, world=2, accum=1)
+    for step in range(6):
+        assert one.indices(step, 0, 0) == two.indices(step, 0, 0) + two.indices(step, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes (gloo on CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_process_data_parallel(tiny, tmp_path):
+    model, data = tiny("sd15")
+    common = ["--steps", "4", "--checkpoint-every", "2", "--lr", "1e-2"]
+    single = tmp_path / "single"
+    distill(model, data, single, "sd15", *common, "--batch-size", "2")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env_cpu = {"ACCELERATE_USE_CPU": "1"}
+    os.environ.update(env_cpu)
+    ENV.update(env_cpu)
+    try:
+        double = tmp_path / "double"
+        distill(model, data, double, "sd15", *common, "--batch-size", "1", launcher=launcher)
+    finally:
+        ENV.pop("ACCELERATE_USE_CPU", None)
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+    one, two = metrics(single), metrics(double)
+    assert [m["world_size"] for m in two] == [2] * 4
+    assert [m["global_batch"] for m in two] == [2] * 4 and two[-1]["samples"] == 8
+    # the two processes together see exactly the single process's batch of 2
+    assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
+    assert (double / "linfusion_adapter.safetensors").is_file()
