@@ -146,3 +146,16 @@ def test_build_method_follows_config():
     local = build_method(PatchConfig(method="local", window=4, temporal_window=2), 32, 2, 16, 1.0)
     assert local.radii_for((3, 8, 8)) == (2.0, 4.0, 4.0)
     assert local.radii_for((8, 8)) == (4.0, 4.0)
+
+
+def test_default_backend_falls_back_when_triton_refuses_the_shape(monkeypatch):
+    """backend=None must never raise for a shape only the reference covers (e.g. Dv > 128)."""
+    pytest.importorskip("triton")
+    from linfusion import kernels
+    from linfusion.kernels import linear_triton
+
+    monkeypatch.setattr(kernels, "choose_backend", lambda op, t, backend: "triton")
+    q = torch.rand(1, 1, 5, 8)
+    v = torch.randn(1, 1, 5, linear_triton.MAX_VALUE_DIM + 1)
+    out = kernels.linear_attention(q, q, v)
+    torch.testing.assert_close(out, kernels.linear_attention_reference(q, q, v))

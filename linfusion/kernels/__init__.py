@@ -6,13 +6,26 @@ the reference elsewhere; see :mod:`linfusion.kernels.dispatch`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .dispatch import available_backends, choose_backend
 from .linear_reference import linear_attention_reference
 from .local_reference import local_attention_mask, local_attention_reference
+
+
+logger = logging.getLogger(__name__)
+
+
+def _triton_rejects(check: Callable[..., None], *tensors: torch.Tensor) -> str | None:
+    """The reason a Triton kernel's own input check refuses these tensors, or None."""
+    try:
+        check(*tensors)
+    except (ValueError, TypeError, RuntimeError) as error:
+        return str(error)
+    return None
 
 
 def linear_attention(
@@ -31,9 +44,14 @@ def linear_attention(
         (B, H, M, Dv) in q's dtype; state and normaliser accumulate in fp32.
     """
     if choose_backend("linear", q, backend) == "triton":
-        from .linear_triton import linear_attention_triton
+        from .linear_triton import _check_inputs, linear_attention_triton
 
-        return linear_attention_triton(q, k, v, eps)
+        # backend=None: shapes the kernel does not cover (e.g. Dv > 128) fall back to the reference;
+        # an explicit backend="triton" lets the kernel raise its own error.
+        reason = _triton_rejects(_check_inputs, q, k, v) if backend is None else None
+        if reason is None:
+            return linear_attention_triton(q, k, v, eps)
+        logger.debug("linear attention: PyTorch reference, Triton refused: %s", reason)
     return linear_attention_reference(q, k, v, eps)
 
 
@@ -63,9 +81,12 @@ def local_attention(
         (B, H, L, D) in q's dtype.
     """
     if choose_backend("local", q, backend) == "triton":
-        from .local_triton import local_attention_triton
+        from .local_triton import _check_inputs, local_attention_triton
 
-        return local_attention_triton(q, k, v, grid, window, text_len, shape, tile)
+        reason = _triton_rejects(_check_inputs, q, k, v) if backend is None else None
+        if reason is None:
+            return local_attention_triton(q, k, v, grid, window, text_len, shape, tile)
+        logger.debug("local attention: PyTorch reference, Triton refused: %s", reason)
     return local_attention_reference(q, k, v, grid, window, text_len, shape, tile)
 
 
