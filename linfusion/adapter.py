@@ -64,9 +64,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(obj: Any, directory: str | os.PathLike) -> Path:
+def save_adapter(obj: Any, directory: str | os.PathLike, dense_fallback: bool | None = None) -> Path:
     """Write the patch of a pipeline (or bare denoiser) and its weights to ``directory``.
 
+    ``dense_fallback`` overrides the stored choice of running dense attention where it is
+    faster (trainers patch without it, but users should get it by default).
     Returns the folder path. Raises ``ValueError`` if nothing is patched.
     """
     directory = Path(directory)
@@ -78,6 +80,8 @@ def save_adapter(obj: Any, directory: str | os.PathLike) -> Path:
             continue
         options = record.config.to_dict()
         options["layers"] = list(record.layers)  # a predicate is stored as what it selected
+        if dense_fallback is not None:
+            options["dense_fallback"] = dense_fallback
         params = dict(model.named_parameters())
         components[component] = {
             "family": record.family.name,

@@ -93,13 +93,13 @@ def _notice_if_all_dense(noticed: set, model: nn.Module, args: tuple, output: An
     record = patch_record(model)
     processors = list(record.processors().values())
     grid = record.token_grid.grid
-    if grid in noticed or not processors or any(p.last_choice != "dense" for p in processors):
+    # (while a trainer swaps the original processors in for a teacher pass, they are not ours)
+    if grid in noticed or not processors or any(getattr(p, "last_choice", None) != "dense" for p in processors):
         return
     noticed.add(grid)
     from .crossover import crossover_tokens
 
-    first = processors[0]
-    fallback = first.dense_fallback
+    fallback = processors[0].dense_fallback
     threshold = crossover_tokens(record.config, fallback.heads, fallback.head_dim, channels=fallback.channels,
                                  mlp_ratio=fallback.mlp_ratio, device=next(model.parameters()).device,
                                  dtype=next(model.parameters()).dtype)

@@ -388,7 +388,7 @@ class Trainer:
             if not any(summary["converted_layers"].values()):
                 raise DistillError("selective transfer converted no layer; nothing to save (raise --select-layers)")
         if self.is_main:
-            save_adapter(self.pipe, self.output)
+            save_adapter(self.pipe, self.output, dense_fallback=True)  # users get layers="auto" behaviour
             (self.output / "distill_summary.json").write_text(json.dumps(summary, indent=2))
         self.accelerator.wait_for_everyone()
         return summary
