@@ -168,7 +168,7 @@ def distill_rows(args) -> list[dict]:
         for gpus in args.gpus:
             launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            launcher += ["--cpu"] if args.tiny else (["--multi_gpu"] if gpus > 1 else [])
+            launcher += ["--multi_gpu"] if gpus > 1 else []  # on CPU with ACCELERATE_USE_CPU=1 (--tiny)
             out = Path(scratch) / f"out{gpus}"
             cmd = [*launcher, "-m", "linfusion", "distill", "--model", str(model), "--data", str(data),
                    "--output", str(out), *gen, "--steps", str(args.distill_steps), "--log-every", "1",

@@ -1,4 +1,4 @@
-"""Two-process data-parallel distillation through the CLI (``accelerate launch --cpu``, gloo), then the
+"""Two-process data-parallel distillation through the CLI (``accelerate launch``, CPU, gloo), then the
 adapter it wrote loads with ``patch_pipeline(pipe, adapter=DIR)`` and generates."""
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def test_two_process_distillation_writes_a_loadable_adapter(tmp_path):
     data, output = tmp_path / "data", tmp_path / "adapter"
     _run([sys.executable, "-m", "linfusion", "generate-data", "--model", model, "--output", str(data), *GEN,
           "--num-prompts", "4", "--data-steps", "3", "--no-progress"])
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process; two CPU processes (gloo) are
+    # `--multi_gpu` with ACCELERATE_USE_CPU=1, as linfusion.distill's own tests do
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     _run([*launcher, "-m", "linfusion", "distill", "--model", model, "--data", str(data), "--output", str(output),
           *GEN, "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--no-progress"], ACCELERATE_USE_CPU="1")
