@@ -35,7 +35,7 @@ def layer_bytes(
         return {}
     ring = 2 * (world - 1) / world
     out: dict[str, float] = {}
-    if text:  # text queries: max (B,H,T) then sums (B,H,T,D+1), fp32
+    if text and method != "dense":  # text queries: max (B,H,T) then sums (B,H,T,D+1), fp32 (dense: gathered K/V)
         out["text_softmax"] = ring * batch * heads * text * (head_dim + 2) * 4
     if method == "linear":
         out["linear_state"] = ring * batch * heads * (head_dim * head_dim + head_dim) * 4
