@@ -39,6 +39,8 @@ def start_demo(models_dir):
 
     model = None if USE_MINI else save_tiny_pipeline("sd15", models_dir / "sd15")
     engine = DemoEngine.load(model, device="cpu")
+    if not USE_MINI:
+        engine.model_name = "tiny SD 1.5 test pipeline (random weights: images are noise)"
     port = free_port()
     demo = launch(engine, host="127.0.0.1", port=port, block=False, quiet=True)
     return engine, demo, f"http://127.0.0.1:{port}/"
@@ -78,6 +80,11 @@ def test_generate_returns_both_images_and_timing(client):
     assert "LinFusion local" in timing and "seed 3" in timing
 
 
+def test_highres_mode_returns_the_target_size(client):
+    timing = check_result(generate(client, "a red circle", highres=True))
+    assert "high-res mode" in timing
+
+
 def test_api_is_named_generate_with_prompt_first_and_defaults(client):
     info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]
     names = [p["parameter_name"] for p in info["parameters"]]
@@ -94,7 +101,7 @@ def test_api_is_named_generate_with_prompt_first_and_defaults(client):
         ("x", {"steps": 1000}, "Steps must be between"),
         ("x", {"width": 90}, "divisible by 8"),
         ("x", {"width": 8192, "height": 8192}, "choose a smaller resolution"),
-        ("x", {"highres": True}, "High-res mode is not available"),
+        ("x", {"width": 0}, "must be positive"),
     ],
 )
 def test_bad_input_is_an_error_and_the_next_call_succeeds(client, prompt, kwargs, message):

@@ -20,12 +20,20 @@ import importlib.util
 import inspect
 import math
 import threading
+import time
 from typing import Any, Callable
 
 import torch
 from PIL import Image
 
-from ..generation import apply_patch, check_resolution, is_video_pipeline, resolution_multiple, run_pipeline
+from ..generation import (
+    GenerationResult,
+    apply_patch,
+    check_resolution,
+    is_video_pipeline,
+    resolution_multiple,
+    run_pipeline,
+)
 from ..patch import is_patched, unpatch_pipeline
 
 MIN_STEPS, MAX_STEPS = 1, 150
@@ -38,6 +46,8 @@ MEMORY_FRACTION = 0.85
 #: default limit on CPU, where memory is rarely the problem but time is
 CPU_MAX_PIXELS = 2048 * 2048
 PRESET_SCALES = (1, 1.5, 2, 3, 4, 6, 8)
+#: SDEdit strength of each high-res refinement pass
+HIGHRES_STRENGTH = 0.6
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -109,11 +119,16 @@ class Comparison:
         return f"{short} — {self.width}×{self.height}, {self.label}, {self.speedup:.2f}×"
 
 
-def highres_support() -> tuple[bool, str]:
-    """Whether a high-resolution pipeline module is installed, and what the UI should say."""
+def highres_support(pipe=None) -> tuple[bool, str]:
+    """Whether high-res mode can run (for ``pipe``, when given), and what the page should say about it."""
     if importlib.util.find_spec("linfusion.pipelines.highres") is None:
         return False, "High-res mode is not available yet: this version of linfusion has no high-resolution pipeline."
-    return False, "High-res mode is not available yet: the demo does not drive linfusion.pipelines.highres yet."
+    from ..pipelines import highres
+
+    if pipe is not None and type(highres._denoiser(pipe)).__name__ not in highres.IMAGE_DENOISERS:
+        return False, f"High-res mode is not available for {type(pipe).__name__} (image pipelines only)."
+    return True, ("Native-size pass, then upscale + refinement passes up to the chosen size, with the same "
+                  "(original or patched) model and a tiled VAE.")
 
 
 def _call_defaults(pipe) -> dict[str, Any]:
@@ -293,15 +308,26 @@ class DemoEngine:
         return job
 
     def _callback(self, job: Job, phase: str, offset: int, steps: int, progress: ProgressFn | None):
+        """Step-end callback: count steps (over every pass of high-res mode), report, honour Cancel."""
+        done = [0]
+
         def on_step_end(pipe, step_index, timestep, callback_kwargs):
-            job.phase, job.step, job.total = phase, step_index + 1, steps
+            done[0] = min(done[0] + 1, steps)
+            job.phase, job.step, job.total = phase, done[0], steps
             if progress is not None:
-                progress(offset + step_index + 1, 2 * steps, f"{phase}: step {step_index + 1}/{steps}")
+                progress(offset + done[0], 2 * steps, f"{phase}: step {done[0]}/{steps}")
             if job.cancelled:
-                raise GenerationCancelled(phase, step_index + 1, steps)
+                raise GenerationCancelled(phase, done[0], steps)
             return callback_kwargs
 
         return on_step_end
+
+    @staticmethod
+    def _total_steps(steps: int, plan: list[tuple[int, int]] | None) -> int:
+        """Denoising steps of one run: ``steps``, or in high-res mode the base pass plus each refinement."""
+        if not plan:
+            return steps
+        return steps + (len(plan) - 1) * max(1, int(steps * HIGHRES_STRENGTH))
 
     def _patch_args(self, method: str, window: int, shape: str, feature_map: str) -> tuple[str | None, str | None, dict]:
         if method == "adapter":
@@ -341,11 +367,18 @@ class DemoEngine:
                           window=window, seed=seed)
             width, height, steps, seed = int(width), int(height), int(steps), int(seed)
             note = ""
+            plan = None
             if highres:
-                available, message = highres_support()
+                available, message = highres_support(self.pipe)
                 if not available:
                     raise ValueError(message)
-                note = "high-res mode"
+                from ..pipelines.highres import plan_stages
+
+                try:
+                    plan = plan_stages(self.pipe, height, width)
+                except ValueError as error:
+                    raise ValueError(f"High-res mode cannot make {width}×{height}: {error}") from None
+                note = "high-res mode: " + " → ".join(f"{w}×{h}" for h, w in plan)
             common = dict(height=height, width=width, steps=steps, seed=seed,
                           guidance_scale=float(guidance) if guidance is not None and self.has_guidance else None,
                           negative_prompt=(negative_prompt or None) if self.has_negative_prompt else None)
@@ -355,10 +388,11 @@ class DemoEngine:
                     raise GenerationCancelled("", 0, steps)
                 try:
                     apply_patch(self.pipe, None, None)  # original attention
-                    original = self._run(prompt, common, highres, self._callback(job, "original", 0, steps, progress))
+                    total = self._total_steps(steps, plan)
+                    original = self._run(prompt, common, plan, self._callback(job, "original", 0, total, progress))
                     method_name, adapter, options = self._patch_args(method, window, shape, feature_map)
                     apply_patch(self.pipe, method_name, adapter, options)
-                    fast = self._run(prompt, common, highres, self._callback(job, "accelerated", steps, steps, progress))
+                    fast = self._run(prompt, common, plan, self._callback(job, "accelerated", total, total, progress))
                 finally:
                     if is_patched(self.pipe):
                         unpatch_pipeline(self.pipe)
@@ -378,6 +412,26 @@ class DemoEngine:
         finally:
             job.done.set()
 
-    def _run(self, prompt: str, common: dict, highres: bool, callback):
-        # high-res mode is refused by highres_support() until linfusion.pipelines.highres is wired here
-        return run_pipeline(self.pipe, prompt, callback=callback, **common)
+    def _run(self, prompt: str, common: dict, plan, callback) -> GenerationResult:
+        if not plan:
+            return run_pipeline(self.pipe, prompt, callback=callback, **common)
+        from ..pipelines.highres import generate_highres
+
+        kwargs: dict[str, Any] = {"callback_on_step_end": callback}
+        if common["guidance_scale"] is not None:
+            kwargs["guidance_scale"] = common["guidance_scale"]
+        if common["negative_prompt"]:
+            kwargs["negative_prompt"] = common["negative_prompt"]
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        output = generate_highres(self.pipe, prompt, common["height"], common["width"], steps=common["steps"],
+                                  strength=HIGHRES_STRENGTH, generator=torch.Generator("cpu").manual_seed(common["seed"]),
+                                  output_type="pil", **kwargs)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None
+        return GenerationResult(list(output.images), seconds, peak)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import uuid
 
 import gradio as gr
 
@@ -24,6 +25,7 @@ GALLERY_SIZE = 12
 CSS = """
 #timing {font-size: 1.05em}
 #status p {margin: 0}
+#original img, #accelerated img {width: 100%; height: 100%; object-fit: contain}
 """
 
 
@@ -56,7 +58,7 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
     methods = engine.methods
     default_method = methods[0][1]
     zero_shot = not engine.bundled
-    highres_ok, highres_note = highres_support()
+    highres_ok, highres_note = highres_support(engine.pipe)
     device = engine.device.type.upper() if engine.device.type == "cpu" else str(engine.device)
 
     with gr.Blocks(title="LinFusion demo") as demo:
@@ -71,42 +73,44 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
                                     elem_id="prompt")
                 negative_prompt = gr.Textbox("", label="Negative prompt", placeholder="blurry, low quality",
                                              visible=engine.has_negative_prompt, elem_id="negative-prompt")
-                method = gr.Radio(methods, value=default_method, label="Method", elem_id="method")
-                window = gr.Slider(1, 64, value=16, step=1, label="Window radius (latent tokens)",
-                                   visible=zero_shot and default_method == "local", elem_id="window")
-                shape = gr.Radio(["circle", "tile"], value="circle", label="Window shape",
-                                 visible=zero_shot and default_method == "local", elem_id="shape")
-                feature_map = gr.Radio(["elu1", "relu"], value="elu1", label="Feature map",
-                                       visible=zero_shot and default_method == "linear", elem_id="feature-map")
-                preset = gr.Dropdown(preset_labels + [CUSTOM], value=default_preset, label="Resolution",
-                                     info="presets up to what this server's memory allows", elem_id="preset")
-                with gr.Row():
-                    width = gr.Number(value=native_w, precision=0, label="Width (px)", elem_id="width")
-                    height = gr.Number(value=native_h, precision=0, label="Height (px)", elem_id="height")
-                with gr.Row():
-                    steps = gr.Number(value=engine.default_steps, precision=0, label=f"Steps ({MIN_STEPS}–{MAX_STEPS})",
-                                      elem_id="steps")
-                    guidance = gr.Number(value=engine.default_guidance, label="Guidance", visible=engine.has_guidance,
-                                         elem_id="guidance")
-                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                highres = gr.Checkbox(value=False, label="High-res mode", info=highres_note, interactive=highres_ok,
-                                      elem_id="highres")
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 status = gr.Markdown("Ready.", elem_id="status")
+                method = gr.Radio(methods, value=default_method, label="Method", elem_id="method")
+                with gr.Row():
+                    window = gr.Slider(1, 64, value=16, step=1, label="Window radius (latent tokens)",
+                                       visible=zero_shot and default_method == "local", elem_id="window")
+                    shape = gr.Radio(["circle", "tile"], value="circle", label="Window shape",
+                                     visible=zero_shot and default_method == "local", elem_id="shape")
+                    feature_map = gr.Radio(["elu1", "relu"], value="elu1", label="Feature map",
+                                           visible=zero_shot and default_method == "linear", elem_id="feature-map")
+                preset = gr.Dropdown(preset_labels + [CUSTOM], value=default_preset, label="Resolution",
+                                     info="presets up to what this server's memory allows, or type a size",
+                                     elem_id="preset")
+                with gr.Row():
+                    width = gr.Number(value=native_w, precision=0, label="Width (px)", min_width=90, elem_id="width")
+                    height = gr.Number(value=native_h, precision=0, label="Height (px)", min_width=90, elem_id="height")
+                    steps = gr.Number(value=engine.default_steps, precision=0, label=f"Steps ({MIN_STEPS}–{MAX_STEPS})",
+                                      min_width=90, elem_id="steps")
+                with gr.Row():
+                    guidance = gr.Number(value=engine.default_guidance, label="Guidance", visible=engine.has_guidance,
+                                         min_width=90, elem_id="guidance")
+                    seed = gr.Number(value=0, precision=0, label="Seed", min_width=90, elem_id="seed")
+                highres = gr.Checkbox(value=False, label="High-res mode", info=highres_note, interactive=highres_ok,
+                                      elem_id="highres")
             with gr.Column(scale=3, min_width=480):
                 with gr.Row():
                     original = gr.Image(label="Original (softmax attention)", type="pil", format="png",
-                                        interactive=False, elem_id="original")
+                                        interactive=False, height=360, elem_id="original")
                     accelerated = gr.Image(label="Accelerated (LinFusion)", type="pil", format="png",
-                                           interactive=False, elem_id="accelerated")
+                                           interactive=False, height=360, elem_id="accelerated")
                 timing = gr.Markdown("", label="timing", elem_id="timing")
                 with gr.Accordion("Slider comparison", open=False):
                     slider = gr.ImageSlider(label="Original ↔ accelerated", type="pil", format="png",
                                             interactive=False, elem_id="slider")
-                gallery = gr.Gallery(label="Recent results (original | accelerated)", columns=3, height="auto",
-                                     elem_id="gallery")
+                gallery = gr.Gallery(label="Recent results (original | accelerated)", columns=4, fit_columns=False, height=220,
+                                     object_fit="contain", elem_id="gallery")
         history = gr.State([])
 
         # -- option visibility and resolution presets ------------------------------------------
@@ -152,14 +156,23 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
             except asyncio.CancelledError:  # the Cancel button, a client's job.cancel(), a closed tab
                 job.cancel()
                 raise
-            except (ValueError, GenerationCancelled) as error:
-                errors.set(session, str(error))
-                raise gr.Error(str(error), title="Cancelled" if isinstance(error, GenerationCancelled) else "Error")
+            except GenerationCancelled as error:
+                errors.set(session, f"**Cancelled:** {error}")
+                raise gr.Error(str(error), title="Cancelled", print_exception=False) from None
+            except ValueError as error:
+                errors.set(session, f"**Error:** {error}")
+                raise gr.Error(str(error), print_exception=False) from None
             except Exception as error:  # a failure inside the pipeline: report it, stay up
                 log.exception("generation failed")
                 message = f"Generation failed: {type(error).__name__}: {error}"
-                errors.set(session, message)
-                raise gr.Error(message) from None
+                errors.set(session, f"**Error:** {message}")
+                raise gr.Error(message, print_exception=False) from None
+            # PNG text chunks: what made the image, and a per-request id. Gradio caches outputs by content
+            # hash; unique bytes mean a file being served is never rewritten in place by a later output.
+            request_id = uuid.uuid4().hex
+            for image, kind in ((result.original, "original"), (result.accelerated, result.label)):
+                image.info.update({"prompt": result.prompt, "attention": kind, "seed": str(result.seed),
+                                   "linfusion-request": request_id})
             return result.original, result.accelerated, result.timing_text()
 
         event = generate_button.click(
@@ -179,14 +192,18 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
             short = prompt if len(prompt) <= 40 else prompt[:37] + "…"
             entry = (side_by_side(original_image, accelerated_image), f"{short} — {timing_text.split(' · ')[2]}")
             history = ([entry] + list(history))[:GALLERY_SIZE]
-            return history, history, (original_image, accelerated_image), "Done. " + timing_text
+            pair = []
+            for image in (original_image, accelerated_image):
+                image = image.copy()
+                image.info["linfusion-view"] = "slider"  # other bytes than the files the page is loading
+                pair.append(image)
+            return history, history, tuple(pair), "Done. " + timing_text
 
         event.success(record, [history, original, accelerated, timing, prompt], [history, gallery, slider, status],
                       api_visibility="private", queue=False)
 
         def show_error(request: gr.Request):
-            message = errors.pop(_session(request)) or "The request failed."
-            return f"**Error:** {message}"
+            return errors.pop(_session(request)) or "**Error:** the request failed."
 
         event.failure(show_error, None, status, api_visibility="private", queue=False)
 
