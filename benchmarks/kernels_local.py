@@ -61,6 +61,7 @@ VARIANTS_2D = [("circle-r16", "circle", 16, (8, 16)), ("tile-8x16-r2x1", "tile",
 VARIANTS_3D = [("circle-r2x8x8", "circle", (2, 8, 8), (2, 8, 8)), ("tile-2x8x8-r1x1x1", "tile", (2, 8, 8), (2, 8, 8))]
 FLEX_CASES = ("flux-2k", "flux-4k")  # FlexAttention compiles + builds masks for seconds per shape
 FLEX_BWD_CASES = ("flux-4k",)
+TILED_CASES = ("flux-4k", "flux-8k")  # tokens already in tile order: the gain of keeping them so
 DENSE_BWD_MAX_L = 70000
 SLOW_MS = 20.0
 
@@ -181,15 +182,17 @@ def flex_mask_mod(grid, window, shape, tile, text_len, device):
 
 
 def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, dense: bool = True,
-                    tiled: bool = True, log=print) -> None:
-    """Time every case: Triton local fwd/bwd (both variants), dense SDPA and FlexAttention baselines."""
+                    tiled_cases=TILED_CASES, log=print, on_case_done=None) -> None:
+    """Time every case: Triton local fwd/bwd (both variants), dense SDPA and FlexAttention baselines.
+
+    ``cases``: names to run, in that order (default: all, in CASES order).
+    """
     from linfusion.kernels.local_layout import clear_layout_cache, get_layout, to_tile_order
     from linfusion.kernels.local_triton import local_attention_tiled, local_attention_triton
 
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-    for name, B, H, D, grid, text in CASES:
-        if cases and name not in cases:
-            continue
+    by_name = {c[0]: c for c in CASES}
+    for name, B, H, D, grid, text in [by_name[c] for c in cases] if cases else CASES:
         L = text + math.prod(grid)
         shape = (B, H, L, D)
         tbytes = B * H * L * D * 2
@@ -209,6 +212,7 @@ def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, den
             torch.cuda.synchronize()
             setup_ms = (time.perf_counter() - t0) * 1e3
             impls = {"triton": (local_attention_triton, (q, k, v))}
+            tiled = bool(tiled_cases) and name in tiled_cases
             if tiled:
                 qt, kt, vt = (to_tile_order(t.detach(), grid, tile, text).requires_grad_() for t in (q, k, v))
                 impls["triton_tiled"] = (local_attention_tiled, (qt, kt, vt))
@@ -246,6 +250,8 @@ def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, den
             run_dense(out_rows, name, q, k, v, do, fwd_bytes, bwd_bytes, log=log)
         del q, k, v, do
         torch.cuda.empty_cache()
+        if on_case_done is not None:
+            on_case_done(out_rows)
 
 
 def run_flex(out_rows, name, B, H, D, grid, window, vshape, tile, text, vname, fl_f, fl_b, fwd_bytes, bwd_bytes,
@@ -344,10 +350,10 @@ def sweep(log=print) -> list[dict]:
     q, k, v = make_qkv(B, H, L, D, requires_grad=True)
     do = torch.randn_like(q)
     todo = [("fwd", {"BN": 64, "num_stages": 3}), ("fwd", {"BN": 128, "num_stages": 2}),
-            ("fwd", {"BN": 64, "num_stages": 2}), ("fwd", {"BN": 128, "num_stages": 3}),
-            ("fwd", {"BN": 64, "num_stages": 4}),
-            ("dkdv", {"BM": 64, "num_stages": 2}), ("dkdv", {"BM": 32, "num_stages": 3}),
-            ("dkdv", {"BM": 64, "num_stages": 3}),
+            ("fwd", {"BN": 64, "num_stages": 2}), ("fwd", {"BN": 64, "num_stages": 4}),
+            ("fwd", {"BN": 64, "num_stages": 3, "num_warps": 4, "BM": 64}),
+            ("dkdv", {"BM": 32, "num_stages": 2}), ("dkdv", {"BM": 32, "num_stages": 3}),
+            ("dkdv", {"BM": 64, "num_stages": 2}),
             ("dq", {"BN": 64, "num_stages": 2}), ("dq", {"BN": 32, "num_stages": 3}),
             ("dq", {"BN": 64, "num_stages": 3})]
     results = []
@@ -433,23 +439,27 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="*", default=None)
     parser.add_argument("--flex", nargs="*", default=list(FLEX_CASES), help="cases with FlexAttention baselines")
     parser.add_argument("--no-dense", action="store_true")
-    parser.add_argument("--no-tiled", action="store_true")
+    parser.add_argument("--tiled", nargs="*", default=list(TILED_CASES), help="cases timed on tile-ordered tokens too")
     parser.add_argument("--sweep", action="store_true", help="also sweep block configs at flux-4k")
     args = parser.parse_args(argv)
     rows: list[dict] = []
     result = {"env": environment()}
     t0 = time.time()
-    if args.sweep:
-        result["sweep"] = sweep()
-    try:
-        run_local_cases(rows, args.cases, flex_cases=args.flex, dense=not args.no_dense, tiled=not args.no_tiled)
-    finally:
-        result["rows"] = rows
-        result["summary"] = summarize(rows)
+
+    def dump(rows_now):
+        result["rows"] = rows_now
+        result["summary"] = summarize(rows_now)
         result["wall_s"] = time.time() - t0
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+    if args.sweep:
+        result["sweep"] = sweep()
+        dump(rows)
+    run_local_cases(rows, args.cases, flex_cases=args.flex, dense=not args.no_dense, tiled_cases=args.tiled,
+                    on_case_done=dump)
+    dump(rows)
     print_table(result["summary"])
 
 

@@ -33,18 +33,18 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int) ->
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     tile_block = max(16, min(128, _pow2(tile_volume)))
     if interp:
-        # the interpreter runs block by block on the CPU: small blocks, few wasted rows
-        # (few, large blocks: the interpreter's cost is per operation, not per element)
+        # the interpreter's cost is per operation, not per element: large blocks (the caller
+        # clamps them to the tile volume)
         if kind == "dkdv":
-            cfg = {"BM": 128, "BN": tile_block, "num_warps": 4, "num_stages": 1}
+            cfg = {"BM": 128, "BN": 128, "num_warps": 4, "num_stages": 1}
         else:
             cfg = {"BM": tile_block, "BN": 128, "num_warps": 4, "num_stages": 1}
     elif dtype == torch.float32:
-        cfg = {"BM": min(tile_block, 64), "BN": 32, "num_warps": 4, "num_stages": 2}
+        cfg = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2}  # exact fp32 dots (no tensor cores)
     elif kind == "fwd":
         cfg = {"BM": tile_block, "BN": 64 if d_pad > 64 else 128, "num_warps": 8, "num_stages": 3}
-    elif kind == "dkdv":
-        cfg = {"BM": 64, "BN": tile_block, "num_warps": 8, "num_stages": 2}
+    elif kind == "dkdv":  # BN keys (dK, dV accumulators) × BM-query chunks; BM 64 spills at D=128
+        cfg = {"BM": 32 if d_pad > 64 else 64, "BN": tile_block, "num_warps": 8, "num_stages": 2}
     else:  # dq
         cfg = {"BM": tile_block, "BN": 64, "num_warps": 8, "num_stages": 2}
     cfg.update(_OVERRIDE.get(kind, {}))

@@ -60,50 +60,45 @@ __all__ = [
 
 
 @triton.jit
-def _local_coords(idx, s1, s2, IS_3D: tl.constexpr):
-    """Coordinates (a0, a1, a2) of token ``idx`` inside a tile of extents (·, s1, s2)."""
-    if IS_3D:
-        s12 = s1 * s2
-        a0 = idx // s12
-        r = idx - a0 * s12
-        a1 = r // s2
-        a2 = r - a1 * s2
+def _tile_tokens(c0, c1, c2, idx, G0, G1, G2, TEXT,
+                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, TILE_ORDER: tl.constexpr):
+    """Tokens ``idx`` (row-major index inside the full-size tile c; constexpr tile sizes make the
+    divisions shifts): grid coordinates, validity (partial edge tiles), memory positions."""
+    a2 = idx % T2
+    a1 = (idx // T2) % T1
+    a0 = idx // (T1 * T2)
+    p0 = c0 * T0 + a0
+    p1 = c1 * T1 + a1
+    p2 = c2 * T2 + a2
+    valid = (idx < T0 * T1 * T2) & (p0 < G0) & (p1 < G1) & (p2 < G2)
+    if TILE_ORDER:  # compact tile order: partial edge tiles have extents s_d < T_d
+        s0 = tl.minimum(G0 - c0 * T0, T0)
+        s1 = tl.minimum(G1 - c1 * T1, T1)
+        s2 = tl.minimum(G2 - c2 * T2, T2)
+        pos = TEXT + c0 * T0 * G1 * G2 + s0 * (c1 * T1 * G2 + s1 * c2 * T2) + (a0 * s1 + a1) * s2 + a2
     else:
-        a0 = idx * 0
-        a1 = idx // s2
-        a2 = idx - a1 * s2
-    return a0, a1, a2
+        pos = TEXT + (p0 * G1 + p1) * G2 + p2
+    return p0, p1, p2, pos, valid
 
 
 @triton.jit
-def _tile_block(rem, SUB, N1, N2, G0, G1, G2, T0, T1, T2, TEXT,
-                BLOCK: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr):
-    """Block ``rem`` (= tile * SUB + slice) of the image: tile coords, token coords, positions."""
+def _tile_block(rem, SUB, N1, N2, G0, G1, G2, TEXT, BLOCK: tl.constexpr,
+                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, TILE_ORDER: tl.constexpr):
+    """Block ``rem`` (= tile * SUB + slice) of the image: its tile and its tokens."""
     tile_id = rem // SUB
     sb = rem - tile_id * SUB
     c2 = tile_id % N2
     tmp = tile_id // N2
     c1 = tmp % N1
     c0 = tmp // N1
-    s0 = tl.minimum(T0, G0 - c0 * T0)
-    s1 = tl.minimum(T1, G1 - c1 * T1)
-    s2 = tl.minimum(T2, G2 - c2 * T2)
-    idx = sb * BLOCK + tl.arange(0, BLOCK)
-    valid = idx < s0 * s1 * s2
-    a0, a1, a2 = _local_coords(idx, s1, s2, IS_3D)
-    p0 = c0 * T0 + a0
-    p1 = c1 * T1 + a1
-    p2 = c2 * T2 + a2
-    if TILE_ORDER:
-        pos = TEXT + c0 * T0 * G1 * G2 + s0 * (c1 * T1 * G2 + s1 * c2 * T2) + idx
-    else:
-        pos = TEXT + (p0 * G1 + p1) * G2 + p2
+    p0, p1, p2, pos, valid = _tile_tokens(c0, c1, c2, sb * BLOCK + tl.arange(0, BLOCK), G0, G1, G2, TEXT,
+                                          T0, T1, T2, TILE_ORDER)
     return c0, c1, c2, p0, p1, p2, pos, valid
 
 
 @triton.jit
-def _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BLOCK: tl.constexpr):
-    """Box of tiles around tile c: rows (c0', c1') × a contiguous run of tiles along dim 2."""
+def _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT: tl.constexpr):
+    """Box of key tiles around tile c, clipped to the grid: rows (c0', c1') × tiles j, CPT chunks each."""
     lo0 = tl.maximum(c0 - R0, 0)
     hi0 = tl.minimum(c0 + R0, N0 - 1)
     lo1 = tl.maximum(c1 - R1, 0)
@@ -111,10 +106,9 @@ def _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BLOCK: tl.
     lo2 = tl.maximum(c2 - R2, 0)
     hi2 = tl.minimum(c2 + R2, N2 - 1)
     nr1 = hi1 - lo1 + 1
-    full_w = tl.minimum((hi2 + 1) * T2, G2) - lo2 * T2
-    cpr = (T0 * T1 * full_w + BLOCK - 1) // BLOCK
-    n_iter = (hi0 - lo0 + 1) * nr1 * cpr
-    return lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter
+    nj = hi2 - lo2 + 1
+    n_iter = (hi0 - lo0 + 1) * nr1 * nj * CPT
+    return lo0, lo1, lo2, nr1, nj, n_iter
 
 
 @triton.jit
@@ -125,46 +119,24 @@ def _max_visible(TAB, d0, d1, CAP0, CAP1):
 
 
 @triton.jit
-def _chunk(it, cpr, lo0, lo1, nr1, lo2, hi2, full_w, c0, c1, c2,
-           G0, G1, G2, T0, T1, T2, TEXT, TAB, CAP0, CAP1,
-           BLOCK: tl.constexpr, MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr):
-    """Chunk ``it`` of the window of tile c: token positions, validity, coordinates, mask need."""
-    r = it // cpr
-    ch = it - r * cpr
+def _chunk(it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+           BLOCK: tl.constexpr, CPT: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+           MASK_MODE: tl.constexpr, TILE_ORDER: tl.constexpr):
+    """Chunk ``it`` of the window of tile c: tokens of key tile (kc0, kc1, j), slice ``sc``."""
+    sc = it % CPT
+    t = it // CPT
+    j = lo2 + t % nj
+    r = t // nj
     kc0 = lo0 + r // nr1
     kc1 = lo1 + r % nr1
-    ks0 = tl.minimum(T0, G0 - kc0 * T0)
-    ks1 = tl.minimum(T1, G1 - kc1 * T1)
-    per_tile = ks0 * ks1 * T2  # tokens of each (full along dim 2) tile of this row
-    span_start = lo2 * per_tile
-    span_len = ks0 * ks1 * full_w
-    u = ch * BLOCK + tl.arange(0, BLOCK)
-    valid = u < span_len
-    rel = span_start + u
-    if MASK_MODE != 0 or not TILE_ORDER:
-        j = rel // per_tile
-        w = rel - j * per_tile
-        ks2 = tl.maximum(tl.minimum(T2, G2 - j * T2), 1)
-        a0, a1, a2 = _local_coords(w, ks1, ks2, IS_3D)
-        p0 = kc0 * T0 + a0
-        p1 = kc1 * T1 + a1
-        p2 = j * T2 + a2
-    else:
-        p0 = u
-        p1 = u
-        p2 = u
-    if TILE_ORDER:
-        pos = TEXT + kc0 * T0 * G1 * G2 + ks0 * kc1 * T1 * G2 + rel
-    else:
-        pos = TEXT + (p0 * G1 + p1) * G2 + p2
+    p0, p1, p2, pos, valid = _tile_tokens(kc0, kc1, j, sc * BLOCK + tl.arange(0, BLOCK), G0, G1, G2, TEXT,
+                                          T0, T1, T2, TILE_ORDER)
     if MASK_MODE != 0:
-        # every query of tile c sees every key of the chunk iff the farthest pair of the two
-        # tile boxes is visible (visibility is monotone in each |Δ_d|)
-        jf = (span_start + ch * BLOCK) // per_tile
-        jl = tl.minimum((span_start + tl.minimum(ch * BLOCK + BLOCK, span_len) - 1) // per_tile, hi2)
+        # every query of tile c sees every key of tile (kc0, kc1, j) iff the farthest pair of the
+        # two tile boxes is visible (visibility is monotone in each |Δ_d|)
         mx0 = tl.abs(kc0 - c0) * T0 + T0 - 1
         mx1 = tl.abs(kc1 - c1) * T1 + T1 - 1
-        mx2 = tl.maximum(tl.abs(jf - c2), tl.abs(jl - c2)) * T2 + T2 - 1
+        mx2 = tl.abs(j - c2) * T2 + T2 - 1
         need_mask = _max_visible(TAB, mx0, mx1, CAP0, CAP1) < mx2
     else:
         need_mask = False
@@ -217,7 +189,7 @@ def _softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr, UPCAST: tl.conste
 # ----------------------------------------------------------------------------- forward
 
 # resolution-dependent integers are not specialised: a new resolution must not recompile
-_NO_SPEC = ["H", "L", "TEXT", "n_text_progs", "NTB", "n_img_per_bh", "SUB", "G0", "G1", "G2", "T0", "T1", "T2",
+_NO_SPEC = ["H", "L", "TEXT", "n_text_progs", "NTB", "n_img_per_bh", "SUB", "G0", "G1", "G2",
             "N0", "N1", "N2", "R0", "R1", "R2", "CAP0", "CAP1"]
 
 
@@ -243,9 +215,10 @@ def _fwd_kernel(
     Q, K, V, O, LSE, TAB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
-    G0, G1, G2, T0, T1, T2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
+    G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -262,7 +235,7 @@ def _fwd_kernel(
         bh = (pid - n_text_progs) // n_img_per_bh
         rem = (pid - n_text_progs) - bh * n_img_per_bh
         c0, c1, c2, qp0, qp1, qp2, qpos, qvalid = _tile_block(
-            rem, SUB, N1, N2, G0, G1, G2, T0, T1, T2, TEXT, BM, IS_3D, TILE_ORDER)
+            rem, SUB, N1, N2, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER)
     b = bh // H
     h = bh - b * H
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
@@ -279,12 +252,11 @@ def _fwd_kernel(
     else:
         acc, m_i, l_i = _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, 0, TEXT, qk_scale,
                                    offs_d, dmask, BN, DOT_PREC, UPCAST)
-        lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
-            c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BN)
+        lo0, lo1, lo2, nr1, nj, n_iter = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
         for it in range(0, n_iter):
             kpos, kvalid, kp0, kp1, kp2, need_mask = _chunk(
-                it, cpr, lo0, lo1, nr1, lo2, hi2, full_w, c0, c1, c2, G0, G1, G2, T0, T1, T2, TEXT,
-                TAB, CAP0, CAP1, BN, MASK_MODE, IS_3D, TILE_ORDER)
+                it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+                BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
             lmask = kvalid[:, None] & dmask[None, :]
             k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
             v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
@@ -355,9 +327,10 @@ def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, TAB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
-    G0, G1, G2, T0, T1, T2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
+    G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -375,7 +348,7 @@ def _dkdv_kernel(
         bh = (pid - n_text_progs) // n_img_per_bh
         rem = (pid - n_text_progs) - bh * n_img_per_bh
         c0, c1, c2, kp0, kp1, kp2, kpos, kvalid = _tile_block(
-            rem, SUB, N1, N2, G0, G1, G2, T0, T1, T2, TEXT, BN, IS_3D, TILE_ORDER)
+            rem, SUB, N1, N2, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
     b = bh // H
     h = bh - b * H
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
@@ -395,12 +368,11 @@ def _dkdv_kernel(
     else:
         dk, dv = _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, 0, TEXT, qk_scale,
                            offs_d, dmask, BM, DOT_PREC, UPCAST)
-        lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
-            c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BM)
+        lo0, lo1, lo2, nr1, nj, n_iter = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
         for it in range(0, n_iter):
             qpos, qvalid, qp0, qp1, qp2, need_mask = _chunk(
-                it, cpr, lo0, lo1, nr1, lo2, hi2, full_w, c0, c1, c2, G0, G1, G2, T0, T1, T2, TEXT,
-                TAB, CAP0, CAP1, BM, MASK_MODE, IS_3D, TILE_ORDER)
+                it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+                BM, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
             lmask = qvalid[:, None] & dmask[None, :]
             q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
             do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
@@ -450,9 +422,10 @@ def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, TAB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
-    G0, G1, G2, T0, T1, T2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
+    G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -469,7 +442,7 @@ def _dq_kernel(
         bh = (pid - n_text_progs) // n_img_per_bh
         rem = (pid - n_text_progs) - bh * n_img_per_bh
         c0, c1, c2, qp0, qp1, qp2, qpos, qvalid = _tile_block(
-            rem, SUB, N1, N2, G0, G1, G2, T0, T1, T2, TEXT, BM, IS_3D, TILE_ORDER)
+            rem, SUB, N1, N2, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER)
     b = bh // H
     h = bh - b * H
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
@@ -488,12 +461,11 @@ def _dq_kernel(
     else:
         dq = _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, 0, TEXT, qk_scale, offs_d, dmask,
                       BN, DOT_PREC, UPCAST)
-        lo0, lo1, nr1, lo2, hi2, full_w, cpr, n_iter = _window_setup(
-            c0, c1, c2, R0, R1, R2, N0, N1, N2, G2, T0, T1, T2, BN)
+        lo0, lo1, lo2, nr1, nj, n_iter = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
         for it in range(0, n_iter):
             kpos, kvalid, kp0, kp1, kp2, need_mask = _chunk(
-                it, cpr, lo0, lo1, nr1, lo2, hi2, full_w, c0, c1, c2, G0, G1, G2, T0, T1, T2, TEXT,
-                TAB, CAP0, CAP1, BN, MASK_MODE, IS_3D, TILE_ORDER)
+                it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+                BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
             lmask = kvalid[:, None] & dmask[None, :]
             k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
             v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
@@ -560,13 +532,25 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _blocks(kind: str, q: torch.Tensor, d_pad: int, layout: LocalLayout):
+    """(BM, BN, config): blocks no larger than the tile (rounded up to a power of two)."""
+    cfg = local_config(kind, q.dtype, d_pad, layout.tile_volume)
+    cap = max(16, _pow2(layout.tile_volume))
+    return min(cfg["BM"], cap), min(cfg["BN"], cap), cfg
+
+
+def _tile_constexprs(layout: LocalLayout, window_block: int) -> dict:
+    t0, t1, t2 = layout.tile
+    return {"T0": t0, "T1": t1, "T2": t2, "CPT": -(-layout.tile_volume // window_block)}
+
+
 def _kernel_args(layout: LocalLayout):
     g0, g1, g2 = layout.grid
     t0, t1, t2 = layout.tile
     n0, n1, n2 = layout.n_tiles
     r0, r1, r2 = layout.radius
     w0, w1, w2, wt = layout.weights
-    return [g0, g1, g2, t0, t1, t2, n0, n1, n2, r0, r1, r2, layout.cap0, layout.cap1, w0, w1, w2, wt]
+    return [g0, g1, g2, n0, n1, n2, r0, r1, r2, layout.cap0, layout.cap1, w0, w1, w2, wt]
 
 
 def _table(layout: LocalLayout, device) -> torch.Tensor:
@@ -582,8 +566,7 @@ def _strides(t: torch.Tensor):
 def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     B, H, L, D = q.shape
     d_pad = max(16, _pow2(D))
-    cfg = local_config("fwd", q.dtype, d_pad, layout.tile_volume)
-    BM, BN = cfg["BM"], cfg["BN"]
+    BM, BN, cfg = _blocks("fwd", q, d_pad, layout)
     o = _new((B, H, L, D), q.dtype, q.device)
     lse = _new((B, H, L), torch.float32, q.device)
     sub = -(-layout.tile_volume // BM)
@@ -596,7 +579,8 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, L, text_len, n_text_progs, ntb, n_img, sub,
         *_kernel_args(layout), LOG2E / math.sqrt(D),
-        HEAD_DIM=D, D_PAD=d_pad, BM=BM, BN=BN, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
+        HEAD_DIM=D, D_PAD=d_pad, BM=BM, BN=BN, **_tile_constexprs(layout, BN),
+        MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -621,8 +605,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
     table = _table(layout, q.device)
 
-    cfg = local_config("dkdv", q.dtype, d_pad, layout.tile_volume)
-    BM, BN = cfg["BM"], cfg["BN"]
+    BM, BN, cfg = _blocks("dkdv", q, d_pad, layout)
     sub = -(-layout.tile_volume // BN)
     ntb = -(-text_len // BN)
     n_text_progs = ntb * B * H
@@ -632,11 +615,11 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, L, text_len, n_text_progs, ntb, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
-        BM=BM, BN=BN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common,
+        BM=BM, BN=BN, **_tile_constexprs(layout, BM), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **common,
     )
 
-    cfg = local_config("dq", q.dtype, d_pad, layout.tile_volume)
-    BM, BN = cfg["BM"], cfg["BN"]
+    BM, BN, cfg = _blocks("dq", q, d_pad, layout)
     sub = -(-layout.tile_volume // BM)
     ntb = -(-text_len // BM)
     n_text_progs = ntb * B * H
@@ -646,7 +629,8 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, L, text_len, n_text_progs, ntb, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
-        BM=BM, BN=BN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common,
+        BM=BM, BN=BN, **_tile_constexprs(layout, BN), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **common,
     )
     return dq, dk, dv
 
