@@ -145,6 +145,10 @@ def test_cancel_really_stops_generation(server, client):
             break
         time.sleep(0.05)
     assert running is not None, "the long job never started"
+    while time.time() < deadline and not job.status().progress_data:
+        time.sleep(0.05)
+    progress = job.status().progress_data
+    assert progress and "original: step" in (progress[0].desc or "") and progress[0].length == 300
     job.cancel()
     assert running.done.wait(30), "the pipeline kept running after cancel"
     assert running.outcome == "cancelled"
@@ -183,3 +187,19 @@ def test_engine_presets_and_memory_limit(server):
     assert all(w * h <= engine.max_pixels for _, (w, h) in presets)
     with pytest.raises(ValueError, match="megapixels"):
         engine.check_memory(4096, 4096)
+
+
+def test_cuda_memory_check_uses_free_memory(server, monkeypatch):
+    import torch
+
+    from linfusion.app.engine import DemoEngine
+
+    engine = DemoEngine(server[0].pipe, model_name="x")
+    engine.device, engine.max_pixels = torch.device("cuda", 0), None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    engine.check_memory(256, 256)
+    with pytest.raises(ValueError, match=r"needs about .* GB of GPU memory but only 2.0 GB is free"):
+        engine.check_memory(4096, 4096)
+    assert [size for _, size in engine.presets()][-1][0] < 4096

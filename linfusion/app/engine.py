@@ -34,7 +34,7 @@ from ..generation import (
     resolution_multiple,
     run_pipeline,
 )
-from ..patch import is_patched, unpatch_pipeline
+from ..patch import denoisers, is_patched, patch_record, unpatch_pipeline
 
 MIN_STEPS, MAX_STEPS = 1, 150
 MAX_SIDE = 16384
@@ -322,6 +322,16 @@ class DemoEngine:
 
         return on_step_end
 
+    def _dense_layers(self) -> tuple[int, int]:
+        """(layers whose last call ran dense attention, patched layers) of the patched pipeline."""
+        dense = total = 0
+        for _, model in denoisers(self.pipe):
+            record = patch_record(model)
+            for processor in (record.processors().values() if record is not None else ()):
+                total += 1
+                dense += getattr(processor, "last_choice", None) == "dense"
+        return dense, total
+
     @staticmethod
     def _total_steps(steps: int, plan: list[tuple[int, int]] | None) -> int:
         """Denoising steps of one run: ``steps``, or in high-res mode the base pass plus each refinement."""
@@ -393,12 +403,16 @@ class DemoEngine:
                     method_name, adapter, options = self._patch_args(method, window, shape, feature_map)
                     apply_patch(self.pipe, method_name, adapter, options)
                     fast = self._run(prompt, common, plan, self._callback(job, "accelerated", total, total, progress))
+                    dense, layers = self._dense_layers()
                 finally:
                     if is_patched(self.pipe):
                         unpatch_pipeline(self.pipe)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
             job.outcome = "finished"
+            if dense:  # layers="auto": where dense attention is estimated faster, the library keeps it
+                fallback = f"dense attention kept in {dense} of {layers} layers at this size (estimated faster)"
+                note = f"{note}; {fallback}" if note else fallback
             middle = len(original.images) // 2  # a video shows its middle frame
             return Comparison(prompt, self.label(method), width, height, steps, seed,
                               original.images[middle], fast.images[middle], original.seconds, fast.seconds,

@@ -11,6 +11,7 @@ and serves it. The click handler is published as the API endpoint ``/generate``:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import uuid
@@ -228,6 +229,8 @@ def launch(engine: DemoEngine, *, host: str = "127.0.0.1", port: int | None = 78
     """Queue the demo (one job at a time) and serve it; ``block=False`` returns once it is up."""
     demo = build_demo(engine)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
-                show_error=True, css=CSS, footer_links=["api"], run_history=False)
+    options = dict(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
+                   show_error=True, css=CSS, footer_links=["api"], run_history=False)
+    accepted = inspect.signature(demo.launch).parameters  # footer_links/run_history are newer Gradio options
+    demo.launch(**{key: value for key, value in options.items() if key in accepted})
     return demo
