@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "linfusion.commands.info",
     "linfusion.commands.generate",
     "linfusion.commands.bench",
+    "linfusion.app.cli",
     "linfusion.distill.cli",
 )
 
