@@ -190,7 +190,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         pool = mp.get_context("spawn").Pool(workers)
         accuracy_job = pool.apply_async(_checker_accuracy, (checker_n,))
     started = time.time()
-    rows, skipped = [], []
+    rows, skipped, backends = [], [], {}
     teacher_images: dict[int, list[np.ndarray]] = {}
     grid: dict[str, list[np.ndarray]] = {"world (truth)": [render(parse_prompt(p), base, base, seed) for p in prompts[:grid_prompts]]}
     for name in models:
@@ -203,6 +203,13 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         if method == "local":
             options["window"] = window
         apply_patch(pipe, method, adapter, options)
+        if method or adapter:
+            try:  # the default kernel backend (Triton on CUDA) must run this model; else the PyTorch one
+                generate(pipe, prompts[:1], size=base * max(scales), steps=1, seed=seed, batch=1)
+            except Exception as error:  # noqa: BLE001 - any kernel failure: fall back, and say so
+                print(f"[quality] {name}: default backend failed ({error!r}); using backend='torch'", flush=True)
+                backends[name] = "torch"
+                apply_patch(pipe, method, adapter, dict(options, backend="torch"))
         for scale in scales:
             size = base * scale
             images = generate(pipe, prompts, size=size, steps=steps, seed=seed, batch=max(1, batch // scale))
@@ -234,6 +241,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         "settings": {"n_prompts": n_prompts, "prompt_split": "heldout", "seed": seed, "steps": steps,
                      "guidance_scale": 4.5, "scales": list(scales), "local_window": window, "checker_n": checker_n,
                      "device": str(device), "torch": torch.__version__, "skipped": skipped,
+                     "backend_fallbacks": backends,
                      "sec_per_image": f"batch 1, median of {time_runs}"},
         "checker_validation": {k: v for k, v in validation.items() if k not in ("n", "seed")},
         "seconds": round(time.time() - started, 1),

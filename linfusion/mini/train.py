@@ -119,11 +119,11 @@ def train_vae(vae, stream: RenderStream, budget: Budget, device, batch: int, lr:
         for chunk in chunks:
             if not chunk.crop:
                 keep.append(chunk)
-            x = torch.from_numpy(chunk.images).permute(0, 3, 1, 2).to(device)
-            for row in x:
-                pool[pos] = row
-                pos = (pos + 1) % capacity
-                filled = min(capacity, filled + 1)
+            x = torch.from_numpy(chunk.images).permute(0, 3, 1, 2).to(device, non_blocking=True)
+            rows = (torch.arange(x.shape[0]) + pos) % capacity
+            pool[rows.to(device)] = x
+            pos = (pos + x.shape[0]) % capacity
+            filled = min(capacity, filled + x.shape[0])
 
     while filled < min(batch, capacity):
         add([stream.get()])
@@ -161,7 +161,7 @@ def _edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def normalise_latents(vae, chunks: list, device) -> dict:
     """Centre the latents (folded into the VAE) and set ``scaling_factor`` to 1/std."""
-    images = np.concatenate([c.images for c in chunks])[:2048]
+    images = np.concatenate([c.images for c in chunks[:64]])[:2048]
     means = []
     for i in range(0, len(images), 256):
         with autocast(device):
@@ -190,6 +190,10 @@ class Bank:
     @torch.no_grad()
     def add_chunks(self, chunks: list, vae, tokenizer, device) -> None:
         chunks = [c for c in chunks if not c.crop]
+        for i in range(0, len(chunks), 64):  # bounded host memory for large backlogs
+            self._add(chunks[i : i + 64], vae, tokenizer, device)
+
+    def _add(self, chunks: list, vae, tokenizer, device) -> None:
         if not chunks:
             return
         images = np.concatenate([c.images for c in chunks])
@@ -386,7 +390,7 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     """Teacher data once, then both students, with the distillation toolkit's commands."""
     from .world import prompt_set
 
-    lrs = lrs or {"linear": 5e-4, "local": 2e-4}
+    lrs = lrs or {"linear": 3e-4, "local": 2e-4}
     pipeline, data = out / "pipeline", out / "distill-data"
     prompts_file = out / "distill_prompts.txt"
     prompts_file.write_text("\n".join(prompt_set("train", prompts, seed=1)) + "\n")
@@ -431,7 +435,8 @@ def quick_adherence(folder: Path, device, n: int, steps: int) -> dict:
 
 def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, seed: int = 0, workers: int | None = None,
               steps: dict[str, int | None] | None = None, distill: bool = True, distill_steps: int | None = None,
-              distill_prompts: int | None = None, distill_parallel: bool | None = None) -> dict:
+              distill_prompts: int | None = None, distill_parallel: bool | None = None,
+              batch_sizes: tuple[int, int, int] | None = None, check_prompts: int | None = None) -> dict:
     cfg = mm.SMOKE if smoke else mm.FULL
     steps = steps or {}
     out.mkdir(parents=True, exist_ok=True)
@@ -448,6 +453,9 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
                      "minutes": minutes, "seed": seed, "workers": workers}
     start = time.time()
     batch = {"vae": 8, "text": 16, "dit": 8} if smoke else {"vae": 64, "text": 1024, "dit": 256}
+    if batch_sizes:
+        batch = dict(zip(("vae", "text", "dit"), batch_sizes))
+    summary["batch_sizes"] = batch
     stream = RenderStream(seed, chunk=8 if smoke else 64, size=cfg.resolution, workers=workers,
                           crop_every=0 if smoke else 4)
     try:
@@ -485,7 +493,7 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
     del components
     if cuda:
         torch.cuda.empty_cache()
-    summary["quick_adherence"] = quick_adherence(out / "pipeline", device, n=4 if smoke else 64, steps=2 if smoke else 20)
+    summary["quick_adherence"] = quick_adherence(out / "pipeline", device, n=check_prompts or (4 if smoke else 64), steps=2 if smoke else 20)
     log(f"teacher quick adherence {summary['quick_adherence']}")
     _write(out / "train_summary.json", summary)
     if distill:
@@ -521,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=None, help="fix the VAE's steps instead of its time share")
     parser.add_argument("--text-steps", type=int, default=None)
     parser.add_argument("--dit-steps", type=int, default=None)
+    parser.add_argument("--batch-sizes", default=None, help="VAE,TEXT,DIT batch sizes (default 64,1024,256; smoke 8,16,8)")
+    parser.add_argument("--check-prompts", type=int, default=None, help="held-out prompts for the teacher read-out (64)")
     parser.add_argument("--no-distill", dest="distill", action="store_false", help="train the teacher only")
     parser.add_argument("--distill-steps", type=int, default=None, help="steps per student (default 1200; smoke 2)")
     parser.add_argument("--distill-prompts", type=int, default=None, help="teacher-data prompts (default 192)")
@@ -533,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     parallel = None if args.distill_parallel == "auto" else args.distill_parallel == "yes"
     summary = train_all(Path(args.out), minutes=args.minutes, device=device, smoke=args.smoke, seed=args.seed,
                         workers=args.workers, steps=steps, distill=args.distill, distill_steps=args.distill_steps,
-                        distill_prompts=args.distill_prompts, distill_parallel=parallel)
+                        distill_prompts=args.distill_prompts, distill_parallel=parallel,
+                        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None,
+                        check_prompts=args.check_prompts)
     log(f"done in {summary['total_seconds']} s: {args.out}")
     return 0
 
