@@ -99,10 +99,17 @@ def test_smoke_students_are_fp16_adapters_that_patch_the_pipeline(smoke_run):
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
         config = json.loads((folder / "linfusion_adapter.json").read_text())
         options = config["components"]["transformer"]["options"]
-        assert options["method"] == method and options["dense_fallback"] is False
+        assert options["method"] == method and options["window"] == (4 if method == "local" else options["window"])
         patch_pipeline(pipe, adapter=str(folder))
         assert describe(pipe)["patched"] and method in json.dumps(describe(pipe), default=str)
         unpatch_pipeline(pipe)
+    # the benchmark forces the replacement in every layer (no dense fallback at 128 px)
+    from linfusion.mini.quality import apply_patch
+
+    apply_patch(pipe, None, str(smoke_run / "adapter-local"))
+    processors = [m for m in pipe.transformer.modules() if hasattr(m, "dense_fallback")]
+    assert processors and all(not p.dense_fallback for p in processors)
+    apply_patch(pipe, None, None)
 
 
 def test_quality_quick_mode_writes_the_schema(smoke_run, tmp_path):

@@ -160,6 +160,22 @@ def save_grid(path: Path, prompts: list[str], columns: dict[str, list[np.ndarray
 # --------------------------------------------------------------------------- benchmark
 
 
+def apply_patch(pipe, method: str | None, adapter: str | None, options: dict | None = None) -> None:
+    """Unpatch, then patch with ``method`` (zero-shot) or ``adapter``, the replacement forced in
+    every layer at every size (``dense_fallback=False``: adapters store the users' default,
+    which may run dense attention where it is faster -- not what is being measured)."""
+    from ..patch import is_patched, patch_pipeline, unpatch_pipeline
+
+    options = dict(options or {})
+    if is_patched(pipe):
+        unpatch_pipeline(pipe)
+    if adapter:
+        extra = {"backend": options["backend"]} if options.get("backend") else {}
+        patch_pipeline(pipe, adapter=adapter, dense_fallback=False, **extra)
+    elif method:
+        patch_pipeline(pipe, method=method, **{"layers": "all", "dense_fallback": False, **options})
+
+
 def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | None] | None = None, *,
                   n_prompts: int = 96, seed: int = 0, steps: int = 20, scales: tuple[int, ...] = (1, 2, 4),
                   batch: int = 32, device: str | torch.device | None = None, window: int = 4,
@@ -167,7 +183,6 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
                   out_json: str | Path | None = None, out_grid: str | Path | None = None,
                   models: tuple[str, ...] = MODELS) -> dict:
     """Run the benchmark; ``pipeline``/``adapters`` default to the bundled LinFusion-Mini."""
-    from ..generation import apply_patch
     from .world import parse_prompt, prompt_set, render
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -199,9 +214,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         if name in ("linear", "local") and not adapter:
             skipped.append(name)
             continue
-        options = {"layers": "all"}  # replace every layer at every size (no dense fallback)
-        if method == "local":
-            options["window"] = window
+        options = {"window": window} if method == "local" else {}
         apply_patch(pipe, method, adapter, options)
         if method or adapter:
             try:  # the default kernel backend (Triton on CUDA) must run this model; else the PyTorch one
