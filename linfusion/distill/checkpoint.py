@@ -4,7 +4,19 @@ A checkpoint ``checkpoints/step-00000100/`` holds
 
 * ``trainable.safetensors``: the trainable parameters (``component.param`` keys);
 * ``optimizer.pt``: optimizer and LR-scheduler state (plain tensors, loaded ``weights_only``);
-* ``state.json``: step, the run's resume identity, the RNG states of every process.
+* ``state.json``: step, the run's resume identity, the process count that wrote it.
+
+Everything is *full* state written by the main process: trainable tensors and optimizer moments
+gathered from FSDP shards where ``--fsdp`` sharded them, one copy of the (identical) replicas
+otherwise. So a checkpoint of an N-process run resumes in an M-process run, sharded or not, as
+long as the global batch ``batch_size × processes × grad_accum`` is the same (a different one
+changes which samples each step sees and the gradient's scale; it is refused).
+
+No RNG state is stored: the trainer reseeds the global RNGs from (seed, step, rank) at every
+step (see :func:`linfusion.distill.trainer.step_seed`), and the data order is a function of
+(seed, step, global batch), so the resumed run draws what the uninterrupted one would have.
+Random draws inside a step (dropout, if a model had any) are per process, so they match an
+uninterrupted run exactly only with the same process count.
 
 Only complete folders carry the ``step-`` name, so a run killed while writing leaves at most
 a ``.tmp-`` folder that resuming ignores (and removes).
@@ -15,12 +27,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -28,6 +38,8 @@ PREFIX = "step-"
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
+#: what ``state.json`` says about RNG state instead of storing it
+RNG_NOTE = "not stored: every step reseeds the RNGs from (seed, step, rank)"
 
 
 class CheckpointError(RuntimeError):
@@ -37,29 +49,6 @@ class CheckpointError(RuntimeError):
 def fault(name: str) -> bool:
     """Test hook: True when ``LINFUSION_DISTILL_FAULT`` names this fault point."""
     return os.environ.get("LINFUSION_DISTILL_FAULT") == name
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states as JSON-able lists."""
-    np_state = np.random.get_state()
-    state = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -150,4 +139,20 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -
         raise CheckpointError(
             f"cannot resume from {path}: it was made with a different configuration ({', '.join(differing)}). "
             f"{details}. Use the original options or a new --output."
+        )
+
+
+def check_global_batch(saved: dict[str, Any], global_batch: int, batch_size: int, world: int, accum: int,
+                       path: Path) -> None:
+    """Refuse a resume with another global batch; any split of the same one (processes, accumulation) is fine."""
+    if "global_batch" not in saved:  # checkpoints before cross-world resume stored the factors
+        saved["global_batch"] = saved.pop("batch_size", 1) * saved.pop("world_size", 1) * saved.pop("grad_accum", 1)
+    before = int(saved["global_batch"])
+    if before != global_batch:
+        hint = (f"; with {world} process(es) use --batch-size {before // (world * accum)}"
+                if before % (world * accum) == 0 else "")
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with global batch {before} (batch-size x processes x "
+            f"grad-accum), this run has {global_batch} = {batch_size} x {world} x {accum}. The global batch "
+            f"fixes the samples of every step, so it must stay the same{hint} (or change --grad-accum)."
         )

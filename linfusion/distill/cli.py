@@ -2,6 +2,21 @@
 
 Flags override a ``--config`` file (YAML or JSON with the same keys, dashes or
 underscores), which overrides the defaults of :class:`~linfusion.distill.config.DistillConfig`.
+
+Several processes: launch the same command with ``accelerate launch --multi_gpu --num_processes N
+-m linfusion distill ...`` or ``torchrun --nproc_per_node N -m linfusion distill ...`` (on a
+machine without CUDA add ``ACCELERATE_USE_CPU=1`` to accelerate; the processes use gloo).
+
+* ``--fsdp`` (``fsdp: true``): shard the denoisers per block with FSDP2 instead of replicating
+  them (teachers the size of FLUX); not with ``--teacher offload`` or ``--trainable lora``.
+* ``--resume`` continues from a checkpoint written by any number of processes, sharded or not,
+  if the global batch ``--batch-size × processes × --grad-accum`` is unchanged (2 processes with
+  ``--batch-size 1`` resume in 1 process with ``--batch-size 2``).
+* ``--mixed-precision bf16`` autocasts the forwards (CPU too); trainable weights stay fp32.
+* ``--gradient-checkpointing``: diffusers' ``enable_gradient_checkpointing()`` on the denoisers.
+
+DeepSpeed ZeRO is not wired in (``deepspeed`` is not a dependency); ``--fsdp`` covers the
+sharding that ZeRO-3 would.
 """
 
 from __future__ import annotations
@@ -72,7 +87,10 @@ def add_parser(subparsers) -> None:
     distill.add_argument("--keep-first", dest="keep_first", action="store_true", default=None,
                          help="keep the first self-attention layer softmax (default with --select-layers)")
     distill.add_argument("--no-keep-first", dest="keep_first", action="store_false")
-    distill.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    distill.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                         help="recompute the denoiser's blocks in backward (diffusers enable_gradient_checkpointing)")
+    distill.add_argument("--fsdp", action="store_true", default=None,
+                         help="shard the denoisers across the processes with FSDP2 (per block); checkpoints stay full")
     distill.add_argument("--patch-option", dest="patch", action="append", default=None, metavar="KEY=VALUE",
                          help="PatchConfig option, e.g. window=8 or feature_map=relu (JSON values), repeatable")
     _common_tail(distill)

@@ -1,4 +1,10 @@
-"""Every knob of a distillation run: one dataclass, filled from defaults < config file < flags."""
+"""Every knob of a distillation run: one dataclass, filled from defaults < config file < flags.
+
+Resuming (``--resume``) requires the checkpoint's *resume identity* (every key not in
+:data:`RESUME_FREE_KEYS`, plus the model and data fingerprints and the global batch) to match.
+The split of the global batch ``batch_size × processes × grad_accum`` is free, and so is
+``fsdp`` (checkpoints hold full, gathered tensors): a run of N processes resumes in M.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ RESUME_FREE_KEYS = (
     "model", "output", "resume", "checkpoint_every", "log_every", "keep_checkpoints", "progress", "data", "prompts",
     "num_prompts", "data_steps", "guidance_scale", "max_sequence_length", "prompts_per_shard", "resolution",
     "num_frames", "pipeline_kwargs", "teacher", "gradient_checkpointing", "steps",
+    # the global batch batch_size·world·grad_accum is checked instead of its factors
+    "batch_size", "grad_accum", "fsdp",
 )
 
 
@@ -39,6 +47,7 @@ class DistillConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     dtype: str = "float32"
+    fsdp: bool = False  # shard the denoisers (FSDP2 fully_shard per block) across the processes
     # data
     data: str | None = None
     prompts: str | None = None
@@ -81,6 +90,12 @@ class DistillConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.select_layers is not None and self.select_layers < 0:
             raise ValueError(f"--select-layers must be >= 0, got {self.select_layers}")
+        if self.fsdp and self.teacher == "offload":
+            raise ValueError("--fsdp cannot be combined with --teacher offload (a sharded teacher is already spread "
+                             "over the processes); use --teacher shared or copy")
+        if self.fsdp and self.trainable == "lora":
+            raise ValueError("--fsdp does not support --trainable lora (merging LoRA needs the full base weights); "
+                             "use --trainable new or new+qkvo")
         self.losses = parse_losses(self.losses)
         self.size()
 

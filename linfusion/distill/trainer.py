@@ -1,11 +1,28 @@
 """The distillation trainer, on ``accelerate``.
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` samples on each of
-the ``world`` processes (global batch ``batch_size·world·grad_accum``). The data order is a
-pure function of (seed, step), so resuming from a checkpoint replays exactly what an
-uninterrupted run would have done. Gradients of the (small) trainable set are averaged
-across processes with one all-reduce; the denoiser is never wrapped in DDP, which keeps
-frozen-teacher forwards and hooks simple.
+the ``world`` processes (global batch ``G = batch_size·world·grad_accum``). Step ``k`` trains
+on samples ``k·G … (k+1)·G − 1`` of a stream of epoch permutations seeded by ``seed``, so the
+data of a step depends only on (seed, step, G), not on how G is split. Every process builds
+the student from the same seed (identical replicas), and each step reseeds the global RNGs
+(Python, NumPy, torch) from (seed, step, rank): nothing random carries over from one step to
+the next, so a checkpoint needs no RNG state and resuming is exact for any process count.
+
+Parallelism (launch with ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun``;
+CPU processes talk through gloo when CUDA is absent):
+
+* default, data parallel: every process holds the whole model; the gradients of the (small)
+  trainable set are averaged with one all-reduce; the denoiser is never wrapped in DDP, which
+  keeps frozen-teacher forwards and hooks simple;
+* ``--fsdp`` (``fsdp: true`` in ``--config``): the denoisers (and a teacher copy) are sharded
+  per block with FSDP2 (see :mod:`.sharding`), for teachers the size of FLUX. The shared
+  teacher still works (same model, original processors swapped in); ``--teacher offload`` and
+  ``--trainable lora`` are refused. With one process ``--fsdp`` is a no-op.
+
+Checkpoints hold full (gathered) trainable tensors and the full optimizer state, written by
+the main process: a run of N processes resumes in M (same global batch; see
+:mod:`.checkpoint`). The adapter is written with ``save_adapter`` from full weights.
+Losses and weights of an N-process run equal a 1-process run's up to float summation order.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from ..config import PatchConfig
 from ..patch import denoisers
 from ..pipelines import family_for
 from . import checkpoint as ckpt
+from . import sharding
 from .adm import adm_direction, adm_surrogate
 from .capture import output_tensor
 from .config import DistillConfig
@@ -88,8 +106,11 @@ def prompt_list(cfg: DistillConfig) -> list[str]:
     return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
 
 
-def prepare_data(cfg: DistillConfig, pipe, is_main: bool, wait) -> Path:
-    """The data folder to train on: reuse a finished one, finish a partial one, or generate it."""
+def prepare_data(cfg: DistillConfig, pipe, is_main: bool, wait, device: torch.device | None = None) -> Path:
+    """The data folder to train on: reuse a finished one, finish a partial one, or generate it.
+
+    ``device``: move the pipeline there to generate and back to the CPU after (FSDP runs keep it on the CPU).
+    """
     output = Path(cfg.output)
     if cfg.data and is_image_folder(cfg.data):
         directory, images = output / "data", cfg.data
@@ -103,8 +124,12 @@ def prepare_data(cfg: DistillConfig, pipe, is_main: bool, wait) -> Path:
     elif cfg.data and images is None and Path(cfg.data).is_dir() and any(Path(cfg.data).iterdir()):
         raise DataMismatchError(f"--data {cfg.data} is neither a distillation data folder nor a folder of captioned images")
     if is_main:
+        if device is not None:
+            pipe.to(device)
         generate_data(pipe, directory, prompt_list(cfg), generation_settings(cfg), images=images,
                       source=cfg.model, progress=cfg.progress)
+        if device is not None:
+            pipe.to("cpu")
     wait()
     return directory
 
@@ -188,6 +213,8 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
+        self.fsdp = cfg.fsdp and self.world > 1
+        self.units: list[torch.nn.Module] = []  # FSDP units (empty without --fsdp)
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -200,22 +227,27 @@ class Trainer:
             raise DistillError(
                 f"{self.output} already holds checkpoints of a run; pass --resume to continue it or use a new --output"
             )
-        _seed_everything(cfg.seed + self.rank)
+        _seed_everything(cfg.seed)  # the same on every process: identical replicas of new parameters
         self.pipe = load_pipeline(cfg.model, cfg.dtype)
         check_supported(self.pipe)
         freeze_all(self.pipe)
-        self.pipe.to(self.accelerator.device)
+        device = self.accelerator.device
+        if not self.fsdp:
+            self.pipe.to(device)  # with FSDP the denoisers reach the device shard by shard
         self.output.mkdir(parents=True, exist_ok=True)
-        self.data_dir = prepare_data(cfg, self.pipe, self.is_main, self.accelerator.wait_for_everyone)
+        self.data_dir = prepare_data(cfg, self.pipe, self.is_main, self.accelerator.wait_for_everyone,
+                                     device=device if self.fsdp else None)
         self.dataset = DistillDataset(self.data_dir)
         check_data_model(self.dataset.manifest, self.pipe, self.data_dir)
         self.identity = dict(
             cfg.resume_identity(), model_fingerprints=model_fingerprints(self.pipe),
-            data_fingerprint=self.dataset.fingerprint, world_size=self.world,
+            data_fingerprint=self.dataset.fingerprint, global_batch=self.global_batch,
         )
         if self.resume_from is not None:
-            ckpt.check_identity(json.loads((self.resume_from / ckpt.STATE).read_text())["identity"], self.identity,
-                                self.resume_from)
+            saved = json.loads((self.resume_from / ckpt.STATE).read_text())["identity"]
+            ckpt.check_global_batch(saved, self.global_batch, cfg.batch_size, self.world, cfg.grad_accum,
+                                    self.resume_from)
+            ckpt.check_identity(saved, self.identity, self.resume_from)
         patch_options = dict(cfg.patch, method=cfg.method, gate=cfg.selective)
         keep_first = cfg.keep_first if cfg.keep_first is not None else cfg.selective
         self.student = build_student(
@@ -230,12 +262,24 @@ class Trainer:
                     model.enable_gradient_checkpointing()
         for model in self.student.models.values():
             model.train()
+        if self.fsdp:
+            self._shard(device)
         self._build_optimizer()
         self.stream = IndexStream(len(self.dataset), cfg.seed, cfg.batch_size, self.world, cfg.grad_accum)
         self.step = 0
         if self.resume_from is not None:
             self._load(self.resume_from)
         ckpt.clean_partial(self.ckpt_root) if self.is_main else None
+
+    def _shard(self, device: torch.device) -> None:
+        """FSDP2 over the denoisers and the teacher copies; re-point the trainable set at the sharded parameters."""
+        student = self.student
+        models = [*student.models.values(), *student.teacher.copies.values()]
+        self.units = sharding.shard_models(models, device, self.world)
+        for component, model in student.models.items():
+            named = dict(model.named_parameters())  # fully_shard replaced the Parameter objects
+            student.params[component] = {name: named[name] for name in student.params[component]}
+            student.gate_params[component] = {name: named[name] for name in student.gate_params[component]}
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
@@ -259,29 +303,29 @@ class Trainer:
         self.params = [p for _, p in named]
 
     def _load(self, path: Path) -> None:
+        """Full tensors and optimizer state onto this run's layout (any process count, sharded or not)."""
         tensors, optim, state = ckpt.load_checkpoint(path)
         named = dict(self.student.named_trainable())
         missing = set(named) ^ set(tensors)
         if missing:
             raise ckpt.CheckpointError(f"checkpoint {path} does not hold the trainable set of this run: {sorted(missing)[:5]}")
-        with torch.no_grad():
-            for name, param in named.items():
-                param.copy_(tensors[name])
-        self.optimizer.load_state_dict(optim["optimizer"])
+        for name, param in named.items():
+            sharding.load_full(param, tensors[name])
+        ordered = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.optimizer.load_state_dict(sharding.shard_optimizer_state(optim["optimizer"], ordered))
         self.scheduler.load_state_dict(optim["scheduler"])
-        self.step = int(state["step"])
-        ckpt.set_rng_state(state["rng"][self.rank])
+        self.step = int(state["step"])  # RNGs are reseeded from (seed, step, rank) each step: nothing to restore
         if self.is_main:
             _truncate_metrics(self.output / METRICS, self.step)
 
     def _save(self) -> None:
-        from accelerate.utils import gather_object
-
-        states = gather_object([ckpt.rng_state()]) if self.world > 1 else [ckpt.rng_state()]
+        """Gather the full trainable set and optimizer state (every process), write them on the main one."""
+        tensors = {name: sharding.full_tensor(p) for name, p in self.student.named_trainable()}
+        optim = {"optimizer": sharding.full_optimizer_state(self.optimizer.state_dict()),
+                 "scheduler": self.scheduler.state_dict()}
         if self.is_main:
-            tensors = {name: p for name, p in self.student.named_trainable()}
-            optim = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            state = {"identity": self.identity, "rng": states, "samples": self.step * self.global_batch}
+            state = {"identity": self.identity, "rng": ckpt.RNG_NOTE, "samples": self.step * self.global_batch,
+                     "world_size": self.world}
             ckpt.save_checkpoint(self.ckpt_root, self.step, tensors, optim, state, keep=self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
@@ -296,7 +340,10 @@ class Trainer:
         weights = cfg.losses
         kind = self.dataset.kind
         totals: dict[str, float] = {}
+        _seed_everything(step_seed(cfg.seed, self.step, self.rank))
         for micro in range(cfg.grad_accum):
+            if self.units:
+                sharding.set_gradient_sync(self.units, micro == cfg.grad_accum - 1)
             indices = self.stream.indices(self.step, micro, self.rank)
             groups = self.dataset.batch(indices, self.accelerator.device)
             loss = torch.zeros((), device=self.accelerator.device)
@@ -330,7 +377,7 @@ class Trainer:
         return totals
 
     def _sync_gradients(self) -> None:
-        if self.world == 1:
+        if self.world == 1 or self.fsdp:  # FSDP reduce-scatters (and averages) in backward
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -380,18 +427,24 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        """Merge LoRA, round the selection, write the adapter (main process)."""
-        finalize_lora(self.student)
-        summary: dict[str, Any] = {"steps": self.step, "output": str(self.output)}
-        if self.cfg.selective:
-            summary["converted_layers"] = finalize_selection(self.student.models, self.cfg.select_layers)
-            if not any(summary["converted_layers"].values()):
-                raise DistillError("selective transfer converted no layer; nothing to save (raise --select-layers)")
-        if self.is_main:
-            save_adapter(self.pipe, self.output, dense_fallback=True)  # users get layers="auto" behaviour
-            (self.output / "distill_summary.json").write_text(json.dumps(summary, indent=2))
-        self.accelerator.wait_for_everyone()
+        """Merge LoRA, round the selection, write the adapter (main process; from full weights under FSDP)."""
+        with sharding.gathered(self.student.models, {c: list(p) for c, p in self.student.params.items()}):
+            finalize_lora(self.student)
+            summary: dict[str, Any] = {"steps": self.step, "output": str(self.output)}
+            if self.cfg.selective:
+                summary["converted_layers"] = finalize_selection(self.student.models, self.cfg.select_layers)
+                if not any(summary["converted_layers"].values()):
+                    raise DistillError("selective transfer converted no layer; nothing to save (raise --select-layers)")
+            if self.is_main:
+                save_adapter(self.pipe, self.output, dense_fallback=True)  # users get layers="auto" behaviour
+                (self.output / "distill_summary.json").write_text(json.dumps(summary, indent=2))
+            self.accelerator.wait_for_everyone()
         return summary
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the global RNGs during optimizer step ``step`` on process ``rank``."""
+    return (seed * 1_000_003 + step) * 4_099 + rank
 
 
 def _seed_everything(seed: int) -> None:
