@@ -7,6 +7,7 @@ copy), so an original-vs-accelerated comparison costs no extra weights.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import time
 from pathlib import Path
@@ -137,6 +138,8 @@ def run_pipeline(
         kwargs["num_frames"] = num_frames
     if callback is not None:
         kwargs["callback_on_step_end"] = callback
+    if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+        kwargs["use_resolution_binning"] = False  # PixArt would silently snap the size to its bins
     kwargs.update(extra or {})
     cuda = torch.device(device).type == "cuda"
     if cuda:
