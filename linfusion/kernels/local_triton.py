@@ -186,28 +186,61 @@ def _softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr, UPCAST: tl.conste
     return acc, m_new, l_i
 
 
-# ----------------------------------------------------------------------------- forward
+# ----------------------------------------------------------------------------- program layout
 
 # resolution-dependent integers are not specialised: a new resolution must not recompile
 _NO_SPEC = ["H", "L", "TEXT", "n_text_progs", "NTB", "n_img_per_bh", "SUB", "G0", "G1", "G2",
             "N0", "N1", "N2", "R0", "R1", "R2", "CAP0", "CAP1"]
 
 
+@triton.jit
+def _own_block(pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L,
+               BLOCK: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+               TILE_ORDER: tl.constexpr):
+    """The rows a program owns. Programs [0, n_text_progs) own BLOCK text tokens (and see every
+    token, ``dense_end = L``); the others own (a slice of) one image tile (``dense_end = TEXT``).
+    Computed without branches so that each kernel has a single key loop."""
+    is_text = pid < n_text_progs
+    pid_img = tl.maximum(pid - n_text_progs, 0)
+    bh_img = pid_img // n_img_per_bh
+    c0, c1, c2, p0, p1, p2, pos, valid = _tile_block(pid_img - bh_img * n_img_per_bh, SUB, N1, N2, G0, G1, G2,
+                                                     TEXT, BLOCK, T0, T1, T2, TILE_ORDER)
+    bh_txt = pid // NTB
+    tpos = (pid - bh_txt * NTB) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.where(is_text, bh_txt, bh_img)
+    pos = tl.where(is_text, tpos, pos)
+    valid = tl.where(is_text, tpos < TEXT, valid)
+    dense_end = tl.where(is_text, L, TEXT)
+    return is_text, bh, c0, c1, c2, p0, p1, p2, pos, valid, dense_end
+
 
 @triton.jit
-def _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, start, end, qk_scale, offs_d, dmask,
-               BN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax over the contiguous keys [start, end) (text keys, or all keys)."""
-    for s0 in range(start, end, BN):
-        kpos = s0 + tl.arange(0, BN)
-        kvalid = kpos < end
-        lmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-        qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        s = qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC, UPCAST)
-    return acc, m_i, l_i
+def _loop_bounds(is_text, dense_end, c0, c1, c2, R0, R1, R2, N0, N1, N2,
+                 BLOCK: tl.constexpr, CPT: tl.constexpr):
+    """Chunks of the single loop: ``n_dense`` contiguous chunks of [0, dense_end), then the window."""
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
+    n_dense = (dense_end + BLOCK - 1) // BLOCK
+    return lo0, lo1, lo2, nr1, nj, n_dense, n_dense + n_win
+
+
+@triton.jit
+def _loop_chunk(it, n_dense, dense_end, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+                BLOCK: tl.constexpr, CPT: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+                MASK_MODE: tl.constexpr, TILE_ORDER: tl.constexpr):
+    """Tokens of loop chunk ``it``: dense chunk (text keys / all keys) or window chunk."""
+    is_dense = it < n_dense
+    dpos = it * BLOCK + tl.arange(0, BLOCK)
+    wpos, wvalid, p0, p1, p2, need_mask = _chunk(
+        tl.maximum(it - n_dense, 0), lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+        BLOCK, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
+    pos = tl.where(is_dense, dpos, wpos)
+    valid = tl.where(is_dense, dpos < dense_end, wvalid)
+    need_mask = need_mask & (it >= n_dense)
+    return pos, valid, p0, p1, p2, need_mask
+
+
+# ----------------------------------------------------------------------------- forward
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -222,56 +255,43 @@ def _fwd_kernel(
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
-    if pid < n_text_progs:  # text queries: every key
-        bh = pid // NTB
-        qpos = (pid - bh * NTB) * BM + tl.arange(0, BM)
-        qvalid = qpos < TEXT
-        c0, c1, c2 = bh * 0, bh * 0, bh * 0  # unused on this path
-        qp0, qp1, qp2 = qpos, qpos, qpos
-    else:
-        bh = (pid - n_text_progs) // n_img_per_bh
-        rem = (pid - n_text_progs) - bh * n_img_per_bh
-        c0, c1, c2, qp0, qp1, qp2, qpos, qvalid = _tile_block(
-            rem, SUB, N1, N2, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER)
+    is_text, bh, c0, c1, c2, qp0, qp1, qp2, qpos, qvalid, dense_end = _own_block(
+        pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BM, T0, T1, T2, TILE_ORDER)
     b = bh // H
     h = bh - b * H
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     qmask = qvalid[:, None] & dmask[None, :]
-    q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=qmask, other=0.0)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qpos[:, None] * sqn + offs_d[None, :],
+                mask=qmask, other=0.0)
     m_i = tl.full([BM], -1.0e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D_PAD], tl.float32)
-    if pid < n_text_progs:
-        acc, m_i, l_i = _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, 0, L, qk_scale,
-                                   offs_d, dmask, BN, DOT_PREC, UPCAST)
-    else:
-        acc, m_i, l_i = _fwd_dense(acc, m_i, l_i, q, k_base, v_base, skn, svn, 0, TEXT, qk_scale,
-                                   offs_d, dmask, BN, DOT_PREC, UPCAST)
-        lo0, lo1, lo2, nr1, nj, n_iter = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-        for it in range(0, n_iter):
-            kpos, kvalid, kp0, kp1, kp2, need_mask = _chunk(
-                it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
-                BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
-            lmask = kvalid[:, None] & dmask[None, :]
-            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-            qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-            s = qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
-            if MASK_MODE != 0:
-                if need_mask:
-                    vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                                       MASK_MODE, IS_3D)
-                    s = tl.where(vis, s, float("-inf"))
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC, UPCAST)
+    lo0, lo1, lo2, nr1, nj, n_dense, n_iter = _loop_bounds(is_text, dense_end, c0, c1, c2, R0, R1, R2,
+                                                           N0, N1, N2, BN, CPT)
+    for it in range(0, n_iter):
+        kpos, kvalid, kp0, kp1, kp2, need_mask = _loop_chunk(
+            it, n_dense, dense_end, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+            BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
+        lmask = kvalid[:, None] & dmask[None, :]
+        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        s = qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
+        if MASK_MODE != 0:
+            if need_mask:
+                vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                                   MASK_MODE, IS_3D)
+                s = tl.where(vis, s, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC, UPCAST)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
-    tl.store(o_base + qpos[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
+    tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qpos[:, None] * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=qmask)
     tl.store(LSE + bh.to(tl.int64) * L + qpos, m_i + tl.math.log2(l_safe), mask=qvalid)
 
 
@@ -295,33 +315,6 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L,
     tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rows < L)
 
 
-@triton.jit
-def _kv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """dK/dV contribution of one query chunk (columns), without mask."""
-    qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
-    pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-    dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
-    dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
-    dsT = pT * (dpT - delta[None, :])
-    dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
-    return dk, dv
-
-
-@triton.jit
-def _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, start, end, qk_scale,
-              offs_d, dmask, BM: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    for s0 in range(start, end, BM):
-        qpos = s0 + tl.arange(0, BM)
-        qvalid = qpos < end
-        lmask = qvalid[:, None] & dmask[None, :]
-        q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
-        do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
-        lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
-        delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
-        dk, dv = _kv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PREC, UPCAST)
-    return dk, dv
-
-
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, TAB,
@@ -334,21 +327,14 @@ def _dkdv_kernel(
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One key block (BN keys: text keys, or a slice of a key tile); loops over query chunks (BM)."""
+    """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
+    that see it: text keys are seen by every query, image keys by the text queries and by the
+    window (symmetric) around their tile."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
-    if pid < n_text_progs:  # text keys: seen by every query
-        bh = pid // NTB
-        kpos = (pid - bh * NTB) * BN + tl.arange(0, BN)
-        kvalid = kpos < TEXT
-        c0, c1, c2 = bh * 0, bh * 0, bh * 0  # unused on this path
-        kp0, kp1, kp2 = kpos, kpos, kpos
-    else:
-        bh = (pid - n_text_progs) // n_img_per_bh
-        rem = (pid - n_text_progs) - bh * n_img_per_bh
-        c0, c1, c2, kp0, kp1, kp2, kpos, kvalid = _tile_block(
-            rem, SUB, N1, N2, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
+    is_text, bh, c0, c1, c2, kp0, kp1, kp2, kpos, kvalid, dense_end = _own_block(
+        pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BN, T0, T1, T2, TILE_ORDER)
     b = bh // H
     h = bh - b * H
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
@@ -362,59 +348,31 @@ def _dkdv_kernel(
                 mask=kmask, other=0.0)
     dk = tl.zeros([BN, D_PAD], tl.float32)
     dv = tl.zeros([BN, D_PAD], tl.float32)
-    if pid < n_text_progs:
-        dk, dv = _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, 0, L, qk_scale,
-                           offs_d, dmask, BM, DOT_PREC, UPCAST)
-    else:
-        dk, dv = _kv_dense(dk, dv, k, v, q_base, do_base, LSE_bh, DELTA_bh, sqn, sdn, 0, TEXT, qk_scale,
-                           offs_d, dmask, BM, DOT_PREC, UPCAST)
-        lo0, lo1, lo2, nr1, nj, n_iter = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-        for it in range(0, n_iter):
-            qpos, qvalid, qp0, qp1, qp2, need_mask = _chunk(
-                it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
-                BM, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
-            lmask = qvalid[:, None] & dmask[None, :]
-            q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
-            do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
-            lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
-            delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
-            qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
-            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-            if MASK_MODE != 0:
-                if need_mask:
-                    vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                                       MASK_MODE, IS_3D)
-                    pT = tl.where(vis, pT, 0.0)
-            dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
-            dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
-            dsT = pT * (dpT - delta[None, :])
-            dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
+    lo0, lo1, lo2, nr1, nj, n_dense, n_iter = _loop_bounds(is_text, dense_end, c0, c1, c2, R0, R1, R2,
+                                                           N0, N1, N2, BM, CPT)
+    for it in range(0, n_iter):
+        qpos, qvalid, qp0, qp1, qp2, need_mask = _loop_chunk(
+            it, n_dense, dense_end, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+            BM, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
+        lmask = qvalid[:, None] & dmask[None, :]
+        q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
+        do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
+        lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
+        delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
+        qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if MASK_MODE != 0:
+            if need_mask:
+                vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                                   MASK_MODE, IS_3D)
+                pT = tl.where(vis, pT, 0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
     g_off = b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + kpos[:, None] * sgn + offs_d[None, :]
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kmask)
-
-
-@triton.jit
-def _q_step(dq, q, do, k, v, lse, delta, bias, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-    p = tl.math.exp2(qk * qk_scale + bias[None, :] - lse[:, None])
-    dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
-    ds = p * (dp - delta[:, None])
-    dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
-    return dq
-
-
-@triton.jit
-def _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, start, end, qk_scale, offs_d, dmask,
-             BN: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    for s0 in range(start, end, BN):
-        kpos = s0 + tl.arange(0, BN)
-        kvalid = kpos < end
-        lmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-        dq = _q_step(dq, q, do, k, v, lse, delta, tl.where(kvalid, 0.0, float("-inf")), qk_scale, DOT_PREC, UPCAST)
-    return dq
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -429,20 +387,12 @@ def _dq_kernel(
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
+    """dQ of one query block: the forward's loop with P recomputed from the saved LSE."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
-    if pid < n_text_progs:
-        bh = pid // NTB
-        qpos = (pid - bh * NTB) * BM + tl.arange(0, BM)
-        qvalid = qpos < TEXT
-        c0, c1, c2 = bh * 0, bh * 0, bh * 0  # unused on this path
-        qp0, qp1, qp2 = qpos, qpos, qpos
-    else:
-        bh = (pid - n_text_progs) // n_img_per_bh
-        rem = (pid - n_text_progs) - bh * n_img_per_bh
-        c0, c1, c2, qp0, qp1, qp2, qpos, qvalid = _tile_block(
-            rem, SUB, N1, N2, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER)
+    is_text, bh, c0, c1, c2, qp0, qp1, qp2, qpos, qvalid, dense_end = _own_block(
+        pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BM, T0, T1, T2, TILE_ORDER)
     b = bh // H
     h = bh - b * H
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
@@ -455,30 +405,25 @@ def _dq_kernel(
     lse = tl.load(LSE + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
     dq = tl.zeros([BM, D_PAD], tl.float32)
-    if pid < n_text_progs:
-        dq = _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, 0, L, qk_scale, offs_d, dmask,
-                      BN, DOT_PREC, UPCAST)
-    else:
-        dq = _q_dense(dq, q, do, lse, delta, k_base, v_base, skn, svn, 0, TEXT, qk_scale, offs_d, dmask,
-                      BN, DOT_PREC, UPCAST)
-        lo0, lo1, lo2, nr1, nj, n_iter = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-        for it in range(0, n_iter):
-            kpos, kvalid, kp0, kp1, kp2, need_mask = _chunk(
-                it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
-                BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
-            lmask = kvalid[:, None] & dmask[None, :]
-            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-            qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-            p = tl.math.exp2(qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :] - lse[:, None])
-            if MASK_MODE != 0:
-                if need_mask:
-                    vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                                       MASK_MODE, IS_3D)
-                    p = tl.where(vis, p, 0.0)
-            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
-            ds = p * (dp - delta[:, None])
-            dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
+    lo0, lo1, lo2, nr1, nj, n_dense, n_iter = _loop_bounds(is_text, dense_end, c0, c1, c2, R0, R1, R2,
+                                                           N0, N1, N2, BN, CPT)
+    for it in range(0, n_iter):
+        kpos, kvalid, kp0, kp1, kp2, need_mask = _loop_chunk(
+            it, n_dense, dense_end, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+            BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
+        lmask = kvalid[:, None] & dmask[None, :]
+        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        p = tl.math.exp2(qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :] - lse[:, None])
+        if MASK_MODE != 0:
+            if need_mask:
+                vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                                   MASK_MODE, IS_3D)
+                p = tl.where(vis, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qpos[:, None] * sgn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -571,13 +516,14 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     lse = _new((B, H, L), torch.float32, q.device)
     sub = -(-layout.tile_volume // BM)
     ntb = -(-text_len // BM)
+    ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
     grid = (n_text_progs + n_img * B * H,)
     _fwd_kernel[grid](
         q, k, v, o, lse, _table(layout, q.device),
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, L, text_len, n_text_progs, ntb, n_img, sub,
+        H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), LOG2E / math.sqrt(D),
         HEAD_DIM=D, D_PAD=d_pad, BM=BM, BN=BN, **_tile_constexprs(layout, BN),
         MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
@@ -608,12 +554,13 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     BM, BN, cfg = _blocks("dkdv", q, d_pad, layout)
     sub = -(-layout.tile_volume // BN)
     ntb = -(-text_len // BN)
+    ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
         q, k, v, do, lse, delta, dk, dv, table,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        H, L, text_len, n_text_progs, ntb, n_img, sub,
+        H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **common,
@@ -622,12 +569,13 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     BM, BN, cfg = _blocks("dq", q, d_pad, layout)
     sub = -(-layout.tile_volume // BM)
     ntb = -(-text_len // BM)
+    ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
     _dq_kernel[(n_text_progs + n_img * B * H,)](
         q, k, v, do, lse, delta, dq, table,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, L, text_len, n_text_progs, ntb, n_img, sub,
+        H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BN), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **common,
