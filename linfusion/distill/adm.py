@@ -36,11 +36,15 @@ def adm_direction(
 
 
 def adm_surrogate(x_hat: torch.Tensor, direction: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """½·mean((x̂ − sg(x̂ − g))²) over the rows where ``mask`` (B,) is 1; d/dx̂ = g·mask/numel."""
+    """½·mean((x̂ − sg(x̂ − g))²) with rows where ``mask`` (B,) is 0 counting as zero; d/dx̂ = g·mask/numel.
+
+    The mean is over all B rows (not only the masked-in ones), so a batch split over processes or
+    micro-batches gives the same loss and gradient as the whole batch; a batch without any next
+    point gives an exact zero that is still part of the graph.
+    """
     x_hat = x_hat.float()
     target = (x_hat - direction.float()).detach()
     per_row = 0.5 * (x_hat - target).pow(2).flatten(1).mean(1)
     if mask is None:
         return per_row.mean()
-    mask = mask.float()
-    return (per_row * mask).sum() / mask.sum().clamp_min(1.0)
+    return (per_row * mask.float()).mean()

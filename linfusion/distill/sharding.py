@@ -100,9 +100,15 @@ def gathered(models: dict[str, nn.Module], names: dict[str, Iterable[str]]) -> I
     """Swap the named sharded parameters of each component for full plain copies (collective), restore on exit.
 
     Only these parameters (the trainable set) are gathered, not the frozen base weights, so writing the
-    adapter needs memory for the adapter only.
+    adapter needs memory for the adapter only. Inside, each model also shows its own class again
+    (FSDP2 turns ``FluxTransformer2DModel`` into ``FSDPFluxTransformer2DModel``; adapters record the name).
     """
-    swapped = []
+    swapped, classes = [], []
+    for model in models.values():
+        original = unsharded_class(type(model))
+        if original is not type(model):
+            classes.append((model, type(model)))
+            model.__class__ = original
     for component, model in models.items():
         for name in names[component]:
             owner_name, _, leaf = name.rpartition(".")
@@ -116,6 +122,17 @@ def gathered(models: dict[str, nn.Module], names: dict[str, Iterable[str]]) -> I
     finally:
         for owner, leaf, param in swapped:
             owner._parameters[leaf] = param
+        for model, cls in classes:
+            model.__class__ = cls
+
+
+def unsharded_class(cls: type) -> type:
+    """The model class under FSDP2's ``FSDP<Name>`` subclass (``cls`` itself when not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not issubclass(cls, FSDPModule):
+        return cls
+    return next(base for base in cls.__bases__ if base is not FSDPModule)
 
 
 def set_gradient_sync(units: list[nn.Module], enabled: bool) -> None:

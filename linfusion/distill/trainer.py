@@ -177,7 +177,9 @@ def group_losses(student: Student, batch: Batch, weights: dict[str, float], kind
         with torch.no_grad(), student.teacher.active(batch.component) as teacher, capture_attention(modules) as teacher_attn, autocast():
             teacher(**kwargs)
         terms["attn"] = attention_matching_loss(student_attn, teacher_attn)
-    if weights["adm"] > 0 and batch.next_timestep is not None and bool(batch.has_next.any()):
+    # ADM runs even when no row has a next point (its term is then an exact 0): every process must run
+    # the same forwards (FSDP all-gathers in each) and have a loss with a graph
+    if weights["adm"] > 0 and batch.next_timestep is not None:
         terms["adm"] = adm_term(student, batch, kwargs, pred, kind, autocast)
     return terms
 
@@ -274,6 +276,8 @@ class Trainer:
     def _shard(self, device: torch.device) -> None:
         """FSDP2 over the denoisers and the teacher copies; re-point the trainable set at the sharded parameters."""
         student = self.student
+        if len(student.models) > 1:  # processes would run different components' forwards (collectives hang)
+            raise DistillError(f"--fsdp supports pipelines with one denoiser; this one has {sorted(student.models)}")
         models = [*student.models.values(), *student.teacher.copies.values()]
         self.units = sharding.shard_models(models, device, self.world)
         for component, model in student.models.items():
