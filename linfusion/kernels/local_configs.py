@@ -42,7 +42,7 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int) ->
     elif dtype == torch.float32:
         cfg = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2}  # exact fp32 dots (no tensor cores)
     elif kind == "fwd":
-        cfg = {"BM": tile_block, "BN": 64 if d_pad > 64 else 128, "num_warps": 8, "num_stages": 3}
+        cfg = {"BM": tile_block, "BN": 128, "num_warps": 8, "num_stages": 2 if d_pad > 64 else 3}
     elif kind == "dkdv":  # BN keys (dK, dV accumulators) × BM-query chunks; BM 64 spills at D=128
         cfg = {"BM": 32 if d_pad > 64 else 64, "BN": tile_block, "num_warps": 8, "num_stages": 2}
     else:  # dq

@@ -131,6 +131,8 @@ def _chunk(it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, 
     kc1 = lo1 + r % nr1
     p0, p1, p2, pos, valid = _tile_tokens(kc0, kc1, j, sc * BLOCK + tl.arange(0, BLOCK), G0, G1, G2, TEXT,
                                           T0, T1, T2, TILE_ORDER)
+    # a whole tile (not cut by the grid edge) and a whole chunk: no validity mask needed
+    full = ((kc0 + 1) * T0 <= G0) & ((kc1 + 1) * T1 <= G1) & ((j + 1) * T2 <= G2) & ((sc + 1) * BLOCK <= T0 * T1 * T2)
     if MASK_MODE != 0:
         # every query of tile c sees every key of tile (kc0, kc1, j) iff the farthest pair of the
         # two tile boxes is visible (visibility is monotone in each |Δ_d|)
@@ -140,7 +142,7 @@ def _chunk(it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, 
         need_mask = _max_visible(TAB, mx0, mx1, CAP0, CAP1) < mx2
     else:
         need_mask = False
-    return pos, valid, p0, p1, p2, need_mask
+    return pos, valid, p0, p1, p2, need_mask, full
 
 
 @triton.jit
@@ -176,10 +178,12 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+def _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update with raw scores ``qk`` (masked entries -inf); the running max ``m_i``
+    is kept unscaled so that scale and shift are one FMA per score."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - (m_new * qk_scale)[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
@@ -214,32 +218,6 @@ def _own_block(pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TE
     return is_text, bh, c0, c1, c2, p0, p1, p2, pos, valid, dense_end
 
 
-@triton.jit
-def _loop_bounds(is_text, dense_end, c0, c1, c2, R0, R1, R2, N0, N1, N2,
-                 BLOCK: tl.constexpr, CPT: tl.constexpr):
-    """Chunks of the single loop: ``n_dense`` contiguous chunks of [0, dense_end), then the window."""
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
-    n_dense = (dense_end + BLOCK - 1) // BLOCK
-    return lo0, lo1, lo2, nr1, nj, n_dense, n_dense + n_win
-
-
-@triton.jit
-def _loop_chunk(it, n_dense, dense_end, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
-                BLOCK: tl.constexpr, CPT: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-                MASK_MODE: tl.constexpr, TILE_ORDER: tl.constexpr):
-    """Tokens of loop chunk ``it``: dense chunk (text keys / all keys) or window chunk."""
-    is_dense = it < n_dense
-    dpos = it * BLOCK + tl.arange(0, BLOCK)
-    wpos, wvalid, p0, p1, p2, need_mask = _chunk(
-        tl.maximum(it - n_dense, 0), lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
-        BLOCK, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
-    pos = tl.where(is_dense, dpos, wpos)
-    valid = tl.where(is_dense, dpos < dense_end, wvalid)
-    need_mask = need_mask & (it >= n_dense)
-    return pos, valid, p0, p1, p2, need_mask
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -271,28 +249,41 @@ def _fwd_kernel(
     m_i = tl.full([BM], -1.0e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D_PAD], tl.float32)
-    lo0, lo1, lo2, nr1, nj, n_dense, n_iter = _loop_bounds(is_text, dense_end, c0, c1, c2, R0, R1, R2,
-                                                           N0, N1, N2, BN, CPT)
-    for it in range(0, n_iter):
-        kpos, kvalid, kp0, kp1, kp2, need_mask = _loop_chunk(
-            it, n_dense, dense_end, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+    # 1) dense keys: the text keys (image queries) or every key (text queries)
+    for start in range(0, dense_end, BN):
+        kpos = start + tl.arange(0, BN)
+        kvalid = kpos < dense_end
+        lmask = kvalid[:, None] & dmask[None, :]
+        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        if start + BN > dense_end:
+            s = tl.where(kvalid[None, :], s, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
+    # 2) the window: key tiles around the query tile (none for text queries)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
+    for it in range(0, n_win):
+        kpos, kvalid, kp0, kp1, kp2, need_mask, full = _chunk(
+            it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
             BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
-        qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        s = qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
+        s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        if not full:
+            s = tl.where(kvalid[None, :], s, float("-inf"))
         if MASK_MODE != 0:
             if need_mask:
                 vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
                                    MASK_MODE, IS_3D)
                 s = tl.where(vis, s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, DOT_PREC, UPCAST)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qpos[:, None] * son + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=qmask)
-    tl.store(LSE + bh.to(tl.int64) * L + qpos, m_i + tl.math.log2(l_safe), mask=qvalid)
+    tl.store(LSE + bh.to(tl.int64) * L + qpos, m_i * qk_scale + tl.math.log2(l_safe), mask=qvalid)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -348,11 +339,27 @@ def _dkdv_kernel(
                 mask=kmask, other=0.0)
     dk = tl.zeros([BN, D_PAD], tl.float32)
     dv = tl.zeros([BN, D_PAD], tl.float32)
-    lo0, lo1, lo2, nr1, nj, n_dense, n_iter = _loop_bounds(is_text, dense_end, c0, c1, c2, R0, R1, R2,
-                                                           N0, N1, N2, BM, CPT)
-    for it in range(0, n_iter):
-        qpos, qvalid, qp0, qp1, qp2, need_mask = _loop_chunk(
-            it, n_dense, dense_end, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+    # 1) dense queries: the text queries (image keys) or every query (text keys)
+    for start in range(0, dense_end, BM):
+        qpos = start + tl.arange(0, BM)
+        qvalid = qpos < dense_end
+        lmask = qvalid[:, None] & dmask[None, :]
+        q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
+        do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
+        lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
+        delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
+        qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
+    # 2) the window (symmetric): query tiles around the key tile (none for text keys)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
+    for it in range(0, n_win):
+        qpos, qvalid, qp0, qp1, qp2, need_mask, full = _chunk(
+            it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
             BM, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
         lmask = qvalid[:, None] & dmask[None, :]
         q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
@@ -405,17 +412,34 @@ def _dq_kernel(
     lse = tl.load(LSE + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
     dq = tl.zeros([BM, D_PAD], tl.float32)
-    lo0, lo1, lo2, nr1, nj, n_dense, n_iter = _loop_bounds(is_text, dense_end, c0, c1, c2, R0, R1, R2,
-                                                           N0, N1, N2, BN, CPT)
-    for it in range(0, n_iter):
-        kpos, kvalid, kp0, kp1, kp2, need_mask = _loop_chunk(
-            it, n_dense, dense_end, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+    # 1) dense keys
+    for start in range(0, dense_end, BN):
+        kpos = start + tl.arange(0, BN)
+        kvalid = kpos < dense_end
+        lmask = kvalid[:, None] & dmask[None, :]
+        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if start + BN > dense_end:
+            p = tl.where(kvalid[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
+    # 2) the window
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
+    for it in range(0, n_win):
+        kpos, kvalid, kp0, kp1, kp2, need_mask, full = _chunk(
+            it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
             BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        p = tl.math.exp2(qk * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :] - lse[:, None])
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if not full:
+            p = tl.where(kvalid[None, :], p, 0.0)
         if MASK_MODE != 0:
             if need_mask:
                 vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
