@@ -376,7 +376,7 @@ def test_resume_across_process_counts_with_fsdp(tiny, tmp_path):
     assert_weights_close(straight / ckpt3 / "trainable.safetensors", two / ckpt3 / "trainable.safetensors")
     refused = distill(model, data, two, "sd15", *CROSS, "--batch-size", "1", "--resume", check=False)
     assert refused.returncode == 2 and "global batch 2" in refused.stderr and "--batch-size 2" in refused.stderr
-    distill(model, data, two, "sd15", *CROSS, "--batch-size", "2", "--resume")
+    distill(model, data, two, "sd15", *CROSS, "--batch-size", "1", "--grad-accum", "2", "--resume")  # same 2 samples
     # 1 → 2: the uninterrupted run's step-3 checkpoint resumed by two FSDP processes
     one = tmp_path / "one"
     (one / "checkpoints").mkdir(parents=True)
@@ -401,7 +401,7 @@ def test_adm_flux_and_fsdp_teacher_copy(tiny, tmp_path):
     common = ["--steps", "4", "--lr", "1e-2", "--losses", "adm=1", "--trainable", "new+qkvo"]
     single = tmp_path / "single"
     distill(model, data, single, "flux", *common, "--batch-size", "2")
-    sharded = tmp_path / "fsdp"
+    sharded = tmp_path / "fsdp"  # global batch 2 = 1 x 2 processes x 1 (accumulation: see the resume test)
     distill(model, data, sharded, "flux", *common, "--batch-size", "1", "--fsdp", launcher=TWO,
             env={"ACCELERATE_USE_CPU": "1"})
     one, two = metrics(single), metrics(sharded)

@@ -14,6 +14,7 @@ except through the functions here, which every process must call together:
 * :func:`full_tensor` / :func:`full_optimizer_state`: gathered tensors in the layout of an
   unsharded run, so checkpoints do not depend on the process count;
 * :func:`load_full` / :func:`shard_optimizer_state`: back onto the shards when resuming;
+* :func:`clip_grad_norm`: one norm over shards and whole tensors;
 * :func:`gathered`: the trainable parameters swapped for full copies, to write the adapter with
   ``save_adapter`` (the frozen base weights are never gathered).
 
@@ -37,15 +38,21 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_models(models: Iterable[nn.Module], device: torch.device, world: int) -> list[nn.Module]:
-    """``fully_shard`` each model per block over all ``world`` processes; returns every unit sharded."""
+    """``fully_shard`` each model per block over all ``world`` processes; returns every unit sharded.
+
+    0-d parameters (selective-transfer gate scores) stay whole on every process; the trainer
+    all-reduces their gradients like a data-parallel run's.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
     sharded = []
     for model in models:
+        model.to(device)  # buffers and the scalars left replicated; parameters are moved as shards anyway
+        scalars = {p for p in model.parameters() if p.dim() == 0}  # gate scores: FSDP2 cannot shard 0-d tensors
         for unit in fsdp_units(model):
-            fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+            fully_shard(unit, mesh=mesh, reshard_after_forward=True, ignored_params=scalars)
             sharded.append(unit)
     return sharded
 
@@ -133,6 +140,20 @@ def unsharded_class(cls: type) -> type:
     if not issubclass(cls, FSDPModule):
         return cls
     return next(base for base in cls.__bases__ if base is not FSDPModule)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Scale the gradients of sharded and whole parameters alike to a total norm of at most ``max_norm``."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
+    if not norms:
+        return 0.0
+    total = float(torch.linalg.vector_norm(torch.stack([full_tensor(n) for n in norms])))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return total
 
 
 def set_gradient_sync(units: list[nn.Module], enabled: bool) -> None:

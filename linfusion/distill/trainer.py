@@ -366,7 +366,10 @@ class Trainer:
             self.accelerator.backward(loss / cfg.grad_accum)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / cfg.grad_accum
         self._sync_gradients()
-        if cfg.max_grad_norm:
+        if cfg.max_grad_norm and self.fsdp:
+            self.accelerator.unscale_gradients()
+            sharding.clip_grad_norm(self.params, cfg.max_grad_norm)
+        elif cfg.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -381,14 +384,17 @@ class Trainer:
         return totals
 
     def _sync_gradients(self) -> None:
-        if self.world == 1 or self.fsdp:  # FSDP reduce-scatters (and averages) in backward
+        """Average the gradients of whole (not FSDP-sharded) trainable tensors over the processes."""
+        # FSDP reduce-scatters (and averages) the sharded ones in backward
+        params = [p for p in self.params if not sharding.is_sharded(p)]
+        if self.world == 1 or not params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
         flat /= self.world
         offset = 0
-        for param, grad in zip(self.params, grads):
+        for param, grad in zip(params, grads):
             n = grad.numel()
             param.grad = flat[offset : offset + n].view_as(param).clone()
             offset += n
