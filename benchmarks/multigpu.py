@@ -121,7 +121,7 @@ def _sync(device) -> None:
 
 
 def _env(tiny: bool) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p), HF_HUB_OFFLINE="1")
     if tiny:
         env["OMP_NUM_THREADS"] = "1"
     return env
