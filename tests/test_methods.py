@@ -159,3 +159,18 @@ def test_default_backend_falls_back_when_triton_refuses_the_shape(monkeypatch):
     v = torch.randn(1, 1, 5, linear_triton.MAX_VALUE_DIM + 1)
     out = kernels.linear_attention(q, q, v)
     torch.testing.assert_close(out, kernels.linear_attention_reference(q, q, v))
+
+
+def test_circle_windows_stay_on_the_reference_by_default_on_cuda(monkeypatch):
+    """While the Triton circle path is disabled, backend=None must not route circles to it."""
+    pytest.importorskip("triton")
+    from linfusion import kernels
+    from linfusion.kernels import local_triton
+
+    monkeypatch.setattr(kernels, "choose_backend", lambda op, t, backend: "triton")
+    monkeypatch.setattr(local_triton, "local_attention_triton", lambda *a, **k: pytest.fail("Triton circle used"))
+    q = torch.randn(1, 1, 2 + 20, 16)
+    with pytest.warns(UserWarning, match="exact circular windows run on the PyTorch reference"):
+        kernels._warn_circle_once.cache_clear()
+        out = kernels.local_attention(q, q, q, (4, 5), 2, text_len=2, shape="circle")
+    torch.testing.assert_close(out, kernels.local_attention_reference(q, q, q, (4, 5), 2, 2, "circle"))

@@ -6,12 +6,14 @@ the reference elsewhere; see :mod:`linfusion.kernels.dispatch`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .dispatch import available_backends, choose_backend
+from .dispatch import TRITON_LOCAL_CIRCLE_ENABLED, available_backends, choose_backend
 from .linear_reference import linear_attention_reference
 from .local_reference import local_attention_mask, local_attention_reference
 
@@ -26,6 +28,15 @@ def _triton_rejects(check: Callable[..., None], *tensors: torch.Tensor) -> str |
     except (ValueError, TypeError, RuntimeError) as error:
         return str(error)
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_circle_once() -> None:
+    warnings.warn(
+        "LinFusion: exact circular windows run on the PyTorch reference on CUDA for now (the Triton circle "
+        "path is disabled pending a verified fix); shape='tile' windows run on Triton at full speed",
+        stacklevel=3,
+    )
 
 
 def linear_attention(
@@ -84,6 +95,9 @@ def local_attention(
         from .local_triton import _check_inputs, local_attention_triton
 
         reason = _triton_rejects(_check_inputs, q, k, v) if backend is None else None
+        if backend is None and shape == "circle" and not TRITON_LOCAL_CIRCLE_ENABLED:
+            reason = "the Triton circle path is disabled until its GPU fix is verified (use shape='tile')"
+            _warn_circle_once()
         if reason is None:
             return local_attention_triton(q, k, v, grid, window, text_len, shape, tile)
         logger.debug("local attention: PyTorch reference, Triton refused: %s", reason)
