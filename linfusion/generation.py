@@ -154,6 +154,48 @@ def run_pipeline(
     return GenerationResult(_to_pil(output, video), seconds, peak)
 
 
+def run_highres(
+    pipe,
+    prompt: str,
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
+    strength: float = 0.6,
+    lean: bool = False,
+    callback=None,
+) -> GenerationResult:
+    """The high-resolution recipe (native pass, then upscale + SDEdit refinement), timed like
+    :func:`run_pipeline`. See :func:`linfusion.pipelines.highres.generate_highres`."""
+    from .pipelines.highres import generate_highres
+
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty")
+    kwargs: dict[str, Any] = {}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    if negative_prompt:
+        kwargs["negative_prompt"] = negative_prompt
+    if callback is not None:
+        kwargs["callback_on_step_end"] = callback
+    device = torch.device(pipe._execution_device if hasattr(pipe, "_execution_device") else default_device())
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    output = generate_highres(pipe, prompt, height, width, steps=steps, strength=strength, lean=lean,
+                              generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **kwargs)
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return GenerationResult(list(output.images), seconds, peak)
+
+
 def apply_patch(pipe, method: str | None, adapter: str | None, options: dict[str, Any] | None = None) -> None:
     """Patch with ``method`` (or an adapter); ``method=None`` and no adapter leave it original."""
     if is_patched(pipe):

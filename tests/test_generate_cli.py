@@ -41,3 +41,10 @@ def test_generate_rejects_impossible_resolution(tmp_path, sd15_dir):
 def test_info_and_help_run(tmp_path):
     assert "kernel backends" in linfusion("info", cwd=tmp_path).stdout
     assert "generate" in linfusion("--help", cwd=tmp_path).stdout
+
+
+def test_generate_highres_reaches_the_target_size(tmp_path, sd15_dir):
+    result = linfusion("generate", "a red circle", "--model", sd15_dir, "--height", "96", "--width", "128",
+                       "--steps", "2", "--highres", "--method", "linear", "--out", "hr.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "hr.png").size == (128, 96)

@@ -31,6 +31,7 @@ from ..generation import (
     apply_patch,
     check_resolution,
     is_video_pipeline,
+    run_highres,
     resolution_multiple,
     run_pipeline,
 )
@@ -429,23 +430,6 @@ class DemoEngine:
     def _run(self, prompt: str, common: dict, plan, callback) -> GenerationResult:
         if not plan:
             return run_pipeline(self.pipe, prompt, callback=callback, **common)
-        from ..pipelines.highres import generate_highres
-
-        kwargs: dict[str, Any] = {"callback_on_step_end": callback}
-        if common["guidance_scale"] is not None:
-            kwargs["guidance_scale"] = common["guidance_scale"]
-        if common["negative_prompt"]:
-            kwargs["negative_prompt"] = common["negative_prompt"]
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
-        output = generate_highres(self.pipe, prompt, common["height"], common["width"], steps=common["steps"],
-                                  strength=HIGHRES_STRENGTH, generator=torch.Generator("cpu").manual_seed(common["seed"]),
-                                  output_type="pil", **kwargs)
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None
-        return GenerationResult(list(output.images), seconds, peak)
+        return run_highres(self.pipe, prompt, height=common["height"], width=common["width"], steps=common["steps"],
+                           seed=common["seed"], guidance_scale=common["guidance_scale"],
+                           negative_prompt=common["negative_prompt"], strength=HIGHRES_STRENGTH, callback=callback)
