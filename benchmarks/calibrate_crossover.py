@@ -41,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from linfusion.crossover import PROFILES_PATH, load_profiles  # noqa: E402
+from linfusion.crossover import PROFILES_PATH  # noqa: E402
 
 
 def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:

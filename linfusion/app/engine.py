@@ -20,7 +20,6 @@ import importlib.util
 import inspect
 import math
 import threading
-import time
 from typing import Any, Callable
 
 import torch

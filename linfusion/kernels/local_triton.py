@@ -35,7 +35,6 @@ import triton.language as tl
 
 from .local_configs import local_config
 from .local_layout import (
-    MASK_NONE,
     LocalLayout,
     from_tile_order,
     get_layout,
