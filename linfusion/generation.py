@@ -107,6 +107,20 @@ def _to_pil(output, video: bool) -> list[Image.Image]:
     return list(frames)
 
 
+def _timed(device: torch.device, call) -> tuple[Any, float, float | None]:
+    """(result, wall seconds, peak GiB on CUDA or None); CUDA is synchronised around the call."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return result, time.perf_counter() - start, peak
+
+
 def run_pipeline(
     pipe,
     prompt: str,
@@ -141,16 +155,7 @@ def run_pipeline(
     if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
         kwargs["use_resolution_binning"] = False  # PixArt would silently snap the size to its bins
     kwargs.update(extra or {})
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    output = pipe(**kwargs)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    output, seconds, peak = _timed(torch.device(device), lambda: pipe(**kwargs))
     return GenerationResult(_to_pil(output, video), seconds, peak)
 
 
@@ -182,17 +187,9 @@ def run_highres(
     if callback is not None:
         kwargs["callback_on_step_end"] = callback
     device = torch.device(pipe._execution_device if hasattr(pipe, "_execution_device") else default_device())
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    output = generate_highres(pipe, prompt, height, width, steps=steps, strength=strength, lean=lean,
-                              generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **kwargs)
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    output, seconds, peak = _timed(device, lambda: generate_highres(
+        pipe, prompt, height, width, steps=steps, strength=strength, lean=lean,
+        generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **kwargs))
     return GenerationResult(list(output.images), seconds, peak)
 
 
