@@ -11,6 +11,7 @@ Text tokens always stay global: text queries use exact softmax over every key.
 
 from __future__ import annotations
 
+import abc
 from typing import NamedTuple
 
 import torch
@@ -52,7 +53,7 @@ def text_queries_dense(img: QKV, txt: QKV | None) -> torch.Tensor | None:
     return F.scaled_dot_product_attention(txt.q, keys, values)
 
 
-class AttentionMethod(nn.Module):
+class AttentionMethod(nn.Module, abc.ABC):
     """Base class of the replacements for softmax self-attention.
 
     Subclasses implement :meth:`forward` and may override :meth:`adapt_inputs`
@@ -66,10 +67,11 @@ class AttentionMethod(nn.Module):
         """Inputs of the query and key projections for image tokens (B, N, C)."""
         return hidden_states, hidden_states
 
+    @abc.abstractmethod
     def forward(
         self, img: QKV, txt: QKV | None, grid: tuple[int, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(o_img, o_txt) of shapes (B, H, N_img, D) and (B, H, N_txt, D) or None."""
 
 
 class SoftmaxGate(nn.Module):

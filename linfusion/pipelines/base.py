@@ -8,6 +8,7 @@ token grid follows from the denoiser's inputs.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 from torch import nn
@@ -19,7 +20,7 @@ class UnsupportedModelError(TypeError):
     """The model, or the state of its attention processors, is not one LinFusion can patch."""
 
 
-class FamilyAdapter:
+class FamilyAdapter(abc.ABC):
     """Base class of the per-family adapters."""
 
     #: short id stored in adapters, e.g. "sd-unet"
@@ -36,13 +37,13 @@ class FamilyAdapter:
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.model_classes
 
+    @abc.abstractmethod
     def self_attention_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """Module path -> attention module of every self-attention layer, in model order."""
-        raise NotImplementedError(f"{type(self).__name__} must list its self-attention layers")
 
+    @abc.abstractmethod
     def token_grid(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[int, ...]:
         """The latent token grid of one denoiser call, from its inputs."""
-        raise NotImplementedError(f"{type(self).__name__} must say how to read the token grid")
 
     def default_mlp_ratio(self, model: nn.Module) -> float:
         """Hidden width of LinFusion's feature MLPs relative to the channels."""
