@@ -45,6 +45,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import SLOW_MS, bench_ms, environment  # noqa: E402,F401
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from linfusion.kernels.linear_reference import linear_attention_reference  # noqa: E402
@@ -61,59 +64,9 @@ CASES = [
 ]
 RELU_CASES = ("flux-4k",)  # the relu variant is timed here too (all impls)
 DENSE_BWD_MAX_N = 16384  # dense backward only where it costs < ~50 ms a call
-SLOW_MS = 20.0  # above this, time with a few CUDA-event calls instead of do_bench
 L2_BYTES = 60 * 2**20
 
 _COPY_TBPS: float | None = None
-
-
-def environment() -> dict:
-    import triton
-
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-    }
-
-
-def copy_bandwidth_tbps() -> float:
-    """Device-to-device copy of 2 GiB, read + write bytes counted."""
-    global _COPY_TBPS
-    if _COPY_TBPS is None:
-        from triton.testing import do_bench
-
-        src = torch.randn(2**29, device="cuda")  # 2 GiB fp32
-        dst = torch.empty_like(src)
-        ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
-        _COPY_TBPS = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
-        del src, dst
-        torch.cuda.empty_cache()
-    return _COPY_TBPS
-
-
-def bench_ms(fn, slow_ms: float = SLOW_MS) -> float:
-    """Median milliseconds of fn() on the GPU (fn already warmed up/compiled by the caller)."""
-    from triton.testing import do_bench
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    first = start.elapsed_time(end)
-    if first < slow_ms:
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    times = []
-    for _ in range(2 if first > 500 else 3):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return float(times[len(times) // 2])
 
 
 class Rotating:

@@ -45,6 +45,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import SLOW_MS, bench_ms, environment  # noqa: E402,F401
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 CASES = [
@@ -63,41 +66,6 @@ FLEX_CASES = ("flux-2k", "flux-4k")  # FlexAttention compiles + builds masks for
 FLEX_BWD_CASES = ("flux-4k",)
 TILED_CASES = ("flux-4k", "flux-8k")  # tokens already in tile order: the gain of keeping them so
 DENSE_BWD_MAX_L = 70000
-SLOW_MS = 20.0
-
-
-def environment() -> dict:
-    import triton
-
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-    }
-
-
-def bench_ms(fn, slow_ms: float = SLOW_MS) -> float:
-    """Median milliseconds of fn() (already warmed up)."""
-    from triton.testing import do_bench
-
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    first = start.elapsed_time(end)
-    if first < slow_ms:
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    times = []
-    for _ in range(2 if first > 500 else 3):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return float(times[len(times) // 2])
 
 
 def visible_pairs(grid, window, shape, tile, text_len) -> int:

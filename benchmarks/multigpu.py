@@ -250,7 +250,9 @@ def main() -> None:
     rows = inference_rows(args)
     if not args.no_distill:
         rows += distill_rows(args)
-    env = {"python": platform.python_version(), "torch": torch.__version__, "tiny": args.tiny,
+    from timing import environment  # benchmarks/ is on sys.path when run as a script
+
+    env = {**environment(), "python": platform.python_version(), "tiny": args.tiny,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "gpus_available": torch.cuda.device_count(), "argv": sys.argv[1:]}
     out = Path(args.out)

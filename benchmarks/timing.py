@@ -1,0 +1,47 @@
+"""Shared GPU timing helpers of the benchmark scripts (run as ``python benchmarks/<script>.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+SLOW_MS = 20.0  # above this, time with a few CUDA-event calls instead of do_bench
+
+
+def environment() -> dict:
+    """GPU name and the torch / triton / CUDA versions a result was measured with."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+    }
+
+
+def bench_ms(fn, slow_ms: float = SLOW_MS) -> float:
+    """Median milliseconds of fn() on the GPU (already warmed up): do_bench for fast calls, a few
+    event-timed calls for slow ones."""
+    from triton.testing import do_bench
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    if first < slow_ms:
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    times = []
+    for _ in range(2 if first > 500 else 3):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return float(times[len(times) // 2])
