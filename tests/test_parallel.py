@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 #: name -> (family, patch options or None for unpatched, call overrides, split axis)
@@ -205,3 +206,26 @@ def test_generate_cli_under_torchrun_equals_single_process(family, method, tmp_p
     a = np.asarray(Image.open(tmp_path / "single.png").convert("RGB"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "cp.png").convert("RGB"), dtype=np.int16)
     assert np.abs(a - b).max() <= 1  # 8-bit images: at most one level of rounding
+
+
+def test_partial_attention_with_lse_matches_reference_and_guards_the_fused_op(monkeypatch):
+    """The text-query merge needs (out, logsumexp) per rank: fused where PyTorch's op agrees with the
+    fp32 reference (checked once), the reference otherwise."""
+    from linfusion.parallel import attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (7, 50, 50))
+    scores = q @ k.transpose(-1, -2) / 4.0
+    out, lse = attention.partial_attention(q, k, v)
+    torch.testing.assert_close(out, scores.softmax(-1) @ v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
+
+    # a fused op that returns a wrong log-sum-exp is rejected by the one-time check
+    monkeypatch.setattr(attention, "_FUSED_CHECKED", {})
+    monkeypatch.setattr(attention, "_fused_op", lambda device_type: lambda q, k, v: (
+        torch.nn.functional.scaled_dot_product_attention(q, k, v), torch.zeros(q.shape[:3])))
+    assert attention._partial_fused(q, k, v) is None
+    out2, lse2 = attention.partial_attention(q, k, v)
+    torch.testing.assert_close(lse2, lse, rtol=1e-5, atol=1e-5)
+    empty_out, empty_lse = attention.partial_attention(q, k[:, :, :0], v[:, :, :0])
+    assert torch.isneginf(empty_lse).all() and (empty_out == 0).all()

@@ -12,8 +12,10 @@ What crosses ranks per layer (B batch, H heads, D head dim, T text tokens):
   ``[text | halo-extended box]`` and the owned rows are kept. Tile windows use the
   tile-aligned reach, and the split is tile-aligned.
 * text queries (joint attention): exact softmax over all keys by log-sum-exp
-  combination: all-reduce (max) of the per-rank row maxima, then all-reduce (sum)
-  of numerators and denominators: ``B·H·T·(D+2)`` floats, independent of the resolution.
+  combination: each rank attends to its own keys (PyTorch's fused attention with
+  log-sum-exp where available, checked once against the fp32 reference), then an
+  all-reduce (max) of the log-sum-exps and one (sum) of the weighted outputs and
+  weights: ``B·H·T·(D+2)`` floats, independent of the resolution.
 * dense layers (unpatched, or the softmax branch of a gate): all-gather of image K/V.
 
 The fast kernels are used unchanged: the state reduction and the halo exchange wrap
@@ -39,28 +41,97 @@ from .split import ContextParallelError, Shard
 TEXT_KEY_CHUNK = 16384
 
 
-def text_attention(shard: Shard, txt: QKV | None, img_k: torch.Tensor, img_v: torch.Tensor) -> torch.Tensor | None:
-    """Exact softmax of the (replicated) text queries over text keys and every rank's image keys."""
-    if txt is None:
-        return None
-    acc = accumulation_dtype(txt.q.dtype)
-    q = txt.q.to(acc) * (1.0 / math.sqrt(txt.q.shape[-1]))
-    keys = [(img_k, img_v)] + ([(txt.k, txt.v)] if shard.rank == 0 else [])  # text keys counted once
+def _partial_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(q kᵀ/√D) v, logsumexp) over these keys only, in fp32 chunks (any device, slow)."""
+    acc = accumulation_dtype(q.dtype)
+    qs = q.to(acc) * (1.0 / math.sqrt(q.shape[-1]))
     b, h, t, _ = q.shape
     m = torch.full((b, h, t), float("-inf"), dtype=acc, device=q.device)
-    for k, _v in keys:
-        for s in range(0, k.shape[2], TEXT_KEY_CHUNK):
-            m = torch.maximum(m, torch.einsum("bhtd,bhnd->bhtn", q, k[:, :, s : s + TEXT_KEY_CHUNK].to(acc)).amax(-1))
+    for s in range(0, k.shape[2], TEXT_KEY_CHUNK):
+        m = torch.maximum(m, torch.einsum("bhtd,bhnd->bhtn", qs, k[:, :, s : s + TEXT_KEY_CHUNK].to(acc)).amax(-1))
+    num = torch.zeros(b, h, t, v.shape[-1], dtype=acc, device=q.device)
+    den = torch.zeros(b, h, t, dtype=acc, device=q.device)
+    for s in range(0, k.shape[2], TEXT_KEY_CHUNK):
+        p = torch.exp(torch.einsum("bhtd,bhnd->bhtn", qs, k[:, :, s : s + TEXT_KEY_CHUNK].to(acc)) - m.unsqueeze(-1))
+        num += p @ v[:, :, s : s + TEXT_KEY_CHUNK].to(acc)
+        den += p.sum(-1)
+    return num / den.unsqueeze(-1), m + den.log()
+
+
+def _fused_op(device_type: str):
+    """A fused attention op that also returns the log-sum-exp (PyTorch's own kernels), or None."""
+    ops = torch.ops.aten
+    if device_type == "cuda" and hasattr(ops, "_scaled_dot_product_efficient_attention"):
+        def run(q, k, v):
+            out, lse = ops._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+            return out, lse[..., : q.shape[2]]  # the LSE may be padded along the queries
+        return run
+    if device_type == "cpu" and hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
+        def run(q, k, v):
+            out, lse = ops._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+            return out, lse
+        return run
+    return None
+
+
+_FUSED_CHECKED: dict[tuple, object] = {}
+
+
+def _partial_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The fused op for this device/dtype/head dim if it agrees with the reference on a small
+    random problem (checked once per process), else None: these are private PyTorch ops."""
+    key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1])
+    if key not in _FUSED_CHECKED:
+        op, verdict = _fused_op(q.device.type), None
+        if op is not None:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            probe = [torch.randn(1, 2, n, d, generator=gen).to(q.device, q.dtype)
+                     for n, d in ((5, q.shape[-1]), (37, q.shape[-1]), (37, v.shape[-1]))]
+            try:
+                out, lse = op(*probe)
+                ref_out, ref_lse = _partial_reference(*probe)
+                tol = 1e-4 if q.dtype == torch.float32 else 3e-2
+                good = (out.float() - ref_out).norm() <= tol * ref_out.norm() and \
+                    (lse.float() - ref_lse).abs().max() <= tol * 10
+                verdict = op if bool(good) else None
+            except (RuntimeError, TypeError, ValueError):
+                verdict = None
+        _FUSED_CHECKED[key] = verdict
+    return _FUSED_CHECKED[key]
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q`` over these keys only, with its log-sum-exp, both fp32:
+    (B, H, T, Dv) and (B, H, T). Fused (tensor cores) where PyTorch provides it, else chunked fp32."""
+    if k.shape[2] == 0:  # no keys here: zero weight in the merge
+        b, h, t, _ = q.shape
+        return (torch.zeros(b, h, t, v.shape[-1], device=q.device),
+                torch.full((b, h, t), float("-inf"), device=q.device))
+    fused = _partial_fused(q, k, v)
+    if fused is not None:
+        out, lse = fused(q, k, v)
+        return out.float(), lse.float()
+    return _partial_reference(q, k, v)
+
+
+def text_attention(shard: Shard, txt: QKV | None, img_k: torch.Tensor, img_v: torch.Tensor) -> torch.Tensor | None:
+    """Exact softmax of the (replicated) text queries over text keys and every rank's image keys:
+    each rank attends to its own keys, then the partial results are merged by log-sum-exp."""
+    if txt is None:
+        return None
+    out, lse = partial_attention(txt.q, img_k, img_v)
+    if shard.rank == 0:  # the replicated text keys are counted once
+        out_t, lse_t = partial_attention(txt.q, txt.k, txt.v)
+        top = torch.maximum(lse, lse_t)
+        w, w_t = torch.exp(lse - top), torch.exp(lse_t - top)
+        out = (out * w.unsqueeze(-1) + out_t * w_t.unsqueeze(-1)) / (w + w_t).unsqueeze(-1)
+        lse = top + torch.log(w + w_t)
+    m = lse.clone()
     comm.all_reduce(shard.cp, m, op="max", kind="text_softmax")
-    dv = img_v.shape[-1]
-    packed = torch.zeros(b, h, t, dv + 1, dtype=acc, device=q.device)
-    for k, v in keys:
-        for s in range(0, k.shape[2], TEXT_KEY_CHUNK):
-            scores = torch.einsum("bhtd,bhnd->bhtn", q, k[:, :, s : s + TEXT_KEY_CHUNK].to(acc))
-            p = torch.exp(scores - m.unsqueeze(-1))
-            packed[..., :dv] += p @ v[:, :, s : s + TEXT_KEY_CHUNK].to(acc)
-            packed[..., dv] += p.sum(-1)
+    weight = torch.exp(lse - m)
+    packed = torch.cat([out * weight.unsqueeze(-1), weight.unsqueeze(-1)], dim=-1).contiguous()
     comm.all_reduce(shard.cp, packed, kind="text_softmax")
+    dv = img_v.shape[-1]
     return (packed[..., :dv] / packed[..., dv:]).to(txt.q.dtype)
 
 
