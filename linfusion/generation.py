@@ -107,6 +107,22 @@ def _to_pil(output, video: bool) -> list[Image.Image]:
     return list(frames)
 
 
+def _device_of(pipe) -> torch.device:
+    return torch.device(pipe._execution_device if hasattr(pipe, "_execution_device") else default_device())
+
+
+def _optional_kwargs(guidance_scale: float | None, negative_prompt: str | None, callback) -> dict[str, Any]:
+    """Pipeline kwargs that are passed only when set (so each pipeline keeps its own defaults)."""
+    kwargs: dict[str, Any] = {}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    if negative_prompt:
+        kwargs["negative_prompt"] = negative_prompt
+    if callback is not None:
+        kwargs["callback_on_step_end"] = callback
+    return kwargs
+
+
 def _timed(device: torch.device, call) -> tuple[Any, float, float | None]:
     """(result, wall seconds, peak GiB on CUDA or None); CUDA is synchronised around the call."""
     cuda = device.type == "cuda"
@@ -139,23 +155,17 @@ def run_pipeline(
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
     check_resolution(pipe, height, width)
-    device = pipe._execution_device if hasattr(pipe, "_execution_device") else default_device()
     kwargs: dict[str, Any] = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     kwargs["output_type"] = "np"
-    if guidance_scale is not None:
-        kwargs["guidance_scale"] = guidance_scale
-    if negative_prompt:
-        kwargs["negative_prompt"] = negative_prompt
+    kwargs.update(_optional_kwargs(guidance_scale, negative_prompt, callback))
     video = is_video_pipeline(pipe)
     if video and num_frames:
         kwargs["num_frames"] = num_frames
-    if callback is not None:
-        kwargs["callback_on_step_end"] = callback
     if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
         kwargs["use_resolution_binning"] = False  # PixArt would silently snap the size to its bins
     kwargs.update(extra or {})
-    output, seconds, peak = _timed(torch.device(device), lambda: pipe(**kwargs))
+    output, seconds, peak = _timed(_device_of(pipe), lambda: pipe(**kwargs))
     return GenerationResult(_to_pil(output, video), seconds, peak)
 
 
@@ -179,15 +189,8 @@ def run_highres(
 
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
-    kwargs: dict[str, Any] = {}
-    if guidance_scale is not None:
-        kwargs["guidance_scale"] = guidance_scale
-    if negative_prompt:
-        kwargs["negative_prompt"] = negative_prompt
-    if callback is not None:
-        kwargs["callback_on_step_end"] = callback
-    device = torch.device(pipe._execution_device if hasattr(pipe, "_execution_device") else default_device())
-    output, seconds, peak = _timed(device, lambda: generate_highres(
+    kwargs = _optional_kwargs(guidance_scale, negative_prompt, callback)
+    output, seconds, peak = _timed(_device_of(pipe), lambda: generate_highres(
         pipe, prompt, height, width, steps=steps, strength=strength, lean=lean,
         generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **kwargs))
     return GenerationResult(list(output.images), seconds, peak)

@@ -88,18 +88,17 @@ class DenseFallback:
     def patched_is_faster(self, processor: LinFusionProcessor, x_img: torch.Tensor, n_txt: int) -> bool:
         if torch.is_grad_enabled():
             return True
-        batch, n_img = x_img.shape[0], x_img.shape[1]
+        batch = x_img.shape[0]
         shard = processor.token_grid.parallel  # context parallel: decide on the global grid, alike on every rank
-        if shard is not None:
-            n_img = shard.n_global
-        key = (batch, n_img, n_txt, x_img.device.type, x_img.dtype)
+        grid = shard.global_grid if shard is not None else processor.token_grid.for_tokens(x_img.shape[1])
+        key = (batch, grid, n_txt, x_img.device.type, x_img.dtype)  # one decision per resolution
         if key not in self._decisions:
             from .crossover import patched_pays_off
 
             self._decisions[key] = patched_pays_off(
-                self.config, batch=batch, heads=self.heads, tokens=n_img, head_dim=self.head_dim,
-                text_len=n_txt, grid=shard.global_grid if shard is not None else processor.token_grid.for_tokens(n_img), dtype=x_img.dtype,
-                device=x_img.device, channels=self.channels, mlp_ratio=self.mlp_ratio,
+                self.config, batch=batch, heads=self.heads, tokens=math.prod(grid), head_dim=self.head_dim,
+                text_len=n_txt, grid=grid, dtype=x_img.dtype, device=x_img.device,
+                channels=self.channels, mlp_ratio=self.mlp_ratio,
             )
         return self._decisions[key]
 
@@ -147,10 +146,10 @@ class LinFusionProcessor(nn.Module):
             (o_img, o_txt): (B, H, N_img, D) and (B, H, N_txt, D) or None.
         """
         shard = self.token_grid.parallel
+        dense = dense_attention if shard is None else shard.dense  # exact softmax (cross-rank under CP)
         if self.dense_fallback is not None and not self.dense_fallback.patched_is_faster(self, x_img, n_txt):
             self.last_choice = "dense"
-            img, txt = project(x_img, x_img)
-            return dense_attention(img, txt) if shard is None else shard.dense(img, txt)
+            return dense(*project(x_img, x_img))
         self.last_choice = "patched"
         x_q, x_k = self.method.adapt_inputs(x_img)
         img, txt = project(x_q, x_k)
@@ -163,5 +162,5 @@ class LinFusionProcessor(nn.Module):
             return out_img, out_txt
         if x_q is not x_img or x_k is not x_img:  # softmax uses the untouched projections
             img, txt = project(x_img, x_img)
-        soft_img, soft_txt = dense_attention(img, txt) if shard is None else shard.dense(img, txt)
+        soft_img, soft_txt = dense(img, txt)
         return self.gate.mix(soft_img, out_img), self.gate.mix(soft_txt, out_txt)
