@@ -276,7 +276,7 @@ def flex_route():
 
 
 @contextlib.contextmanager
-def impl_context(impl: str, net, model: str):
+def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
     """Patch / select the attention implementation for the duration of the row."""
     from linfusion import patch_model, unpatch_model
 
@@ -302,6 +302,8 @@ def impl_context(impl: str, net, model: str):
         elif impl.startswith("local_"):
             shape = "tile" if impl == "local_tile" else "circle"
             options = dict(method="local", window=16, shape=shape, layers="all")
+            if impl == "local_circle" and circle_backend == "triton":
+                options["backend"] = "triton"
             if is_video(model):
                 options["temporal_window"] = 3
             patch_model(net, **options)
@@ -322,7 +324,10 @@ def impl_context(impl: str, net, model: str):
 
 
 def time_step(net, kwargs: dict, repeats: int, device: torch.device) -> tuple[float, float, float]:
-    """(median step ms, first-call seconds, peak GB) of ``net(**kwargs)``."""
+    """(median step ms, first-call seconds, peak GB) of ``net(**kwargs)``.
+
+    ``repeats=0`` times the single first call (used for rows whose one step takes tens of
+    seconds, where warm-up costs are negligible next to the step)."""
     cuda = device.type == "cuda"
     with torch.no_grad():
         if cuda:
@@ -340,6 +345,8 @@ def time_step(net, kwargs: dict, repeats: int, device: torch.device) -> tuple[fl
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+    if not times:
+        times = [first_s]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     return statistics.median(times) * 1e3, first_s, peak
 
@@ -356,7 +363,7 @@ def predict_ms(prev: dict | None, grid: tuple[int, ...], impl: str) -> float | N
     return prev["step_ms"] * (ratio**2 if impl in DENSE_IMPLS else ratio * 1.2)
 
 
-def impl_unavailable(impl: str, device: torch.device) -> str | None:
+def impl_unavailable(impl: str, device: torch.device, circle_backend: str = "auto") -> str | None:
     if impl in ("cudnn",) and device.type != "cuda":
         return "cuDNN SDPA needs CUDA"
     if impl == "xformers":
@@ -366,6 +373,11 @@ def impl_unavailable(impl: str, device: torch.device) -> str | None:
             return "xformers is not installed"
         if device.type != "cuda":
             return "xformers needs CUDA"
+    if impl == "local_circle" and circle_backend == "auto" and device.type == "cuda":
+        from linfusion.kernels.dispatch import TRITON_LOCAL_CIRCLE_ENABLED
+
+        if not TRITON_LOCAL_CIRCLE_ENABLED:
+            return "the Triton circle path is off by default (reference is O(N^2)); --circle-backend triton forces it"
     if impl == "local_flex":
         try:
             from torch.nn.attention import flex_attention  # noqa: F401
@@ -414,7 +426,7 @@ def run(args) -> dict:
             limit = max_side(model, args.tiny)
             for impl in args.impls:
                 row = {"model": model, "resolution": res_label, "impl": impl, "step_ms": None, "peak_gb": None}
-                reason = impl_unavailable(impl, device)
+                reason = impl_unavailable(impl, device, args.circle_backend)
                 if reason is None and limit is not None and resolution.isdigit() and int(resolution) > limit:
                     reason = f"{model} positional embedding covers at most {limit} px"
                 if reason is None and time.time() > deadline:
@@ -423,19 +435,26 @@ def run(args) -> dict:
                 if reason is None:
                     kwargs, grid, batch = make_inputs(model, resolution, args.tiny, device, dtype)
                     predicted = predict_ms(prev.get(impl), grid, impl)
-                    if predicted is not None and predicted * (args.repeats + 1) / 1e3 > args.row_seconds:
+                    repeats = args.repeats
+                    if predicted is not None and predicted / 1e3 > args.single_call_seconds:
+                        repeats = 0  # one long call: warm-up is negligible next to the step
+                    if predicted is not None and predicted * (repeats + 1) / 1e3 > args.row_seconds:
                         reason = f"predicted {predicted / 1e3:.1f} s a step > --row-seconds {args.row_seconds}"
+                    elif predicted is not None and time.time() + predicted * (repeats + 1) / 1e3 > deadline:
+                        reason = f"predicted {predicted / 1e3:.1f} s a step would overrun --max-minutes"
                 if reason is not None:
                     row.update(status="skipped", reason=reason)
                     result["rows"].append(row)
                     args.log(f"{model:7s} {res_label:12s} {impl:13s} skipped: {reason}")
+                    args.on_row(result)
                     continue
                 _FLEX_STATS["mask_build_s"] = 0.0
                 try:
-                    with impl_context(impl, net, model):
-                        step_ms, first_s, peak = time_step(net, kwargs, args.repeats, device)
+                    with impl_context(impl, net, model, args.circle_backend):
+                        step_ms, first_s, peak = time_step(net, kwargs, repeats, device)
                     row.update(step_ms=round(step_ms, 3), peak_gb=round(peak, 3), status="ok", tokens=tokens_of(grid),
-                               first_call_s=round(first_s, 3), batch=batch)
+                               first_call_s=round(first_s, 3), batch=batch, timed_calls=max(repeats, 1),
+                               warmup=repeats > 0)
                     if impl == "local_flex":
                         row["mask_build_s"] = round(_FLEX_STATS["mask_build_s"], 3)
                     prev[impl] = row
@@ -446,6 +465,7 @@ def run(args) -> dict:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 result["rows"].append(row)
+                args.on_row(result)
                 del kwargs
         del net
         if device.type == "cuda":
@@ -496,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-minutes", type=float, default=25.0, help="total time budget")
     parser.add_argument("--row-seconds", type=float, default=120.0, help="skip rows predicted to take longer")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per row (after one warm-up)")
+    parser.add_argument("--single-call-seconds", type=float, default=30.0,
+                        help="rows predicted slower than this per step are timed by one call, no warm-up")
+    parser.add_argument("--circle-backend", default="auto", choices=("auto", "triton"),
+                        help="local_circle: the library default (auto) or force the Triton kernel")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out (other models)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (smoke test)")
     parser.add_argument("--plot-only", default=None, help="re-draw the plot of an existing JSON")
     return parser
@@ -513,10 +538,23 @@ def main(argv=None, log=print) -> int:
         raise SystemExit(f"unknown impls {sorted(unknown)}; known: {IMPLS}")
     if args.tiny:
         args.repeats = min(args.repeats, 1)
-    result = run(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    kept = []
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            kept = [r for r in json.load(f)["rows"] if r["model"] not in set(args.models or ())]
+
+    def write(partial: dict) -> None:
+        """Written after every row (atomically) so a killed run keeps what it measured."""
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({**partial, "rows": kept + partial["rows"]}, f, indent=1)
+        os.replace(tmp, args.out)
+
+    args.on_row = write
+    result = run(args)
+    write(result)
+    result = {**result, "rows": kept + result["rows"]}
     log(f"wrote {args.out} ({len(result['rows'])} rows)")
     plot(result, os.path.splitext(args.out)[0] + ".png")
     return 0

@@ -40,6 +40,18 @@ def test_e2e_tiny(tmp_path):
     assert {r["resolution"] for r in rows} == {"64x64", "tiny-v-9f"}
 
 
+def test_e2e_append_keeps_other_models_and_replaces_the_rerun_one(tmp_path):
+    e2e = _load("e2e")
+    out = tmp_path / "e2e.json"
+    quiet = dict(log=lambda *a: None)
+    e2e.main(["--tiny", "--models", "flux", "sdxl", "--resolutions", "64", "--impls", "linear", "--out", str(out)], **quiet)
+    e2e.main(["--tiny", "--models", "sdxl", "--resolutions", "64", "--impls", "local_tile", "--append",
+              "--out", str(out)], **quiet)
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["model"], r["impl"]) for r in rows) == [("flux", "linear"), ("sdxl", "local_tile")]
+    assert not (tmp_path / "e2e.json.tmp").exists()
+
+
 def test_e2e_flex_route_matches_reference():
     e2e = _load("e2e")
     from linfusion.kernels import local_attention_reference

@@ -242,3 +242,26 @@ def test_cli_default_model_writes_a_valid_png(tmp_path):
                               cwd=ROOT, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert Image.open(out).size == (128, 128)
+
+
+def test_parse_head_loss_is_the_mean_over_fields_with_targets_and_zero_when_all_ignored():
+    """The sync-free loss equals the plain per-field mean over the fields present in the batch."""
+    import torch.nn as nn
+
+    from linfusion.mini import model as mm
+
+    torch.manual_seed(0)
+    head = mm.ParseHead(32)
+    hidden, mask = torch.randn(6, 10, 32), torch.ones(6, 10, dtype=torch.long)
+    sizes = [n for _, n in mm.SLOT_FIELDS] * mm.N_SLOTS + [n for _, n in mm.BG_FIELDS]
+    targets = torch.stack([torch.randint(0, n, (6,)) for n in sizes], 1)
+    targets[:3, 0] = mm.IGNORE  # partly ignored field
+    targets[:, 1] = mm.IGNORE  # absent field: must not count in the mean
+    scores = torch.einsum("qd,bld->bql", head.queries, hidden) * 32**-0.5
+    pooled = head.mlp(torch.einsum("bql,bld->bqd", scores.softmax(-1), hidden))
+    logits = [h(pooled[:, k]) for k in range(mm.N_SLOTS) for h in head.slot_heads]
+    logits += [h(pooled[:, mm.N_SLOTS]) for h in head.bg_heads]
+    expected = torch.stack([nn.functional.cross_entropy(lg, targets[:, i], ignore_index=mm.IGNORE)
+                            for i, lg in enumerate(logits) if i != 1]).mean()
+    torch.testing.assert_close(head(hidden, mask, targets), expected)
+    assert head(hidden, mask, torch.full_like(targets, mm.IGNORE)).item() == 0.0

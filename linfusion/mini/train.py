@@ -280,7 +280,7 @@ def train_dit(transformer, text_encoder, head, tokenizer, vae, bank: Bank, strea
         x_t, v = a * z + s * noise, a * noise - s * z
         with autocast(device):
             hidden = text_encoder(ids, attention_mask=mask).last_hidden_state
-            aux = head(hidden, mask, targets) if bool((~drop).any()) else hidden.sum() * 0
+            aux = head(hidden, mask, targets)  # all-dropped batches give 0 (no host sync here)
             pred = transformer(x_t, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=t,
                                added_cond_kwargs=added, return_dict=False)[0]
         mse = F.mse_loss(pred.float(), v)
