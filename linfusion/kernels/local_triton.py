@@ -14,10 +14,15 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   tokens are already in tile order (``local_layout.to_tile_order``) and the addresses are
   contiguous ranges.
 * ``shape="tile"``: no per-token mask at all, only a column-validity bias on a range's last
-  chunk. ``shape="circle"``: per chunk, the largest query–key distance over the two tile
-  boxes decides whether every pair is visible (then no mask); otherwise the exact per-token
-  mask is applied, either ``Σ Δ_d² w_d ≤ w`` in fp32 integers (integer radii) or a lookup
-  in a float64-derived table — both equal the reference bit for bit.
+  chunk. ``shape="circle"``: the exact per-token mask on every chunk, combined with the key
+  validity in one branch-free select: either ``Σ Δ_d² w_d ≤ w`` in fp32 integers (integer
+  radii) or a lookup in a float64-derived table — both equal the reference bit for bit.
+  There is deliberately no per-chunk "is the whole chunk visible?" shortcut: it needed a
+  scalar table load inside the key loop, which Triton's software pipeliner turns into a
+  one-thread ``cp.async`` into a multi-buffered shared-memory slot whose value then steered
+  an ``scf.if`` around the mask (the circle-only construct in the loop; wrong results on an
+  H200 while the interpreter was exact). For r = 16 with 8×16 tiles the shortcut never fired
+  anyway (even a tile's own diagonal is outside the circle).
 * Text keys are extra chunks of the same online softmax; text queries (≤ a few hundred rows)
   attend to every key in a dense loop. Their programs run first (longest first).
 * Backward: flash-attention backward over the same tile pairs with the LSE saved by the
@@ -35,6 +40,7 @@ import triton.language as tl
 
 from .local_configs import local_config
 from .local_layout import (
+    MASK_TABLE,
     LocalLayout,
     from_tile_order,
     get_layout,
@@ -111,17 +117,13 @@ def _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT: tl.constexpr):
 
 
 @triton.jit
-def _max_visible(TAB, d0, d1, CAP0, CAP1):
-    """Largest visible |Δ2| at (|Δ0|, |Δ1|) (-1: none), from the float64-derived table."""
-    idx = tl.minimum(d0, CAP0 + 1) * (CAP1 + 2) + tl.minimum(d1, CAP1 + 1)
-    return tl.load(TAB + idx)
-
-
-@triton.jit
-def _chunk(it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+def _chunk(it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT,
            BLOCK: tl.constexpr, CPT: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-           MASK_MODE: tl.constexpr, TILE_ORDER: tl.constexpr):
-    """Chunk ``it`` of the window of tile c: tokens of key tile (kc0, kc1, j), slice ``sc``."""
+           TILE_ORDER: tl.constexpr):
+    """Chunk ``it`` of the window of a tile: tokens of key tile (kc0, kc1, j), slice ``sc``.
+
+    Pure integer arithmetic on ``it``: no memory loads, so nothing in the key loop but the
+    K/V (Q/dO) tiles themselves is a candidate for software pipelining."""
     sc = it % CPT
     t = it // CPT
     j = lo2 + t % nj
@@ -132,22 +134,17 @@ def _chunk(it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, 
                                           T0, T1, T2, TILE_ORDER)
     # a whole tile (not cut by the grid edge) and a whole chunk: no validity mask needed
     full = ((kc0 + 1) * T0 <= G0) & ((kc1 + 1) * T1 <= G1) & ((j + 1) * T2 <= G2) & ((sc + 1) * BLOCK <= T0 * T1 * T2)
-    if MASK_MODE != 0:
-        # every query of tile c sees every key of tile (kc0, kc1, j) iff the farthest pair of the
-        # two tile boxes is visible (visibility is monotone in each |Δ_d|)
-        mx0 = tl.abs(kc0 - c0) * T0 + T0 - 1
-        mx1 = tl.abs(kc1 - c1) * T1 + T1 - 1
-        mx2 = tl.abs(j - c2) * T2 + T2 - 1
-        need_mask = _max_visible(TAB, mx0, mx1, CAP0, CAP1) < mx2
-    else:
-        need_mask = False
-    return pos, valid, p0, p1, p2, need_mask, full
+    return pos, valid, p0, p1, p2, full
 
 
 @triton.jit
 def _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
                  MASK_MODE: tl.constexpr, IS_3D: tl.constexpr):
-    """[rows, cols] visibility between row tokens and column tokens (symmetric in the roles)."""
+    """[rows, cols] visibility between row tokens and column tokens (symmetric in the roles).
+
+    MASK_MODE 2: integer weights and integer Δ, so every product and partial sum below 2**24 is
+    exact in fp32 (with or without FMA contraction) and anything larger is > WT (< 2**23) after
+    rounding too: the test cannot depend on the compiler's contraction choices."""
     if MASK_MODE == 2:
         d1 = cp1.to(tl.float32)[None, :] - rp1.to(tl.float32)[:, None]
         d2 = cp2.to(tl.float32)[None, :] - rp2.to(tl.float32)[:, None]
@@ -230,7 +227,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time."""
     pid = tl.program_id(0)
@@ -262,21 +259,21 @@ def _fwd_kernel(
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
-    for it in range(0, n_win):
-        kpos, kvalid, kp0, kp1, kp2, need_mask, full = _chunk(
-            it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
-            BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
+    for it in tl.range(0, n_win, num_stages=WIN_STAGES):
+        kpos, kvalid, kp0, kp1, kp2, full = _chunk(
+            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        if not full:
-            s = tl.where(kvalid[None, :], s, float("-inf"))
-        if MASK_MODE != 0:
-            if need_mask:
-                vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                                   MASK_MODE, IS_3D)
-                s = tl.where(vis, s, float("-inf"))
+        if MASK_MODE == 0:
+            if not full:
+                s = tl.where(kvalid[None, :], s, float("-inf"))
+        else:
+            # circle: validity and window in one unconditional select (no data-dependent branch)
+            vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                               MASK_MODE, IS_3D)
+            s = tl.where(vis & kvalid[None, :], s, float("-inf"))
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -315,7 +312,7 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -356,10 +353,9 @@ def _dkdv_kernel(
     # 2) the window (symmetric): query tiles around the key tile (none for text keys)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
-    for it in range(0, n_win):
-        qpos, qvalid, qp0, qp1, qp2, need_mask, full = _chunk(
-            it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
-            BM, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
+    for it in tl.range(0, n_win, num_stages=WIN_STAGES):
+        qpos, qvalid, qp0, qp1, qp2, full = _chunk(
+            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
         lmask = qvalid[:, None] & dmask[None, :]
         q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
         do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
@@ -367,11 +363,12 @@ def _dkdv_kernel(
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        # invalid queries need no mask here: their LSE loads as +inf, so pT is already 0
         if MASK_MODE != 0:
-            if need_mask:
-                vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                                   MASK_MODE, IS_3D)
-                pT = tl.where(vis, pT, 0.0)
+            # circle: one unconditional select per chunk (no data-dependent branch)
+            vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                               MASK_MODE, IS_3D)
+            pT = tl.where(vis & qvalid[None, :], pT, 0.0)
         dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
@@ -391,7 +388,7 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
 ):
     """dQ of one query block: the forward's loop with P recomputed from the saved LSE."""
     pid = tl.program_id(0)
@@ -428,22 +425,22 @@ def _dq_kernel(
     # 2) the window
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
-    for it in range(0, n_win):
-        kpos, kvalid, kp0, kp1, kp2, need_mask, full = _chunk(
-            it, lo0, lo1, lo2, nr1, nj, c0, c1, c2, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
-            BN, CPT, T0, T1, T2, MASK_MODE, TILE_ORDER)
+    for it in tl.range(0, n_win, num_stages=WIN_STAGES):
+        kpos, kvalid, kp0, kp1, kp2, full = _chunk(
+            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if not full:
-            p = tl.where(kvalid[None, :], p, 0.0)
-        if MASK_MODE != 0:
-            if need_mask:
-                vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                                   MASK_MODE, IS_3D)
-                p = tl.where(vis, p, 0.0)
+        if MASK_MODE == 0:
+            if not full:
+                p = tl.where(kvalid[None, :], p, 0.0)
+        else:
+            # circle: validity and window in one unconditional select (no data-dependent branch)
+            vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                               MASK_MODE, IS_3D)
+            p = tl.where(vis & kvalid[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
@@ -527,6 +524,14 @@ def _table(layout: LocalLayout, device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)  # unused placeholder
 
 
+def _window_stages(layout: LocalLayout):
+    """``num_stages`` of the window loop: None (the launch's) except in table mode, whose per-token
+    table gather the software pipeliner would otherwise turn into BM×BN 4-byte ``cp.async`` copies
+    into multi-buffered shared memory (≈ 224 KB at 128×128 blocks, and a conditional-use
+    pattern of the kind the pipeliner has mis-scheduled before). The gather is served from L1."""
+    return 1 if layout.mask_mode == MASK_TABLE else None
+
+
 def _strides(t: torch.Tensor):
     return [t.stride(0), t.stride(1), t.stride(2)]
 
@@ -552,6 +557,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
+        WIN_STAGES=_window_stages(layout),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
@@ -569,7 +575,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     common = dict(
         HEAD_DIM=D, D_PAD=d_pad, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3, TILE_ORDER=tile_order,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
+        UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, WIN_STAGES=_window_stages(layout),
     )
     qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
     table = _table(layout, q.device)
