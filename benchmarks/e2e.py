@@ -21,7 +21,9 @@ Impls (``--impls``):
   strongest dense baseline on Hopper;
 * ``sdpa_default``: torch's own SDPA backend choice;
 * ``xformers``: diffusers' xformers attention, where importable;
-* ``linear``: ``patch_model(method="linear", layers="all")`` (Triton kernels on CUDA);
+* ``linear``: ``patch_model(method="linear", layers="all")`` (Triton kernels on CUDA), with
+  LinFusion's residual feature MLPs (two extra C×C GEMMs each for q and k);
+* ``linear_relu``: SANA / LiT style, ``feature_map="relu", feature_mlp=False``;
 * ``local_tile`` / ``local_circle``: ``patch_model(method="local", window=16, shape=...)``
   (Triton kernels; video: temporal radius 3 latent frames);
 * ``local_flex``: the same circle window through ``torch.nn.attention.flex_attention`` on
@@ -59,7 +61,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 IMAGE_RESOLUTIONS = ("1024", "2048", "4096", "8192")
 VIDEO_RESOLUTIONS = ("480p", "720p")
 VIDEO_SIZES = {"480p": (480, 832), "720p": (720, 1280), "tiny-v": (64, 64)}
-IMPLS = ("cudnn", "sdpa_default", "xformers", "linear", "local_tile", "local_circle", "local_flex")
+IMPLS = ("cudnn", "sdpa_default", "xformers", "linear", "linear_relu", "local_tile", "local_circle", "local_flex")
 DENSE_IMPLS = ("cudnn", "sdpa_default", "xformers")
 DEFAULT_MODELS = ("flux", "sdxl", "sd35m", "pixart", "wan13b")
 
@@ -299,6 +301,9 @@ def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
         elif impl == "linear":
             patch_model(net, method="linear", layers="all")
             patched = True
+        elif impl == "linear_relu":  # SANA / LiT style: ReLU features, no LinFusion feature MLPs
+            patch_model(net, method="linear", layers="all", feature_map="relu", feature_mlp=False)
+            patched = True
         elif impl.startswith("local_"):
             shape = "tile" if impl == "local_tile" else "circle"
             options = dict(method="local", window=16, shape=shape, layers="all")
@@ -520,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rows predicted slower than this per step are timed by one call, no warm-up")
     parser.add_argument("--circle-backend", default="auto", choices=("auto", "triton"),
                         help="local_circle: the library default (auto) or force the Triton kernel")
-    parser.add_argument("--append", action="store_true", help="keep the rows already in --out (other models)")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in --out, replacing those this run measures again")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (smoke test)")
     parser.add_argument("--plot-only", default=None, help="re-draw the plot of an existing JSON")
     return parser
@@ -539,22 +545,28 @@ def main(argv=None, log=print) -> int:
     if args.tiny:
         args.repeats = min(args.repeats, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    kept = []
+    earlier = []
     if args.append and os.path.exists(args.out):
         with open(args.out) as f:
-            kept = [r for r in json.load(f)["rows"] if r["model"] not in set(args.models or ())]
+            earlier = json.load(f)["rows"]
+
+    def merged(rows: list[dict]) -> list[dict]:
+        """Earlier rows, each replaced by this run's row of the same (model, resolution, impl)."""
+        key = lambda r: (r["model"], r["resolution"], r["impl"])  # noqa: E731
+        new = {key(r) for r in rows}
+        return [r for r in earlier if key(r) not in new] + rows
 
     def write(partial: dict) -> None:
         """Written after every row (atomically) so a killed run keeps what it measured."""
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({**partial, "rows": kept + partial["rows"]}, f, indent=1)
+            json.dump({**partial, "rows": merged(partial["rows"])}, f, indent=1)
         os.replace(tmp, args.out)
 
     args.on_row = write
     result = run(args)
     write(result)
-    result = {**result, "rows": kept + result["rows"]}
+    result = {**result, "rows": merged(result["rows"])}
     log(f"wrote {args.out} ({len(result['rows'])} rows)")
     plot(result, os.path.splitext(args.out)[0] + ".png")
     return 0

@@ -6,6 +6,8 @@
 # PHASE=flux:   GPU circle tests (--runxfail: the known-bug markers must not hide a failure), then
 #               the FLUX.1-dev-size rows of benchmarks/e2e.py (circle rows on Triton only when the
 #               circle tests passed in this same call).
+# PHASE=final:  circle diagnosis (scripts/debug_circle_gpu.py), then the FLUX 4K/8K, SDXL, Wan, PixArt
+#               and SD3.5 rows that matter for the targets, appended to the committed e2e.json.
 # PHASE=others: SDXL, Wan 2.1 1.3B, SD3.5-medium, PixArt-Σ rows appended to the committed
 #               benchmarks/results/e2e.json, then the 16K SDXL-size high-resolution run.
 # Everything lands in $OUT (e2e.json, e2e.png, circle_tests.txt, highres16k.json, log.txt).
@@ -41,6 +43,22 @@ if [ "$PHASE" = flux ]; then
   python3 benchmarks/e2e.py --models flux --append --out "$OUT/e2e.json" --repeats 2 --row-seconds 240 \
     --single-call-seconds 30 --circle-backend "$CIRCLE" --max-minutes "$(( ($(left) - 20) / 60 ))" 2>&1 \
     | grep -v -i "warn" | tee -a "$LOG"
+elif [ "$PHASE" = final ]; then
+  # one call: circle diagnosis, FLUX 4K/8K (patched variants against cuDNN measured in this call),
+  # then SDXL 4K, Wan 720p, PixArt and SD3.5 4K as far as the time allows
+  say "circle diagnosis"
+  timeout 90 python3 scripts/debug_circle_gpu.py 2>&1 | grep -v -i warn | tee "$OUT/circle_debug.txt" | tee -a "$LOG"
+  cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
+  mins() { awk -v s="$(( $(left) - $1 ))" 'BEGIN { printf "%.2f", (s > 0 ? s : 0) / 60 }'; }
+  E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 150)
+  "${E2E[@]}" --models flux --resolutions 4096 8192 --impls cudnn linear linear_relu local_tile \
+    --max-minutes "$(mins 130)" 2>&1 | grep -v -i warn | tee -a "$LOG"
+  "${E2E[@]}" --models sdxl --resolutions 2048 4096 --impls cudnn linear linear_relu local_tile \
+    --max-minutes "$(mins 80)" 2>&1 | grep -v -i warn | tee -a "$LOG"
+  "${E2E[@]}" --models wan13b --video-resolutions 480p 720p --impls cudnn linear linear_relu local_tile \
+    --max-minutes "$(mins 40)" 2>&1 | grep -v -i warn | tee -a "$LOG"
+  "${E2E[@]}" --models pixart sd35m --resolutions 4096 --impls cudnn linear local_tile \
+    --max-minutes "$(mins 10)" 2>&1 | grep -v -i warn | tee -a "$LOG"
 else
   cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
   CIRCLE=$(python3 -c "import json; r=[x for x in json.load(open('$OUT/e2e.json'))['rows'] if x['impl']=='local_circle' and x['status']=='ok']; print('triton' if r else 'auto')" 2>/dev/null || echo auto)

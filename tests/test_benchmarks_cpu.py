@@ -24,7 +24,7 @@ def test_e2e_tiny(tmp_path):
     e2e = _load("e2e")
     out = tmp_path / "e2e.json"
     e2e.main(["--tiny", "--models", "flux", "sdxl", "wan13b", "--resolutions", "64",
-              "--impls", "cudnn", "sdpa_default", "linear", "local_tile", "local_flex", "--out", str(out)],
+              "--impls", "cudnn", "sdpa_default", "linear", "linear_relu", "local_tile", "local_flex", "--out", str(out)],
              log=lambda *a: None)
     result = json.loads(out.read_text())
     assert {"gpu", "torch", "triton", "cuda", "diffusers"} <= set(result["env"])
@@ -40,15 +40,16 @@ def test_e2e_tiny(tmp_path):
     assert {r["resolution"] for r in rows} == {"64x64", "tiny-v-9f"}
 
 
-def test_e2e_append_keeps_other_models_and_replaces_the_rerun_one(tmp_path):
+def test_e2e_append_keeps_earlier_rows_and_replaces_the_remeasured_ones(tmp_path):
     e2e = _load("e2e")
     out = tmp_path / "e2e.json"
     quiet = dict(log=lambda *a: None)
     e2e.main(["--tiny", "--models", "flux", "sdxl", "--resolutions", "64", "--impls", "linear", "--out", str(out)], **quiet)
-    e2e.main(["--tiny", "--models", "sdxl", "--resolutions", "64", "--impls", "local_tile", "--append",
+    e2e.main(["--tiny", "--models", "sdxl", "--resolutions", "64", "--impls", "linear", "local_tile", "--append",
               "--out", str(out)], **quiet)
     rows = json.loads(out.read_text())["rows"]
-    assert sorted((r["model"], r["impl"]) for r in rows) == [("flux", "linear"), ("sdxl", "local_tile")]
+    assert sorted((r["model"], r["impl"]) for r in rows) == [("flux", "linear"), ("sdxl", "linear"),
+                                                             ("sdxl", "local_tile")]
     assert not (tmp_path / "e2e.json.tmp").exists()
 
 

@@ -97,9 +97,24 @@ class FluxFamily(FamilyAdapter):
         ids = kwargs.get("img_ids")
         if ids is None:
             raise TypeError("FLUX transformer called without img_ids: LinFusion reads the token grid from them")
-        ids = ids[0] if ids.dim() == 3 else ids  # (N, 3): (unused, row, col)
-        rows = int(ids[:, 1].max() - ids[:, 1].min()) + 1
-        cols = int(ids[:, 2].max() - ids[:, 2].min()) + 1
-        if rows * cols != ids.shape[0]:
-            raise ValueError(f"img_ids do not form a full {rows}x{cols} grid ({ids.shape[0]} tokens)")
+        ids = ids[0] if ids.dim() == 3 else ids  # (N, 3): (unused, row, col), row-major
+        n = ids.shape[0]
+        # Columns = length of the first run of equal row ids. Not max - min + 1: pipelines hand
+        # the ids over in the model dtype, and bf16 cannot hold integers above 256 exactly, so
+        # from 8192 px on (512 rows) neighbouring ids collapse while the first rows stay exact.
+        row = ids[:, 1]
+        changes = torch.nonzero(row[1:] != row[:-1])
+        cols = int(changes[0]) + 1 if changes.numel() else n
+        rows = n // cols
+        exact = not ids.is_floating_point() or torch.finfo(ids.dtype).bits >= 32
+        if exact:
+            span_r = int(ids[:, 1].max() - ids[:, 1].min()) + 1
+            span_c = int(ids[:, 2].max() - ids[:, 2].min()) + 1
+        else:
+            span_r, span_c = rows, cols
+        if rows * cols != n or (span_r, span_c) != (rows, cols):
+            raise ValueError(
+                f"img_ids do not form one full row-major grid ({n} tokens, first row {cols} long, ids span "
+                f"{span_r}x{span_c}); LinFusion supports FLUX calls with a single image grid"
+            )
         return rows, cols
