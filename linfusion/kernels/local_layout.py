@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .local_reference import default_tile, normalize_window, tile_radius
+from .local_reference import circle_visibility, default_tile, normalize_window, tile_radius
 
 MASK_NONE, MASK_TABLE, MASK_FORMULA = 0, 1, 2
 
@@ -140,16 +140,8 @@ class LocalLayout:
 
 
 def _circle_visibility(radii3: tuple[float, float, float], caps: tuple[int, int, int]) -> torch.Tensor:
-    """bool (cap0+1, cap1+1, cap2+1): is |Δ| visible, computed exactly like the reference."""
-    dist = torch.zeros(caps[0] + 1, caps[1] + 1, caps[2] + 1, dtype=torch.float64)
-    for d, r in enumerate(radii3):
-        if math.isinf(r):
-            continue
-        delta = torch.arange(caps[d] + 1, dtype=torch.float64)
-        shape = [1, 1, 1]
-        shape[d] = -1
-        dist += ((delta / r) ** 2).view(shape)
-    return dist <= 1.0
+    """bool (cap0+1, cap1+1, cap2+1): is |Δ| visible (the reference's own table)."""
+    return circle_visibility(radii3, caps)
 
 
 def _formula_weights(radii3, caps, visible: torch.Tensor) -> tuple[float, float, float, float] | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,27 @@ def grid_coordinates(grid: Sequence[int], device: torch.device | None = None) ->
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
 
 
+def circle_visibility(radii: Sequence[float], caps: Sequence[int]) -> torch.Tensor:
+    """bool tensor of shape ``(cap_1 + 1, ..., cap_n + 1)``: is the offset ``|Δ|`` visible,
+    ``Σ_d (Δ_d / r_d)² ≤ 1``. Decided on the CPU, once, and exactly where the radii allow it
+    (integer arithmetic on the radii's exact fractions), otherwise in float64 with true
+    division, so every device and every kernel table agree on boundary points such as
+    (3, 4) at r = 5 or (5, 12) at r = 13."""
+    finite = [(d, Fraction(r)) for d, r in enumerate(radii) if not math.isinf(r)]
+    shape = [c + 1 for c in caps]
+    total = math.prod(f.numerator**2 for _, f in finite)
+    # Σ_d Δ_d² q_d² · (P / p_d²) ≤ P  with r_d = p_d / q_d and P = Π p_d²  (exact in int64?)
+    terms = [(d, (f.denominator**2) * (total // f.numerator**2)) for d, f in finite]
+    exact = all(w * caps[d] ** 2 * max(len(terms), 1) < 2**62 for d, w in terms) and total < 2**62
+    acc = torch.zeros(shape, dtype=torch.int64 if exact else torch.float64)
+    for d, weight in terms:
+        view = [1] * len(caps)
+        view[d] = -1
+        delta = torch.arange(caps[d] + 1, dtype=acc.dtype)
+        acc += (delta**2 * weight if exact else (delta / radii[d]) ** 2).view(view)
+    return acc <= (total if exact else 1.0)
+
+
 def window_mask(
     q_coords: torch.Tensor,
     k_coords: torch.Tensor,
@@ -101,13 +123,18 @@ def window_mask(
 ) -> torch.Tensor:
     """(Mq, Mk) boolean visibility between image query and image key coordinates."""
     if shape == "circle":
-        dist = torch.zeros(q_coords.shape[0], k_coords.shape[0], dtype=torch.float64, device=q_coords.device)
-        for d, r in enumerate(radii):
-            if math.isinf(r):
-                continue
-            delta = (k_coords[None, :, d] - q_coords[:, None, d]).to(torch.float64)
-            dist += (delta / r) ** 2
-        return dist <= 1.0
+        # Look |Δ| up in the table of visible offsets (float64 on the CPU) instead of evaluating
+        # the ellipse on the tensors' device: CUDA divides by a scalar as a multiplication by
+        # its reciprocal, which moves exact boundary points such as (3, 4) at r = 5 outside.
+        caps = tuple(g - 1 if math.isinf(r) else min(int(math.floor(r)), g - 1) for r, g in zip(radii, grid))
+        table = circle_visibility(radii, caps).to(q_coords.device)
+        index = torch.zeros(q_coords.shape[0], k_coords.shape[0], dtype=torch.long, device=q_coords.device)
+        inside = torch.ones(index.shape, dtype=torch.bool, device=q_coords.device)
+        for d, cap in enumerate(caps):
+            delta = (k_coords[None, :, d] - q_coords[:, None, d]).abs()
+            inside &= delta <= cap
+            index = index * (cap + 1) + delta.clamp(max=cap)
+        return inside & table.reshape(-1)[index]
     radius = tile_radius(radii, tile, grid)
     mask = torch.ones(q_coords.shape[0], k_coords.shape[0], dtype=torch.bool, device=q_coords.device)
     for d, (t, rt) in enumerate(zip(tile, radius)):
