@@ -44,12 +44,17 @@ def dense_attention(img: QKV, txt: QKV | None) -> tuple[torch.Tensor, torch.Tens
     return out[:, :, n_txt:], out[:, :, :n_txt]
 
 
-def text_queries_dense(img: QKV, txt: QKV | None) -> torch.Tensor | None:
-    """Softmax output of the text queries over every key (None without text)."""
+def text_queries_dense(
+    img: QKV, txt: QKV | None, keys: torch.Tensor | None = None, values: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Softmax output of the text queries over every key (None without text).
+
+    ``keys``/``values``: the (B, H, N_txt + N_img, D) concatenations ``[text | image]`` when the
+    caller already built them (saves two full-size copies per layer)."""
     if txt is None:
         return None
-    keys = torch.cat([txt.k, img.k], dim=2)
-    values = torch.cat([txt.v, img.v], dim=2)
+    keys = torch.cat([txt.k, img.k], dim=2) if keys is None else keys
+    values = torch.cat([txt.v, img.v], dim=2) if values is None else values
     return F.scaled_dot_product_attention(txt.q, keys, values)
 
 

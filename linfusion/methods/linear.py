@@ -147,4 +147,5 @@ class LinearAttention(AttentionMethod):
         )
         if self.conv is not None:
             out_img = out_img + self.conv(img.v, grid)
-        return out_img, text_queries_dense(img, txt)
+        return out_img, text_queries_dense(img, txt, keys=keys if txt is not None else None,
+                                           values=values if txt is not None else None)
