@@ -292,3 +292,71 @@ def test_gpu_fp16_state_beyond_fp16_range_large():
     k = features(1, 2, 65536, 128, dtype=torch.float16, gen=gen, scale=300.0)
     v = (2 * (k.float() - 300)).to(torch.float16)
     check(q, k, v)
+
+
+# ------------------------------------------------------------------ state / apply entry points
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", [(40, 40), (72, 72), (128, 64)], ids=["d40", "d72", "dk128-dv64"])
+def test_state_and_apply_match_reference(dtype, dims):
+    """linear_state_triton / linear_apply_triton against float64, and a state combined from two
+    halves (what context parallelism does) equals the whole sequence's attention."""
+    from linfusion.kernels.linear_reference import linear_attention_state
+    from linfusion.kernels.linear_triton import linear_apply_triton, linear_state_triton
+
+    dk, dv = dims
+    gen = make_gen()
+    B, H, M, N = 2, 3, 37, 53  # odd lengths, batch > 1
+    q = features(B, H, M, dk, dtype=dtype, gen=gen)
+    k = features(B, H, N, dk, dtype=dtype, gen=gen)
+    v = values(B, H, N, dv, dtype=dtype, gen=gen)
+    kv, k_mean = linear_state_triton(k, v)
+    kv_ref, k_mean_ref = linear_attention_state(k.double(), v.double())
+    assert kv.dtype == k_mean.dtype == torch.float32 and kv.shape == (B, H, dk, dv) and k_mean.shape == (B, H, dk)
+    assert rel_err(kv, kv_ref) < TOL[dtype] and rel_err(k_mean, k_mean_ref) < TOL[dtype]
+    # two "ranks": sums of the halves' states, divided by the total count
+    n1 = 20
+    (kv1, km1), (kv2, km2) = linear_state_triton(k[:, :, :n1], v[:, :, :n1]), linear_state_triton(k[:, :, n1:], v[:, :, n1:])
+    kv_all = (kv1 * n1 + kv2 * (N - n1)) / N
+    km_all = (km1 * n1 + km2 * (N - n1)) / N
+    out = linear_apply_triton(q, kv_all, km_all, 1e-6)
+    assert out.dtype == dtype and out.shape == (B, H, M, dv)
+    assert rel_err(out, linear_attention_reference(q.double(), k.double(), v.double())) < TOL[dtype]
+
+
+def test_apply_fp16_large_state_does_not_overflow():
+    """A state far above fp16's range (large keys and values) still applies exactly."""
+    from linfusion.kernels.linear_reference import linear_attention_apply
+    from linfusion.kernels.linear_triton import linear_apply_triton
+
+    gen = make_gen(3)
+    q = features(1, 2, 33, 64, dtype=torch.float16, gen=gen)
+    kv = torch.randn(1, 2, 64, 64, generator=gen, device=DEVICE) * 3e5  # > fp16 max 65504
+    k_mean = torch.rand(1, 2, 64, generator=gen, device=DEVICE) * 10
+    out = linear_apply_triton(q, kv, k_mean, 1e-6)
+    ref = linear_attention_apply(q.double(), kv.double(), k_mean.double(), 1e-6)
+    assert rel_err(out.float(), ref) < TOL[torch.float16]
+
+
+def test_state_apply_dispatch_and_errors():
+    from linfusion.kernels import linear_attention_apply, linear_attention_state
+
+    gen = make_gen(5)
+    q = features(1, 2, 9, 40, dtype=torch.float32, gen=gen)
+    k = features(1, 2, 11, 40, dtype=torch.float32, gen=gen)
+    v = values(1, 2, 11, 40, dtype=torch.float32, gen=gen)
+    for backend in ("torch", "triton"):
+        kv, km = linear_attention_state(k, v, backend=backend)
+        out = linear_attention_apply(q, kv, km, backend=backend)
+        assert rel_err(out, linear_attention_reference(q.double(), k.double(), v.double())) < 1e-4
+    # gradients needed: backend=None takes the differentiable reference
+    kr = k.clone().requires_grad_()
+    kv, km = linear_attention_state(kr, v)
+    assert kv.requires_grad
+    # empty query set is fine; mismatched state shapes are a clear error
+    assert linear_attention_apply(q[:, :, :0], kv.detach(), km.detach(), backend="triton").shape == (1, 2, 0, 40)
+    from linfusion.kernels.linear_triton import linear_apply_triton
+
+    with pytest.raises(ValueError, match="state shapes"):
+        linear_apply_triton(q, kv.detach()[..., :8, :], km.detach())

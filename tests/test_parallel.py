@@ -27,6 +27,8 @@ CASES: dict[str, tuple[str, dict | None, dict, int | None]] = {
     "flux_linear": ("flux", {"method": "linear", "layers": "all"}, {}, None),
     "flux_local": ("flux", {"method": "local", "window": 2, "layers": "all"}, {}, None),
     "flux_local_tile": ("flux", {"method": "local", "window": 2, "shape": "tile", "tile": (2, 4), "layers": "all"}, {}, None),
+    # the Triton state/apply entry points under CP (interpreter on CPU; the fused kernels on CUDA)
+    "flux_linear_triton": ("flux", {"method": "linear", "layers": "all", "backend": "triton"}, {}, None),
     "flux_linear_unequal": ("flux", {"method": "linear", "layers": "all"}, {"height": 36}, None),  # 9 rows: 5 + 4
     # layers="auto": the dense/patched choice is made on the global grid, alike on every rank
     "flux_auto_unequal": ("flux", {"method": "linear"}, {"height": 36}, None),

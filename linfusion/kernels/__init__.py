@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .dispatch import TRITON_LOCAL_CIRCLE_ENABLED, available_backends, choose_backend
+from .linear_reference import linear_attention_apply as _apply_reference
 from .linear_reference import linear_attention_reference
+from .linear_reference import linear_attention_state as _state_reference
 from .local_reference import local_attention_mask, local_attention_reference
 
 
@@ -66,6 +68,62 @@ def linear_attention(
     return linear_attention_reference(q, k, v, eps)
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def linear_attention_state(
+    k: torch.Tensor, v: torch.Tensor, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean state of :func:`linear_attention` on its own, for callers that combine states
+    (context parallelism sums them across ranks before applying).
+
+    Args:
+        k: (B, H, N, Dk) non-negative feature-mapped keys; v: (B, H, N, Dv) values.
+        backend: None, "triton" or "torch" (Triton is inference-only here: with gradients
+            needed, ``None`` uses the differentiable reference).
+
+    Returns:
+        kv (B, H, Dk, Dv) = (1/N) Σ_j k_jᵀ v_j and k_mean (B, H, Dk), fp32 (float64 stays float64).
+    """
+    if choose_backend("linear", k, backend) == "triton":
+        from .linear_triton import _check_inputs, linear_state_triton
+
+        reason = None
+        if backend is None:
+            reason = "gradients needed" if _needs_grad(k, v) else _triton_rejects(_check_inputs, k[:, :, :0], k, v)
+        if reason is None:
+            return linear_state_triton(k, v)
+        logger.debug("linear attention state: PyTorch reference (%s)", reason)
+    return _state_reference(k, v)
+
+
+def linear_attention_apply(
+    q: torch.Tensor, kv: torch.Tensor, k_mean: torch.Tensor, eps: float = 1e-6, backend: str | None = None
+) -> torch.Tensor:
+    """Apply a (combined) state to queries: ``(q kv) / (q · k_mean + eps)``, (B, H, M, Dv) in q's dtype.
+
+    Args:
+        q: (B, H, M, Dk) non-negative feature-mapped queries.
+        kv, k_mean: (B, H, Dk, Dv) and (B, H, Dk) from :func:`linear_attention_state` (or sums
+            of such states divided by the total key count).
+        backend: as in :func:`linear_attention_state`.
+    """
+    if choose_backend("linear", q, backend) == "triton":
+        from .linear_triton import _check_inputs, linear_apply_triton
+
+        reason = None
+        if backend is None:
+            dk, dv = kv.shape[-2:]
+            probe_k, probe_v = q.new_empty(*q.shape[:2], 1, dk), q.new_empty(*q.shape[:2], 1, dv)
+            reason = "gradients needed" if _needs_grad(q, kv, k_mean) else _triton_rejects(_check_inputs, q, probe_k, probe_v)
+        if reason is None:
+            return linear_apply_triton(q, kv, k_mean, eps)
+        logger.debug("linear attention apply: PyTorch reference (%s)", reason)
+    return _apply_reference(q, kv.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+                            k_mean.to(torch.float64 if q.dtype == torch.float64 else torch.float32), eps)
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,6 +167,8 @@ __all__ = [
     "choose_backend",
     "linear_attention",
     "linear_attention_reference",
+    "linear_attention_state",
+    "linear_attention_apply",
     "local_attention",
     "local_attention_mask",
     "local_attention_reference",

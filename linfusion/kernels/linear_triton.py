@@ -483,42 +483,54 @@ def _reduce(p, pz, bh, n_chunks, inv_n, dk_pad, dv_pad, track_max, device):
     return s, z, mx
 
 
-def _forward(q, k, v, eps, config=None):
-    B, H, M, DK = q.shape
-    N, DV = k.shape[2], v.shape[3]
+def _state(k, v, cfg, dtype, inv_n):
+    """Passes 1-2: padded fp32 state ``s`` (B·H, Dk_pad, Dv_pad) = inv_n · Σ kᵀv, ``z`` likewise,
+    and (fp16 inputs) the per-stripe max |s| used by the apply pass to scale into fp16 range."""
+    B, H, N, DK = k.shape
+    DV = v.shape[3]
     dk_pad, dv_pad = padded_dim(DK), padded_dim(DV)
-    cfg = _get_config(q, dk_pad, dv_pad, config)
     bh = B * H
-    target = cfg.programs_per_sm * _num_sms(q.device)
-    prec = _dot_precision(q.dtype, q.device)
-    scale = q.dtype == torch.float16
-    upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
-
-    # pass 1: partial states
+    target = cfg.programs_per_sm * _num_sms(k.device)
+    upcast = k.device.type != "cuda" and dtype == torch.bfloat16
     align = _alignment(k, v)
     bdk, bdv = min(cfg.state_block_dk, dk_pad), min(cfg.state_block_dv, dv_pad)
     tiles = (dk_pad // bdk) * (dv_pad // bdv)
     chunk_len, n_chunks = _chunking(N, cfg.state_block_n, bh * tiles, target)
-    p = _empty((bh, n_chunks, dk_pad, dv_pad), q.device, torch.float32)
-    pz = _empty((bh, n_chunks, dk_pad), q.device, torch.float32)
+    p = _empty((bh, n_chunks, dk_pad, dv_pad), k.device, torch.float32)
+    pz = _empty((bh, n_chunks, dk_pad), k.device, torch.float32)
     _state_partial_kernel[(n_chunks, tiles, bh)](
         k, v, p, pz, *_strides(align, k, v), H, N, chunk_len, n_chunks, DK=DK, DV=DV, ALIGN=align,
         BLOCK_N=cfg.state_block_n, BLOCK_DK=bdk, BLOCK_DV=bdv, DK_PAD=dk_pad, DV_PAD=dv_pad,
-        DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.state_warps, num_stages=cfg.state_stages,
+        DOT_PRECISION=_dot_precision(dtype, k.device), UPCAST=upcast, num_warps=cfg.state_warps,
+        num_stages=cfg.state_stages,
     )
-    s, z, mx = _reduce(p, pz, bh, n_chunks, 1.0 / N, dk_pad, dv_pad, scale, q.device)
+    return _reduce(p, pz, bh, n_chunks, inv_n, dk_pad, dv_pad, dtype == torch.float16, k.device)
 
-    # pass 2: apply to queries
-    o = _empty((B, H, M, DV), q.device, q.dtype)
-    align = _alignment(q, o)
+
+def _apply(q, s, z, mx, eps, cfg, dv):
+    """Pass 3: O = (q s) / (q·z + eps) for (B, H, M, Dk) queries and a padded fp32 state."""
+    B, H, M, DK = q.shape
+    dk_pad, dv_pad = s.shape[-2], s.shape[-1]
+    bh = B * H
+    o = _empty((B, H, M, dv), q.device, q.dtype)
     if M > 0:
-        chunk_len, n_chunks = _chunking(M, cfg.apply_block_m, bh, target)
+        align = _alignment(q, o)
+        chunk_len, n_chunks = _chunking(M, cfg.apply_block_m, bh, cfg.programs_per_sm * _num_sms(q.device))
         _apply_kernel[(n_chunks, bh)](
-            q, s, z, mx, o, *_strides(align, q, o), H, M, chunk_len, eps, DK=DK, DV=DV, ALIGN=align,
+            q, s, z, mx, o, *_strides(align, q, o), H, M, chunk_len, eps, DK=DK, DV=dv, ALIGN=align,
             BLOCK_M=cfg.apply_block_m, DK_PAD=dk_pad, DV_PAD=dv_pad, ROWS=REDUCE_ROWS,
-            SCALE=scale, DOT_PRECISION=prec, UPCAST=upcast, num_warps=cfg.apply_warps, num_stages=cfg.apply_stages,
+            SCALE=q.dtype == torch.float16, DOT_PRECISION=_dot_precision(q.dtype, q.device),
+            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
+            num_warps=cfg.apply_warps, num_stages=cfg.apply_stages,
         )
-    return o, s, z, mx
+    return o
+
+
+def _forward(q, k, v, eps, config=None):
+    dk_pad, dv_pad = padded_dim(q.shape[3]), padded_dim(v.shape[3])
+    cfg = _get_config(q, dk_pad, dv_pad, config)
+    s, z, mx = _state(k, v, cfg, q.dtype, 1.0 / k.shape[2])
+    return _apply(q, s, z, mx, eps, cfg, v.shape[3]), s, z, mx
 
 
 def _backward(q, k, v, s, z, mx, do, eps, config=None):
@@ -609,3 +621,54 @@ def linear_attention_triton(
     _check_inputs(q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     return LinearAttentionTriton.apply(q, k, v, float(eps), config)
+
+
+# ------------------------------------------------------------------ state / apply entry points
+# For callers that combine states before applying them (context parallelism all-reduces the
+# per-rank sums). Inference only: no autograd (the dispatch in ``kernels/__init__`` uses the
+# reference whenever gradients are needed).
+
+
+def linear_state_triton(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean state of one sequence on the Triton kernels (same as ``linear_attention_state``).
+
+    Args:
+        k: (B, H, N, Dk) non-negative feature-mapped keys, N ≥ 1.
+        v: (B, H, N, Dv) values.
+
+    Returns:
+        kv (B, H, Dk, Dv) = (1/N) Σ_j k_jᵀ v_j and k_mean (B, H, Dk), both fp32.
+    """
+    _check_inputs(k[:, :, :0], k, v)
+    k, v = (_last_dim_contiguous(t) for t in (k, v))
+    B, H, N, DK = k.shape
+    DV = v.shape[3]
+    dk_pad, dv_pad = padded_dim(DK), padded_dim(DV)
+    s, z, _ = _state(k, v, _get_config(k, dk_pad, dv_pad, None), k.dtype, 1.0 / N)
+    return s.view(B, H, dk_pad, dv_pad)[..., :DK, :DV], z.view(B, H, dk_pad)[..., :DK]
+
+
+def linear_apply_triton(q: torch.Tensor, kv: torch.Tensor, k_mean: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Apply a (combined) fp32 state to queries on the Triton kernel.
+
+    Args:
+        q: (B, H, M, Dk) non-negative feature-mapped queries (fp16, bf16 or fp32).
+        kv: (B, H, Dk, Dv) mean state, k_mean: (B, H, Dk) mean key (any float dtype; used in fp32).
+
+    Returns:
+        (B, H, M, Dv) in q's dtype: (q kv) / (q · k_mean + eps).
+    """
+    B, H, M, DK = q.shape
+    DV = kv.shape[-1]
+    if kv.shape != (B, H, DK, DV) or k_mean.shape != (B, H, DK):
+        raise ValueError(f"state shapes {tuple(kv.shape)}, {tuple(k_mean.shape)} do not match queries {tuple(q.shape)}")
+    _check_inputs(q, q.new_empty(B, H, 1, DK), q.new_empty(B, H, 1, DV))
+    q = _last_dim_contiguous(q)
+    dk_pad, dv_pad = padded_dim(DK), padded_dim(DV)
+    s = torch.zeros(B * H, dk_pad, dv_pad, device=q.device, dtype=torch.float32)
+    s[:, :DK, :DV] = kv.reshape(B * H, DK, DV)
+    z = torch.zeros(B * H, dk_pad, device=q.device, dtype=torch.float32)
+    z[:, :DK] = k_mean.reshape(B * H, DK)
+    # fp16: per-stripe max |s| (the apply kernel scales the state by a power of two ≥ the max)
+    mx = s.abs().view(B * H, dk_pad // REDUCE_ROWS, REDUCE_ROWS * dv_pad).amax(-1) if q.dtype == torch.float16 else s
+    return _apply(q, s, z, mx, float(eps), _get_config(q, dk_pad, dv_pad, None), DV)

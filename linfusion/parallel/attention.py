@@ -19,8 +19,8 @@ What crosses ranks per layer (B batch, H heads, D head dim, T text tokens):
 * dense layers (unpatched, or the softmax branch of a gate): all-gather of image K/V.
 
 The fast kernels are used unchanged: the state reduction and the halo exchange wrap
-around them. (For ``linear`` the state is computed with the reference einsum,
-O(N·D²), because the Triton module does not expose separate state/apply kernels.)
+around them (``linear`` through the kernels' separate state and apply entry points,
+``linear_attention_state`` / ``linear_attention_apply``: Triton on CUDA).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import local_attention
-from ..kernels.linear_reference import accumulation_dtype, linear_attention_apply
+from ..kernels import linear_attention_apply, linear_attention_state
+from ..kernels.linear_reference import accumulation_dtype
 from ..kernels.local_reference import default_tile, normalize_window, tile_radius
 from ..methods.base import QKV, AttentionMethod
 from . import comm
@@ -156,22 +157,23 @@ def dense(shard: Shard, img: QKV, txt: QKV | None) -> tuple[torch.Tensor, torch.
 def linear(shard: Shard, method, img: QKV, txt: QKV | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:class:`~linfusion.methods.linear.LinearAttention` with the state all-reduced across ranks."""
     phi_q, phi_k = method.feature_map(img.q), method.feature_map(img.k)
-    acc = accumulation_dtype(phi_q.dtype)
-    kv = torch.einsum("bhnk,bhnv->bhkv", phi_k.to(acc), img.v.to(acc))
-    k_sum = phi_k.to(acc).sum(dim=2)
+    # local sums Σ φ(k)ᵀv and Σ φ(k) (the kernels return means; × local count), fp32
+    kv, k_mean = linear_attention_state(phi_k, img.v, backend=method.backend)
+    n_local = phi_k.shape[2]
+    kv, k_sum = kv * n_local, k_mean * n_local
     n_total = shard.n_global
     if txt is not None:
         n_total += txt.k.shape[2]
         if shard.rank == 0:  # replicated text keys join the sum once
-            phi_kt = method.feature_map(txt.k).to(acc)
-            kv = kv + torch.einsum("bhnk,bhnv->bhkv", phi_kt, txt.v.to(acc))
-            k_sum = k_sum + phi_kt.sum(dim=2)
+            kv_t, k_mean_t = linear_attention_state(method.feature_map(txt.k), txt.v, backend=method.backend)
+            kv = kv + kv_t * txt.k.shape[2]
+            k_sum = k_sum + k_mean_t * txt.k.shape[2]
     dk, dv = kv.shape[-2:]
     packed = torch.cat([kv.flatten(-2), k_sum], dim=-1).contiguous()  # one all-reduce per layer
     comm.all_reduce(shard.cp, packed, kind="linear_state")
     packed = packed / n_total
     kv, k_mean = packed[..., : dk * dv].unflatten(-1, (dk, dv)), packed[..., dk * dv :]
-    out_img = linear_attention_apply(phi_q, kv, k_mean, method.eps)
+    out_img = linear_attention_apply(phi_q, kv, k_mean, method.eps, backend=method.backend)
     if method.conv is not None:
         reach = method.conv.kernel // 2 if shard.axis >= len(shard.global_grid) - 2 else 0  # frames: no halo
         v_ext, ext_grid, offset = shard.halo(img.v, dim=2, before=reach, after=reach, kind="conv_halo")
