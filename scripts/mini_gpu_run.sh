@@ -8,6 +8,10 @@
 # then, here:
 #   python -m linfusion.mini.package unpack <files_at> --results     # -> linfusion/mini/weights, benchmarks/results
 #
+# Recommended since the first attempt (5 teacher minutes were not enough): two calls,
+#   run(command="MINI_STAGE=teacher MINI_MINUTES=7.8 bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
+#   python -m linfusion.mini.package unpack <files_at>            # -> linfusion/mini/weights/pipeline
+#   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
 # Knobs (environment): MINI_MINUTES (teacher training, default 5), MINI_STAGE=all|teacher|students
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),

@@ -448,7 +448,8 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     if workers is None:
-        workers = 0 if smoke else max(1, (os.cpu_count() or 2) - 2)
+        # leave cores to the training process: its kernel launches are on the critical path
+        workers = 0 if smoke else max(1, (os.cpu_count() or 2) - 4)
     summary: dict = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "device": str(device),
                      "minutes": minutes, "seed": seed, "workers": workers}
     start = time.time()
@@ -525,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps: tests the code path on a CPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None, help="render processes (default: cores - 2; smoke: 0)")
+    parser.add_argument("--workers", type=int, default=None, help="render processes (default: cores - 4; smoke: 0)")
     parser.add_argument("--vae-steps", type=int, default=None, help="fix the VAE's steps instead of its time share")
     parser.add_argument("--text-steps", type=int, default=None)
     parser.add_argument("--dit-steps", type=int, default=None)
