@@ -24,6 +24,8 @@ Impls (``--impls``):
 * ``linear``: ``patch_model(method="linear", layers="all")`` (Triton kernels on CUDA), with
   LinFusion's residual feature MLPs (two extra C×C GEMMs each for q and k);
 * ``linear_relu``: SANA / LiT style, ``feature_map="relu", feature_mlp=False``;
+* ``linear_auto``: ``patch_model(method="linear")`` with the default ``layers="auto"`` (dense kept
+  wherever the cost model finds it faster: should never be slower than ``cudnn``);
 * ``local_tile`` / ``local_circle``: ``patch_model(method="local", window=16, shape=...)``
   (Triton kernels; video: temporal radius 3 latent frames);
 * ``local_flex``: the same circle window through ``torch.nn.attention.flex_attention`` on
@@ -61,7 +63,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 IMAGE_RESOLUTIONS = ("1024", "2048", "4096", "8192")
 VIDEO_RESOLUTIONS = ("480p", "720p")
 VIDEO_SIZES = {"480p": (480, 832), "720p": (720, 1280), "tiny-v": (64, 64)}
-IMPLS = ("cudnn", "sdpa_default", "xformers", "linear", "linear_relu", "local_tile", "local_circle", "local_flex")
+IMPLS = ("cudnn", "sdpa_default", "xformers", "linear", "linear_relu", "linear_auto", "local_tile", "local_circle",
+         "local_flex")
 DENSE_IMPLS = ("cudnn", "sdpa_default", "xformers")
 DEFAULT_MODELS = ("flux", "sdxl", "sd35m", "pixart", "wan13b")
 
@@ -300,6 +303,9 @@ def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
                 net.enable_xformers_memory_efficient_attention()
         elif impl == "linear":
             patch_model(net, method="linear", layers="all")
+            patched = True
+        elif impl == "linear_auto":  # the library default: layers="auto" keeps dense where it is faster
+            patch_model(net, method="linear")
             patched = True
         elif impl == "linear_relu":  # SANA / LiT style: ReLU features, no LinFusion feature MLPs
             patch_model(net, method="linear", layers="all", feature_map="relu", feature_mlp=False)
