@@ -2,10 +2,11 @@
 and one single-stream block at real width (3072 channels, 24×128 heads), dense cuDNN vs patched.
 
     python benchmarks/profile_layers.py --side 4096 --out /tmp/profile.json
+    python benchmarks/profile_layers.py --tiny --out /tmp/profile.json     # CPU smoke test
 
 Prints, per variant, the step time of the two blocks and the top CUDA kernels (self time),
 so per-layer overhead around the attention kernels (copies, concatenations, feature maps,
-text-query softmax) can be read off directly. Needs CUDA.
+text-query softmax) can be read off directly. Needs CUDA (``--tiny``: tiny config, CPU ops).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -28,11 +30,21 @@ VARIANTS = {
 }
 
 
+def cpu_ms(fn, runs: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[runs // 2]
+
+
 def main(argv=None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.e2e import CONFIGS, make_inputs
+    from benchmarks.e2e import CONFIGS, TINY_CONFIGS, make_inputs
     from benchmarks.timing import bench_ms, environment
     from linfusion import patch_model, unpatch_model
 
@@ -40,30 +52,38 @@ def main(argv=None) -> int:
     parser.add_argument("--side", default="4096")
     parser.add_argument("--top", type=int, default=18)
     parser.add_argument("--out", default="benchmarks/results/profile_layers.json")
+    parser.add_argument("--tiny", action="store_true", help="tiny FLUX config on the CPU (smoke test)")
     args = parser.parse_args(argv)
     import diffusers
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    config = dict(CONFIGS["flux"][1], num_layers=1, num_single_layers=1)
+    if args.tiny:
+        device, dtype, args.side = torch.device("cpu"), torch.float32, "64"
+    elif not torch.cuda.is_available():
+        raise SystemExit("profile_layers needs CUDA (or --tiny)")
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    config = dict((TINY_CONFIGS if args.tiny else CONFIGS)["flux"][1], num_layers=1, num_single_layers=1)
     torch.set_default_dtype(dtype)
     with torch.device(device):
         net = diffusers.FluxTransformer2DModel(**config).eval().requires_grad_(False)
     torch.set_default_dtype(torch.float32)
-    kwargs, grid, _ = make_inputs("flux", args.side, False, device, dtype)
+    kwargs, grid, _ = make_inputs("flux", args.side, args.tiny, device, dtype)
+    activity = ProfilerActivity.CPU if args.tiny else ProfilerActivity.CUDA
     result = {"env": environment(), "side": args.side, "grid": grid, "variants": {}}
     for name, options in VARIANTS.items():
         if options is not None:
             patch_model(net, layers="all", **options)
-        ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if options is None else contextlib.nullcontext()
+        ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if options is None and not args.tiny else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            ms = bench_ms(lambda: net(**kwargs))
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            ms = cpu_ms(lambda: net(**kwargs)) if args.tiny else bench_ms(lambda: net(**kwargs))
+            with profile(activities=[activity]) as prof:
                 net(**kwargs)
-                torch.cuda.synchronize()
-        events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-        total = sum(e.self_device_time_total for e in events) / 1e3
-        top = [{"kernel": e.key[:110], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 3)}
-               for e in events[: args.top]]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        self_us = (lambda e: e.self_cpu_time_total) if args.tiny else (lambda e: e.self_device_time_total)
+        events = sorted(prof.key_averages(), key=self_us, reverse=True)
+        total = sum(self_us(e) for e in events) / 1e3
+        top = [{"kernel": e.key[:110], "calls": e.count, "ms": round(self_us(e) / 1e3, 3)} for e in events[: args.top]]
         result["variants"][name] = {"two_blocks_ms": round(ms, 3), "gpu_kernel_ms": round(total, 3), "top": top}
         print(f"== {name}: two blocks {ms:.2f} ms (GPU kernels {total:.2f} ms)")
         for row in top:

@@ -112,3 +112,13 @@ def test_calibration_fits_kernel_rows():
     assert prof["bandwidth_tbps"] == pytest.approx(4.0, rel=0.01)
     assert prof["linear_bw_efficiency"] == pytest.approx(0.9, rel=0.01)
     assert prof["linear_launch_us"] == pytest.approx(25, abs=1)
+
+
+def test_profile_layers_tiny(tmp_path):
+    prof = _load("profile_layers")
+    out = tmp_path / "profile.json"
+    assert prof.main(["--tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"cudnn", "linear", "linear_relu", "local_tile"}
+    for variant in result["variants"].values():
+        assert variant["two_blocks_ms"] > 0 and variant["top"]
