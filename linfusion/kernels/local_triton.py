@@ -14,15 +14,16 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   tokens are already in tile order (``local_layout.to_tile_order``) and the addresses are
   contiguous ranges.
 * ``shape="tile"``: no per-token mask at all, only a column-validity bias on a range's last
-  chunk. ``shape="circle"``: the exact per-token mask on every chunk, combined with the key
-  validity in one branch-free select: either ``Σ Δ_d² w_d ≤ w`` in fp32 integers (integer
-  radii) or a lookup in a float64-derived table — both equal the reference bit for bit.
-  There is deliberately no per-chunk "is the whole chunk visible?" shortcut: it needed a
-  scalar table load inside the key loop, which Triton's software pipeliner turns into a
-  one-thread ``cp.async`` into a multi-buffered shared-memory slot whose value then steered
-  an ``scf.if`` around the mask (the circle-only construct in the loop; wrong results on an
-  H200 while the interpreter was exact). For r = 16 with 8×16 tiles the shortcut never fired
-  anyway (even a tile's own diagonal is outside the circle).
+  chunk. ``shape="circle"``: per chunk, if the farthest query–key pair of the two tile boxes
+  is inside the window (scalar integer arithmetic, formula mode), every pair is and the chunk
+  is treated like a tile chunk; otherwise (edge chunks, and always in table mode) the exact
+  per-token mask ``Σ Δ_d² w_d ≤ w`` in fp32 integers (integer radii) or a lookup in the
+  exact visibility table is combined with the key validity in one select; both equal the
+  reference. The key loop holds no memory load besides the K/V (Q/dO) tiles: the first version
+  read the shortcut from the table inside the loop, which Triton pipelines into shared-memory
+  copies, and table mode runs its per-token gather unpipelined (``num_stages=1``). (The
+  interior shortcut pays for radii well above the tile size; at r = 16 with 8×16 tiles even a
+  tile's own diagonal is outside the circle.)
 * Text keys are extra chunks of the same online softmax; text queries (≤ a few hundred rows)
   attend to every key in a dense loop. Their programs run first (longest first).
 * Backward: flash-attention backward over the same tile pairs with the LSE saved by the
@@ -134,7 +135,27 @@ def _chunk(it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT,
                                           T0, T1, T2, TILE_ORDER)
     # a whole tile (not cut by the grid edge) and a whole chunk: no validity mask needed
     full = ((kc0 + 1) * T0 <= G0) & ((kc1 + 1) * T1 <= G1) & ((j + 1) * T2 <= G2) & ((sc + 1) * BLOCK <= T0 * T1 * T2)
-    return pos, valid, p0, p1, p2, full
+    return pos, valid, p0, p1, p2, full, kc0, kc1, j
+
+
+@triton.jit
+def _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT,
+                       T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+                       MASK_MODE: tl.constexpr, IS_3D: tl.constexpr):
+    """Scalar: is every token pair of tiles c and kc inside the window? Then the chunk needs no
+    window mask (only edge tiles of a circle pay for masking). True iff the farthest pair of the
+    two tile boxes is visible (visibility is monotone in each |Δ_d|). Formula mode only, by
+    integer arithmetic (no memory load in the key loop); table mode always masks."""
+    if MASK_MODE == 2:
+        m1 = (tl.abs(kc1 - c1) * T1 + T1 - 1).to(tl.float32)
+        m2 = (tl.abs(kc2 - c2) * T2 + T2 - 1).to(tl.float32)
+        total = m1 * m1 * W1 + m2 * m2 * W2
+        if IS_3D:
+            m0 = (tl.abs(kc0 - c0) * T0 + T0 - 1).to(tl.float32)
+            total += m0 * m0 * W0
+        return total <= WT
+    else:
+        return False
 
 
 @triton.jit
@@ -260,7 +281,7 @@ def _fwd_kernel(
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
-        kpos, kvalid, kp0, kp1, kp2, full = _chunk(
+        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
@@ -269,8 +290,11 @@ def _fwd_kernel(
         if MASK_MODE == 0:
             if not full:
                 s = tl.where(kvalid[None, :], s, float("-inf"))
-        else:
-            # circle: validity and window in one unconditional select (no data-dependent branch)
+        elif _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
+            # interior chunk of a circle: every pair visible, only edge validity (as for tiles)
+            if not full:
+                s = tl.where(kvalid[None, :], s, float("-inf"))
+        else:  # edge chunk of a circle: validity and window in one select
             vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
                                MASK_MODE, IS_3D)
             s = tl.where(vis & kvalid[None, :], s, float("-inf"))
@@ -354,7 +378,7 @@ def _dkdv_kernel(
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
-        qpos, qvalid, qp0, qp1, qp2, full = _chunk(
+        qpos, qvalid, qp0, qp1, qp2, full, qc0, qc1, qc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
         lmask = qvalid[:, None] & dmask[None, :]
         q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
@@ -365,10 +389,11 @@ def _dkdv_kernel(
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         # invalid queries need no mask here: their LSE loads as +inf, so pT is already 0
         if MASK_MODE != 0:
-            # circle: one unconditional select per chunk (no data-dependent branch)
-            vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                               MASK_MODE, IS_3D)
-            pT = tl.where(vis & qvalid[None, :], pT, 0.0)
+            if not _tiles_all_visible(c0, c1, c2, qc0, qc1, qc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
+                # edge chunk of a circle (interior chunks need nothing: invalid queries have pT = 0)
+                vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                                   MASK_MODE, IS_3D)
+                pT = tl.where(vis & qvalid[None, :], pT, 0.0)
         dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
@@ -426,7 +451,7 @@ def _dq_kernel(
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
-        kpos, kvalid, kp0, kp1, kp2, full = _chunk(
+        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
@@ -436,8 +461,11 @@ def _dq_kernel(
         if MASK_MODE == 0:
             if not full:
                 p = tl.where(kvalid[None, :], p, 0.0)
-        else:
-            # circle: validity and window in one unconditional select (no data-dependent branch)
+        elif _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
+            # interior chunk of a circle: every pair visible, only edge validity (as for tiles)
+            if not full:
+                p = tl.where(kvalid[None, :], p, 0.0)
+        else:  # edge chunk of a circle
             vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
                                MASK_MODE, IS_3D)
             p = tl.where(vis & kvalid[None, :], p, 0.0)
