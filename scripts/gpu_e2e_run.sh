@@ -60,6 +60,9 @@ elif [ "$PHASE" = verify ]; then
   say "circle backend: $CIRCLE"
   timeout 120 python3 benchmarks/profile_layers.py --side 4096 --out "$OUT/profile_layers.json" 2>&1 \
     | grep -v -i warn | tee -a "$LOG"
+  say "circle kernel at flux-4k after the edge-only-masking change (vs FlexAttention)"
+  timeout 120 python3 benchmarks/kernels_local.py --cases flux-4k --flex flux-4k --tiled --no-dense \
+    --out "$OUT/kernels_local_circle.json" 2>&1 | grep -v -i warn | tail -12 | tee -a "$LOG"
   cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
   mins() { awk -v s="$(( $(left) - $1 ))" 'BEGIN { printf "%.2f", (s > 0 ? s : 0) / 60 }'; }
   python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --row-seconds 60 --models flux \
