@@ -3,7 +3,8 @@
 For the teacher, the zero-shot patched pipelines (linear, local; no distillation) and
 each distilled student, on a fixed held-out prompt set with fixed seeds (the initial
 noise of prompt ``i`` depends only on ``(seed, i)`` and the size): adherence (fraction of
-images the analytic checker passes), PSNR and SSIM against the teacher's image of the
+images the analytic checker passes: every claim of the prompt must hold; ``claims_adherence``
+gives the mean fraction of claims that hold, as a finer secondary figure), PSNR and SSIM against the teacher's image of the
 same prompt and noise, at the base resolution and at 2x and 4x, and seconds per image
 (batch 1, median of a few runs). Writes ``quality.json``::
 
@@ -109,11 +110,13 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(values))
 
 
-def _check(args: tuple[np.ndarray, str]) -> bool:
+def _check(args: tuple[np.ndarray, str]) -> tuple[bool, float]:
+    """(every claim of the prompt holds, fraction of its claims that hold)."""
     from .checker import AdherenceChecker
 
     image, prompt = args
-    return AdherenceChecker().check(image, prompt)
+    score = AdherenceChecker().score(image, prompt)
+    return bool(score["passed"]), float(score["adherence"])
 
 
 def _checker_accuracy(n: int) -> dict:
@@ -227,7 +230,8 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
             size = base * scale
             images = generate(pipe, prompts, size=size, steps=steps, seed=seed, batch=max(1, batch // scale))
             pairs = list(zip(images, prompts))
-            passed = pool.map(_check, pairs, chunksize=4) if pool else [_check(p) for p in pairs]
+            checks = pool.map(_check, pairs, chunksize=4) if pool else [_check(p) for p in pairs]
+            passed, claims = [c[0] for c in checks], [c[1] for c in checks]
             if name == "teacher":
                 teacher_images[scale] = images
                 p_t = s_t = None
@@ -237,7 +241,8 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
                 s_t = float(np.mean([ssim(a, b) for a, b in zip(images, ref)])) if ref else None
             sec = time_per_image(pipe, prompts[0], size=size, steps=steps, runs=time_runs)
             rows.append({"model": name, "resolution": size, "adherence": float(np.mean(passed)),
-                         "psnr_vs_teacher": p_t, "ssim_vs_teacher": s_t, "sec_per_image": sec})
+                         "psnr_vs_teacher": p_t, "ssim_vs_teacher": s_t, "sec_per_image": sec,
+                         "claims_adherence": float(np.mean(claims))})
             print(f"[quality] {json.dumps(rows[-1])} ({time.time() - started:.0f}s)", flush=True)
             if scale == 1:
                 grid[name] = images[:grid_prompts]
