@@ -564,10 +564,12 @@ def main(argv=None, log=print) -> int:
 
     def write(partial: dict) -> None:
         """Written after every row (atomically) so a killed run keeps what it measured."""
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({**partial, "rows": merged(partial["rows"])}, f, indent=1)
-        os.replace(tmp, args.out)
+        from pathlib import Path
+
+        from linfusion.adapter import _atomic_write
+
+        text = json.dumps({**partial, "rows": merged(partial["rows"])}, indent=1)
+        _atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
 
     args.on_row = write
     result = run(args)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .dispatch import TRITON_LOCAL_CIRCLE_ENABLED, available_backends, choose_backend
+from .linear_reference import accumulation_dtype
 from .linear_reference import linear_attention_apply as _apply_reference
 from .linear_reference import linear_attention_reference
 from .linear_reference import linear_attention_state as _state_reference
@@ -120,8 +121,8 @@ def linear_attention_apply(
         if reason is None:
             return linear_apply_triton(q, kv, k_mean, eps)
         logger.debug("linear attention apply: PyTorch reference (%s)", reason)
-    return _apply_reference(q, kv.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
-                            k_mean.to(torch.float64 if q.dtype == torch.float64 else torch.float32), eps)
+    acc = accumulation_dtype(q.dtype)
+    return _apply_reference(q, kv.to(acc), k_mean.to(acc), eps)
 
 
 def local_attention(

@@ -139,11 +139,6 @@ class LocalLayout:
         return math.prod(self.n_tiles)
 
 
-def _circle_visibility(radii3: tuple[float, float, float], caps: tuple[int, int, int]) -> torch.Tensor:
-    """bool (cap0+1, cap1+1, cap2+1): is |Δ| visible (the reference's own table)."""
-    return circle_visibility(radii3, caps)
-
-
 def _formula_weights(radii3, caps, visible: torch.Tensor) -> tuple[float, float, float, float] | None:
     """Integer weights w with Σ Δ_d² w_d ≤ w_total equal to ``visible`` and exact in fp32, else None."""
     finite = [r for r in radii3 if not math.isinf(r)]
@@ -178,7 +173,7 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
     else:
         # largest |Δ_d| that can be visible in each dimension (the grid caps it)
         caps = tuple(g - 1 if math.isinf(r) else min(int(math.floor(r)), g - 1) for r, g in zip(radii3, grid3))
-        visible = _circle_visibility(radii3, caps)
+        visible = circle_visibility(radii3, caps)
         max_last = visible.to(torch.int32).cumprod(-1).sum(-1) - 1  # (cap0+1, cap1+1), -1: none
         cap0, cap1 = caps[0], caps[1]
         full = torch.full((cap0 + 2, cap1 + 2), -1, dtype=torch.int32)

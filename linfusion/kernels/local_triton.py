@@ -186,6 +186,26 @@ def _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
 
 
 @triton.jit
+def _mask_chunk(x, fill, full, cvalid, rp0, rp1, rp2, cp0, cp1, cp2, c0, c1, c2, oc0, oc1, oc2,
+                TAB, CAP0, CAP1, W0, W1, W2, WT,
+                T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+                MASK_MODE: tl.constexpr, IS_3D: tl.constexpr):
+    """``x`` [rows, cols] (scores or probabilities) of one window chunk with invisible pairs set to
+    ``fill``. Rows are the program's own tokens (tile c, coordinates rp), columns the chunk's
+    (tile oc, coordinates cp, validity ``cvalid``; ``full``: no invalid column). Tile windows and
+    interior chunks of a circle need only the validity; edge chunks of a circle the window too."""
+    window = False
+    if MASK_MODE != 0:
+        window = not _tiles_all_visible(c0, c1, c2, oc0, oc1, oc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
+    if window:
+        vis = _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT, MASK_MODE, IS_3D)
+        x = tl.where(vis & cvalid[None, :], x, fill)
+    elif not full:
+        x = tl.where(cvalid[None, :], x, fill)
+    return x
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """tl.dot with fp32 accumulation. UPCAST (CPU interpreter with bf16 only) works around the
     interpreter multiplying the raw bits of bf16 operands."""
@@ -287,17 +307,8 @@ def _fwd_kernel(
         k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        if MASK_MODE == 0:
-            if not full:
-                s = tl.where(kvalid[None, :], s, float("-inf"))
-        elif _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
-            # interior chunk of a circle: every pair visible, only edge validity (as for tiles)
-            if not full:
-                s = tl.where(kvalid[None, :], s, float("-inf"))
-        else:  # edge chunk of a circle: validity and window in one select
-            vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                               MASK_MODE, IS_3D)
-            s = tl.where(vis & kvalid[None, :], s, float("-inf"))
+        s = _mask_chunk(s, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
+                        TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -387,13 +398,9 @@ def _dkdv_kernel(
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        # invalid queries need no mask here: their LSE loads as +inf, so pT is already 0
-        if MASK_MODE != 0:
-            if not _tiles_all_visible(c0, c1, c2, qc0, qc1, qc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
-                # edge chunk of a circle (interior chunks need nothing: invalid queries have pT = 0)
-                vis = _window_mask(kp0, kp1, kp2, qp0, qp1, qp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                                   MASK_MODE, IS_3D)
-                pT = tl.where(vis & qvalid[None, :], pT, 0.0)
+        # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
+        pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
+                         TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
         dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
@@ -458,17 +465,8 @@ def _dq_kernel(
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if MASK_MODE == 0:
-            if not full:
-                p = tl.where(kvalid[None, :], p, 0.0)
-        elif _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
-            # interior chunk of a circle: every pair visible, only edge validity (as for tiles)
-            if not full:
-                p = tl.where(kvalid[None, :], p, 0.0)
-        else:  # edge chunk of a circle
-            vis = _window_mask(qp0, qp1, qp2, kp0, kp1, kp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
-                               MASK_MODE, IS_3D)
-            p = tl.where(vis & kvalid[None, :], p, 0.0)
+        p = _mask_chunk(p, 0.0, full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
+                        TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
         dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)

@@ -50,7 +50,7 @@ def text_queries_dense(
     """Softmax output of the text queries over every key (None without text).
 
     ``keys``/``values``: the (B, H, N_txt + N_img, D) concatenations ``[text | image]`` when the
-    caller already built them (saves two full-size copies per layer)."""
+    caller already built them (saves two full-size copies per layer); ignored without text."""
     if txt is None:
         return None
     keys = torch.cat([txt.k, img.k], dim=2) if keys is None else keys

@@ -147,5 +147,4 @@ class LinearAttention(AttentionMethod):
         )
         if self.conv is not None:
             out_img = out_img + self.conv(img.v, grid)
-        return out_img, text_queries_dense(img, txt, keys=keys if txt is not None else None,
-                                           values=values if txt is not None else None)
+        return out_img, text_queries_dense(img, txt, keys=keys, values=values)

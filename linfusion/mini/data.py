@@ -156,3 +156,10 @@ def to_tensor(images: np.ndarray):
     import torch
 
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+    """float (n, 3, H, W) in [-1, 1] -> uint8 (n, H, W, 3): the inverse of :func:`to_tensor`."""
+    import torch
+
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

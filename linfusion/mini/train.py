@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import model as mm
-from .data import RenderStream, to_tensor
+from .data import RenderStream, to_tensor, to_uint8
 
 #: local attention radius (latent tokens) of the student: the base grid is 16x16 tokens
 LOCAL_WINDOW = 4
@@ -165,18 +165,18 @@ def vae_recon_adherence(vae, device, n: int) -> dict:
     """Checker pass rate of VAE reconstructions of ``n`` held-out ground-truth renders: the ceiling
     any teacher built on this VAE can reach."""
     from .checker import AdherenceChecker
+    from .quality import psnr
     from .world import parse_prompt, prompt_set, render
 
     prompts = prompt_set("heldout", n)
     size = vae.config.sample_size
     images = np.stack([np.asarray(render(parse_prompt(p), size, size)) for p in prompts])
     with autocast(device):
-        rec = vae.decode(vae.encode(to_tensor(images).to(device)).latent_dist.mean).sample.float()
-    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        rec = to_uint8(vae.decode(vae.encode(to_tensor(images).to(device)).latent_dist.mean).sample)
     checker = AdherenceChecker()
     passed = [checker.check(r, p) for r, p in zip(rec, prompts)]
-    psnr = 10 * math.log10(255**2 / max(float(np.mean((images.astype(np.float64) - rec) ** 2)), 1e-9))
-    return {"n": n, "passed": round(float(np.mean(passed)), 4), "psnr_db": round(psnr, 2)}
+    psnr_db = float(np.mean([psnr(a, b) for a, b in zip(rec, images)]))
+    return {"n": n, "passed": round(float(np.mean(passed)), 4), "psnr_db": round(psnr_db, 2)}
 
 
 def _edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
