@@ -63,14 +63,15 @@ elif [ "$PHASE" = verify ]; then
   say "circle kernel at flux-4k after the edge-only-masking change (vs FlexAttention)"
   timeout 120 python3 benchmarks/kernels_local.py --cases flux-4k --flex flux-4k --tiled --no-dense \
     --out "$OUT/kernels_local_circle.json" 2>&1 | grep -v -i warn | tail -12 | tee -a "$LOG"
+  say "16K high-resolution run ($(left)s left)"
+  T16=$(( $(left) - 90 )); [ "$T16" -gt 240 ] && T16=240
+  timeout "$T16" python3 benchmarks/highres16k.py --out "$OUT/highres16k.json" --steps 20 \
+    --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
   cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
   mins() { awk -v s="$(( $(left) - $1 ))" 'BEGIN { printf "%.2f", (s > 0 ? s : 0) / 60 }'; }
   python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --row-seconds 60 --models flux \
-    --resolutions 1024 2048 4096 --impls cudnn linear_auto local_circle --circle-backend "$CIRCLE" \
-    --max-minutes "$(mins 200)" 2>&1 | grep -v -i warn | tee -a "$LOG"
-  say "16K high-resolution run ($(left)s left)"
-  timeout $(( $(left) - 10 )) python3 benchmarks/highres16k.py --out "$OUT/highres16k.json" --steps 20 \
-    --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
+    --resolutions 1024 4096 2048 --impls cudnn linear_auto local_circle --circle-backend "$CIRCLE" \
+    --max-minutes "$(mins 15)" 2>&1 | grep -v -i warn | tee -a "$LOG"
 elif [ "$PHASE" = final ]; then
   # one call: circle diagnosis, FLUX 4K/8K (patched variants against cuDNN measured in this call),
   # then SDXL 4K, Wan 720p, PixArt and SD3.5 4K as far as the time allows
