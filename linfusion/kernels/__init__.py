@@ -19,6 +19,7 @@ from .linear_reference import linear_attention_apply as _apply_reference
 from .linear_reference import linear_attention_reference
 from .linear_reference import linear_attention_state as _state_reference
 from .local_reference import local_attention_mask, local_attention_reference
+from .rope_reference import rotary_embedding_reference
 
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,33 @@ def local_attention(
     return local_attention_reference(q, k, v, grid, window, text_len, shape, tile)
 
 
+def rotary_embedding(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
+    """FLUX-style rotary position embedding of interleaved channel pairs (see ``rope_reference``).
+
+    Args:
+        x: (B, L, H, D) tokens on dim 1 (the layout the processors project into), D even.
+        cos, sin: (L, D) per-token tables, as diffusers' ``FluxPosEmbed`` returns them.
+        backend: None (fused Triton kernel on CUDA, reference elsewhere), "triton" or "torch".
+
+    Returns:
+        (B, L, H, D) in x's dtype, rotated in fp32.
+    """
+    if choose_backend("rope", x, backend) == "triton":
+        from .rope_triton import check_inputs, rotary_embedding_triton
+
+        reason = None
+        if backend is None:
+            reason = _triton_rejects(check_inputs, x, cos, sin)
+            if reason is None and (cos.requires_grad or sin.requires_grad):
+                reason = "gradients of the cos/sin tables needed"
+        if reason is None:
+            return rotary_embedding_triton(x, cos, sin)
+        logger.debug("rotary embedding: PyTorch reference, Triton refused: %s", reason)
+    return rotary_embedding_reference(x, cos, sin)
+
+
 __all__ = [
     "available_backends",
     "choose_backend",
@@ -173,4 +201,6 @@ __all__ = [
     "local_attention",
     "local_attention_mask",
     "local_attention_reference",
+    "rotary_embedding",
+    "rotary_embedding_reference",
 ]

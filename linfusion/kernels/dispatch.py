@@ -46,7 +46,7 @@ def why_triton_cannot_run(tensor: torch.Tensor) -> str | None:
 
 
 def choose_backend(op: str, tensor: torch.Tensor, backend: str | None) -> str:
-    """Pick the backend for ``op`` ("linear" or "local").
+    """Pick the backend for ``op`` ("linear", "local" or "rope").
 
     None: Triton on CUDA when it can run, else the PyTorch reference. An explicit
     choice that cannot run raises ``RuntimeError`` saying why.
@@ -58,7 +58,7 @@ def choose_backend(op: str, tensor: torch.Tensor, backend: str | None) -> str:
     reason = why_triton_cannot_run(tensor)
     if backend == "triton":
         if reason is not None:
-            raise RuntimeError(f"{op} attention: the Triton backend cannot run here: {reason}")
+            raise RuntimeError(f"{op} kernel: the Triton backend cannot run here: {reason}")
         return "triton"
     if tensor.device.type == "cuda" and reason is None:
         logger.debug("%s attention: using Triton", op)

@@ -412,6 +412,13 @@ def _empty(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
+def _token_major(like: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, L, D) tensor shaped like ``like`` in token-major memory (gradients flowing
+    back into (B, L, H·D) projections then need no copy)."""
+    B, H, L, D = like.shape
+    return _empty((B, L, H, D), like.device, like.dtype).transpose(1, 2)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
@@ -512,7 +519,9 @@ def _apply(q, s, z, mx, eps, cfg, dv):
     B, H, M, DK = q.shape
     dk_pad, dv_pad = s.shape[-2], s.shape[-1]
     bh = B * H
-    o = _empty((B, H, M, dv), q.device, q.dtype)
+    # token-major memory, returned as a heads-first view: the processors' (B, H, M, D) -> (B, M, H·D)
+    # step is then free instead of a full copy of the output
+    o = _empty((B, M, H, dv), q.device, q.dtype).transpose(1, 2)
     if M > 0:
         align = _alignment(q, o)
         chunk_len, n_chunks = _chunking(M, cfg.apply_block_m, bh, cfg.programs_per_sm * _num_sms(q.device))
@@ -546,7 +555,7 @@ def _backward(q, k, v, s, z, mx, do, eps, config=None):
     do = _last_dim_contiguous(do)
 
     # pass A: dq and partial dS, dz over query chunks
-    dq = _empty(q.shape, q.device, q.dtype)
+    dq = _token_major(q)
     bdk = min(cfg.bwdq_block_dk, dk_pad)
     k_blocks = dk_pad // bdk
     if M > 0:
@@ -567,8 +576,7 @@ def _backward(q, k, v, s, z, mx, do, eps, config=None):
     ds, dz, dmx = _reduce(p, pz, bh, n_chunks, 1.0 / N, dk_pad, dv_pad, scale, q.device)
 
     # pass B: dk, dv
-    dk = _empty(k.shape, k.device, k.dtype)
-    dv = _empty(v.shape, v.device, v.dtype)
+    dk, dv = _token_major(k), _token_major(v)
     align = _alignment(k, v, dk, dv)
     chunk_len, n_chunks = _chunking(N, cfg.bwdkv_block_n, bh, target)
     _bwd_kv_kernel[(n_chunks, bh)](

@@ -566,7 +566,8 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     B, H, L, D = q.shape
     d_pad = max(16, _pow2(D))
     BM, BN, cfg = _blocks("fwd", q, d_pad, layout)
-    o = _new((B, H, L, D), q.dtype, q.device)
+    # token-major memory seen heads-first: the processors' (B, H, L, D) -> (B, L, H·D) is then free
+    o = _new((B, L, H, D), q.dtype, q.device).transpose(1, 2)
     lse = _new((B, H, L), torch.float32, q.device)
     sub = -(-layout.tile_volume // BM)
     ntb = -(-text_len // BM)
@@ -597,7 +598,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     _delta_kernel[(triton.cdiv(L, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
     )
-    dq, dk, dv = (_new((B, H, L, D), q.dtype, q.device) for _ in range(3))
+    dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
     common = dict(
         HEAD_DIM=D, D_PAD=d_pad, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3, TILE_ORDER=tile_order,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -686,7 +687,8 @@ def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str 
         tile_order: tokens are in tile order (``to_tile_order``) rather than row-major.
 
     Returns:
-        (B, H, L, D) in q's dtype, contiguous, in the same token order as the inputs.
+        (B, H, L, D) in q's dtype (a heads-first view of token-major memory), in the same token
+        order as the inputs.
     """
     layout = _prepare(q, k, v, grid, window, text_len, shape, tile)
     return _LocalAttention.apply(q, k, v, layout, int(text_len), bool(tile_order))

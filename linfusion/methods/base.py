@@ -27,11 +27,24 @@ class QKV(NamedTuple):
     v: torch.Tensor
 
 
+def cat_tokens(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Concatenate two (B, H, L_i, D) tensors along the token axis.
+
+    Projections come out token-major ((B, L, H, D) memory seen through a heads-first view).
+    A plain ``torch.cat(dim=2)`` of such views runs a slow strided copy (7x the time of a
+    contiguous one on an H200); concatenating in the token-major layout is one contiguous copy,
+    and the kernels read the heads-first view of the result through its strides.
+    """
+    if first.transpose(1, 2).is_contiguous() and second.transpose(1, 2).is_contiguous():
+        return torch.cat([first.transpose(1, 2), second.transpose(1, 2)], dim=1).transpose(1, 2)
+    return torch.cat([first, second], dim=2)
+
+
 def concat_text_first(img: QKV, txt: QKV | None) -> QKV:
     """[text | image] along the token axis (the kernels' layout)."""
     if txt is None:
         return img
-    return QKV(*(torch.cat([t, i], dim=2) for t, i in zip(txt, img)))
+    return QKV(*(cat_tokens(t, i) for t, i in zip(txt, img)))
 
 
 def dense_attention(img: QKV, txt: QKV | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,8 +66,8 @@ def text_queries_dense(
     caller already built them (saves two full-size copies per layer); ignored without text."""
     if txt is None:
         return None
-    keys = torch.cat([txt.k, img.k], dim=2) if keys is None else keys
-    values = torch.cat([txt.v, img.v], dim=2) if values is None else values
+    keys = cat_tokens(txt.k, img.k) if keys is None else keys
+    values = cat_tokens(txt.v, img.v) if values is None else values
     return F.scaled_dot_product_attention(txt.q, keys, values)
 
 

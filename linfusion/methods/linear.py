@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import linear_attention
-from .base import QKV, AttentionMethod, text_queries_dense
+from .base import QKV, AttentionMethod, cat_tokens, text_queries_dense
 
 
 class FeatureMLP(nn.Module):
@@ -140,8 +140,8 @@ class LinearAttention(AttentionMethod):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         keys, values = img.k, img.v
         if txt is not None:  # text keys join the linear sum; order does not matter
-            keys = torch.cat([txt.k, img.k], dim=2)
-            values = torch.cat([txt.v, img.v], dim=2)
+            keys = cat_tokens(txt.k, img.k)
+            values = cat_tokens(txt.v, img.v)
         out_img = linear_attention(
             self.feature_map(img.q), self.feature_map(keys), values, eps=self.eps, backend=self.backend
         )

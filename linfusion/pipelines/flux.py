@@ -13,19 +13,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels import rotary_embedding
 from ..methods import QKV
 from ..processor import LinFusionProcessor, heads_last
 from .base import FamilyAdapter
 
 
 def _rope(x: torch.Tensor, rotary, start: int, stop: int) -> torch.Tensor:
-    """Apply FLUX's RoPE rows [start, stop) to x of layout (B, L, H, D)."""
+    """Apply FLUX's RoPE rows [start, stop) to x of layout (B, L, H, D).
+
+    One fused Triton pass on CUDA (the stock arithmetic makes ~10 elementwise passes over q
+    and k, ~15% of a 4096² step once attention is linear); diffusers' exact arithmetic elsewhere.
+    """
     if rotary is None:
         return x
-    from diffusers.models.embeddings import apply_rotary_emb
-
     cos, sin = rotary
-    return apply_rotary_emb(x, (cos[start:stop], sin[start:stop]), sequence_dim=1)
+    return rotary_embedding(x, cos[start:stop], sin[start:stop])
 
 
 class FluxProcessor(LinFusionProcessor):
