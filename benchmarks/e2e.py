@@ -19,6 +19,9 @@ Impls (``--impls``):
 
 * ``cudnn``: dense SDPA forced to cuDNN (``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``), the
   strongest dense baseline on Hopper;
+* ``cudnn_fused``: dense cuDNN SDPA inside LinFusion's own processor (``layers="auto"`` with every
+  layer held dense): the stock model plus the processor's fused RoPE and contiguous text|image
+  concatenation, i.e. the strongest dense baseline, so speedups are not credited to those;
 * ``sdpa_default``: torch's own SDPA backend choice;
 * ``xformers``: diffusers' xformers attention, where importable;
 * ``linear``: ``patch_model(method="linear", layers="all")`` (Triton kernels on CUDA), with
@@ -63,9 +66,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 IMAGE_RESOLUTIONS = ("1024", "2048", "4096", "8192")
 VIDEO_RESOLUTIONS = ("480p", "720p")
 VIDEO_SIZES = {"480p": (480, 832), "720p": (720, 1280), "tiny-v": (64, 64)}
-IMPLS = ("cudnn", "sdpa_default", "xformers", "linear", "linear_relu", "linear_auto", "local_tile", "local_circle",
+IMPLS = ("cudnn", "cudnn_fused", "sdpa_default", "xformers", "linear", "linear_relu", "linear_auto", "local_tile", "local_circle",
          "local_flex")
-DENSE_IMPLS = ("cudnn", "sdpa_default", "xformers")
+DENSE_IMPLS = ("cudnn", "cudnn_fused", "sdpa_default", "xformers")
 DEFAULT_MODELS = ("flux", "sdxl", "sd35m", "pixart", "wan13b")
 
 # ------------------------------------------------------------------------------------------
@@ -280,6 +283,20 @@ def flex_route():
 # ------------------------------------------------------------------------------------------
 
 
+def hold_dense(net) -> None:
+    """Make every patched layer of ``net`` take its dense branch (exact softmax in LinFusion's
+    processor), whatever the cost model says."""
+    from linfusion.processor import LinFusionProcessor
+
+    held = 0
+    for processor in net.attn_processors.values():
+        if isinstance(processor, LinFusionProcessor) and processor.dense_fallback is not None:
+            processor.dense_fallback.patched_is_faster = lambda *args, **kwargs: False
+            held += 1
+    if not held:
+        raise RuntimeError("cudnn_fused: no patched layer with a dense branch found")
+
+
 @contextlib.contextmanager
 def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
     """Patch / select the attention implementation for the duration of the row."""
@@ -293,6 +310,13 @@ def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel(SDPBackend.CUDNN_ATTENTION))
+        elif impl == "cudnn_fused":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.CUDNN_ATTENTION))
+            patch_model(net, method="linear")
+            patched = True
+            hold_dense(net)
         elif impl == "xformers":
             import xformers  # noqa: F401
 
@@ -375,7 +399,7 @@ def predict_ms(prev: dict | None, grid: tuple[int, ...], impl: str) -> float | N
 
 
 def impl_unavailable(impl: str, device: torch.device, circle_backend: str = "auto") -> str | None:
-    if impl in ("cudnn",) and device.type != "cuda":
+    if impl in ("cudnn", "cudnn_fused") and device.type != "cuda":
         return "cuDNN SDPA needs CUDA"
     if impl == "xformers":
         try:

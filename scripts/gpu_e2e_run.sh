@@ -72,6 +72,25 @@ elif [ "$PHASE" = verify ]; then
   python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --row-seconds 60 --models flux \
     --resolutions 1024 4096 2048 --impls cudnn linear_auto local_circle --circle-backend "$CIRCLE" \
     --max-minutes "$(mins 15)" 2>&1 | grep -v -i warn | tee -a "$LOG"
+elif [ "$PHASE" = flux2 ]; then
+  # after the FLUX overhead work (fused RoPE, token-major concatenation and outputs): GPU tests of
+  # the changed kernels (SIGINT on timeout so pytest still prints its summary), the per-kernel
+  # profile again, then FLUX 4K and 8K against both dense baselines (stock cuDNN and cuDNN inside
+  # LinFusion's processor, which has the same fused RoPE)
+  say "GPU tests: rope, linear, local (matches_reference, strided, circle small blocks)"
+  timeout -s INT 40 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_kernels_rope.py >"$OUT/gpu_tests.txt" 2>&1
+  timeout -s INT 45 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_kernels_linear.py \
+    -k "matches or strided or state or apply or gpu" >>"$OUT/gpu_tests.txt" 2>&1
+  timeout -s INT 60 python3 -m pytest -q -p no:cacheprovider --runxfail -rfE tests/test_kernels_local.py \
+    -k "matches_reference or strided or circle_small_blocks or gpu_flux_2k" >>"$OUT/gpu_tests.txt" 2>&1
+  grep -E "passed|failed|FAILED|Interrupted" "$OUT/gpu_tests.txt" | tee -a "$LOG"
+  timeout 90 python3 benchmarks/profile_layers.py --side 4096 --out "$OUT/profile_layers.json" 2>&1 \
+    | grep "^==" | tee -a "$LOG"
+  cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
+  mins() { awk -v s="$(( $(left) - $1 ))" 'BEGIN { printf "%.2f", (s > 0 ? s : 0) / 60 }'; }
+  E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 150)
+  "${E2E[@]}" --models flux --resolutions 4096 8192 --impls linear_relu linear cudnn_fused cudnn local_tile \
+    --max-minutes "$(mins 8)" 2>&1 | grep -v -i warn | tee -a "$LOG"
 elif [ "$PHASE" = final ]; then
   # one call: circle diagnosis, FLUX 4K/8K (patched variants against cuDNN measured in this call),
   # then SDXL 4K, Wan 720p, PixArt and SD3.5 4K as far as the time allows

@@ -24,7 +24,7 @@ def test_e2e_tiny(tmp_path):
     e2e = _load("e2e")
     out = tmp_path / "e2e.json"
     e2e.main(["--tiny", "--models", "flux", "sdxl", "wan13b", "--resolutions", "64",
-              "--impls", "cudnn", "sdpa_default", "linear", "linear_relu", "local_tile", "local_flex", "--out", str(out)],
+              "--impls", "cudnn", "cudnn_fused", "sdpa_default", "linear", "linear_relu", "local_tile", "local_flex", "--out", str(out)],
              log=lambda *a: None)
     result = json.loads(out.read_text())
     assert {"gpu", "torch", "triton", "cuda", "diffusers"} <= set(result["env"])
@@ -32,12 +32,37 @@ def test_e2e_tiny(tmp_path):
     assert {r["model"] for r in rows} == {"flux", "sdxl", "wan13b"}
     for r in rows:
         assert set(r) >= {"model", "resolution", "impl", "step_ms", "peak_gb", "status"}
-        if r["impl"] == "cudnn":
+        if r["impl"] in ("cudnn", "cudnn_fused"):
             assert r["status"] == "skipped" and "CUDA" in r["reason"]
         else:
             assert r["status"] == "ok", r
             assert r["step_ms"] > 0
     assert {r["resolution"] for r in rows} == {"64x64", "tiny-v-9f"}
+
+
+def test_e2e_hold_dense_makes_every_patched_layer_run_softmax():
+    """The cudnn_fused baseline: LinFusion's processor, dense branch in every layer."""
+    e2e = _load("e2e")
+    from linfusion import patch_model, unpatch_model
+    from linfusion.processor import LinFusionProcessor
+
+    net = e2e.build_model("flux", True, torch.device("cpu"), torch.float32)
+    kwargs, _, _ = e2e.make_inputs("flux", e2e.TINY_RESOLUTIONS[0], True, torch.device("cpu"), torch.float32)
+    patch_model(net, method="linear", dense_fallback=False)
+    with pytest.raises(RuntimeError, match="no patched layer"):
+        e2e.hold_dense(net)
+    unpatch_model(net)
+    patch_model(net, method="linear")
+    processors = [p for p in net.attn_processors.values() if isinstance(p, LinFusionProcessor)]
+    for p in processors:  # as at a size where the cost model picks the patched path
+        p.dense_fallback.patched_is_faster = lambda *args, **kwargs: True
+    with torch.no_grad():
+        net(**kwargs)
+    assert {p.last_choice for p in processors} == {"patched"}
+    e2e.hold_dense(net)
+    with torch.no_grad():
+        net(**kwargs)
+    assert {p.last_choice for p in processors} == {"dense"}
 
 
 def test_e2e_append_keeps_earlier_rows_and_replaces_the_remeasured_ones(tmp_path):
