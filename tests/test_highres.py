@@ -59,6 +59,28 @@ def test_lean_mode_matches_normal(family):
     assert "linfusion_batch_chunking" not in getattr(getattr(pipe.unet, "_diffusers_hook", None), "hooks", {})
 
 
+def test_lean_feed_forward_chunks_any_token_count(monkeypatch):
+    """Feed-forward layers run on at most FF_CHUNK_TOKENS tokens at a time in lean mode, whatever
+    the token count of each UNet level (the last chunk may be shorter), with unchanged results;
+    the hooks are gone afterwards."""
+    from linfusion.pipelines import highres
+
+    pipe = build_tiny_pipeline("sdxl")
+    patch_pipeline(pipe, method="linear", layers="all")
+    normal = _run(pipe, "sdxl").images
+    calls = []
+    for ff in highres._feed_forwards(pipe.unet):
+        # the first layer inside: the hook's chunks go through its __call__ (the FF's own does not see them)
+        ff.net[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    monkeypatch.setattr(highres, "FF_CHUNK_TOKENS", 7)  # divides no level's token count
+    lean = _run(pipe, "sdxl", lean=True).images
+    assert calls and max(calls) <= 7 and min(calls) < 7
+    np.testing.assert_allclose(lean, normal, atol=1e-4)
+    calls.clear()
+    _run(pipe, "sdxl")
+    assert max(calls) > 7  # unchunked again
+
+
 @pytest.mark.parametrize("builtin", [True, False], ids=["diffusers", "fallback"])
 def test_tiled_vae_close_to_untiled(builtin):
     vae = build_tiny_pipeline("sd15").vae

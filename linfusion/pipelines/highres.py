@@ -211,42 +211,49 @@ def _batch_chunk_hook(chunk: int):
     return BatchChunkHook()
 
 
-def _token_counts(model: nn.Module, height: int, width: int, vae_factor: int) -> list[int]:
-    h, w = height // vae_factor, width // vae_factor
-    if type(model).__name__ == "UNet2DConditionModel":
-        counts = []
-        for _ in range(len(model.config.block_out_channels)):
-            counts.append(h * w)
-            h, w = -(-h // 2), -(-w // 2)
-        return counts
-    patch = getattr(model.config, "patch_size", 1) or 1
-    return [(h // patch) * (w // patch)]
+_FF_CHUNK_HOOK = "linfusion_ff_chunking"
+#: tokens per feed-forward call in lean mode (SDXL-size 16K: 1M tokens × 5120 hidden in 64 chunks)
+FF_CHUNK_TOKENS = 16384
 
 
-def _set_ff_chunking(model: nn.Module, height: int | None, width: int | None, vae_factor: int,
-                     max_chunk: int = 16384) -> None:
-    """Chunk feed-forward layers over tokens (blocks with ``set_chunk_feed_forward``), or undo it.
+def _ff_chunk_hook(max_tokens: int):
+    from diffusers.hooks import ModelHook
 
-    The chunk must divide every block's token count, so it is the largest divisor ≤ ``max_chunk``
-    of their gcd; joint-attention blocks (text FF too) are left alone.
-    """
-    blocks = [m for m in model.modules() if hasattr(m, "set_chunk_feed_forward") and not hasattr(m, "ff_context")]
-    if height is None:
-        for block in blocks:
-            block.set_chunk_feed_forward(None, 0)
-        return
-    g = math.gcd(*_token_counts(model, height, width, vae_factor))
-    chunk = max(d for d in range(1, min(g, max_chunk) + 1) if g % d == 0)
-    for block in blocks:
-        block.set_chunk_feed_forward(chunk if chunk < g else None, 1)
+    class FeedForwardChunkHook(ModelHook):
+        """Run a feed-forward layer on at most ``max_tokens`` tokens at a time (it is token-wise, so
+        the result is the same; the 4x-wide hidden activation is what no longer has to fit)."""
+
+        def new_forward(self, module, hidden_states, *args, **kwargs):
+            if hidden_states.dim() != 3 or hidden_states.shape[1] <= max_tokens:
+                return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+            return torch.cat([self.fn_ref.original_forward(part, *args, **kwargs)
+                              for part in hidden_states.split(max_tokens, dim=1)], dim=1)
+
+    return FeedForwardChunkHook()
+
+
+def _feed_forwards(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "FeedForward"]
+
+
+def _set_ff_chunking(model: nn.Module, max_tokens: int | None) -> None:
+    """Chunk every feed-forward layer of ``model`` over tokens (any token count: the last chunk
+    may be shorter), or undo it with ``None``. Unlike diffusers' ``set_chunk_feed_forward``, no
+    chunk size has to divide the token count of every level at every pass."""
+    from diffusers.hooks import HookRegistry
+
+    for ff in _feed_forwards(model):
+        registry = HookRegistry.check_if_exists_or_initialize(ff)
+        if registry.get_hook(_FF_CHUNK_HOOK) is not None:
+            registry.remove_hook(_FF_CHUNK_HOOK, recurse=False)
+        if max_tokens is not None:
+            registry.register_hook(_ff_chunk_hook(max_tokens), _FF_CHUNK_HOOK)
 
 
 @contextlib.contextmanager
 def lean_mode(pipe, *, chunk: int = 1):
-    """Memory-lean denoising inside the ``with``: CFG halves one by one, CPU offload on CUDA.
-
-    Feed-forward chunking depends on the size and is set per pass by :func:`generate_highres`.
-    """
+    """Memory-lean denoising inside the ``with``: CFG halves one by one, feed-forward layers
+    over at most :data:`FF_CHUNK_TOKENS` tokens at a time, CPU offload on CUDA."""
     from diffusers.hooks import HookRegistry
 
     models = [m for m in (getattr(pipe, n, None) for n in ("unet", "transformer")) if isinstance(m, nn.Module)]
@@ -258,12 +265,13 @@ def lean_mode(pipe, *, chunk: int = 1):
         registry = HookRegistry.check_if_exists_or_initialize(model)
         if registry.get_hook(_CHUNK_HOOK) is None:
             registry.register_hook(_batch_chunk_hook(chunk), _CHUNK_HOOK)
+        _set_ff_chunking(model, FF_CHUNK_TOKENS)
     try:
         yield pipe
     finally:
         for model in models:
             HookRegistry.check_if_exists_or_initialize(model).remove_hook(_CHUNK_HOOK, recurse=False)
-            _set_ff_chunking(model, None, None, 1)
+            _set_ff_chunking(model, None)
 
 
 def _execution_device(pipe) -> torch.device:
@@ -405,18 +413,13 @@ def generate_highres(
     had_tiling = getattr(vae, "use_tiling", False)
     if tiled_vae:
         enable_tiled_vae(vae, tile=vae_tile)
-    model = _denoiser(pipe)
     ctx = lean_mode(pipe) if lean else contextlib.nullcontext()
     try:
         with ctx:
             h0, w0 = sizes[0]
-            if lean:
-                _set_ff_chunking(model, h0, w0, pipe.vae_scale_factor)
             out = pipe(**_base_kwargs(pipe, prompt, h0, w0, steps, generator, pipe_kwargs))
             latents = _unpack_if_flux(pipe, out.images, h0, w0)
             for (h, w), s in zip(sizes[1:], strengths):
-                if lean:
-                    _set_ff_chunking(model, h, w, pipe.vae_scale_factor)
                 latents = _refine(pipe, refiner, latents, prompt, h, w, s, refine_steps, upscale, generator,
                                   pipe_kwargs)
         return HighResOutput(_finish(pipe, latents, output_type), sizes)
