@@ -162,6 +162,7 @@ def _apply_plan(model: nn.Module, config: PatchConfig, family: FamilyAdapter, se
     for name, processor in processors.items():
         attn = selected[name]
         layers[name] = (attn, attn.processor)
+        processor.bind_original(attn.processor)
         attn.set_processor(processor)
     hooks = [model.register_forward_pre_hook(functools.partial(_record_grid, family, token_grid), with_kwargs=True)]
     if config.dense_fallback:

@@ -129,6 +129,35 @@ class LinFusionProcessor(nn.Module):
         #: "patched" or "dense": what the last call ran (read by the patch's once-per-size notice)
         self.last_choice: str | None = None
 
+    def bind_original(self, original) -> None:
+        """Remember the diffusers processor this one replaces (a plain attribute, never a submodule)."""
+        object.__setattr__(self, "_original", original)
+
+    def original_if_dense(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None):
+        """The replaced diffusers processor when ``layers="auto"`` finds dense attention faster for this
+        layer at this size, else None.
+
+        Family processors call it first and hand the call over unchanged: a layer kept dense then runs
+        exactly as unpatched (same arithmetic, same speed), so the patch never makes a step slower. Not
+        under context parallelism, where dense attention must span the ranks (see :meth:`attend`).
+
+        Args:
+            hidden_states: (B, L, C) or (B, C, H, W) as the processor received them (image tokens last;
+                FLUX single-stream blocks put the text first).
+            encoder_hidden_states: (B, N_txt, C) joint-attention text, or None.
+        """
+        original = getattr(self, "_original", None)
+        if original is None or self.dense_fallback is None or self.token_grid.parallel is not None:
+            return None
+        if hidden_states.dim() == 4:  # UNet attention blocks may hand over (B, C, H, W) maps
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        n_img = min(math.prod(self.token_grid.current()), hidden_states.shape[1])
+        n_txt = hidden_states.shape[1] - n_img + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
+        if self.dense_fallback.patched_is_faster(self, hidden_states[:, hidden_states.shape[1] - n_img :], n_txt):
+            return None
+        self.last_choice = "dense"
+        return original
+
     def extra_repr(self) -> str:
         return f"layer={self.layer_name!r}, method={self.method.name!r}, gated={self.gate is not None}"
 

@@ -328,6 +328,23 @@ def test_auto_runs_dense_below_the_crossover_and_says_so_once():
     assert {p.last_choice for _, _, p in iter_processors(pipe)} == {"dense"}
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_hands_dense_layers_to_the_original_processor_bit_for_bit(family):
+    """A layer kept dense runs the replaced diffusers processor itself: same output, same speed."""
+    pipe = build_tiny_pipeline(family)
+    original = generate(pipe, family)
+    patch_pipeline(pipe, method="linear")
+    calls = []
+    for _, _, processor in iter_processors(pipe):
+        stock = processor._original
+        processor.bind_original(lambda *args, _stock=stock, **kwargs: calls.append(1) or _stock(*args, **kwargs))
+    with pytest.warns(UserWarning, match="dense attention is estimated faster"):
+        patched = generate(pipe, family)
+    assert np.array_equal(patched, original)
+    assert len(calls) >= len(list(iter_processors(pipe)))
+    assert {p.last_choice for _, _, p in iter_processors(pipe)} == {"dense"}
+
+
 def test_auto_runs_the_patch_above_the_crossover_and_while_training():
     from linfusion.processor import DenseFallback
 

@@ -25,6 +25,9 @@ class CogVideoXProcessor(LinFusionProcessor):
     ):
         if attention_mask is not None:
             raise ValueError(f"patched layer {self.layer_name!r}: attention masks are not supported")
+        original = self.original_if_dense(hidden_states, encoder_hidden_states)
+        if original is not None:
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         x, context = hidden_states, encoder_hidden_states
 
         def rope(t: torch.Tensor) -> torch.Tensor:

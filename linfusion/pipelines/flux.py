@@ -44,6 +44,9 @@ class FluxProcessor(LinFusionProcessor):
     ):
         if attention_mask is not None:
             raise ValueError(f"patched layer {self.layer_name!r}: attention masks are not supported")
+        original = self.original_if_dense(hidden_states, encoder_hidden_states)
+        if original is not None:
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         double_stream = encoder_hidden_states is not None
         if double_stream:
             x_txt, x_img = encoder_hidden_states, hidden_states

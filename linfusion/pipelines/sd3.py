@@ -34,6 +34,9 @@ class JointAttentionProcessor(LinFusionProcessor):
     ):
         if attention_mask is not None:
             raise ValueError(f"patched layer {self.layer_name!r}: attention masks are not supported")
+        original = self.original_if_dense(hidden_states, encoder_hidden_states)
+        if original is not None:
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         x, context = hidden_states, encoder_hidden_states
 
         def project(x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[QKV, QKV | None]:

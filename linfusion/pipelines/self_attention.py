@@ -28,6 +28,9 @@ class SelfAttentionProcessor(LinFusionProcessor):
             raise ValueError(f"patched layer {self.layer_name!r} is self-attention but got encoder_hidden_states")
         if attention_mask is not None:
             raise ValueError(f"patched layer {self.layer_name!r}: self-attention masks are not supported")
+        original = self.original_if_dense(hidden_states)
+        if original is not None:
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)

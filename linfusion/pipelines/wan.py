@@ -38,6 +38,9 @@ class WanProcessor(LinFusionProcessor):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"patched layer {self.layer_name!r} is unmasked self-attention")
+        original = self.original_if_dense(hidden_states)
+        if original is not None:
+            return original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         x = hidden_states
 
         def project(x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[QKV, None]:
