@@ -528,13 +528,15 @@ def plot(result: dict, path: str) -> bool:
         resolutions = list(dict.fromkeys(r["resolution"] for r in result["rows"] if r["model"] == model))
         for impl in dict.fromkeys(r["impl"] for r in mrows):
             pts = [(resolutions.index(r["resolution"]), r["step_ms"]) for r in mrows if r["impl"] == impl]
-            ax.plot(*zip(*pts), marker="o", label=impl, linestyle="--" if impl in DENSE_IMPLS else "-")
+            color = plt.get_cmap("tab10")(IMPLS.index(impl) % 10) if impl in IMPLS else None  # same colour in every panel
+            ax.plot(*zip(*pts), marker="o", label=impl, color=color, linestyle="--" if impl in DENSE_IMPLS else "-")
         ax.set_xticks(range(len(resolutions)), [r.split("x")[0] for r in resolutions])
         ax.set_yscale("log")
         ax.set_title(model)
         ax.set_ylabel("ms / denoiser step")
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.legend(fontsize=6)
     fig.suptitle(f"one denoising step, {result['env'].get('gpu')}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

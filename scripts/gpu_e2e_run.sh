@@ -6,7 +6,9 @@
 # PHASE=flux:   GPU circle tests (--runxfail: the known-bug markers must not hide a failure), then
 #               the FLUX.1-dev-size rows of benchmarks/e2e.py (circle rows on Triton only when the
 #               circle tests passed in this same call).
-# PHASE=verify: (next session) GPU tests of the circle fix and linear state/apply, per-kernel profile
+# PHASE=next:   (next session) every circle test on the GPU, FLUX layers="auto" rows, the 16K run.
+# PHASE=flux2:  GPU tests of RoPE / changed kernels, profile, FLUX 4K/8K against both dense baselines.
+# PHASE=verify: GPU tests of the circle fix and linear state/apply, per-kernel profile
 #               (benchmarks/profile_layers.py), FLUX linear_auto / local_circle rows, the 16K run.
 # PHASE=final:  circle diagnosis (scripts/debug_circle_gpu.py), then the FLUX 4K/8K, SDXL, Wan, PixArt
 #               and SD3.5 rows that matter for the targets, appended to the committed e2e.json.
@@ -91,6 +93,22 @@ elif [ "$PHASE" = flux2 ]; then
   E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 150)
   "${E2E[@]}" --models flux --resolutions 4096 8192 --impls linear_relu linear cudnn_fused cudnn local_tile \
     --max-minutes "$(mins 8)" 2>&1 | grep -v -i warn | tee -a "$LOG"
+elif [ "$PHASE" = next ]; then
+  # next session: the whole circle test set on the GPU (interior-chunk cases never ran there; if all
+  # pass, TRITON_LOCAL_CIRCLE_ENABLED can be flipped), layers="auto" rows since dense layers run the
+  # original processor (must be >= 1.0x at 1024²), then the 16K run with the hook-based FF chunking
+  say "circle tests on the GPU"
+  timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider --runxfail -rfE -k "circle or ellipse" \
+    tests/test_kernels_local.py >"$OUT/gpu_tests.txt" 2>&1
+  grep -E "passed|failed|FAILED|Interrupted" "$OUT/gpu_tests.txt" | tee -a "$LOG"
+  cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
+  mins() { awk -v s="$(( $(left) - $1 ))" 'BEGIN { printf "%.2f", (s > 0 ? s : 0) / 60 }'; }
+  python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 3 --row-seconds 60 --models flux \
+    --resolutions 1024 2048 4096 --impls cudnn cudnn_fused linear_auto --max-minutes "$(mins 260)" 2>&1 \
+    | grep -v -i warn | tee -a "$LOG"
+  say "16K high-resolution run ($(left)s left)"
+  timeout $(( $(left) - 10 )) python3 benchmarks/highres16k.py --out "$OUT/highres16k.json" --steps 20 \
+    --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
 elif [ "$PHASE" = final ]; then
   # one call: circle diagnosis, FLUX 4K/8K (patched variants against cuDNN measured in this call),
   # then SDXL 4K, Wan 720p, PixArt and SD3.5 4K as far as the time allows

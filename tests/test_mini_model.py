@@ -64,6 +64,7 @@ def test_smoke_training_writes_a_loadable_fp16_pipeline(smoke_run):
     assert pipe.transformer.config.sample_size * pipe.vae_scale_factor == 128
     summary = json.loads((smoke_run / "train_summary.json").read_text())
     assert summary["dit"]["steps"] == 3 and summary["vae"]["scaling_factor"] > 0
+    assert summary["weights_choice"]["kept"] in ("ema", "raw") and "raw_state" not in summary["dit"]
     assert set(summary["distill"]) >= {"linear_mb", "local_mb"}
 
 
@@ -265,3 +266,47 @@ def test_parse_head_loss_is_the_mean_over_fields_with_targets_and_zero_when_all_
                             for i, lg in enumerate(logits) if i != 1]).mean()
     torch.testing.assert_close(head(hidden, mask, targets), expected)
     assert head(hidden, mask, torch.full_like(targets, mm.IGNORE)).item() == 0.0
+
+
+# --------------------------------------------------------------------------- teacher recipe pieces
+
+
+def test_render_chunks_carry_object_masks_and_the_bank_pools_them_to_the_latent_grid():
+    from linfusion.mini import model as mm
+    from linfusion.mini.data import render_chunk
+    from linfusion.mini.train import Bank
+
+    chunk = render_chunk((0, 0, 6, 64))
+    assert chunk.objects.shape == (6, 64, 64) and chunk.objects.dtype == bool
+    assert 0 < chunk.objects.mean() < 0.6  # objects cover part of each image
+    assert render_chunk((0, 1, 2, -32)).objects is None  # crops: pixels only
+    components = mm.build_components(mm.SMOKE)
+    vae = components["vae"].eval()
+    latent = 64 // mm.SMOKE.vae_factor
+    cpu = torch.device("cpu")
+    bank = Bank(16, (mm.SMOKE.latent_channels, latent, latent), len(chunk.targets[0]), cpu, torch.float32)
+    bank.add_chunks([chunk], vae, components["tokenizer"], cpu)
+    pooled = torch.nn.functional.max_pool2d(torch.from_numpy(chunk.objects)[:, None].float(), mm.SMOKE.vae_factor)
+    assert torch.equal(bank.objects[:6], pooled[:, 0] > 0)
+    *_, objects = bank.sample(4, cpu)
+    assert objects.shape == (4, latent, latent) and objects.dtype == torch.bool
+
+
+def test_object_weighted_mse_and_mid_schedule_timesteps():
+    from linfusion.mini import train
+
+    torch.manual_seed(0)
+    pred, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    none = torch.zeros(3, 8, 8, dtype=torch.bool)
+    torch.testing.assert_close(train.object_weighted_mse(pred, target, none), torch.nn.functional.mse_loss(pred, target))
+    objects = none.clone()
+    objects[:, :2] = True
+    err = (pred - target) ** 2
+    w = 1 + train.OBJECT_WEIGHT * objects[:, None].float()
+    torch.testing.assert_close(train.object_weighted_mse(pred, target, objects), (err * w).sum() / w.expand_as(err).sum())
+    t = train.sample_timesteps(20000, 1000, "cpu")
+    lo, hi = train.MID_T
+    assert t.min() >= 0 and t.max() < 1000
+    inside = ((t >= lo) & (t < hi)).float().mean().item()
+    expected = train.MID_T_SHARE + (1 - train.MID_T_SHARE) * (hi - lo) / 1000
+    assert abs(inside - expected) < 0.02

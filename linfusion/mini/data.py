@@ -28,6 +28,7 @@ class Chunk:
     prompts: list[str]
     targets: np.ndarray  # (n, T) int64
     crop: bool = False  # crops of 2x renders: pixels only, the prompts do not describe them
+    objects: np.ndarray | None = None  # (n, H, W) bool: pixels covered by any object (None for crops)
 
 
 def render_chunk(task: tuple[int, int, int, int]) -> Chunk:
@@ -35,13 +36,14 @@ def render_chunk(task: tuple[int, int, int, int]) -> Chunk:
     ``size``-px crops of 2x renders when ``size`` is negative (scale variety for the VAE)."""
     seed, index, n, size = task
     rng = np.random.default_rng([seed, index])
-    images, prompts, targets = [], [], []
+    images, prompts, targets, objects = [], [], [], []
     while len(images) < n:
         scene = world.sample_scene(rng)
         if world.scene_split(scene) != "train":
             continue
         if size > 0:
-            image = world.render(scene, size, size, rng)
+            image, masks = world.render_with_masks(scene, size, size, rng)
+            objects.append(np.any([m.mask for m in masks], axis=0) if masks else np.zeros((size, size), bool))
         else:
             big = world.render(scene, -2 * size, -2 * size, rng)
             y, x = rng.integers(0, -size + 1, 2)
@@ -49,7 +51,8 @@ def render_chunk(task: tuple[int, int, int, int]) -> Chunk:
         images.append(image)
         prompts.append(world.scene_to_prompt(scene, rng))
         targets.append(scene_targets(scene))
-    return Chunk(np.stack(images), prompts, np.stack(targets), crop=size < 0)
+    return Chunk(np.stack(images), prompts, np.stack(targets), crop=size < 0,
+                 objects=np.stack(objects) if objects else None)
 
 
 def prompt_chunk(task: tuple[int, int, int]) -> tuple[list[str], np.ndarray]:
