@@ -237,25 +237,32 @@ class Bank:
     def _add(self, chunks: list, vae, tokenizer, device) -> None:
         if not chunks:
             return
-        images = np.concatenate([c.images for c in chunks])
+        # uint8 pixels go to the device as they are and become floats there: the CPU-side float
+        # conversion of every fresh render (and its synchronous copy) was on the training loop's path
+        images = torch.from_numpy(np.concatenate([c.images for c in chunks]))
         prompts = [p for c in chunks for p in c.prompts]
         targets = torch.from_numpy(np.concatenate([c.targets for c in chunks]))
         objects = (torch.from_numpy(np.concatenate([c.objects for c in chunks]))
                    if all(c.objects is not None for c in chunks) else None)
         ids, mask = mm.tokenize(tokenizer, prompts)
+
+        def upload(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
         for i in range(0, len(images), 512):
+            x = upload(images[i : i + 512]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # = data.to_tensor
             with autocast(device):
-                z = vae.encode(to_tensor(images[i : i + 512]).to(device)).latent_dist.mean.float()
+                z = vae.encode(x).latent_dist.mean.float()
             z = z * vae.config.scaling_factor
             n = z.shape[0]
-            rows = (torch.arange(n) + self.pos) % self.capacity
-            self.z[rows.to(device)] = z.to(self.z.dtype)
-            self.ids[rows.to(device)] = ids[i : i + n].to(device)
-            self.mask[rows.to(device)] = mask[i : i + n].to(device)
-            self.targets[rows.to(device)] = targets[i : i + n].to(device)
+            rows = (torch.arange(n, device=device) + self.pos) % self.capacity
+            self.z[rows] = z.to(self.z.dtype)
+            self.ids[rows] = upload(ids[i : i + n])
+            self.mask[rows] = upload(mask[i : i + n])
+            self.targets[rows] = upload(targets[i : i + n])
             if objects is not None:
-                pooled = F.adaptive_max_pool2d(objects[i : i + n, None].float(), self.objects.shape[1:])[:, 0]
-                self.objects[rows.to(device)] = pooled.to(device) > 0
+                covered = upload(objects[i : i + n])[:, None].float()
+                self.objects[rows] = F.adaptive_max_pool2d(covered, self.objects.shape[1:])[:, 0] > 0
             self.pos = (self.pos + n) % self.capacity
             self.size = min(self.capacity, self.size + n)
             self.added += n
@@ -329,10 +336,13 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
     added = {"resolution": None, "aspect_ratio": None}
     history, t0 = [], time.time()
     forward = _maybe_compiled(transformer, device)
+    data_seconds = 0.0  # host time spent taking in fresh renders (where the step time goes)
     while not budget.done():
         if budget.step % 8 == 0:
+            t_data = time.perf_counter()
             ready = stream.drain(limit=32) if stream.workers else ([stream.get()] if budget.step % 32 == 0 else [])
             bank.add_chunks(ready, vae, tokenizer, device)
+            data_seconds += time.perf_counter() - t_data
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(budget.progress, budget.step, 200)
         z, ids, mask, _, objects = bank.sample(batch, device)
@@ -374,6 +384,7 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
     transformer.eval()
     return {"steps": budget.step, "seconds": round(budget.elapsed(), 1), "samples": budget.step * batch,
             "steps_per_second": round(budget.step / max(budget.elapsed(), 1e-9), 2),
+            "data_host_seconds": round(data_seconds, 1),
             "unique_images": bank.added, "history": history[-20:], "raw_state": raw_state}
 
 
