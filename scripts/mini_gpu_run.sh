@@ -9,9 +9,12 @@
 #   python -m linfusion.mini.package unpack <files_at> --results     # -> linfusion/mini/weights, benchmarks/results
 #
 # Recommended since the first attempt (5 teacher minutes were not enough): two calls,
-#   run(command="MINI_STAGE=teacher MINI_MINUTES=7.8 bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
+#   run(command="MINI_STAGE=teacher MINI_MINUTES=7.5 bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
+#   (7.8 minutes took 548 s of the 600 in the second run; the EMA-or-raw choice adds ~20 s)
 #   python -m linfusion.mini.package unpack <files_at>            # -> linfusion/mini/weights/pipeline
-#   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
+#   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl", "linfusion/mini/weights"], timeout_s=600)
+#   (keep linfusion/mini/weights/ in .git/info/exclude until the targets are met: unpacked weights must
+#   not be committed by a stray `git add -A`; ignored paths travel to the device only through carry)
 # Knobs (environment): MINI_MINUTES (teacher training, default 5), MINI_STAGE=all|teacher|students
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),
