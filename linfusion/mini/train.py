@@ -337,7 +337,9 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
     history, t0 = [], time.time()
     forward = _maybe_compiled(transformer, device)
     data_seconds = 0.0  # host time spent taking in fresh renders (where the step time goes)
+    profiler = StepProfiler(device, start=int(os.environ.get("MINI_PROFILE_AT", "300")), steps=10)
     while not budget.done():
+        profiler.step(budget.step)
         if budget.step % 8 == 0:
             t_data = time.perf_counter()
             ready = stream.drain(limit=32) if stream.workers else ([stream.get()] if budget.step % 32 == 0 else [])
@@ -379,6 +381,7 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
                             "seen": bank.added, "time": round(time.time() - t0, 1)})
             if budget.step % 500 == 0:
                 log(f"dit step {budget.step} {history[-1]}")
+    profiler.close()
     raw_state = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()}
     ema.copy_to(transformer)
     transformer.eval()
@@ -386,6 +389,48 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
             "steps_per_second": round(budget.step / max(budget.elapsed(), 1e-9), 2),
             "data_host_seconds": round(data_seconds, 1),
             "unique_images": bank.added, "history": history[-20:], "raw_state": raw_state}
+
+
+class StepProfiler:
+    """``torch.profiler`` over steps [start, start + steps) of a training loop on CUDA; logs the
+    wall time per step and the kernels that take the device time (the second teacher ran ~10
+    steps/s where its FLOPs allow ~100). Never fails the run; start < 0 turns it off."""
+
+    def __init__(self, device: torch.device, start: int, steps: int) -> None:
+        self.active = device.type == "cuda" and start >= 0
+        self.start, self.stop, self.prof, self.t0 = start, start + steps, None, 0.0
+
+    def step(self, step: int) -> None:
+        if not self.active:
+            return
+        try:
+            if step == self.start:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+            elif step == self.stop:
+                self.close()
+        except Exception as error:  # noqa: BLE001 - a diagnostic must not cost the run
+            log(f"profiler off ({type(error).__name__}: {error})")
+            self.active, self.prof = False, None
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        prof, self.prof, self.active = self.prof, None, False
+        try:
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - self.t0) / (self.stop - self.start)
+            prof.__exit__(None, None, None)
+            events = prof.key_averages()
+            device_ms = sum(e.self_device_time_total for e in events) / 1e3 / (self.stop - self.start)
+            log(f"profile: {wall * 1e3:.1f} ms wall per step, {device_ms:.1f} ms of device kernels per step")
+            log("\n" + events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
+            log("\n" + events.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
+        except Exception as error:  # noqa: BLE001
+            log(f"profile failed ({type(error).__name__}: {error})")
 
 
 def _maybe_compiled(module: torch.nn.Module, device: torch.device):
