@@ -284,14 +284,16 @@ def flex_route():
 
 
 def hold_dense(net) -> None:
-    """Make every patched layer of ``net`` take its dense branch (exact softmax in LinFusion's
-    processor), whatever the cost model says."""
+    """Make every patched layer of ``net`` take its own dense branch (exact softmax in LinFusion's
+    processor, with its fused RoPE), whatever the cost model says. The layers forget the processor
+    they replaced, or ``layers="auto"`` would hand the dense calls back to it (the stock baseline)."""
     from linfusion.processor import LinFusionProcessor
 
     held = 0
     for processor in net.attn_processors.values():
         if isinstance(processor, LinFusionProcessor) and processor.dense_fallback is not None:
             processor.dense_fallback.patched_is_faster = lambda *args, **kwargs: False
+            processor.bind_original(None)
             held += 1
     if not held:
         raise RuntimeError("cudnn_fused: no patched layer with a dense branch found")

@@ -176,6 +176,8 @@ class LinFusionProcessor(nn.Module):
         """
         shard = self.token_grid.parallel
         dense = dense_attention if shard is None else shard.dense  # exact softmax (cross-rank under CP)
+        # Dense layers normally never get here (original_if_dense handed them to the replaced
+        # processor); this branch serves context parallelism and processors with no original bound.
         if self.dense_fallback is not None and not self.dense_fallback.patched_is_faster(self, x_img, n_txt):
             self.last_choice = "dense"
             return dense(*project(x_img, x_img))

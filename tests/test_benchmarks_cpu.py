@@ -59,10 +59,13 @@ def test_e2e_hold_dense_makes_every_patched_layer_run_softmax():
     with torch.no_grad():
         net(**kwargs)
     assert {p.last_choice for p in processors} == {"patched"}
+    stock_calls = []
+    for p in processors:  # the replaced processors must not run: this baseline is LinFusion's own dense path
+        p.bind_original(lambda *args, **kw: stock_calls.append(1))
     e2e.hold_dense(net)
     with torch.no_grad():
         net(**kwargs)
-    assert {p.last_choice for p in processors} == {"dense"}
+    assert {p.last_choice for p in processors} == {"dense"} and not stock_calls
 
 
 def test_e2e_append_keeps_earlier_rows_and_replaces_the_remeasured_ones(tmp_path):
