@@ -154,11 +154,12 @@ def _cuda_initialized() -> bool:
         return False
 
 
-def to_tensor(images: np.ndarray):
-    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1] (the VAE's range)."""
+def to_tensor(images):
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1] (the VAE's range). ``images``: a numpy
+    array, or a uint8 tensor already on its device (the conversion then runs there)."""
     import torch
 
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_uint8(images) -> np.ndarray:

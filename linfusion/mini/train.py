@@ -250,9 +250,8 @@ class Bank:
             return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
         for i in range(0, len(images), 512):
-            x = upload(images[i : i + 512]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # = data.to_tensor
             with autocast(device):
-                z = vae.encode(x).latent_dist.mean.float()
+                z = vae.encode(to_tensor(upload(images[i : i + 512]))).latent_dist.mean.float()
             z = z * vae.config.scaling_factor
             n = z.shape[0]
             rows = (torch.arange(n, device=device) + self.pos) % self.capacity
