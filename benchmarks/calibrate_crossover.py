@@ -37,7 +37,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -115,18 +114,9 @@ def fit_from_rows(rows: list[dict], base: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _time_ms(fn, repeat: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def measure_cpu(base: dict, log=print) -> dict:
     """Time torch SDPA, the linear and local references, a copy and a GEMM on this CPU (fp32)."""
+    from benchmarks.timing import cpu_ms
     import torch
     import torch.nn.functional as F
 
@@ -137,27 +127,27 @@ def measure_cpu(base: dict, log=print) -> dict:
     b, h, d = 1, 4, 64
     # copy bandwidth (read + write counted)
     x = torch.randn(32 * 2**20 // 4)
-    ms = _time_ms(lambda: x.clone())
+    ms = cpu_ms(lambda: x.clone())
     prof["bandwidth_tbps"] = round(2 * x.numel() * 4 / (ms * 1e-3) / 1e12, 4)
     # tiny op: fixed cost
     tiny = torch.randn(16)
-    prof["launch_us"] = round(_time_ms(lambda: tiny + 1, repeat=50) * 1e3, 1)
+    prof["launch_us"] = round(cpu_ms(lambda: tiny + 1, repeat=50) * 1e3, 1)
     # GEMM
     a, w = torch.randn(1024, 512), torch.randn(512, 512)
-    ms = _time_ms(lambda: a @ w)
+    ms = cpu_ms(lambda: a @ w)
     prof["gemm_tflops"] = round(2 * 1024 * 512 * 512 / (ms * 1e-3) / 1e12, 4)
     dense_x, dense_y, lin_x, lin_y, local_rates = [], [], [], [], []
     for side in (16, 32, 48, 64):
         n = side * side
         q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
-        ms = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        ms = cpu_ms(lambda: F.scaled_dot_product_attention(q, k, v))
         dense_x.append(4.0 * b * h * n * n * d / 1e12)
         dense_y.append(ms / 1e3)
         qf, kf = q.relu() + 0.1, k.relu() + 0.1
-        ms_lin = _time_ms(lambda: linear_attention_reference(qf, kf, v))
+        ms_lin = cpu_ms(lambda: linear_attention_reference(qf, kf, v))
         lin_x.append(4.0 * b * h * n * d * d / 1e12)
         lin_y.append(ms_lin / 1e3)
-        ms_loc = _time_ms(lambda: local_attention_reference(q, k, v, (side, side), 8, shape="tile"), repeat=3)
+        ms_loc = cpu_ms(lambda: local_attention_reference(q, k, v, (side, side), 8, shape="tile"), repeat=3)
         local_rates.append(4.0 * b * h * n * n * d / (ms_loc * 1e-3) / 1e12)  # the reference visits all keys
         log(f"cpu N={n:5d}: sdpa {ms:8.2f} ms  linear ref {ms_lin:7.2f} ms  local ref {ms_loc:8.2f} ms")
     a_d, c_d = _fit_line(dense_x, dense_y)

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -30,22 +29,12 @@ VARIANTS = {
 }
 
 
-def cpu_ms(fn, runs: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[runs // 2]
-
-
 def main(argv=None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.e2e import CONFIGS, TINY_CONFIGS, make_inputs
-    from benchmarks.timing import bench_ms, environment
+    from benchmarks.timing import bench_ms, cpu_ms, environment
     from linfusion import patch_model, unpatch_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,7 +64,7 @@ def main(argv=None) -> int:
             patch_model(net, layers="all", **options)
         ctx = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if options is None and not args.tiny else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            ms = cpu_ms(lambda: net(**kwargs)) if args.tiny else bench_ms(lambda: net(**kwargs))
+            ms = cpu_ms(lambda: net(**kwargs), repeat=3) if args.tiny else bench_ms(lambda: net(**kwargs))
             with profile(activities=[activity]) as prof:
                 net(**kwargs)
                 if device.type == "cuda":

@@ -1,6 +1,9 @@
-"""Shared GPU timing helpers of the benchmark scripts (run as ``python benchmarks/<script>.py``)."""
+"""Shared timing helpers of the benchmark scripts (run as ``python benchmarks/<script>.py``)."""
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 
@@ -45,3 +48,14 @@ def bench_ms(fn, slow_ms: float = SLOW_MS) -> float:
         times.append(start.elapsed_time(end))
     times.sort()
     return float(times[len(times) // 2])
+
+
+def cpu_ms(fn, repeat: int = 5) -> float:
+    """Median wall milliseconds of ``repeat`` calls of fn() after one warm-up call (CPU timing)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3

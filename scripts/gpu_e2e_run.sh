@@ -8,8 +8,6 @@
 #               circle tests passed in this same call).
 # PHASE=next:   (next session) every circle test on the GPU, FLUX layers="auto" rows, the 16K run.
 # PHASE=flux2:  GPU tests of RoPE / changed kernels, profile, FLUX 4K/8K against both dense baselines.
-# PHASE=verify: GPU tests of the circle fix and linear state/apply, per-kernel profile
-#               (benchmarks/profile_layers.py), FLUX linear_auto / local_circle rows, the 16K run.
 # PHASE=final:  circle diagnosis (scripts/debug_circle_gpu.py), then the FLUX 4K/8K, SDXL, Wan, PixArt
 #               and SD3.5 rows that matter for the targets, appended to the committed e2e.json.
 # PHASE=others: SDXL, Wan 2.1 1.3B, SD3.5-medium, PixArt-Σ rows appended to the committed
@@ -47,33 +45,6 @@ if [ "$PHASE" = flux ]; then
   python3 benchmarks/e2e.py --models flux --append --out "$OUT/e2e.json" --repeats 2 --row-seconds 240 \
     --single-call-seconds 30 --circle-backend "$CIRCLE" --max-minutes "$(( ($(left) - 20) / 60 ))" 2>&1 \
     | grep -v -i "warn" | tee -a "$LOG"
-elif [ "$PHASE" = verify ]; then
-  # next session: confirm the circle fix (reference made exact) and the linear state/apply kernels on
-  # the GPU, per-kernel profile of FLUX-size blocks, auto/circle e2e rows, then the 16K run
-  say "GPU tests: local (small cases, --runxfail), linear state/apply"
-  CIRCLE=auto
-  if timeout 150 python3 -m pytest -q -p no:cacheprovider --runxfail -rfE \
-      -k "matches_reference or circle or head_dims or ellipse" tests/test_kernels_local.py >"$OUT/gpu_tests.txt" 2>&1; then
-    CIRCLE=triton
-  fi
-  timeout 60 python3 -m pytest -q -p no:cacheprovider -rfE -k "state or apply" tests/test_kernels_linear.py \
-    >>"$OUT/gpu_tests.txt" 2>&1
-  grep -E "passed|failed|FAILED" "$OUT/gpu_tests.txt" | tee -a "$LOG"
-  say "circle backend: $CIRCLE"
-  timeout 120 python3 benchmarks/profile_layers.py --side 4096 --out "$OUT/profile_layers.json" 2>&1 \
-    | grep -v -i warn | tee -a "$LOG"
-  say "circle kernel at flux-4k after the edge-only-masking change (vs FlexAttention)"
-  timeout 120 python3 benchmarks/kernels_local.py --cases flux-4k --flex flux-4k --tiled --no-dense \
-    --out "$OUT/kernels_local_circle.json" 2>&1 | grep -v -i warn | tail -12 | tee -a "$LOG"
-  say "16K high-resolution run ($(left)s left)"
-  T16=$(( $(left) - 90 )); [ "$T16" -gt 240 ] && T16=240
-  timeout "$T16" python3 benchmarks/highres16k.py --out "$OUT/highres16k.json" --steps 20 \
-    --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
-  cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
-  mins() { awk -v s="$(( $(left) - $1 ))" 'BEGIN { printf "%.2f", (s > 0 ? s : 0) / 60 }'; }
-  python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --row-seconds 60 --models flux \
-    --resolutions 1024 4096 2048 --impls cudnn linear_auto local_circle --circle-backend "$CIRCLE" \
-    --max-minutes "$(mins 15)" 2>&1 | grep -v -i warn | tee -a "$LOG"
 elif [ "$PHASE" = flux2 ]; then
   # after the FLUX overhead work (fused RoPE, token-major concatenation and outputs): GPU tests of
   # the changed kernels (SIGINT on timeout so pytest still prints its summary), the per-kernel
