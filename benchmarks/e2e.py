@@ -410,11 +410,6 @@ def impl_unavailable(impl: str, device: torch.device, circle_backend: str = "aut
             return "xformers is not installed"
         if device.type != "cuda":
             return "xformers needs CUDA"
-    if impl == "local_circle" and circle_backend == "auto" and device.type == "cuda":
-        from linfusion.kernels.dispatch import TRITON_LOCAL_CIRCLE_ENABLED
-
-        if not TRITON_LOCAL_CIRCLE_ENABLED:
-            return "the Triton circle path is off by default (reference is O(N^2)); --circle-backend triton forces it"
     if impl == "local_flex":
         try:
             from torch.nn.attention import flex_attention  # noqa: F401

@@ -221,11 +221,8 @@ def estimate_attention_ms(
         raise ValueError(f"shape must be 'tile' or 'circle', got {shape!r}")
     if keys_per_query is None:
         raise ValueError("local attention needs keys_per_query (see linfusion.crossover.window_keys)")
-    from .kernels.dispatch import TRITON_LOCAL_CIRCLE_ENABLED
-
-    # the reference (CPU, and CUDA circles while the Triton circle path is disabled) visits every key
-    reference = p.local_visits_all_keys or (shape == "circle" and not TRITON_LOCAL_CIRCLE_ENABLED)
-    kpq = n if reference else min(int(keys_per_query), n)
+    # the reference (CPU) visits every key
+    kpq = n if p.local_visits_all_keys else min(int(keys_per_query), n)
     ms = _elementwise_ms(p, 2 * 3 * e * b * h * total * d, launches=3) if t else 0.0  # [text | image]
     flops = 4.0 * b * h * d * (n * (kpq + t) + t * total)
     nbytes = e * b * h * total * d * 4

@@ -65,9 +65,9 @@ elif [ "$PHASE" = flux2 ]; then
   "${E2E[@]}" --models flux --resolutions 4096 8192 --impls linear_relu linear cudnn_fused cudnn local_tile \
     --max-minutes "$(mins 8)" 2>&1 | grep -v -i warn | tee -a "$LOG"
 elif [ "$PHASE" = next ]; then
-  # next session: the whole circle test set on the GPU (interior-chunk cases never ran there; if all
-  # pass, TRITON_LOCAL_CIRCLE_ENABLED can be flipped), layers="auto" rows since dense layers run the
-  # original processor (must be >= 1.0x at 1024²), then the 16K run with the hook-based FF chunking
+  # the whole circle test set on the GPU (all 25 passed on 2026-11-29, which enabled the Triton circle
+  # path), layers="auto" rows since dense layers run the original processor (>= 1.0x stock at 1024²),
+  # then the 16K run with the hook-based FF chunking
   say "circle tests on the GPU"
   timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider --runxfail -rfE -k "circle or ellipse" \
     tests/test_kernels_local.py >"$OUT/gpu_tests.txt" 2>&1

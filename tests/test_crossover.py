@@ -42,25 +42,8 @@ def test_speedup_grows_with_tokens(profile, config):
     assert times == sorted(times)
 
 
-@pytest.fixture
-def triton_circle_enabled(monkeypatch):
-    """Price circles as the Triton kernel (what the sm90 profile was calibrated on)."""
-    from linfusion.kernels import dispatch
-
-    monkeypatch.setattr(dispatch, "TRITON_LOCAL_CIRCLE_ENABLED", True)
-
-
-def test_disabled_triton_circle_never_pays_on_cuda():
-    """While circles run on the O(N²) reference, layers="auto" must keep them dense."""
-    grid = (256, 256)
-    assert not patched_pays_off(CIRCLE, batch=1, heads=24, tokens=65536, head_dim=128, text_len=512, grid=grid,
-                                dtype=torch.bfloat16, device="cuda", profile="cuda-sm90")
-    assert patched_pays_off(TILE, batch=1, heads=24, tokens=65536, head_dim=128, text_len=512, grid=grid,
-                            dtype=torch.bfloat16, device="cuda", profile="cuda-sm90")
-
-
 @pytest.mark.parametrize("config", [LINEAR, TILE, CIRCLE], ids=["linear", "tile", "circle"])
-def test_dense_wins_small_patched_wins_large_on_sm90(config, triton_circle_enabled):
+def test_dense_wins_small_patched_wins_large_on_sm90(config):
     assert not patched_pays_off(config, profile="cuda-sm90", **flux_layer(256))
     assert not patched_pays_off(config, profile="cuda-sm90", **flux_layer(512))
     assert patched_pays_off(config, profile="cuda-sm90", **flux_layer(4096))
@@ -74,7 +57,7 @@ def test_flux_linear_crossover_between_1k_and_2k_on_sm90():
     assert speedup(LINEAR, profile="cuda-sm90", **flux_layer(2048)) > 3
 
 
-def test_matches_h200_measurements(triton_circle_enabled):
+def test_matches_h200_measurements():
     # FLUX-4K dense cuDNN 86.5 ms; tile window (no text, 1,920 keys/query) 3.57 ms
     dense = estimate_attention_ms("dense", batch=1, heads=24, tokens=65536, head_dim=128, text_len=512,
                                   profile="cuda-sm90")

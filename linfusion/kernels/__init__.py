@@ -6,21 +6,18 @@ the reference elsewhere; see :mod:`linfusion.kernels.dispatch`.
 
 from __future__ import annotations
 
-import functools
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .dispatch import TRITON_LOCAL_CIRCLE_ENABLED, available_backends, choose_backend
+from .dispatch import available_backends, choose_backend
 from .linear_reference import accumulation_dtype
 from .linear_reference import linear_attention_apply as _apply_reference
 from .linear_reference import linear_attention_reference
 from .linear_reference import linear_attention_state as _state_reference
 from .local_reference import local_attention_mask, local_attention_reference
 from .rope_reference import rotary_embedding_reference
-
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +29,6 @@ def _triton_rejects(check: Callable[..., None], *tensors: torch.Tensor) -> str |
     except (ValueError, TypeError, RuntimeError) as error:
         return str(error)
     return None
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_circle_once() -> None:
-    warnings.warn(
-        "LinFusion: exact circular windows run on the PyTorch reference on CUDA for now (the Triton circle "
-        "path is disabled pending a verified fix); shape='tile' windows run on Triton at full speed",
-        stacklevel=3,
-    )
 
 
 def linear_attention(
@@ -155,9 +143,6 @@ def local_attention(
         from .local_triton import _check_inputs, local_attention_triton
 
         reason = _triton_rejects(_check_inputs, q, k, v) if backend is None else None
-        if backend is None and shape == "circle" and not TRITON_LOCAL_CIRCLE_ENABLED:
-            reason = "the Triton circle path is disabled until its GPU fix is verified (use shape='tile')"
-            _warn_circle_once()
         if reason is None:
             return local_attention_triton(q, k, v, grid, window, text_len, shape, tile)
         logger.debug("local attention: PyTorch reference, Triton refused: %s", reason)

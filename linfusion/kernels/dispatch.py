@@ -16,11 +16,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "torch")
-#: The Triton local kernel's exact-circle path gave wrong results on an H200 for some small grids
-#: (e.g. 13x21, tile 8x8, r=5) while the CPU interpreter agrees with the reference; until a fix is
-#: verified on a GPU, backend=None runs circles on the PyTorch reference (correct, but O(N^2)) and
-#: ``layers="auto"`` prices them that way. ``shape="tile"`` windows use Triton (verified).
-TRITON_LOCAL_CIRCLE_ENABLED = False
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
