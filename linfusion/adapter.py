@@ -80,7 +80,8 @@ def save_adapter(obj: Any, directory: str | os.PathLike, dense_fallback: bool | 
             continue
         options = record.config.to_dict()
         options["layers"] = list(record.layers)  # a predicate is stored as what it selected
-        if dense_fallback is not None:
+        # retrained base weights rule the fallback out (see mark_base_params_trained)
+        if dense_fallback is not None and not record.original_base_params:
             options["dense_fallback"] = dense_fallback
         params = dict(model.named_parameters())
         components[component] = {
@@ -172,6 +173,12 @@ def load_adapter(
             raise AdapterMismatchError(f"adapter is for the {entry['family']} family, the model is {family.name}")
         _check_same_model(component, entry, model)
         options = dict(entry["options"], layers=entry["layers"], backend=backend)
+        if dense_fallback and entry.get("base_params"):
+            raise ValueError(
+                f"dense_fallback=True cannot be honoured: the adapter's {component!r} retrained "
+                f"{len(entry['base_params'])} base weights (e.g. {entry['base_params'][0]!r}), so dense attention "
+                "with them is not the original model; leave dense_fallback unset"
+            )
         if dense_fallback is not None:
             options["dense_fallback"] = dense_fallback
         plans.append((component, model, PatchConfig.from_dict(options), entry))

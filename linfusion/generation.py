@@ -111,15 +111,36 @@ def _device_of(pipe) -> torch.device:
     return torch.device(pipe._execution_device if hasattr(pipe, "_execution_device") else default_device())
 
 
-def _optional_kwargs(guidance_scale: float | None, negative_prompt: str | None, callback) -> dict[str, Any]:
+def step_callback_kwargs(pipe, callback) -> dict[str, Any]:
+    """Pipeline kwargs that call ``callback(pipe, step_index, timestep, callback_kwargs)`` after
+    every denoising step, in whichever API the pipeline has.
+
+    Most pipelines take ``callback_on_step_end``; PixArt (LinFusion-Mini's class) still has the
+    legacy ``callback(step, timestep, latents)`` with ``callback_steps`` and would swallow an
+    unknown ``callback_on_step_end`` in its ``**kwargs`` -- no progress, no cancel -- so the name
+    is checked against the signature, never just passed.
+    """
+    if callback is None:
+        return {}
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in params:
+        return {"callback_on_step_end": callback}
+    if "callback" in params and "callback_steps" in params:
+        def legacy(step_index: int, timestep, latents) -> None:
+            callback(pipe, step_index, timestep, {"latents": latents})
+
+        return {"callback": legacy, "callback_steps": 1}
+    raise TypeError(f"{type(pipe).__name__} takes no per-step callback (neither callback_on_step_end nor callback)")
+
+
+def _optional_kwargs(pipe, guidance_scale: float | None, negative_prompt: str | None, callback) -> dict[str, Any]:
     """Pipeline kwargs that are passed only when set (so each pipeline keeps its own defaults)."""
     kwargs: dict[str, Any] = {}
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
     if negative_prompt:
         kwargs["negative_prompt"] = negative_prompt
-    if callback is not None:
-        kwargs["callback_on_step_end"] = callback
+    kwargs.update(step_callback_kwargs(pipe, callback))
     return kwargs
 
 
@@ -158,7 +179,7 @@ def run_pipeline(
     kwargs: dict[str, Any] = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     kwargs["output_type"] = "np"
-    kwargs.update(_optional_kwargs(guidance_scale, negative_prompt, callback))
+    kwargs.update(_optional_kwargs(pipe, guidance_scale, negative_prompt, callback))
     video = is_video_pipeline(pipe)
     if video and num_frames:
         kwargs["num_frames"] = num_frames
@@ -189,7 +210,7 @@ def run_highres(
 
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
-    kwargs = _optional_kwargs(guidance_scale, negative_prompt, callback)
+    kwargs = _optional_kwargs(pipe, guidance_scale, negative_prompt, callback)
     output, seconds, peak = _timed(_device_of(pipe), lambda: generate_highres(
         pipe, prompt, height, width, steps=steps, strength=strength, lean=lean,
         generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **kwargs))

@@ -254,16 +254,26 @@ def iter_processors(obj: Any) -> Iterator[tuple[str, str, LinFusionProcessor]]:
 
 def mark_base_params_trained(model: nn.Module, names: Iterable[str]) -> None:
     """Remember base weights (e.g. q/k/v/out) that training will change, so unpatch restores them
-    and :func:`save_adapter` stores them."""
+    and :func:`save_adapter` stores them.
+
+    It also turns the dense fallback off for good: with retrained base weights, "the original
+    attention" would run softmax on projections trained for the replacement -- neither the
+    original model nor the student (the bundled Mini students drew noise that way at 128 px).
+    """
     record = patch_record(model)
     if record is None:
         raise ValueError("mark_base_params_trained needs a patched model")
     params = dict(model.named_parameters())
+    names = list(names)
     for name in names:
         if name not in params:
             raise KeyError(f"{type(model).__name__} has no parameter {name!r}")
         if name not in record.original_base_params:
             record.original_base_params[name] = params[name].detach().to("cpu", copy=True)
+    if names:
+        record.config = dataclasses.replace(record.config, dense_fallback=False)  # configs may be shared
+        for processor in record.processors().values():
+            processor.dense_fallback = None
 
 
 def describe(obj: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 from linfusion.testing.tiny_pipelines import save_tiny_pipeline  # noqa: E402
 
 #: True: the default model (LinFusion-Mini, through load_pipeline(None)); False: a tiny saved pipeline
-USE_MINI = False
+USE_MINI = True
 SIZE = dict(width=96, height=64, steps=2)
 
 
@@ -118,18 +118,18 @@ def test_failed_generation_is_reported_and_the_server_stays_healthy(server, clie
     from linfusion.patch import is_patched
 
     engine = server[0]
-    unet = engine.pipe.unet
-    original_forward = unet.forward
+    denoiser = getattr(engine.pipe, "transformer", None) or engine.pipe.unet
+    original_forward = denoiser.forward
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated out of memory")
 
-    unet.forward = broken
+    denoiser.forward = broken
     try:
         with pytest.raises(AppError, match="Generation failed: RuntimeError: simulated out of memory"):
             generate(client, "this one fails")
     finally:
-        unet.forward = original_forward
+        denoiser.forward = original_forward
     assert not is_patched(engine.pipe)
     check_result(generate(client, "this one works"))
 
@@ -203,3 +203,13 @@ def test_cuda_memory_check_uses_free_memory(server, monkeypatch):
     with pytest.raises(ValueError, match=r"needs about .* GB of GPU memory but only 2.0 GB is free"):
         engine.check_memory(4096, 4096)
     assert [size for _, size in engine.presets()][-1][0] < 4096
+
+
+def test_timing_text_explains_a_slower_accelerated_run():
+    from linfusion.app.engine import Comparison
+
+    def text(original, accelerated):
+        return Comparison("p", "LinFusion linear", 128, 128, 2, 0, None, None, original, accelerated).timing_text()
+
+    assert "no gain at this size" in text(1.0, 1.2)
+    assert "no gain" not in text(1.2, 1.0) and "speedup 1.20×" in text(1.2, 1.0)

@@ -31,12 +31,14 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from test_app import start_demo  # noqa: E402
+from test_app import USE_MINI, start_demo  # noqa: E402
 
 #: the README's screenshot, rewritten only on request (LINFUSION_UPDATE_SCREENSHOT=1) so a test run
 #: leaves the working tree clean; otherwise the screenshot goes to the test's temporary folder
 README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "demo.png"
-PROMPT = "a red fox in the snow, golden hour"
+#: on LinFusion-Mini: a prompt of its world at its native size, with enough steps for a real picture
+PROMPT, WIDTH, HEIGHT, STEPS = (("a red circle above a blue square on a white background", 128, 128, 12) if USE_MINI
+                                else ("a red fox in the snow, golden hour", 96, 64, 2))
 
 
 @pytest.fixture(scope="module")
@@ -95,19 +97,19 @@ def test_a_person_generates_and_sees_both_images(page, tmp_path):
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt textarea"), message="page did not load")
     assert "LinFusion: original vs accelerated" in driver.find_element(By.TAG_NAME, "body").text
     find(driver, "#prompt textarea").send_keys(PROMPT)
-    set_field(driver, "#width input", 96)
-    set_field(driver, "#height input", 64)
-    set_field(driver, "#steps input", 2)
+    set_field(driver, "#width input", WIDTH)
+    set_field(driver, "#height input", HEIGHT)
+    set_field(driver, "#steps input", STEPS)
     find(driver, "#generate").click()
 
     wait_for(driver, lambda d: image_size(d, "original") and image_size(d, "accelerated"), timeout=90,
              message="the two images never appeared")
-    assert image_size(driver, "original") == [96, 64]
-    assert image_size(driver, "accelerated") == [96, 64]
+    assert image_size(driver, "original") == [WIDTH, HEIGHT]
+    assert image_size(driver, "accelerated") == [WIDTH, HEIGHT]
     wait_for(driver, lambda d: "Done" in status_text(d), message="the status never said Done")
     timing = find(driver, "#timing").text
     assert "Original:" in timing and "LinFusion linear:" in timing and "speedup" in timing
-    assert "96×64 px, 2 steps" in timing
+    assert f"{WIDTH}×{HEIGHT} px, {STEPS} steps" in timing
     body = driver.find_element(By.TAG_NAME, "body").text
     assert "Original (softmax attention)" in body and "Accelerated (LinFusion)" in body
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img"), message="no gallery entry")

@@ -48,3 +48,27 @@ def test_generate_highres_reaches_the_target_size(tmp_path, sd15_dir):
                        "--steps", "2", "--highres", "--method", "linear", "--out", "hr.png", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "hr.png").size == (128, 96)
+
+
+@pytest.mark.parametrize("family", ["sd15", "pixart_sigma"])
+def test_step_callback_reaches_every_step_in_either_pipeline_api(family):
+    """SD takes callback_on_step_end; PixArt (LinFusion-Mini's class) only the legacy callback and
+    would swallow callback_on_step_end in **kwargs: no progress bar, no cancel in the demo."""
+    from linfusion.generation import run_pipeline, run_highres
+    from linfusion.testing.tiny_pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+
+    def on_step_end(p, step_index, timestep, callback_kwargs):
+        assert "latents" in callback_kwargs
+        seen.append(step_index)
+        return callback_kwargs
+
+    size = 32 if family == "sd15" else 64
+    run_pipeline(pipe, "a red circle", height=size, width=size, steps=3, callback=on_step_end)
+    assert seen == [0, 1, 2]
+    seen.clear()
+    run_highres(pipe, "a red circle", height=2 * size, width=2 * size, steps=2, strength=0.5, callback=on_step_end)
+    assert len(seen) >= 3  # native pass and the refinement pass both report

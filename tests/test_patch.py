@@ -305,6 +305,31 @@ def test_adapter_keeps_trained_base_weights_and_unpatch_restores_them(tmp_path):
     assert np.array_equal(generate(pipe, "sd15"), original)
 
 
+def test_retrained_base_weights_turn_the_dense_fallback_off(tmp_path):
+    """Dense attention on projections retrained for the replacement is neither the original model nor
+    the student, so once base weights are trained no layer falls back, in memory or from an adapter."""
+    from linfusion.patch import mark_base_params_trained, patch_record
+
+    pipe = build_tiny_pipeline("sd15")
+    patch_pipeline(pipe, method="linear", layers="all", dense_fallback=True)
+    generate(pipe, "sd15")
+    processors = list(patch_record(pipe.unet).processors().values())
+    assert {p.last_choice for p in processors} == {"dense"}  # tiny sizes: the fallback would run dense
+    name = next(n for n, _ in pipe.unet.named_parameters() if n.endswith("attn1.to_q.weight"))
+    mark_base_params_trained(pipe.unet, [name])
+    with torch.no_grad():
+        dict(pipe.unet.named_parameters())[name].mul_(1.5)
+    student = generate(pipe, "sd15")
+    assert {p.last_choice for p in processors} == {"patched"}
+    save_adapter(pipe, tmp_path / "a", dense_fallback=True)  # what trainers ask for
+    meta = json.loads((tmp_path / "a" / "linfusion_adapter.json").read_text())
+    assert meta["components"]["unet"]["options"]["dense_fallback"] is False
+    with pytest.raises(ValueError, match="dense_fallback=True cannot be honoured"):
+        patch_pipeline(build_tiny_pipeline("sd15"), adapter=str(tmp_path / "a"), dense_fallback=True)
+    fresh = patch_pipeline(build_tiny_pipeline("sd15"), adapter=str(tmp_path / "a"))
+    assert np.array_equal(generate(fresh, "sd15"), student)
+
+
 def test_config_round_trip():
     config = PatchConfig(method="local", window=(2, 3), tile=[2, 4], shape="tile")
     assert PatchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -112,6 +112,8 @@ class Comparison:
         text += f" · {self.width}×{self.height} px, {self.steps} steps, seed {self.seed}"
         if self.note:
             text += f" · {self.note}"
+        if self.speedup < 1:  # say it plainly rather than leave a slower number unexplained
+            text += " · no gain at this size: the attention is a small share of the work here; the gain grows with resolution"
         return text
 
     def caption(self) -> str:
