@@ -10,8 +10,8 @@ CPU smoke mode (the tiny SDXL pipeline, 32 → 128 px)::
 
 Recipe: native 1024² base pass, then ×2 stages (2048, 4096, 8192, 16384) of bicubic upscale +
 SDEdit refinement with the patched UNet, tiled VAE, lean mode (CFG halves one at a time,
-feed-forward chunking, model CPU offload). Records wall time per pass, total time and peak GPU
-memory (``torch.cuda.max_memory_allocated``) in ``{"env", "config", "total_s", "peak_gb", ...}``.
+feed-forward chunking, model CPU offload). Records total time, time per pass (``pass_seconds``)
+and peak GPU memory (``torch.cuda.max_memory_allocated``) in ``{"env", "config", "total_s", "peak_gb", ...}``.
 The CLIP text encoders are tiny stand-ins (their cost is irrelevant at this size); the UNet and
 VAE are real-size.
 """
@@ -101,12 +101,24 @@ def main(argv=None, log=print) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    step_seconds: dict[str, float] = {}  # denoising time per pass, keyed by latent size
+    last = [time.perf_counter()]
+
+    def on_step_end(_pipe, _index, _timestep, callback_kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        key = "x".join(str(pipe.vae_scale_factor * n) for n in callback_kwargs["latents"].shape[-2:])
+        step_seconds[key] = round(step_seconds.get(key, 0.0) + now - last[0], 2)
+        last[0] = now
+        return callback_kwargs
+
+    t0 = last[0] = time.perf_counter()
     out = generate_highres(
         pipe, "a detailed aerial photo of a coastal city", args.size, args.size, base_height=args.base,
         base_width=args.base, steps=args.steps, refine_steps=args.refine_steps, strength=args.strength,
         vae_tile=args.vae_tile, lean=not args.no_lean, generator=torch.Generator("cpu").manual_seed(0),
-        output_type="np", guidance_scale=5.0,
+        output_type="np", guidance_scale=5.0, callback_on_step_end=on_step_end,
     )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -120,6 +132,9 @@ def main(argv=None, log=print) -> int:
         "image_shape": list(image.shape),
         "finite": bool(torch.isfinite(torch.from_numpy(image)).all()),
         "total_s": round(total, 2),
+        # time from the previous step's end (or the start) to each step's end, summed per pass: a
+        # pass's first step also carries the upscale + VAE encode before it; the final decode is not in any
+        "pass_seconds": step_seconds,
         "build_s": round(build_s, 2),
         "peak_gb": round(peak, 2),
     }

@@ -110,6 +110,7 @@ def test_highres16k_tiny(tmp_path):
     result = json.loads(out.read_text())
     assert result["sizes"][-1] == [128, 128] and result["image_shape"] == [1, 128, 128, 3]
     assert result["finite"]
+    assert list(result["pass_seconds"]) == ["x".join(map(str, size)) for size in result["sizes"]]
 
 
 def test_bench_command_parses_and_finds_scripts():

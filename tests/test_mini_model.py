@@ -214,6 +214,17 @@ def test_bundled_weights_fit_the_budget():
 
 
 @needs_bundle
+def test_every_bundled_file_is_package_data():
+    """`pip install` (not only an editable install) must carry every weight file."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["*"]
+    files = [p.name for p in bundle.WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert files and all(any(fnmatch.fnmatch(name, pat) for pat in patterns) for name in files), files
+
+
+@needs_bundle
 def test_bundled_pipeline_and_adapters_load_offline_and_are_deterministic():
     from linfusion import patch_pipeline, unpatch_pipeline
     from linfusion.mini.quality import generate
