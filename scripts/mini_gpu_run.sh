@@ -19,6 +19,7 @@
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),
 # MINI_DISTILL_STEPS (1200), MINI_DISTILL_PROMPTS (192), MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s),
+# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train; note: MINI_DEADLINE < 200 divides the distill steps by 3),
 # MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
 set -uo pipefail
 T0=$(date +%s)
@@ -46,7 +47,9 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 
 if [ "$STAGE" = all ] || [ "$STAGE" = teacher ]; then
   say "teacher: $MINUTES min"
-  python3 -m linfusion.mini.train --out "$WORK" --minutes "$MINUTES" --device "$DEVICE" --no-distill "${TRAIN_FLAGS[@]}" 2>&1 | tee -a "$LOG"
+  # shellcheck disable=SC2086 # MINI_TRAIN_ARGS is a list of extra flags, e.g. "--batch-sizes 64,1024,512"
+  python3 -m linfusion.mini.train --out "$WORK" --minutes "$MINUTES" --device "$DEVICE" --no-distill "${TRAIN_FLAGS[@]}" \
+    ${MINI_TRAIN_ARGS:-} 2>&1 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" = 0 ] || { say "teacher training failed"; exit 1; }
   python3 -m linfusion.mini.package pack "$WORK" "$OUT" >>"$LOG" 2>&1   # weights come back even if later stages run out of time
   cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null

@@ -303,6 +303,31 @@ def test_render_chunks_carry_object_masks_and_the_bank_pools_them_to_the_latent_
     assert objects.shape == (4, latent, latent) and objects.dtype == torch.bool
 
 
+def test_bank_caches_the_frozen_text_states_of_rows_added_before_and_after_attaching():
+    from linfusion.mini import model as mm
+    from linfusion.mini.data import render_chunk
+    from linfusion.mini.train import Bank
+
+    components = mm.build_components(mm.SMOKE)
+    vae, encoder, tokenizer = components["vae"].eval(), components["text_encoder"], components["tokenizer"]
+    cpu = torch.device("cpu")
+    latent = 64 // mm.SMOKE.vae_factor
+    first, second = render_chunk((0, 0, 5, 64)), render_chunk((0, 1, 4, 64))
+    bank = Bank(16, (mm.SMOKE.latent_channels, latent, latent), len(first.targets[0]), cpu, torch.float32)
+    bank.add_chunks([first], vae, tokenizer, cpu)
+    with pytest.raises(RuntimeError, match="attach_text_encoder"):
+        bank.sample_encoded(2, cpu)
+    bank.attach_text_encoder(encoder, batch=2)  # batches smaller than the rows present
+    bank.add_chunks([second], vae, tokenizer, cpu)
+    assert bank.size == 9 and not encoder.training
+    with torch.no_grad():
+        expected = encoder(bank.ids[:9], attention_mask=bank.mask[:9]).last_hidden_state
+    torch.testing.assert_close(bank.hidden[:9], expected)
+    z, hidden, mask, objects = bank.sample_encoded(6, cpu)
+    assert hidden.shape == (6, mm.TEXT_LEN, mm.SMOKE.text_dim) and mask.shape == (6, mm.TEXT_LEN)
+    assert z.shape[0] == objects.shape[0] == 6
+
+
 def test_object_weighted_mse_and_mid_schedule_timesteps():
     from linfusion.mini import train
 
