@@ -328,6 +328,25 @@ def test_bank_caches_the_frozen_text_states_of_rows_added_before_and_after_attac
     assert z.shape[0] == objects.shape[0] == 6
 
 
+def test_vae_loss_weights_object_pixels_and_is_the_plain_loss_without_objects():
+    import torch.nn.functional as F
+
+    from linfusion.mini import train
+
+    torch.manual_seed(0)
+    rec, x = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
+    none = torch.zeros(2, 8, 8, dtype=torch.bool)
+    plain = (rec - x).abs().mean() + F.mse_loss(rec, x) + train._edge_l1(rec, x)
+    torch.testing.assert_close(train.vae_reconstruction_loss(rec, x, none), plain)
+    objects = none.clone()
+    objects[:, :2] = True
+    bad_on_objects = rec.clone()
+    bad_on_objects[:, :, :2] += 0.5  # the same error moved onto object pixels costs more
+    bad_elsewhere = rec.clone()
+    bad_elsewhere[:, :, 4:6] += 0.5
+    assert train.vae_reconstruction_loss(bad_on_objects, x, objects) > train.vae_reconstruction_loss(bad_elsewhere, x, objects)
+
+
 def test_object_weighted_mse_and_mid_schedule_timesteps():
     from linfusion.mini import train
 
