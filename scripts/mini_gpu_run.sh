@@ -47,7 +47,7 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 
 if [ "$STAGE" = all ] || [ "$STAGE" = teacher ]; then
   say "teacher: $MINUTES min"
-  # shellcheck disable=SC2086 # MINI_TRAIN_ARGS is a list of extra flags, e.g. "--batch-sizes 64,1024,512"
+  # shellcheck disable=SC2086 # MINI_TRAIN_ARGS is a list of extra flags, e.g. "--batch-sizes 64,1024,1024"
   python3 -m linfusion.mini.train --out "$WORK" --minutes "$MINUTES" --device "$DEVICE" --no-distill "${TRAIN_FLAGS[@]}" \
     ${MINI_TRAIN_ARGS:-} 2>&1 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" = 0 ] || { say "teacher training failed"; exit 1; }
