@@ -719,7 +719,7 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
     _write(out / "train_summary.json", summary)
     if distill:
         summary["distill"] = distill_students(
-            out, steps=distill_steps or (2 if smoke else 1200), prompts=distill_prompts or (2 if smoke else 192),
+            out, steps=distill_steps or (2 if smoke else 1500), prompts=distill_prompts or (2 if smoke else 512),
             data_steps=2 if smoke else 20, batch_size=2 if smoke else 64,
             parallel=cuda if distill_parallel is None else distill_parallel, device=device,
         )
@@ -753,8 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default=None, help="VAE,TEXT,DIT batch sizes (default 64,1024,512; smoke 8,16,8)")
     parser.add_argument("--check-prompts", type=int, default=None, help="held-out prompts for the teacher read-out (64)")
     parser.add_argument("--no-distill", dest="distill", action="store_false", help="train the teacher only")
-    parser.add_argument("--distill-steps", type=int, default=None, help="steps per student (default 1200; smoke 2)")
-    parser.add_argument("--distill-prompts", type=int, default=None, help="teacher-data prompts (default 192)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="steps per student (default 1500; smoke 2)")
+    parser.add_argument("--distill-prompts", type=int, default=None, help="teacher-data prompts (default 512)")
     parser.add_argument("--distill-parallel", choices=["auto", "yes", "no"], default="auto",
                         help="run both students at once as subprocesses (default: on CUDA)")
     args = parser.parse_args(argv)
