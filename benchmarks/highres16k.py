@@ -78,6 +78,7 @@ def main(argv=None, log=print) -> int:
     args = parser.parse_args(argv)
 
     from linfusion import patch_pipeline
+    from linfusion.generation import step_callback_kwargs
     from linfusion.pipelines.highres import generate_highres, plan_stages
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -118,7 +119,7 @@ def main(argv=None, log=print) -> int:
         pipe, "a detailed aerial photo of a coastal city", args.size, args.size, base_height=args.base,
         base_width=args.base, steps=args.steps, refine_steps=args.refine_steps, strength=args.strength,
         vae_tile=args.vae_tile, lean=not args.no_lean, generator=torch.Generator("cpu").manual_seed(0),
-        output_type="np", guidance_scale=5.0, callback_on_step_end=on_step_end,
+        output_type="np", guidance_scale=5.0, **step_callback_kwargs(pipe, on_step_end),
     )
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -18,7 +18,8 @@
 # Knobs (environment): MINI_MINUTES (teacher training, default 5), MINI_STAGE=all|teacher|students
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),
-# MINI_DISTILL_STEPS (1500), MINI_DISTILL_PROMPTS (512; 192 in attempt 3, where 833 and 1200 steps scored alike: ~20 passes over its 3840 samples), MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s),
+# MINI_DISTILL_STEPS, MINI_DISTILL_PROMPTS (default: DISTILL_STEPS / DISTILL_PROMPTS of linfusion/mini/train.py),
+# MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s),
 # MINI_TRAIN_ARGS (extra flags for linfusion.mini.train; note: MINI_DEADLINE < 200 divides the distill steps by 3),
 # MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
 set -uo pipefail
@@ -30,7 +31,7 @@ MINUTES=${MINI_MINUTES:-5}
 DEADLINE=${MINI_DEADLINE:-570}
 DEVICE=${MINI_DEVICE:-cuda}
 SMOKE=${MINI_SMOKE:-}
-TRAIN_FLAGS=(); BENCH_FLAGS=(--workers 12 --checker-n 100); DISTILL=(1500 512 20 64)
+TRAIN_FLAGS=(); BENCH_FLAGS=(--workers 12 --checker-n 100); DISTILL=(default default 20 64)  # steps, prompts: train.py's
 if [ -n "$SMOKE" ]; then TRAIN_FLAGS=(--smoke); BENCH_FLAGS=(--quick); DISTILL=(2 2 2 2); fi
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/run_log.txt"
@@ -58,15 +59,19 @@ if [ "$STAGE" = students ]; then
   rm -rf "$WORK/pipeline" && cp -r linfusion/mini/weights/pipeline "$WORK/pipeline" || { say "no unpacked pipeline"; exit 1; }
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = students ]; then
-  STEPS=${MINI_DISTILL_STEPS:-${DISTILL[0]}}
-  if [ "$(left)" -lt 200 ]; then STEPS=$(( STEPS / 3 )); fi
-  say "students: $STEPS steps each ($(left)s left)"
-  python3 - "$WORK" "$STEPS" "${MINI_DISTILL_PROMPTS:-${DISTILL[1]}}" "${DISTILL[2]}" "${DISTILL[3]}" "$DEVICE" <<'PY' 2>&1 | tee -a "$LOG"
+  SHORT=0; if [ "$(left)" -lt 200 ]; then SHORT=1; fi   # little time left: a third of the steps
+  say "students ($(left)s left)"
+  python3 - "$WORK" "${MINI_DISTILL_STEPS:-${DISTILL[0]}}" "${MINI_DISTILL_PROMPTS:-${DISTILL[1]}}" "${DISTILL[2]}" \
+    "${DISTILL[3]}" "$DEVICE" "$SHORT" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys, torch
 from pathlib import Path
-from linfusion.mini.train import distill_students
+from linfusion.mini.train import DISTILL_PROMPTS, DISTILL_STEPS, distill_students
 out = Path(sys.argv[1])
-summary = distill_students(out, steps=int(sys.argv[2]), prompts=int(sys.argv[3]), data_steps=int(sys.argv[4]),
+steps = DISTILL_STEPS if sys.argv[2] == "default" else int(sys.argv[2])
+prompts = DISTILL_PROMPTS if sys.argv[3] == "default" else int(sys.argv[3])
+steps = max(1, steps // 3) if sys.argv[7] == "1" else steps
+print(f"students: {steps} steps each on {prompts} prompts", flush=True)
+summary = distill_students(out, steps=steps, prompts=prompts, data_steps=int(sys.argv[4]),
                            batch_size=int(sys.argv[5]), parallel=True, device=torch.device(sys.argv[6]))
 path = out / "train_summary.json"
 data = json.loads(path.read_text()) if path.exists() else {}

@@ -113,7 +113,7 @@ class Comparison:
         if self.note:
             text += f" · {self.note}"
         if self.speedup < 1:  # say it plainly rather than leave a slower number unexplained
-            text += " · no gain at this size: the attention is a small share of the work here; the gain grows with resolution"
+            text += " · no gain at this size: the replacement pays off at higher resolutions"
         return text
 
     def caption(self) -> str:

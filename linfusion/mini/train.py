@@ -62,6 +62,9 @@ VAE_OBJECT_WEIGHT = 4.0
 #: share of training timesteps drawn from MID_T (else uniform over all): in the second teacher,
 #: shapes and counts were decided, and lost, between t = 800 and t = 400
 MID_T, MID_T_SHARE = (150, 800), 0.7
+#: students: steps each and teacher-data prompts (attempt 3 used 1200 and 192; 192 prompts x 20 steps
+#: were ~20 passes over the data, and 833 steps scored like 1200)
+DISTILL_STEPS, DISTILL_PROMPTS = 1500, 512
 
 
 # --------------------------------------------------------------------------- helpers
@@ -261,9 +264,11 @@ class Bank:
                                   device=device)
         for i in range(0, self.size, batch):
             rows = torch.arange(i, min(i + batch, self.size), device=device)
-            self.hidden[rows] = self._encode(self.ids[rows], self.mask[rows])
+            self.hidden[rows] = self.encode_text(self.ids[rows], self.mask[rows])
 
-    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(n, TEXT_LEN, d_model) states of token ``ids``/``mask`` (n, TEXT_LEN) in the bank's dtype."""
         with autocast(ids.device):
             return self.text_encoder(ids, attention_mask=mask).last_hidden_state.to(self.z.dtype)
 
@@ -302,7 +307,7 @@ class Bank:
                 covered = upload(objects[i : i + n])[:, None].float()
                 self.objects[rows] = F.adaptive_max_pool2d(covered, self.objects.shape[1:])[:, 0] > 0
             if self.hidden is not None:
-                self.hidden[rows] = self._encode(self.ids[rows], self.mask[rows])
+                self.hidden[rows] = self.encode_text(self.ids[rows], self.mask[rows])
             self.pos = (self.pos + n) % self.capacity
             self.size = min(self.capacity, self.size + n)
             self.added += n
@@ -384,7 +389,7 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
     ema = EMA(transformer, ema_decay)
     alphas = scheduler.alphas_cumprod.to(device, torch.float32)
     empty_ids, empty_mask = (t.to(device) for t in mm.tokenize(tokenizer, [""]))
-    empty_hidden = bank._encode(empty_ids, empty_mask)
+    empty_hidden = bank.encode_text(empty_ids, empty_mask)
     added = {"resolution": None, "aspect_ratio": None}
     history, t0 = [], time.time()
     forward = _maybe_compiled(transformer, device)
@@ -719,7 +724,7 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
     _write(out / "train_summary.json", summary)
     if distill:
         summary["distill"] = distill_students(
-            out, steps=distill_steps or (2 if smoke else 1500), prompts=distill_prompts or (2 if smoke else 512),
+            out, steps=distill_steps or (2 if smoke else DISTILL_STEPS), prompts=distill_prompts or (2 if smoke else DISTILL_PROMPTS),
             data_steps=2 if smoke else 20, batch_size=2 if smoke else 64,
             parallel=cuda if distill_parallel is None else distill_parallel, device=device,
         )
@@ -753,8 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default=None, help="VAE,TEXT,DIT batch sizes (default 64,1024,512; smoke 8,16,8)")
     parser.add_argument("--check-prompts", type=int, default=None, help="held-out prompts for the teacher read-out (64)")
     parser.add_argument("--no-distill", dest="distill", action="store_false", help="train the teacher only")
-    parser.add_argument("--distill-steps", type=int, default=None, help="steps per student (default 1500; smoke 2)")
-    parser.add_argument("--distill-prompts", type=int, default=None, help="teacher-data prompts (default 512)")
+    parser.add_argument("--distill-steps", type=int, default=None, help=f"steps per student (default {DISTILL_STEPS}; smoke 2)")
+    parser.add_argument("--distill-prompts", type=int, default=None, help=f"teacher-data prompts (default {DISTILL_PROMPTS})")
     parser.add_argument("--distill-parallel", choices=["auto", "yes", "no"], default="auto",
                         help="run both students at once as subprocesses (default: on CUDA)")
     args = parser.parse_args(argv)
