@@ -46,7 +46,7 @@ from .data import RenderStream, to_tensor, to_uint8
 
 #: local attention radius (latent tokens) of the student: the base grid is 16x16 tokens
 LOCAL_WINDOW = 4
-#: attempt 4: the VAE's share up from 0.22 (its reconstructions capped attempt 3 at 72% adherence)
+#: attempt 4: the VAE's share up from 0.22 (its reconstructions passed the checker only 73% of the time in attempt 3)
 STAGE_SHARES = {"vae": 0.28, "text": 0.05, "dit": 0.67}
 #: VAE training window (px): random crops of the 128 px renders, for the first VAE_CROP_SHARE of its
 #: time; full frames after that (a crop-only VAE tinted flat full-frame backgrounds: 31 dB on
@@ -57,7 +57,7 @@ VAE_CROP_SHARE = 0.6
 #: failure of the second teacher was on objects, which cover a few % of the pixels.
 OBJECT_WEIGHT = 4.0
 #: the same weighting in the VAE's reconstruction loss: attempt 3's VAE reached 31 dB on whole frames
-#: yet broke up small textured objects (72% of its reconstructions passed the checker)
+#: yet broke up small textured objects (73% of its reconstructions passed the checker)
 VAE_OBJECT_WEIGHT = 4.0
 #: share of training timesteps drawn from MID_T (else uniform over all): in the second teacher,
 #: shapes and counts were decided, and lost, between t = 800 and t = 400
