@@ -22,7 +22,11 @@ The model (one formula per GPU kernel the method runs)::
   key tiles, per-token masks).
 * patched layer extras (:func:`patched_layer_ms`): LinFusion's feature MLPs (two GEMMs of
   ``C×m`` plus norms), LiT's depthwise conv, the hedgehog map, the global pooled branch,
-  and for ``gate=True`` the dense branch too.
+  and for ``gate=True`` the dense branch too; plus a fixed per-layer ``layer_overhead_us``
+  per method, fitted to measured end-to-end steps (``benchmarks/crossover_vs_e2e.py --fit``):
+  at 1K the kernels are tiny and what decides is this fixed cost, which kernel benchmarks
+  cannot see (SDXL at 1024² with every layer linear measured 88 ms a step slower than dense
+  while the kernel-level terms predicted +4 ms).
 
 ``wave_efficiency`` accounts for the last partial wave of thread blocks on ``sms``
 multiprocessors (matters for small grids). Constants live in ``crossover_profiles.json``
@@ -78,6 +82,10 @@ class DeviceProfile:
     head_dim_scale: dict[str, float] = dataclasses.field(default_factory=dict)
     dtype_scale: dict[str, float] = dataclasses.field(default_factory=dict)
     local_visits_all_keys: bool = False
+    #: fixed cost per patched layer and call, per method ("linear", "local"), in µs: the patched
+    #: processor's host-side work and small kernels, invisible to kernel benchmarks; it decides
+    #: the crossover at small sizes. Fitted to end-to-end rows by benchmarks/crossover_vs_e2e.py.
+    layer_overhead_us: dict[str, float] = dataclasses.field(default_factory=dict)
     margin: float = 1.0
     source: str = ""
 
@@ -319,6 +327,7 @@ def patched_layer_ms(
     if config.gate:
         extra += estimate_attention_ms("dense", **{**common, "text_len": t})
         extra += _elementwise_ms(p, 3 * e * b * h * (n + t) * d, launches=3)
+    extra += p.layer_overhead_us.get(config.method, 0.0) * 1e-3
     return ms + extra
 
 
