@@ -580,8 +580,11 @@ def main(argv=None, log=print) -> int:
             earlier = json.load(f)["rows"]
 
     def merged(rows: list[dict]) -> list[dict]:
-        """Earlier rows, each replaced by this run's row of the same (model, resolution, impl)."""
+        """Earlier rows, each replaced by this run's row of the same (model, resolution, impl),
+        unless this run skipped or failed a row that was measured before (keep the measurement)."""
         key = lambda r: (r["model"], r["resolution"], r["impl"])  # noqa: E731
+        measured_before = {key(r) for r in earlier if r.get("step_ms") is not None}
+        rows = [r for r in rows if r.get("step_ms") is not None or key(r) not in measured_before]
         new = {key(r) for r in rows}
         return [r for r in earlier if key(r) not in new] + rows
 

@@ -3,10 +3,10 @@
 # per phase. From the developer machine (.whl/ holds the diffusers + importlib_metadata wheels):
 #   run(command="PHASE=matrix bash scripts/gpu_e2e_run.sh", carry=[".whl"], timeout_s=600)
 # PHASE=tests:   every test that needs CUDA (kernels, RoPE, real-size pipelines), -rfE summary.
-# PHASE=matrix:  the e2e rows still missing from benchmarks/results/e2e.json: FLUX exact-circle rows
-#                (the Triton circle path is on since 2026-11-29), FlexAttention at 8192², then SDXL,
-#                PixArt-Σ and SD3.5-medium at 1024², 2048² and 8192², default SDPA and FlexAttention
-#                at 4096², Wan default SDPA; appended to the committed e2e.json.
+# PHASE=matrix:  the e2e rows still missing from benchmarks/results/e2e.json (after 2026-11-29):
+#                layers="auto" rows of SDXL / PixArt-Σ / SD3.5-m at 1K and 2K with their dense rows,
+#                Wan default SDPA, SDXL default SDPA at 8K, PixArt-Σ dense at 8K, SD3.5-m at 8K;
+#                appended to the committed e2e.json.
 # PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py).
 # Earlier phases (circle diagnosis, FLUX overhead work, auto rows, first 16K run) are in git history.
 # Everything lands in $OUT (e2e.json, e2e.png, gpu_tests.txt, highres16k.json, log.txt).
@@ -36,22 +36,20 @@ tests)
   grep -E "passed|failed|FAILED|Interrupted" "$OUT/gpu_tests.txt" | tee -a "$LOG"
   ;;
 matrix)
+  # each call runs under `timeout -s INT` so the phase ends inside the device call's 600 s; e2e.py writes
+  # e2e.json after every row, and a skipped row never replaces an earlier measurement
   cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
   E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 120)
-  say "FLUX circle and FlexAttention rows"
-  "${E2E[@]}" --models flux --resolutions 1024 2048 4096 8192 --impls local_circle \
-    --max-minutes "$(mins 420)" 2>&1 | grep -v -i warn | tee -a "$LOG"
-  "${E2E[@]}" --models flux --resolutions 8192 --impls local_flex --max-minutes "$(mins 360)" 2>&1 \
-    | grep -v -i warn | tee -a "$LOG"
-  say "image families at 1K / 2K / 8K"
-  "${E2E[@]}" --models sdxl pixart sd35m --resolutions 1024 2048 --impls cudnn sdpa_default linear local_tile \
-    --max-minutes "$(mins 240)" 2>&1 | grep -v -i warn | tee -a "$LOG"
-  "${E2E[@]}" --models sdxl pixart sd35m --resolutions 4096 --impls sdpa_default local_flex \
-    --max-minutes "$(mins 170)" 2>&1 | grep -v -i warn | tee -a "$LOG"
-  "${E2E[@]}" --models wan13b --video-resolutions 480p 720p --impls sdpa_default \
-    --max-minutes "$(mins 130)" 2>&1 | grep -v -i warn | tee -a "$LOG"
-  "${E2E[@]}" --models sdxl pixart sd35m --resolutions 8192 --impls linear local_tile cudnn \
-    --max-minutes "$(mins 5)" 2>&1 | grep -v -i warn | tee -a "$LOG"
+  e2e() { local keep=$1; shift; local t=$(( $(left) - keep )); [ "$t" -gt 20 ] || { say "no time for: $*"; return; }
+          timeout -s INT "$t" "${E2E[@]}" --max-minutes "$(mins "$keep")" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"; }
+  say "layers=auto beside dense, SDXL / PixArt-Σ / SD3.5-m at 1K and 2K (never slower?)"
+  e2e 420 --models sdxl pixart sd35m --resolutions 1024 2048 --impls cudnn linear_auto
+  say "Wan default SDPA; SDXL default SDPA at 8K"
+  e2e 330 --models wan13b --video-resolutions 480p 720p --impls sdpa_default
+  e2e 290 --models sdxl --resolutions 8192 --impls sdpa_default
+  say "PixArt-Σ dense at 8K (~50 s a step), SD3.5-m at 8K"
+  e2e 200 --models pixart --resolutions 8192 --impls cudnn
+  e2e 10 --models sd35m --resolutions 8192 --impls linear local_tile cudnn
   ;;
 highres)
   say "16K high-resolution run ($(left)s left)"

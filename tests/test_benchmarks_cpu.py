@@ -79,6 +79,13 @@ def test_e2e_append_keeps_earlier_rows_and_replaces_the_remeasured_ones(tmp_path
     assert sorted((r["model"], r["impl"]) for r in rows) == [("flux", "linear"), ("sdxl", "linear"),
                                                              ("sdxl", "local_tile")]
     assert not (tmp_path / "e2e.json.tmp").exists()
+    # a re-run that skips a row (here: no time budget) keeps the earlier measurement
+    before = {(r["model"], r["impl"]): r["step_ms"] for r in rows}
+    e2e.main(["--tiny", "--models", "sdxl", "--resolutions", "64", "--impls", "linear", "--append", "--max-minutes", "0",
+              "--out", str(out)], **quiet)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["model"], r["impl"]): r["step_ms"] for r in rows} == before
+    assert all(r["step_ms"] is not None for r in rows)
 
 
 def test_e2e_flex_route_matches_reference():
