@@ -15,6 +15,8 @@
 #   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl", "linfusion/mini/weights"], timeout_s=600)
 #   (keep linfusion/mini/weights/ in .git/info/exclude until the targets are met: unpacked weights must
 #   not be committed by a stray `git add -A`; ignored paths travel to the device only through carry)
+# Attempt 5 (benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700):
+#   run(command='MINI_STAGE=teacher MINI_MINUTES=7.5 MINI_TRAIN_ARGS="--timestep-band 550,750,0.5" bash scripts/mini_gpu_run.sh', carry=[".whl"], timeout_s=600)
 # Knobs (environment): MINI_MINUTES (teacher training, default 5), MINI_STAGE=all|teacher|students
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),

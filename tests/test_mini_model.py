@@ -365,6 +365,14 @@ def test_object_weighted_mse_and_mid_schedule_timesteps():
     inside = ((t >= lo) & (t < hi)).float().mean().item()
     expected = train.MID_T_SHARE + (1 - train.MID_T_SHARE) * (hi - lo) / 1000
     assert abs(inside - expected) < 0.02
+    band = train.sample_timesteps(20000, 1000, "cpu", (550, 750, 0.5))
+    inside = ((band >= 550) & (band < 750)).float().mean().item()
+    assert abs(inside - (0.5 + 0.5 * 0.2)) < 0.02
+    with pytest.raises(ValueError, match="timestep band"):
+        train.sample_timesteps(4, 1000, "cpu", (750, 550, 0.5))
+    assert train._parse_band("550,750,0.5") == (550, 750, 0.5) and train._parse_band(None) is None
+    with pytest.raises(SystemExit, match="LO,HI,SHARE"):
+        train._parse_band("550-750")
 
 
 def test_step_profiler_logs_a_window_and_never_raises(monkeypatch, capsys):

@@ -355,12 +355,16 @@ def train_text(text_encoder, head, bank: Bank, budget: Budget, device, batch: in
 # --------------------------------------------------------------------------- stage 3: transformer
 
 
-def sample_timesteps(n: int, num_train: int, device) -> torch.Tensor:
-    """``n`` training timesteps: MID_T_SHARE of them uniform in MID_T, the rest uniform over all."""
-    lo, hi = MID_T
+def sample_timesteps(n: int, num_train: int, device, band: tuple[int, int, float] | None = None) -> torch.Tensor:
+    """``n`` training timesteps: a ``share`` of them uniform in ``[lo, hi)``, the rest uniform over all.
+
+    ``band`` is ``(lo, hi, share)``; None: ``(*MID_T, MID_T_SHARE)``."""
+    lo, hi, share = band if band is not None else (*MID_T, MID_T_SHARE)
+    if not (0 <= lo < hi <= num_train and 0.0 <= share <= 1.0):
+        raise ValueError(f"timestep band needs 0 <= lo < hi <= {num_train} and 0 <= share <= 1, got {(lo, hi, share)}")
     everywhere = torch.randint(0, num_train, (n,), device=device)
     middle = torch.randint(lo, hi, (n,), device=device)
-    return torch.where(torch.rand(n, device=device) < MID_T_SHARE, middle, everywhere)
+    return torch.where(torch.rand(n, device=device) < share, middle, everywhere)
 
 
 def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
@@ -374,7 +378,7 @@ def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, objects: torch
 
 def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: RenderStream, scheduler,
               budget: Budget, device, batch: int, lr: float, cfg_drop: float = 0.1,
-              ema_decay: float = 0.998) -> dict:
+              ema_decay: float = 0.998, timestep_band: tuple[int, int, float] | None = None) -> dict:
     """v-prediction training of the transformer on the (frozen, pre-trained) text encoder's states.
 
     Returns the summary; ``summary["raw_state"]`` holds the last raw weights (CPU) and the
@@ -408,7 +412,7 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
         drop = torch.rand(batch, device=device) < cfg_drop
         hidden = torch.where(drop[:, None, None], empty_hidden, hidden)
         mask = torch.where(drop[:, None], empty_mask, mask)
-        t = sample_timesteps(batch, alphas.numel(), device)
+        t = sample_timesteps(batch, alphas.numel(), device, timestep_band)
         a = alphas[t].sqrt()[:, None, None, None]
         s = (1 - alphas[t]).sqrt()[:, None, None, None]
         noise = torch.randn_like(z)
@@ -652,7 +656,8 @@ def quick_adherence(folder: Path, device, n: int, steps: int) -> dict:
 def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, seed: int = 0, workers: int | None = None,
               steps: dict[str, int | None] | None = None, distill: bool = True, distill_steps: int | None = None,
               distill_prompts: int | None = None, distill_parallel: bool | None = None,
-              batch_sizes: tuple[int, int, int] | None = None, check_prompts: int | None = None) -> dict:
+              batch_sizes: tuple[int, int, int] | None = None, check_prompts: int | None = None,
+              timestep_band: tuple[int, int, float] | None = None) -> dict:
     cfg = mm.SMOKE if smoke else mm.FULL
     steps = steps or {}
     out.mkdir(parents=True, exist_ok=True)
@@ -701,7 +706,9 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
         log(f"text {summary['text']}")
         summary["dit"] = train_dit(components["transformer"], components["text_encoder"], tokenizer,
                                    components["vae"], bank, stream, components["scheduler"],
-                                   Budget(seconds["dit"], steps.get("dit")), device, batch["dit"], 1e-3)
+                                   Budget(seconds["dit"], steps.get("dit")), device, batch["dit"], 1e-3,
+                                   timestep_band=timestep_band)
+        summary["dit"]["timestep_band"] = list(timestep_band or (*MID_T, MID_T_SHARE))
         log(f"dit steps {summary['dit']['steps']} samples {summary['dit']['samples']} "
             f"unique images {summary['dit']['unique_images']} ({summary['dit']['steps_per_second']} steps/s)")
     finally:
@@ -744,6 +751,18 @@ def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1, default=str))
 
 
+def _parse_band(text: str | None) -> tuple[int, int, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi, share = text.split(",")
+        band = (int(lo), int(hi), float(share))
+    except ValueError:
+        raise SystemExit(f"--timestep-band takes LO,HI,SHARE (e.g. 550,750,0.5), got {text!r}") from None
+    sample_timesteps(1, 1000, "cpu", band)  # validates
+    return band
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linfusion.mini.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (pipeline/, adapter-*/, train_summary.json)")
@@ -757,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dit-steps", type=int, default=None)
     parser.add_argument("--batch-sizes", default=None, help="VAE,TEXT,DIT batch sizes (default 64,1024,512; smoke 8,16,8)")
     parser.add_argument("--check-prompts", type=int, default=None, help="held-out prompts for the teacher read-out (64)")
+    parser.add_argument("--timestep-band", default=None,
+                        help=f"LO,HI,SHARE: share of the transformer's training timesteps drawn from [LO, HI) "
+                             f"(default {MID_T[0]},{MID_T[1]},{MID_T_SHARE})")
     parser.add_argument("--no-distill", dest="distill", action="store_false", help="train the teacher only")
     parser.add_argument("--distill-steps", type=int, default=None, help=f"steps per student (default {DISTILL_STEPS}; smoke 2)")
     parser.add_argument("--distill-prompts", type=int, default=None, help=f"teacher-data prompts (default {DISTILL_PROMPTS})")
@@ -771,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
                         workers=args.workers, steps=steps, distill=args.distill, distill_steps=args.distill_steps,
                         distill_prompts=args.distill_prompts, distill_parallel=parallel,
                         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None,
-                        check_prompts=args.check_prompts)
+                        check_prompts=args.check_prompts, timestep_band=_parse_band(args.timestep_band))
     log(f"done in {summary['total_seconds']} s: {args.out}")
     return 0
 
