@@ -72,6 +72,8 @@ def main(argv=None, log=print) -> int:
     parser.add_argument("--steps", type=int, default=20, help="base pass steps")
     parser.add_argument("--refine-steps", type=int, default=20)
     parser.add_argument("--strength", type=float, default=0.5)
+    parser.add_argument("--upscale", default="bicubic", choices=("bicubic", "latent"),
+                        help="between stages: pixel space (VAE decode + encode) or on the latents")
     parser.add_argument("--vae-tile", type=int, default=None)
     parser.add_argument("--no-lean", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny SDXL on CPU, 32 -> 128 px")
@@ -118,7 +120,7 @@ def main(argv=None, log=print) -> int:
     out = generate_highres(
         pipe, "a detailed aerial photo of a coastal city", args.size, args.size, base_height=args.base,
         base_width=args.base, steps=args.steps, refine_steps=args.refine_steps, strength=args.strength,
-        vae_tile=args.vae_tile, lean=not args.no_lean, generator=torch.Generator("cpu").manual_seed(0),
+        upscale=args.upscale, vae_tile=args.vae_tile, lean=not args.no_lean, generator=torch.Generator("cpu").manual_seed(0),
         output_type="np", guidance_scale=5.0, **step_callback_kwargs(pipe, on_step_end),
     )
     if device.type == "cuda":

@@ -202,6 +202,7 @@ def run_highres(
     negative_prompt: str | None = None,
     strength: float = 0.6,
     lean: bool = False,
+    upscale: str = "bicubic",
     callback=None,
 ) -> GenerationResult:
     """The high-resolution recipe (native pass, then upscale + SDEdit refinement), timed like
@@ -212,7 +213,7 @@ def run_highres(
         raise ValueError("the prompt is empty")
     kwargs = _optional_kwargs(pipe, guidance_scale, negative_prompt, callback)
     output, seconds, peak = _timed(_device_of(pipe), lambda: generate_highres(
-        pipe, prompt, height, width, steps=steps, strength=strength, lean=lean,
+        pipe, prompt, height, width, steps=steps, strength=strength, lean=lean, upscale=upscale,
         generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **kwargs))
     return GenerationResult(list(output.images), seconds, peak)
 

@@ -7,7 +7,8 @@
 #                layers="auto" rows of SDXL / PixArt-Σ / SD3.5-m at 1K and 2K with their dense rows,
 #                Wan default SDPA, SDXL default SDPA at 8K, PixArt-Σ dense at 8K, SD3.5-m at 8K;
 #                appended to the committed e2e.json.
-# PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py).
+# PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py), with the
+#                latent upscale (no VAE pass between stages) and then the pixel-space one.
 # Earlier phases (circle diagnosis, FLUX overhead work, auto rows, first 16K run) are in git history.
 # Everything lands in $OUT (e2e.json, e2e.png, gpu_tests.txt, highres16k.json, log.txt).
 set -uo pipefail
@@ -52,7 +53,12 @@ matrix)
   e2e 10 --models sd35m --resolutions 8192 --impls linear local_tile cudnn
   ;;
 highres)
-  say "16K high-resolution run ($(left)s left)"
+  # the latent upscale first (no VAE encode/decode between stages: where the pixel run's time is
+  # expected to go), then the pixel-space run with its per-pass timer, each under the call's deadline
+  say "16K high-resolution run, latent upscale ($(left)s left)"
+  timeout $(( $(left) - 200 )) python3 benchmarks/highres16k.py --out "$OUT/highres16k_latent.json" --steps 20 \
+    --refine-steps 10 --strength 0.5 --upscale latent 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
+  say "16K high-resolution run, pixel upscale ($(left)s left)"
   timeout $(( $(left) - 10 )) python3 benchmarks/highres16k.py --out "$OUT/highres16k.json" --steps 20 \
     --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
   ;;

@@ -118,6 +118,9 @@ def test_highres16k_tiny(tmp_path):
     assert result["sizes"][-1] == [128, 128] and result["image_shape"] == [1, 128, 128, 3]
     assert result["finite"]
     assert list(result["pass_seconds"]) == ["x".join(map(str, size)) for size in result["sizes"]]
+    bench.main(["--tiny", "--upscale", "latent", "--out", str(out)], log=lambda *a: None)
+    latent = json.loads(out.read_text())
+    assert latent["config"]["upscale"] == "latent" and latent["finite"] and latent["sizes"] == result["sizes"]
 
 
 def test_bench_command_parses_and_finds_scripts():

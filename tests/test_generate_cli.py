@@ -48,6 +48,10 @@ def test_generate_highres_reaches_the_target_size(tmp_path, sd15_dir):
                        "--steps", "2", "--highres", "--method", "linear", "--out", "hr.png", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "hr.png").size == (128, 96)
+    result = linfusion("generate", "a red circle", "--model", sd15_dir, "--height", "96", "--width", "128",
+                       "--steps", "2", "--highres", "--upscale", "latent", "--out", "hr-latent.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "hr-latent.png").size == (128, 96)
 
 
 @pytest.mark.parametrize("family", ["sd15", "pixart_sigma"])

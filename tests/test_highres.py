@@ -133,3 +133,37 @@ def test_plan_stages_defaults_and_errors():
         generate_highres(build_tiny_pipeline("wan21"), "a cat", 64, 64)
     with pytest.raises(TypeError, match="unknown pipeline argument"):
         generate_highres(pipe, "a cat", 64, 64, steps=1, not_an_arg=3)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart_sigma", "flux"])
+def test_latent_upscale_skips_the_vae_between_stages(family, monkeypatch):
+    from linfusion.pipelines import highres
+
+    pipe = build_tiny_pipeline(family)
+    patch_pipeline(pipe, method="linear", layers="all")
+    calls = {"encode": 0, "decode": 0}
+    for name in ("encode", "decode"):
+        original = getattr(highres, f"_{name}")
+
+        def counted(*args, _original=original, _name=name, **kw):
+            calls[_name] += 1
+            return _original(*args, **kw)
+
+        monkeypatch.setattr(highres, f"_{name}", counted)
+    out = _run(pipe, family, upscale="latent")
+    (h, w), _ = SIZES.get(family, ((64, 96), (32, 48)))
+    assert out.images.shape == (1, h, w, 3) and np.isfinite(out.images).all()
+    assert calls == {"encode": 0, "decode": 1}  # only the final image
+    pixel = _run(pipe, family)
+    assert not np.allclose(pixel.images, out.images)  # a different path, not a silent fallback
+    assert calls["encode"] == 2 and calls["decode"] == 1 + 3
+
+
+def test_upscale_latents_shape_and_dtype():
+    from linfusion.pipelines.highres import _upscale_latents
+
+    z = torch.randn(2, 4, 5, 7, dtype=torch.bfloat16)
+    up = _upscale_latents(z, (10, 14))
+    assert up.shape == (2, 4, 10, 14) and up.dtype == torch.bfloat16
+    flat = _upscale_latents(torch.full((1, 4, 3, 5), 0.7), (6, 10))
+    torch.testing.assert_close(flat, torch.full((1, 4, 6, 10), 0.7))  # a constant stays constant

@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--highres", action="store_true",
                         help="high-resolution recipe: native-size pass, then upscale + refine stages (image models)")
     parser.add_argument("--strength", type=float, default=0.6, help="refinement strength per --highres stage")
+    parser.add_argument("--upscale", choices=["bicubic", "latent"], default="bicubic",
+                        help="--highres upscale between stages: bicubic in pixel space (VAE decode + encode), or "
+                             "bicubic on the latents (no VAE pass between stages; softer, use more --strength)")
     parser.add_argument("--lean", action="store_true",
                         help="memory-lean --highres: chunked CFG, feed-forward chunking, CPU offload on CUDA")
     parser.add_argument("--compare", action="store_true",
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     def generate(steps: int = args.steps):
         if args.highres:
-            return run_highres(pipe, args.prompt, steps=steps, strength=args.strength, lean=args.lean, **common)
+            return run_highres(pipe, args.prompt, steps=steps, strength=args.strength, lean=args.lean,
+                               upscale=args.upscale, **common)
         return run_pipeline(pipe, args.prompt, steps=steps, num_frames=args.num_frames, **common)
 
     try:

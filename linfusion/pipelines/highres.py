@@ -45,7 +45,7 @@ from .vae_tiling import (
 )
 
 IMAGE_DENOISERS = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
-UPSCALE_MODES = ("bicubic", "bilinear", "nearest")
+UPSCALE_MODES = ("bicubic", "bilinear", "nearest", "latent")
 _CHUNK_HOOK = "linfusion_batch_chunking"
 
 
@@ -380,7 +380,10 @@ def generate_highres(
         steps: denoising steps of the base pass.
         refine_steps: ``num_inference_steps`` of each refinement (default ``steps``); it runs
             ``int(refine_steps · strength)`` of them.
-        upscale: "bicubic", "bilinear", "nearest", or ``f(images in [-1, 1], (h, w)) -> images``.
+        upscale: "bicubic", "bilinear", "nearest" (in pixel space: decode, upscale, encode), "latent"
+            (bicubic on the latents: no VAE pass between stages, only the final decode; the VAE
+            at 8K-16K costs more than the refinement steps, but a latent upscale is softer, so
+            give it more strength), or ``f(images in [-1, 1], (h, w)) -> images``.
         tiled_vae: tile VAE encode/decode (diffusers' tiling, or LinFusion's fallback).
         vae_tile: VAE tile size in pixels (None: the VAE's default).
         lean: chunked CFG, feed-forward chunking and (CUDA) model CPU offload.
@@ -451,12 +454,22 @@ def _upscale(images: torch.Tensor, size: tuple[int, int], mode) -> torch.Tensor:
     return out.clamp(-1, 1).to(images.dtype)
 
 
+def _upscale_latents(latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upscale of (B, C, h, w) model-space latents to ``size`` (latent pixels)."""
+    return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False).to(latents.dtype)
+
+
 def _refine(pipe, refiner, latents, prompt, height, width, strength, steps, upscale, generator, kwargs):
     vae = pipe.vae
-    images = _upscale(_decode(vae, latents), (height, width), upscale)
-    del latents
-    init = _encode(vae, images)
-    del images
+    if upscale == "latent":
+        factor = int(pipe.vae_scale_factor)
+        init = _upscale_latents(latents, (height // factor, width // factor))
+        del latents
+    else:
+        images = _upscale(_decode(vae, latents), (height, width), upscale)
+        del latents
+        init = _encode(vae, images)
+        del images
     if refiner is None:
         call = _base_kwargs(pipe, prompt, height, width, steps, generator, kwargs)
         call.pop("num_inference_steps")
