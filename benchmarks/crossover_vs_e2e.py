@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.write:
             data = json.loads(PROFILES_PATH.read_text())
             data["profiles"][args.profile]["layer_overhead_us"] = fitted
+            data["profiles"][args.profile]["layer_overhead_source"] = (
+                f"benchmarks/crossover_vs_e2e.py --fit on {args.e2e} ({len(rows)} rows)")
             PROFILES_PATH.write_text(json.dumps(data, indent=2) + "\n")
             print(f"wrote {PROFILES_PATH}")
     result = compare(rows, profile)
