@@ -34,7 +34,10 @@ Impls (``--impls``):
 * ``local_flex``: the same circle window through ``torch.nn.attention.flex_attention`` on
   row-major tokens (CLEAR's implementation). The core has no flex backend, so this script
   routes ``LocalAttention``'s kernel call to a FlexAttention function for the duration of
-  the row; block masks are built once per resolution and their build time is recorded.
+  the row; block masks are built once per resolution and their build time is recorded;
+* ``local_flex_tiled``: the same circle through FlexAttention on tile-ordered tokens with a
+  table-lookup mask (``flex_baseline.py``, as in the kernel benchmark): the strongest FlexAttention
+  setup, the baseline for ``local_circle``; the two token gathers around it are timed too.
 
 Skips: a row whose predicted time (from the previous resolution of the same model and impl,
 quadratic for dense, linear for patched) exceeds ``--row-seconds``, or that would overrun
@@ -62,12 +65,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flex_baseline  # noqa: E402
 
 IMAGE_RESOLUTIONS = ("1024", "2048", "4096", "8192")
 VIDEO_RESOLUTIONS = ("480p", "720p")
 VIDEO_SIZES = {"480p": (480, 832), "720p": (720, 1280), "tiny-v": (64, 64)}
 IMPLS = ("cudnn", "cudnn_fused", "sdpa_default", "xformers", "linear", "linear_relu", "linear_auto", "local_tile", "local_circle",
-         "local_flex")
+         "local_flex", "local_flex_tiled")
 DENSE_IMPLS = ("cudnn", "cudnn_fused", "sdpa_default", "xformers")
 DEFAULT_MODELS = ("flux", "sdxl", "sd35m", "pixart", "wan13b")
 
@@ -266,12 +271,12 @@ def _compiled_flex():
 
 
 @contextlib.contextmanager
-def flex_route():
-    """Route LocalAttention's kernel call to FlexAttention (benchmark only)."""
+def flex_route(attention):
+    """Route LocalAttention's kernel call to ``attention`` (a FlexAttention function; benchmark only)."""
     import linfusion.methods.local as local_module
 
     original = local_module.local_attention
-    local_module.local_attention = _flex_local_attention
+    local_module.local_attention = attention
     try:
         yield
     finally:
@@ -346,7 +351,9 @@ def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
             patch_model(net, **options)
             patched = True
             if impl == "local_flex":
-                stack.enter_context(flex_route())
+                stack.enter_context(flex_route(_flex_local_attention))
+            elif impl == "local_flex_tiled":
+                stack.enter_context(flex_route(flex_baseline.flex_local_attention_tiled))
         yield
     finally:
         stack.close()
@@ -410,7 +417,7 @@ def impl_unavailable(impl: str, device: torch.device, circle_backend: str = "aut
             return "xformers is not installed"
         if device.type != "cuda":
             return "xformers needs CUDA"
-    if impl == "local_flex":
+    if impl in ("local_flex", "local_flex_tiled"):
         try:
             from torch.nn.attention import flex_attention  # noqa: F401
         except ImportError:
@@ -480,15 +487,16 @@ def run(args) -> dict:
                     args.log(f"{model:7s} {res_label:12s} {impl:13s} skipped: {reason}")
                     args.on_row(result)
                     continue
-                _FLEX_STATS["mask_build_s"] = 0.0
+                _FLEX_STATS["mask_build_s"] = flex_baseline.STATS["mask_build_s"] = 0.0
                 try:
                     with impl_context(impl, net, model, args.circle_backend):
                         step_ms, first_s, peak = time_step(net, kwargs, repeats, device)
                     row.update(step_ms=round(step_ms, 3), peak_gb=round(peak, 3), status="ok", tokens=tokens_of(grid),
                                first_call_s=round(first_s, 3), batch=batch, timed_calls=max(repeats, 1),
                                warmup=repeats > 0)
-                    if impl == "local_flex":
-                        row["mask_build_s"] = round(_FLEX_STATS["mask_build_s"], 3)
+                    if impl in ("local_flex", "local_flex_tiled"):
+                        stats = _FLEX_STATS if impl == "local_flex" else flex_baseline.STATS
+                        row["mask_build_s"] = round(stats["mask_build_s"], 3)
                     prev[impl] = row
                     args.log(f"{model:7s} {res_label:12s} {impl:13s} {step_ms:10.1f} ms/step  peak {peak:6.1f} GB")
                 except Exception as exc:  # noqa: BLE001 - record and go on

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flex_baseline import flex_mask_mod  # noqa: E402
 from timing import SLOW_MS, bench_ms, environment  # noqa: E402,F401
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -110,44 +111,6 @@ def make_qkv(B, H, L, D, seed=0, requires_grad=False):
     gen.manual_seed(seed)
     out = [torch.randn(B, H, L, D, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3)]
     return [t.requires_grad_(requires_grad) for t in out]
-
-
-def flex_mask_mod(grid, window, shape, tile, text_len, device):
-    """FlexAttention mask_mod over tile-ordered tokens, equal to the reference's mask."""
-    from linfusion.kernels.local_layout import get_layout, tile_order_index
-    from linfusion.kernels.local_reference import grid_coordinates
-
-    layout = get_layout(grid, window, shape, tile, "cpu")
-    coords = grid_coordinates(grid)
-    index = tile_order_index(grid, tile)
-    tcoords = torch.empty_like(coords)
-    tcoords[index] = coords
-    if len(grid) == 2:
-        tcoords = torch.cat([torch.zeros_like(tcoords[:, :1]), tcoords], 1)
-    pad = torch.zeros(text_len, 3, dtype=tcoords.dtype)
-    c = torch.cat([pad, tcoords]).to(torch.int32).to(device)
-    c0, c1, c2 = c[:, 0].contiguous(), c[:, 1].contiguous(), c[:, 2].contiguous()
-    T = text_len
-    if shape == "tile":
-        t0, t1, t2 = layout.tile
-        r0, r1, r2 = layout.radius
-        tc0, tc1, tc2 = c0 // t0, c1 // t1, c2 // t2  # tile coordinates, precomputed
-
-        def window_mod(q, kv):
-            return (((tc0[q] - tc0[kv]).abs() <= r0) & ((tc1[q] - tc1[kv]).abs() <= r1)
-                    & ((tc2[q] - tc2[kv]).abs() <= r2))
-    else:
-        w0, w1, w2, wt = (int(x) for x in layout.weights)
-        assert layout.mask_mode == 2, "benchmark circles use integer radii"
-
-        def window_mod(q, kv):
-            d0, d1, d2 = c0[q] - c0[kv], c1[q] - c1[kv], c2[q] - c2[kv]
-            return d0 * d0 * w0 + d1 * d1 * w1 + d2 * d2 * w2 <= wt
-
-    def mask_mod(b, h, q, kv):
-        return (q < T) | (kv < T) | window_mod(q, kv)
-
-    return mask_mod
 
 
 def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, dense: bool = True,

@@ -4,7 +4,8 @@
 #   run(command="PHASE=matrix bash scripts/gpu_e2e_run.sh", carry=[".whl"], timeout_s=600)
 # PHASE=tests:   every test that needs CUDA (kernels, RoPE, real-size pipelines), -rfE summary.
 # PHASE=matrix:  the e2e rows still missing from benchmarks/results/e2e.json (after 2026-11-29):
-#                layers="auto" rows of SDXL / PixArt-Σ / SD3.5-m at 1K and 2K with their dense rows,
+#                FLUX FlexAttention on tile-ordered tokens (local_flex_tiled) with circle and dense
+#                rows of the same call, layers="auto" rows of SDXL / PixArt-Σ / SD3.5-m at 1K and 2K with their dense rows,
 #                Wan default SDPA, SDXL default SDPA at 8K, PixArt-Σ dense at 8K, SD3.5-m at 8K;
 #                appended to the committed e2e.json.
 # PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py), with the
@@ -43,8 +44,10 @@ matrix)
   E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 120)
   e2e() { local keep=$1; shift; local t=$(( $(left) - keep )); [ "$t" -gt 20 ] || { say "no time for: $*"; return; }
           timeout -s INT "$t" "${E2E[@]}" --max-minutes "$(mins "$keep")" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"; }
+  say "FLUX: FlexAttention on tile-ordered tokens (the strongest flex baseline) beside the Triton circle"
+  e2e 470 --models flux --resolutions 4096 8192 --impls local_flex_tiled local_circle cudnn_fused
   say "layers=auto beside dense, SDXL / PixArt-Σ / SD3.5-m at 1K and 2K (never slower?)"
-  e2e 420 --models sdxl pixart sd35m --resolutions 1024 2048 --impls cudnn linear_auto
+  e2e 380 --models sdxl pixart sd35m --resolutions 1024 2048 --impls cudnn linear_auto
   say "Wan default SDPA; SDXL default SDPA at 8K"
   e2e 330 --models wan13b --video-resolutions 480p 720p --impls sdpa_default
   e2e 290 --models sdxl --resolutions 8192 --impls sdpa_default

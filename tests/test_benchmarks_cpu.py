@@ -88,6 +88,24 @@ def test_e2e_append_keeps_earlier_rows_and_replaces_the_remeasured_ones(tmp_path
     assert all(r["step_ms"] is not None for r in rows)
 
 
+@pytest.mark.parametrize("shape", ["circle", "tile"])
+def test_tiled_flex_baseline_matches_reference(shape):
+    """The FlexAttention baseline on tile-ordered tokens equals the reference, odd grids included."""
+    flex = _load("flex_baseline")
+    from linfusion.kernels import local_attention_reference
+
+    torch.manual_seed(0)
+    cases = (((13, 21), 5, (4, 8), 3), ((9, 10), 0, (8, 16), 7), ((3, 6, 7), 0, (2, 4, 4), (1, 3, 2)))
+    for grid, text, tile, window in cases:
+        n = text + torch.Size(grid).numel()
+        q, k, v = (torch.randn(2, 2, n, 16, dtype=torch.float64) for _ in range(3))
+        got = flex.flex_local_attention_tiled(q, k, v, grid, window, text_len=text, shape=shape, tile=tile)
+        want = local_attention_reference(q, k, v, grid, window, text_len=text, shape=shape, tile=tile)
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="integer circle radii"):
+        flex.flex_local_attention_tiled(q, k, v, (3, 6, 7), 2.5, shape="circle", tile=(2, 4, 4))
+
+
 def test_e2e_flex_route_matches_reference():
     e2e = _load("e2e")
     from linfusion.kernels import local_attention_reference
