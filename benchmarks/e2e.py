@@ -513,6 +513,15 @@ def run(args) -> dict:
     return result
 
 
+def resolution_order(label: str) -> tuple[int, str]:
+    """Sort key of a row's resolution: pixels per frame times frames ("4096x4096", "720p-81f")."""
+    if "x" in label and all(part.isdigit() for part in label.split("x")):
+        return math.prod(int(part) for part in label.split("x")), label
+    size, _, frames = label.partition("-")
+    h, w = VIDEO_SIZES.get(size, (0, 0))
+    return h * w * int(frames.rstrip("f") or 1) if frames.rstrip("f").isdigit() else h * w, label
+
+
 def plot(result: dict, path: str) -> bool:
     """Step time per resolution, one panel per model, one line per impl (log scale)."""
     try:
@@ -530,10 +539,10 @@ def plot(result: dict, path: str) -> bool:
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         mrows = [r for r in rows if r["model"] == model]
-        resolutions = list(dict.fromkeys(r["resolution"] for r in result["rows"] if r["model"] == model))
+        resolutions = sorted({r["resolution"] for r in mrows}, key=resolution_order)
         for impl in dict.fromkeys(r["impl"] for r in mrows):
-            pts = [(resolutions.index(r["resolution"]), r["step_ms"]) for r in mrows if r["impl"] == impl]
-            color = plt.get_cmap("tab10")(IMPLS.index(impl) % 10) if impl in IMPLS else None  # same colour in every panel
+            pts = sorted((resolutions.index(r["resolution"]), r["step_ms"]) for r in mrows if r["impl"] == impl)
+            color = plt.get_cmap("tab20")(IMPLS.index(impl) % 20) if impl in IMPLS else None  # same colour in every panel
             ax.plot(*zip(*pts), marker="o", label=impl, color=color, linestyle="--" if impl in DENSE_IMPLS else "-")
         ax.set_xticks(range(len(resolutions)), [r.split("x")[0] for r in resolutions])
         ax.set_yscale("log")

@@ -106,6 +106,14 @@ def test_tiled_flex_baseline_matches_reference(shape):
         flex.flex_local_attention_tiled(q, k, v, (3, 6, 7), 2.5, shape="circle", tile=(2, 4, 4))
 
 
+def test_e2e_plot_orders_resolutions_by_size():
+    e2e = _load("e2e")
+    labels = ["2048x2048", "8192x8192", "1024x1024", "4096x4096", "720p-81f", "480p-81f", "64x64"]
+    assert sorted(labels[:4] + labels[6:], key=e2e.resolution_order) == [
+        "64x64", "1024x1024", "2048x2048", "4096x4096", "8192x8192"]
+    assert sorted(labels[4:6], key=e2e.resolution_order) == ["480p-81f", "720p-81f"]
+
+
 def test_e2e_flex_route_matches_reference():
     e2e = _load("e2e")
     from linfusion.kernels import local_attention_reference
