@@ -6,7 +6,7 @@ model's per-layer estimates over the real layer inventory and compares:
 
 * ``measured_delta_ms``: patched step minus the strongest dense step of the same call;
 * ``predicted_delta_ms``: Σ over self-attention layers of (patched layer − dense layer);
-* ``auto_layers``: how many layers ``layers="auto"`` would patch at that size, and
+* ``auto_layers`` of ``layers``: how many layers ``layers="auto"`` would patch at that size, and
   ``auto_predicted_ms`` = dense step + Σ over those layers of (patched − dense).
 
 A row where the measured delta is positive (the patch is slower) while ``auto`` would still
@@ -133,7 +133,7 @@ def compare(rows: list[dict], profile: DeviceProfile | str = "cuda-sm90") -> lis
                 model=model, resolution=resolution, impl=impl, dense_impl=dense_impl, dense_ms=round(dense, 1),
                 measured_ms=round(steps[impl], 1), measured_delta_ms=round(measured, 1),
                 predicted_delta_ms=round(est["predicted_delta_ms"], 1),
-                auto_layers=f"{est['auto_layers']}/{est['layers']}",
+                auto_layers=est["auto_layers"], layers=est["layers"],
                 auto_predicted_ms=round(dense + est["auto_delta_ms"], 1),
                 # auto patches layers although the all-layers patch measured slower: a miscalibration
                 auto_risk=bool(est["auto_layers"] and measured > 0),
@@ -148,9 +148,8 @@ def fit_layer_overhead(rows: list[dict], profile: DeviceProfile | str = "cuda-sm
     for r in compare(rows, bare):
         if r["measured_delta_ms"] <= 0:
             continue
-        layers = int(r["auto_layers"].split("/")[1])
         method = IMPL_CONFIGS[r["impl"]]["method"]
-        excess_us = (r["measured_delta_ms"] - r["predicted_delta_ms"]) / layers * 1e3
+        excess_us = (r["measured_delta_ms"] - r["predicted_delta_ms"]) / r["layers"] * 1e3
         fitted[method] = max(fitted[method], math.ceil(excess_us / 10) * 10)
     return fitted
 
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {PROFILES_PATH}")
     result = compare(rows, profile)
     cols = ("model", "resolution", "impl", "dense_ms", "measured_ms", "measured_delta_ms", "predicted_delta_ms",
-            "auto_layers", "auto_risk")
+            "auto_layers", "layers", "auto_risk")
     print(" | ".join(cols))
     for r in result:
         print(" | ".join(str(r[c]) for c in cols))

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib.metadata
 import json
 import math
@@ -215,59 +214,13 @@ def max_side(model: str, tiny: bool) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------
-# FlexAttention route for `local_flex`
+# FlexAttention routes for `local_flex` and `local_flex_tiled`
 # ------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
-def _flex_block_mask(grid: tuple[int, ...], radii: tuple[float, ...], text_len: int, seq_len: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    dims = torch.tensor(grid, device=device)
-    inv_r2 = torch.tensor([1.0 / (r * r) if math.isfinite(r) else 0.0 for r in radii], device=device)
-
-    def coords(idx):
-        out, rest = [], idx
-        for d in reversed(range(len(grid))):
-            out.append(rest % dims[d])
-            rest = rest // dims[d]
-        return out[::-1]
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        qi, ki = q_idx - text_len, kv_idx - text_len
-        dist = 0.0
-        for d, (qc, kc) in enumerate(zip(coords(qi.clamp(min=0)), coords(ki.clamp(min=0)))):
-            delta = (kc - qc).float()
-            dist = dist + delta * delta * inv_r2[d]
-        return (q_idx < text_len) | (kv_idx < text_len) | (dist <= 1.0)
-
-    t0 = time.perf_counter()
-    mask = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, _compile=device != "cpu")
-    return mask, time.perf_counter() - t0
-
-
-_FLEX_STATS = {"mask_build_s": 0.0}
-
-
-def _flex_local_attention(q, k, v, grid, window, text_len=0, shape="circle", tile=None, backend=None):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    from linfusion.kernels.local_reference import normalize_window
-
-    radii = normalize_window(window, len(grid))
-    before = _flex_block_mask.cache_info().misses
-    mask, build_s = _flex_block_mask(tuple(grid), radii, text_len, q.shape[2], str(q.device.type))
-    if _flex_block_mask.cache_info().misses > before:
-        _FLEX_STATS["mask_build_s"] += build_s
-    fn = flex_attention if q.device.type == "cpu" else _compiled_flex()
-    return fn(q, k, v, block_mask=mask)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
+#: impl -> the function that replaces LocalAttention's kernel call (benchmarks/flex_baseline.py)
+FLEX_ROUTES = {"local_flex": flex_baseline.flex_local_attention_rowmajor,
+               "local_flex_tiled": flex_baseline.flex_local_attention_tiled}
 
 
 @contextlib.contextmanager
@@ -350,10 +303,8 @@ def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
                 options["temporal_window"] = 3
             patch_model(net, **options)
             patched = True
-            if impl == "local_flex":
-                stack.enter_context(flex_route(_flex_local_attention))
-            elif impl == "local_flex_tiled":
-                stack.enter_context(flex_route(flex_baseline.flex_local_attention_tiled))
+            if impl in FLEX_ROUTES:
+                stack.enter_context(flex_route(FLEX_ROUTES[impl]))
         yield
     finally:
         stack.close()
@@ -417,7 +368,7 @@ def impl_unavailable(impl: str, device: torch.device, circle_backend: str = "aut
             return "xformers is not installed"
         if device.type != "cuda":
             return "xformers needs CUDA"
-    if impl in ("local_flex", "local_flex_tiled"):
+    if impl in FLEX_ROUTES:
         try:
             from torch.nn.attention import flex_attention  # noqa: F401
         except ImportError:
@@ -487,16 +438,15 @@ def run(args) -> dict:
                     args.log(f"{model:7s} {res_label:12s} {impl:13s} skipped: {reason}")
                     args.on_row(result)
                     continue
-                _FLEX_STATS["mask_build_s"] = flex_baseline.STATS["mask_build_s"] = 0.0
+                flex_baseline.STATS["mask_build_s"] = 0.0
                 try:
                     with impl_context(impl, net, model, args.circle_backend):
                         step_ms, first_s, peak = time_step(net, kwargs, repeats, device)
                     row.update(step_ms=round(step_ms, 3), peak_gb=round(peak, 3), status="ok", tokens=tokens_of(grid),
                                first_call_s=round(first_s, 3), batch=batch, timed_calls=max(repeats, 1),
                                warmup=repeats > 0)
-                    if impl in ("local_flex", "local_flex_tiled"):
-                        stats = _FLEX_STATS if impl == "local_flex" else flex_baseline.STATS
-                        row["mask_build_s"] = round(stats["mask_build_s"], 3)
+                    if impl in FLEX_ROUTES:
+                        row["mask_build_s"] = round(flex_baseline.STATS["mask_build_s"], 3)
                     prev[impl] = row
                     args.log(f"{model:7s} {res_label:12s} {impl:13s} {step_ms:10.1f} ms/step  peak {peak:6.1f} GB")
                 except Exception as exc:  # noqa: BLE001 - record and go on
@@ -517,9 +467,10 @@ def resolution_order(label: str) -> tuple[int, str]:
     """Sort key of a row's resolution: pixels per frame times frames ("4096x4096", "720p-81f")."""
     if "x" in label and all(part.isdigit() for part in label.split("x")):
         return math.prod(int(part) for part in label.split("x")), label
-    size, _, frames = label.partition("-")
+    size, _, frames = label.partition("-")  # "720p-81f"
     h, w = VIDEO_SIZES.get(size, (0, 0))
-    return h * w * int(frames.rstrip("f") or 1) if frames.rstrip("f").isdigit() else h * w, label
+    count = frames.removesuffix("f")
+    return h * w * (int(count) if count.isdigit() else 1), label
 
 
 def plot(result: dict, path: str) -> bool:

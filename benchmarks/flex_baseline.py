@@ -1,15 +1,19 @@
-"""FlexAttention as the local-window baseline, on the same tile-ordered tokens as LinFusion's kernel.
+"""FlexAttention as the local-window baseline, in two setups (drop-ins for ``local_attention``).
 
-Used by ``kernels_local.py`` (kernel level) and ``e2e.py`` (``local_flex_tiled`` rows). The mask
-reads precomputed integer coordinates per token (a table lookup and a few integer operations per
-element), and tokens are in tile order, so most key blocks are either fully visible or fully
-masked: the strongest FlexAttention setup we know for these windows. CLEAR's own row-major mask is
-the ``local_flex`` route of ``e2e.py``.
+* :func:`flex_local_attention_tiled`: tokens in tile order, the mask reads precomputed integer
+  coordinates per token (a table lookup and a few integer operations per element), so most key
+  blocks are fully visible or fully masked: the strongest FlexAttention setup we know for these
+  windows. ``kernels_local.py`` (kernel level) and ``e2e.py`` (``local_flex_tiled``) use it.
+* :func:`flex_local_attention_rowmajor`: row-major tokens and coordinates computed in the mask
+  (CLEAR's implementation); ``e2e.py``'s ``local_flex`` rows.
+
+Block masks are built once per shape; :data:`STATS` adds up the build time.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import torch
@@ -66,10 +70,40 @@ def tiled_block_mask(grid: tuple[int, ...], window, shape: str, tile: tuple[int,
     """The block mask of :func:`flex_mask_mod`, built once per shape (compiled on GPUs)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    seq_len = text_len + int(torch.tensor(grid).prod())
+    seq_len = text_len + math.prod(grid)
     t0 = time.perf_counter()
     mask = create_block_mask(flex_mask_mod(grid, window, shape, tile, text_len, device), None, None, seq_len,
                              seq_len, device=device, _compile=device != "cpu")
+    STATS["mask_build_s"] += time.perf_counter() - t0
+    return mask
+
+
+@functools.lru_cache(maxsize=8)
+def rowmajor_block_mask(grid: tuple[int, ...], radii: tuple[float, ...], text_len: int, device: str):
+    """CLEAR-style block mask: row-major tokens, grid coordinates recomputed in the mask (ellipse ``radii``)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dims = torch.tensor(grid, device=device)
+    inv_r2 = torch.tensor([1.0 / (r * r) if math.isfinite(r) else 0.0 for r in radii], device=device)
+
+    def coords(idx):
+        out, rest = [], idx
+        for d in reversed(range(len(grid))):
+            out.append(rest % dims[d])
+            rest = rest // dims[d]
+        return out[::-1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qi, ki = q_idx - text_len, kv_idx - text_len
+        dist = 0.0
+        for d, (qc, kc) in enumerate(zip(coords(qi.clamp(min=0)), coords(ki.clamp(min=0)))):
+            delta = (kc - qc).float()
+            dist = dist + delta * delta * inv_r2[d]
+        return (q_idx < text_len) | (kv_idx < text_len) | (dist <= 1.0)
+
+    seq_len = text_len + math.prod(grid)
+    t0 = time.perf_counter()
+    mask = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, _compile=device != "cpu")
     STATS["mask_build_s"] += time.perf_counter() - t0
     return mask
 
@@ -81,13 +115,31 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _flex(q, k, v, mask):
+    """FlexAttention with ``mask``: eager on the CPU (tests), compiled elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention if q.device.type == "cpu" else _compiled_flex()
+    return fn(q, k, v, block_mask=mask)
+
+
+def flex_local_attention_rowmajor(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
+                                  backend=None):
+    """Drop-in for ``linfusion.kernels.local_attention`` (circles only): q, k, v (B, H, text_len + Π grid, D)."""
+    from linfusion.kernels.local_reference import normalize_window
+
+    if shape != "circle":
+        raise ValueError(f"the row-major FlexAttention route draws circles, got shape={shape!r}")
+    mask = rowmajor_block_mask(tuple(int(g) for g in grid), normalize_window(window, len(grid)), text_len,
+                               q.device.type)
+    return _flex(q, k, v, mask)
+
+
 def flex_local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
                                backend=None):
     """Drop-in for ``linfusion.kernels.local_attention``: q, k, v (B, H, text_len + Π grid, D) in
     row-major token order -> output of the same shape. Tokens go to tile order and back around
     FlexAttention (both gathers are part of the measured time, as they would be for a user)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     from linfusion.kernels.local_layout import from_tile_order, to_tile_order
     from linfusion.kernels.local_reference import default_tile, normalize_window
 
@@ -95,7 +147,5 @@ def flex_local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: 
     tile = tuple(tile) if tile else default_tile(len(grid))
     radii = normalize_window(window, len(grid))
     mask = tiled_block_mask(grid, radii, shape, tile, text_len, q.device.type)
-    q, k, v = (to_tile_order(x, grid, tile, text_len) for x in (q, k, v))
-    fn = flex_attention if q.device.type == "cpu" else _compiled_flex()
-    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask)
-    return from_tile_order(out, grid, tile, text_len)
+    q, k, v = (to_tile_order(x, grid, tile, text_len).contiguous() for x in (q, k, v))
+    return from_tile_order(_flex(q, k, v, mask), grid, tile, text_len)

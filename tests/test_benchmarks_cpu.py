@@ -123,7 +123,7 @@ def test_e2e_flex_route_matches_reference():
         n = text + torch.Size(grid).numel()
         q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
         radii = (2.5,) * len(grid)
-        got = e2e._flex_local_attention(q, k, v, grid, radii, text_len=text)
+        got = e2e.FLEX_ROUTES["local_flex"](q, k, v, grid, radii, text_len=text)
         want = local_attention_reference(q, k, v, grid, radii, text_len=text)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

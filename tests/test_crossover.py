@@ -98,7 +98,7 @@ def test_shipped_profile_agrees_with_measured_e2e_rows():
     assert not [r for r in result if r["auto_risk"]]
     # ...and it still patches where the patch measured clearly faster (FLUX/PixArt/SD3.5 from 2K)
     faster = [r for r in result if r["measured_ms"] < 0.8 * r["dense_ms"]]
-    assert faster and all(r["auto_layers"].split("/")[0] != "0" for r in faster)
+    assert faster and all(r["auto_layers"] > 0 for r in faster)
     # without the fitted per-layer overhead, SDXL/PixArt/SD3.5 at 1K would be patched and slower
     bare = dataclasses.replace(profile_for("cpu", "cuda-sm90"), layer_overhead_us={})
     assert [r for r in check.compare(rows, bare) if r["auto_risk"]]

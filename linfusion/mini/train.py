@@ -355,13 +355,18 @@ def train_text(text_encoder, head, bank: Bank, budget: Budget, device, batch: in
 # --------------------------------------------------------------------------- stage 3: transformer
 
 
-def sample_timesteps(n: int, num_train: int, device, band: tuple[int, int, float] | None = None) -> torch.Tensor:
-    """``n`` training timesteps: a ``share`` of them uniform in ``[lo, hi)``, the rest uniform over all.
-
-    ``band`` is ``(lo, hi, share)``; None: ``(*MID_T, MID_T_SHARE)``."""
+def resolve_band(band: tuple[int, int, float] | None = None, num_train: int = 1000) -> tuple[int, int, float]:
+    """``band`` (lo, hi, share) checked against ``num_train`` timesteps; None: ``(*MID_T, MID_T_SHARE)``."""
     lo, hi, share = band if band is not None else (*MID_T, MID_T_SHARE)
     if not (0 <= lo < hi <= num_train and 0.0 <= share <= 1.0):
         raise ValueError(f"timestep band needs 0 <= lo < hi <= {num_train} and 0 <= share <= 1, got {(lo, hi, share)}")
+    return lo, hi, share
+
+
+def sample_timesteps(n: int, num_train: int, device, band: tuple[int, int, float] | None = None) -> torch.Tensor:
+    """``n`` training timesteps: a ``share`` of them uniform in ``[lo, hi)``, the rest uniform over all
+    (``band`` as in :func:`resolve_band`)."""
+    lo, hi, share = resolve_band(band, num_train)
     everywhere = torch.randint(0, num_train, (n,), device=device)
     middle = torch.randint(lo, hi, (n,), device=device)
     return torch.where(torch.rand(n, device=device) < share, middle, everywhere)
@@ -708,7 +713,7 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
                                    components["vae"], bank, stream, components["scheduler"],
                                    Budget(seconds["dit"], steps.get("dit")), device, batch["dit"], 1e-3,
                                    timestep_band=timestep_band)
-        summary["dit"]["timestep_band"] = list(timestep_band or (*MID_T, MID_T_SHARE))
+        summary["dit"]["timestep_band"] = list(resolve_band(timestep_band))
         log(f"dit steps {summary['dit']['steps']} samples {summary['dit']['samples']} "
             f"unique images {summary['dit']['unique_images']} ({summary['dit']['steps_per_second']} steps/s)")
     finally:
@@ -759,8 +764,7 @@ def _parse_band(text: str | None) -> tuple[int, int, float] | None:
         band = (int(lo), int(hi), float(share))
     except ValueError:
         raise SystemExit(f"--timestep-band takes LO,HI,SHARE (e.g. 550,750,0.5), got {text!r}") from None
-    sample_timesteps(1, 1000, "cpu", band)  # validates
-    return band
+    return resolve_band(band)
 
 
 def main(argv: list[str] | None = None) -> int:
