@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import time
 from pathlib import Path
@@ -57,24 +58,55 @@ def is_video_pipeline(pipe) -> bool:
     return type(pipe).__name__ in VIDEO_PIPELINES
 
 
+def _vae_factor(pipe) -> int:
+    """Pixels per latent cell along a side (video pipelines name it ``vae_scale_factor_spatial``)."""
+    return int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8))
+
+
 def resolution_multiple(pipe) -> int:
-    """Pixel multiple a pipeline's height/width must respect (VAE factor × patch size, UNet depth)."""
-    vae_factor = int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8))
+    """Pixel multiple a pipeline's height/width must respect: VAE factor × patch size (FLUX packs 2×2
+    latents into one token), and 8, which diffusers' pipelines check."""
     model = denoisers(pipe)[0][1]
-    config = model.config
-    patch = config.get("patch_size", 1) or 1
+    patch = model.config.get("patch_size", 1) or 1
     if isinstance(patch, (tuple, list)):
         patch = patch[-1]
-    multiple = vae_factor * int(patch)
     if type(pipe).__name__.startswith("Flux"):
-        multiple = vae_factor * 2  # FLUX packs 2×2 latents into one token
-    if "UNet" in type(model).__name__:
-        multiple = max(multiple, 8)  # diffusers' SD pipelines require multiples of 8
-    return multiple
+        patch = 2
+    return math.lcm(_vae_factor(pipe) * int(patch), 8)
+
+
+def max_side(pipe) -> int | None:
+    """Largest side in pixels the denoiser's positional embedding covers (SD3's cropped table), or None."""
+    model = denoisers(pipe)[0][1]
+    limit = model.config.get("pos_embed_max_size", None)
+    if not limit or type(model).__name__ != "SD3Transformer2DModel":
+        return None
+    return int(limit) * int(model.config.patch_size) * _vae_factor(pipe)
+
+
+def native_size(pipe) -> tuple[int, int]:
+    """The model's default (height, width) in pixels.
+
+    In order: integer defaults of the pipeline's own ``__call__`` (Wan: 480×832), the denoiser's
+    ``sample_height``/``sample_width`` (CogVideoX), ``default_sample_size`` or ``sample_size`` × VAE
+    factor (image pipelines; FLUX's counts packed tokens, so it is 1024²).
+    """
+    call = inspect.signature(type(pipe).__call__).parameters
+    defaults = [call[name].default if name in call else None for name in ("height", "width")]
+    if all(isinstance(d, int) and not isinstance(d, bool) for d in defaults):
+        return defaults[0], defaults[1]
+    if type(pipe).__name__.startswith("Flux"):
+        return 1024, 1024
+    config, factor = denoisers(pipe)[0][1].config, _vae_factor(pipe)
+    if config.get("sample_height", None) and config.get("sample_width", None):
+        return int(config.sample_height) * factor, int(config.sample_width) * factor
+    sample = getattr(pipe, "default_sample_size", None) or config.get("sample_size", None) or 64
+    sample = sample[0] if isinstance(sample, (tuple, list)) else sample
+    return int(sample) * factor, int(sample) * factor
 
 
 def check_resolution(pipe, height: int, width: int) -> None:
-    """Raise ``ValueError`` naming the nearest valid sizes when a pipeline cannot serve height×width."""
+    """Raise ``ValueError`` naming what is supported when a pipeline cannot serve height×width."""
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     multiple = resolution_multiple(pipe)
@@ -85,6 +117,13 @@ def check_resolution(pipe, height: int, width: int) -> None:
         raise ValueError(
             f"{type(pipe).__name__} needs height and width divisible by {multiple}; got {height}x{width} "
             f"(nearest: {near(height)}x{near(width)})"
+        )
+    limit = max_side(pipe)
+    if limit is not None and max(height, width) > limit:
+        model = denoisers(pipe)[0][1]
+        raise ValueError(
+            f"{type(model).__name__} cannot serve {height}x{width}: its positional embedding "
+            f"(pos_embed_max_size={model.config.pos_embed_max_size}) covers at most {limit} px per side"
         )
 
 

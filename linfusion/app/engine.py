@@ -30,8 +30,9 @@ from ..generation import (
     apply_patch,
     check_resolution,
     is_video_pipeline,
-    run_highres,
+    native_size,
     resolution_multiple,
+    run_highres,
     run_pipeline,
 )
 from ..patch import denoisers, is_patched, patch_record, unpatch_pipeline
@@ -212,12 +213,10 @@ class DemoEngine:
         return choices
 
     def native_size(self) -> tuple[int, int]:
-        from ..commands.generate import native_size
-
         return native_size(self.pipe)
 
     def presets(self) -> list[tuple[str, tuple[int, int]]]:
-        """Square sizes from native up to what memory allows, as ("W × H", (width, height))."""
+        """Square sizes from native up to what the model and memory allow, as ("W × H", (width, height))."""
         height, width = self.native_size()
         out: list[tuple[str, tuple[int, int]]] = []
         for scale in PRESET_SCALES:
@@ -226,6 +225,7 @@ class DemoEngine:
             if (w, h) in [size for _, size in out]:
                 continue
             try:
+                check_resolution(self.pipe, h, w)  # e.g. SD3's positional embedding caps the side
                 self.check_memory(h, w)
             except ValueError:
                 break

@@ -47,24 +47,12 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def native_size(pipe) -> tuple[int, int]:
-    """The model's default resolution in pixels."""
-    from ..patch import denoisers
-
-    model = denoisers(pipe)[0][1]
-    sample = getattr(model.config, "sample_size", None) or 64
-    sample = sample[0] if isinstance(sample, (tuple, list)) else sample
-    factor = int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8))
-    if type(pipe).__name__.startswith("Flux"):
-        return 1024, 1024  # FLUX's sample_size counts packed tokens; its native size is 1024²
-    return sample * factor, sample * factor
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..generation import apply_patch, load_pipeline, run_highres, run_pipeline, save_images, side_by_side
-
+    from ..generation import (
+        apply_patch, load_pipeline, native_size, run_highres, run_pipeline, save_images, side_by_side,
+    )
     from ..mini.bundle import MiniNotBundledError
 
     device = torch.device(args.device) if args.device else None
@@ -82,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     except MiniNotBundledError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    height, width = args.height or native_size(pipe)[0], args.width or native_size(pipe)[1]
+    native_height, native_width = native_size(pipe)
+    height, width = args.height or native_height, args.width or native_width
     method = None if args.method == "none" else args.method
     adapter = args.adapter
     if adapter is None and method and args.model is None:

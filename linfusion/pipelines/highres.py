@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..generation import check_resolution, native_size, resolution_multiple
 from .vae_tiling import (
     disable_tiled_vae,
     enable_tiled_vae,
@@ -70,36 +71,6 @@ def _denoiser(pipe) -> nn.Module:
     raise TypeError(f"{type(pipe).__name__} has no unet or transformer")
 
 
-def size_multiple(pipe) -> int:
-    """Pixel sizes must be multiples of this: VAE factor × patch size (FLUX packs 2×2), and of 8
-    (diffusers' pipelines check it)."""
-    model = _denoiser(pipe)
-    patch = getattr(model.config, "patch_size", None) or 1
-    if type(model).__name__ == "FluxTransformer2DModel":
-        patch = 2
-    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
-    return math.lcm(int(pipe.vae_scale_factor) * int(patch), 8)
-
-
-def max_size(pipe) -> int | None:
-    """Largest side in pixels the denoiser's positional embedding covers (SD3), or None."""
-    model = _denoiser(pipe)
-    limit = getattr(model.config, "pos_embed_max_size", None)
-    if not limit or type(model).__name__ != "SD3Transformer2DModel":
-        return None
-    return int(limit) * int(model.config.patch_size) * int(pipe.vae_scale_factor)
-
-
-def native_size(pipe) -> int:
-    """The model's native side in pixels: ``default_sample_size`` (or its config) × VAE factor."""
-    sample = getattr(pipe, "default_sample_size", None) or getattr(_denoiser(pipe).config, "sample_size", None)
-    if isinstance(sample, (tuple, list)):
-        sample = sample[0]
-    if not sample:
-        raise ValueError(f"cannot tell the native size of {type(pipe).__name__}; pass base_height and base_width")
-    return int(sample) * int(pipe.vae_scale_factor)
-
-
 def _round(x: float, multiple: int) -> int:
     return max(multiple, int(round(x / multiple)) * multiple)
 
@@ -115,23 +86,18 @@ def plan_stages(
     geometrically, or the explicit list of refinement sizes (the last must be the target).
     Raises ``ValueError`` for sizes the VAE / patch grid cannot serve or a target below the base.
     """
-    mult = size_multiple(pipe)
+    mult = resolution_multiple(pipe)
     for name, value in (("height", height), ("width", width), ("base_height", base_height), ("base_width", base_width)):
         if value is not None and (value <= 0 or value % mult):
             raise ValueError(
                 f"{name}={value} is not a positive multiple of {mult} (VAE factor {pipe.vae_scale_factor} × patch "
                 f"size): {type(pipe).__name__} cannot serve it; use e.g. {_round(abs(value) or mult, mult)}"
             )
-    limit = max_size(pipe)
-    if limit is not None and max(height, width) > limit:
-        raise ValueError(
-            f"{type(_denoiser(pipe)).__name__} cannot serve {height}x{width}: its positional embedding "
-            f"(pos_embed_max_size={_denoiser(pipe).config.pos_embed_max_size}) covers at most {limit} px per side"
-        )
+    check_resolution(pipe, height, width)  # e.g. SD3's positional embedding caps the side
     if (base_height is None) != (base_width is None):
         raise ValueError("give both base_height and base_width, or neither")
     if base_height is None:
-        side = native_size(pipe)
+        side = math.sqrt(math.prod(native_size(pipe)))  # the native area at the target aspect
         aspect = width / height
         base_height = min(height, _round(side / math.sqrt(aspect), mult))
         base_width = min(width, _round(side * math.sqrt(aspect), mult))
@@ -371,7 +337,7 @@ def generate_highres(
             patched with LinFusion or not (refinement reuses its modules, hence the patch).
         prompt: as for the pipeline (other pipeline arguments go in ``pipe_kwargs``, e.g.
             ``guidance_scale``, ``negative_prompt``, ``max_sequence_length``).
-        height, width: target size in pixels (multiples of :func:`size_multiple`).
+        height, width: target size in pixels (multiples of :func:`linfusion.generation.resolution_multiple`).
         base_height, base_width: size of the first pass (default: the native area at the
             target's aspect ratio).
         stages: number of refinement passes (default one per ×2), or their sizes.
@@ -488,5 +454,4 @@ def _finish(pipe, latents: torch.Tensor, output_type: str):
     return pipe.image_processor.postprocess(images, output_type=output_type)
 
 
-__all__ = ["HighResOutput", "generate_highres", "img2img_pipeline", "lean_mode", "native_size", "plan_stages",
-           "size_multiple"]
+__all__ = ["HighResOutput", "generate_highres", "img2img_pipeline", "lean_mode", "plan_stages"]
