@@ -3,11 +3,11 @@
 # per phase. From the developer machine (.whl/ holds the diffusers + importlib_metadata wheels):
 #   run(command="PHASE=matrix bash scripts/gpu_e2e_run.sh", carry=[".whl"], timeout_s=600)
 # PHASE=tests:   every test that needs CUDA (kernels, RoPE, real-size pipelines), -rfE summary.
-# PHASE=matrix:  the e2e rows still missing from benchmarks/results/e2e.json (after 2026-11-29):
-#                FLUX FlexAttention on tile-ordered tokens (local_flex_tiled) with circle and dense
-#                rows of the same call, layers="auto" rows of SDXL / PixArt-Σ / SD3.5-m at 1K and 2K with their dense rows,
-#                Wan default SDPA, SDXL default SDPA at 8K, PixArt-Σ dense at 8K, SD3.5-m at 8K;
-#                appended to the committed e2e.json.
+# PHASE=matrix:  the e2e rows still missing from benchmarks/results/e2e.json (after the 6th session):
+#                FlexAttention on tile-ordered tokens (local_flex_tiled, the strongest flex route) beside
+#                dense and the same circle in Triton (local_circle) for SDXL / PixArt-Σ / SD3.5-m at 1K, 2K and 4K and Wan at 480p; appended to the
+#                committed e2e.json. (FLUX's flex_tiled rows, the auto rows, default SDPA everywhere and
+#                PixArt's dense 8K row were measured in the 6th session.)
 # PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py), with the
 #                latent upscale (no VAE pass between stages) and then the pixel-space one.
 # Earlier phases (circle diagnosis, FLUX overhead work, auto rows, first 16K run) are in git history.
@@ -44,16 +44,12 @@ matrix)
   E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 120)
   e2e() { local keep=$1; shift; local t=$(( $(left) - keep )); [ "$t" -gt 20 ] || { say "no time for: $*"; return; }
           timeout -s INT "$t" "${E2E[@]}" --max-minutes "$(mins "$keep")" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"; }
-  say "FLUX: FlexAttention on tile-ordered tokens (the strongest flex baseline) beside the Triton circle"
-  e2e 470 --models flux --resolutions 4096 8192 --impls local_flex_tiled local_circle cudnn_fused
-  say "layers=auto beside dense, SDXL / PixArt-Σ / SD3.5-m at 1K and 2K (never slower?)"
-  e2e 380 --models sdxl pixart sd35m --resolutions 1024 2048 --impls cudnn linear_auto
-  say "Wan default SDPA; SDXL default SDPA at 8K"
-  e2e 330 --models wan13b --video-resolutions 480p 720p --impls sdpa_default
-  e2e 290 --models sdxl --resolutions 8192 --impls sdpa_default
-  say "PixArt-Σ dense at 8K (~50 s a step), SD3.5-m at 8K"
-  e2e 200 --models pixart --resolutions 8192 --impls cudnn
-  e2e 10 --models sd35m --resolutions 8192 --impls linear local_tile cudnn
+  say "FlexAttention on tile-ordered tokens beside dense and the circle kernel: SDXL / PixArt-Σ / SD3.5-m"
+  e2e 330 --models sdxl pixart sd35m --resolutions 1024 2048 4096 --impls cudnn local_circle local_flex_tiled
+  say "Wan 480p: FlexAttention on tile-ordered tokens (3D window)"
+  e2e 200 --models wan13b --video-resolutions 480p --impls cudnn local_circle local_flex_tiled
+  say "SDXL / PixArt-Σ at 8K: FlexAttention on tile-ordered tokens beside the circle kernel"
+  e2e 10 --models sdxl pixart --resolutions 8192 --impls local_circle local_flex_tiled
   ;;
 highres)
   # the latent upscale first (no VAE encode/decode between stages: where the pixel run's time is
