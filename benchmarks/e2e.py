@@ -39,6 +39,10 @@ Impls (``--impls``):
   table-lookup mask (``flex_baseline.py``, as in the kernel benchmark): the strongest FlexAttention
   setup, the baseline for ``local_circle``; the two token gathers around it are timed too.
 
+Timing: one warm-up call, then ``--repeats`` timed steps, and more (up to 50) until they add up
+to ``--min-timed-seconds`` (default 1 s; fast 1K steps vary by several percent over 2 steps);
+the median is reported with ``timed_calls``.
+
 Skips: a row whose predicted time (from the previous resolution of the same model and impl,
 quadratic for dense, linear for patched) exceeds ``--row-seconds``, or that would overrun
 ``--max-minutes``, is recorded with ``status: "skipped"`` and the reason; failures (e.g. OOM)
@@ -318,32 +322,36 @@ def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
                     net.set_default_attn_processor()
 
 
-def time_step(net, kwargs: dict, repeats: int, device: torch.device) -> tuple[float, float, float]:
-    """(median step ms, first-call seconds, peak GB) of ``net(**kwargs)``.
+def time_step(net, kwargs: dict, repeats: int, device: torch.device, min_seconds: float = 0.0,
+              max_repeats: int = 50) -> tuple[float, float, float, int]:
+    """(median step ms, first-call seconds, peak GB, timed calls) of ``net(**kwargs)``.
 
+    After one warm-up call, at least ``repeats`` timed calls, and more (up to ``max_repeats``)
+    until they add up to ``min_seconds``: a 70 ms step timed twice moves by several percent
+    between calls, which is the size of the differences the 1K rows are about.
     ``repeats=0`` times the single first call (used for rows whose one step takes tens of
     seconds, where warm-up costs are negligible next to the step)."""
     cuda = device.type == "cuda"
-    with torch.no_grad():
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+
+    def timed_call() -> float:
         t0 = time.perf_counter()
         net(**kwargs)
         if cuda:
             torch.cuda.synchronize()
-        first_s = time.perf_counter() - t0
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            net(**kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        first_s = timed_call()
+        times: list[float] = []
+        while repeats and len(times) < max_repeats and (len(times) < repeats or sum(times) < min_seconds):
+            times.append(timed_call())
     if not times:
         times = [first_s]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return statistics.median(times) * 1e3, first_s, peak
+    return statistics.median(times) * 1e3, first_s, peak, len(times)
 
 
 def tokens_of(grid: tuple[int, ...]) -> int:
@@ -428,9 +436,12 @@ def run(args) -> dict:
                     repeats = args.repeats
                     if predicted is not None and predicted / 1e3 > args.single_call_seconds:
                         repeats = 0  # one long call: warm-up is negligible next to the step
-                    if predicted is not None and predicted * (repeats + 1) / 1e3 > args.row_seconds:
+                    # warm-up + timed calls (at least --repeats, and --min-timed-seconds in all)
+                    row_s = None if predicted is None else predicted / 1e3 + (
+                        max(predicted / 1e3 * repeats, args.min_timed_seconds) if repeats else 0.0)
+                    if row_s is not None and row_s > args.row_seconds:
                         reason = f"predicted {predicted / 1e3:.1f} s a step > --row-seconds {args.row_seconds}"
-                    elif predicted is not None and time.time() + predicted * (repeats + 1) / 1e3 > deadline:
+                    elif row_s is not None and time.time() + row_s > deadline:
                         reason = f"predicted {predicted / 1e3:.1f} s a step would overrun --max-minutes"
                 if reason is not None:
                     row.update(status="skipped", reason=reason)
@@ -441,9 +452,9 @@ def run(args) -> dict:
                 flex_baseline.STATS["mask_build_s"] = 0.0
                 try:
                     with impl_context(impl, net, model, args.circle_backend):
-                        step_ms, first_s, peak = time_step(net, kwargs, repeats, device)
+                        step_ms, first_s, peak, timed = time_step(net, kwargs, repeats, device, args.min_timed_seconds)
                     row.update(step_ms=round(step_ms, 3), peak_gb=round(peak, 3), status="ok", tokens=tokens_of(grid),
-                               first_call_s=round(first_s, 3), batch=batch, timed_calls=max(repeats, 1),
+                               first_call_s=round(first_s, 3), batch=batch, timed_calls=timed,
                                warmup=repeats > 0)
                     if impl in FLEX_ROUTES:
                         row["mask_build_s"] = round(flex_baseline.STATS["mask_build_s"], 3)
@@ -518,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-minutes", type=float, default=25.0, help="total time budget")
     parser.add_argument("--row-seconds", type=float, default=120.0, help="skip rows predicted to take longer")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per row (after one warm-up)")
+    parser.add_argument("--min-timed-seconds", type=float, default=1.0,
+                        help="keep timing steps (beyond --repeats, up to 50) until they add up to this")
     parser.add_argument("--single-call-seconds", type=float, default=30.0,
                         help="rows predicted slower than this per step are timed by one call, no warm-up")
     parser.add_argument("--circle-backend", default="auto", choices=("auto", "triton"),
@@ -541,6 +554,7 @@ def main(argv=None, log=print) -> int:
         raise SystemExit(f"unknown impls {sorted(unknown)}; known: {IMPLS}")
     if args.tiny:
         args.repeats = min(args.repeats, 1)
+        args.min_timed_seconds = 0.0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     earlier = []
     if args.append and os.path.exists(args.out):

@@ -187,3 +187,23 @@ def test_profile_layers_tiny(tmp_path):
     assert set(result["variants"]) == {"cudnn", "linear", "linear_relu", "local_tile"}
     for variant in result["variants"].values():
         assert variant["two_blocks_ms"] > 0 and variant["top"]
+
+
+def test_e2e_times_fast_steps_until_the_minimum_time_is_reached():
+    """Two timed 70 ms steps differ by several percent between calls: fast rows time more steps."""
+    import time
+
+    e2e = _load("e2e")
+    calls = []
+
+    def net(**kwargs):
+        calls.append(1)
+        time.sleep(0.01)
+
+    step_ms, first_s, _, timed = e2e.time_step(net, {}, 2, torch.device("cpu"), min_seconds=0.1)
+    assert timed >= 8 and len(calls) == timed + 1  # one warm-up, then >= 0.1 s of 10 ms steps
+    assert 9 <= step_ms < 50 and first_s > 0
+    calls.clear()
+    assert e2e.time_step(net, {}, 3, torch.device("cpu"))[3] == 3 and len(calls) == 4  # no minimum: --repeats
+    assert e2e.time_step(net, {}, 0, torch.device("cpu"), min_seconds=5.0)[3] == 1  # one long call, timed alone
+    assert e2e.time_step(net, {}, 1, torch.device("cpu"), min_seconds=60.0, max_repeats=5)[3] == 5  # capped
