@@ -6,7 +6,7 @@
 # PHASE=matrix:  the e2e rows still missing from benchmarks/results/e2e.json (after the 6th session):
 #                FlexAttention on tile-ordered tokens (local_flex_tiled, the strongest flex route) beside
 #                dense and the same circle in Triton (local_circle) for SDXL / PixArt-Σ / SD3.5-m at 1K, 2K and 4K and Wan at 480p; appended to the
-#                committed e2e.json; first the 1K layers="auto" rows again, timed for >= 1 s each. (FLUX's flex_tiled rows, the auto rows, default SDPA everywhere and
+#                committed e2e.json; with them the layers="auto" rows again, timed for >= 1 s each. (FLUX's flex_tiled rows, the auto rows, default SDPA everywhere and
 #                PixArt's dense 8K row were measured in the 6th session.)
 # PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py), with the
 #                latent upscale (no VAE pass between stages) and then the pixel-space one.
@@ -44,10 +44,9 @@ matrix)
   E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 120)
   e2e() { local keep=$1; shift; local t=$(( $(left) - keep )); [ "$t" -gt 20 ] || { say "no time for: $*"; return; }
           timeout -s INT "$t" "${E2E[@]}" --max-minutes "$(mins "$keep")" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"; }
-  say "layers=auto beside dense at 1K, timed for >= 1 s each (2 steps left SDXL at 0.97x, inside the spread)"
-  e2e 470 --models sdxl pixart sd35m --resolutions 1024 --impls cudnn linear_auto
-  say "FlexAttention on tile-ordered tokens beside dense and the circle kernel: SDXL / PixArt-Σ / SD3.5-m"
-  e2e 330 --models sdxl pixart sd35m --resolutions 1024 2048 4096 --impls cudnn local_circle local_flex_tiled
+  say "SDXL / PixArt-Σ / SD3.5-m: dense, layers=auto (timed >= 1 s each: 2 steps left SDXL 1K at 0.97x, inside"
+  say "the spread), the Triton circle and FlexAttention on tile-ordered tokens, all in one call"
+  e2e 330 --models sdxl pixart sd35m --resolutions 1024 2048 4096 --impls cudnn linear_auto local_circle local_flex_tiled
   say "Wan 480p: FlexAttention on tile-ordered tokens (3D window)"
   e2e 200 --models wan13b --video-resolutions 480p --impls cudnn local_circle local_flex_tiled
   say "SDXL / PixArt-Σ at 8K: FlexAttention on tile-ordered tokens beside the circle kernel"
