@@ -20,7 +20,8 @@ from linfusion.mini import model as mm
 from linfusion.mini.world import parse_prompt, prompt_set
 
 ROOT = Path(__file__).resolve().parent.parent
-ROW_KEYS = {"model", "resolution", "adherence", "psnr_vs_teacher", "ssim_vs_teacher", "sec_per_image", "claims_adherence"}
+ROW_KEYS = {"model", "resolution", "adherence", "psnr_vs_teacher", "ssim_vs_teacher", "sec_per_image", "claims_adherence",
+            "failures_by_attribute"}
 needs_bundle = pytest.mark.skipif(not mini_is_bundled(),
                                   reason="LinFusion-Mini weights are not bundled yet (linfusion/mini/weights/)")
 
@@ -125,6 +126,7 @@ def test_quality_quick_mode_writes_the_schema(smoke_run, tmp_path):
     for row in result["rows"]:
         assert set(row) == ROW_KEYS and row["resolution"] == 128
         assert 0 <= row["adherence"] <= row["claims_adherence"] <= 1 and row["sec_per_image"] > 0
+        assert all(0 < rate <= 1 for rate in row["failures_by_attribute"].values())
         if row["model"] == "teacher":
             assert row["psnr_vs_teacher"] is None and row["ssim_vs_teacher"] is None
         else:
@@ -391,3 +393,19 @@ def test_step_profiler_logs_a_window_and_never_raises(monkeypatch, capsys):
     profiler.close()  # already closed at step 3: a no-op
     out = capsys.readouterr().out
     assert "ms wall per step" in out and "aten::mm" in out
+
+
+def test_quality_reports_which_attribute_failed():
+    """The benchmark names the failing attribute (attempt 4's analysis had to do it by hand: counts)."""
+    from linfusion.mini.quality import _check, attribute_kind, failure_rates
+    from linfusion.mini.world import parse_prompt, render
+
+    truth = "an image of two medium green stars on a red polka-dot backdrop"
+    image = render(parse_prompt(truth), 128, 128, 0)
+    assert _check((image, truth)) == (True, 1.0, set())
+    passed, claims, failed = _check((image, truth.replace("two", "three")))
+    assert not passed and claims < 1 and failed == {"count"}
+    assert "background.colour" in _check((image, truth.replace("on a red", "on a blue")))[2]
+    assert [attribute_kind(c) for c in ("obj1.count", "rel0", "background.colour", "obj0.colour")] == [
+        "count", "relation", "background.colour", "colour"]
+    assert failure_rates([{"count"}, {"count", "shape"}, set(), set()]) == {"count": 0.5, "shape": 0.25}

@@ -4,7 +4,9 @@ For the teacher, the zero-shot patched pipelines (linear, local; no distillation
 each distilled student, on a fixed held-out prompt set with fixed seeds (the initial
 noise of prompt ``i`` depends only on ``(seed, i)`` and the size): adherence (fraction of
 images the analytic checker passes: every claim of the prompt must hold; ``claims_adherence``
-gives the mean fraction of claims that hold, as a finer secondary figure), PSNR and SSIM against the teacher's image of the
+gives the mean fraction of claims that hold, as a finer secondary figure, and
+``failures_by_attribute`` the share of images failing each attribute: count, shape, relation, ...),
+PSNR and SSIM against the teacher's image of the
 same prompt and noise, at the base resolution and at 2x and 4x, and seconds per image
 (batch 1, median of a few runs). Writes ``quality.json``::
 
@@ -110,13 +112,29 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(values))
 
 
-def _check(args: tuple[np.ndarray, str]) -> tuple[bool, float]:
-    """(every claim of the prompt holds, fraction of its claims that hold)."""
+def attribute_kind(claim: str) -> str:
+    """The attribute a checker claim tests: "obj1.count" -> "count", "rel0" -> "relation",
+    "background.colour" -> "background.colour" (kept apart from the objects' colour)."""
+    if claim.startswith("rel"):
+        return "relation"
+    return claim if claim.startswith("background.") else claim.split(".")[-1]
+
+
+def _check(args: tuple[np.ndarray, str]) -> tuple[bool, float, set[str]]:
+    """(every claim of the prompt holds, fraction of its claims that hold, attributes with a failed claim)."""
     from .checker import AdherenceChecker
 
     image, prompt = args
     score = AdherenceChecker().score(image, prompt)
-    return bool(score["passed"]), float(score["adherence"])
+    failed = {attribute_kind(claim) for claim, ok in score["attributes"].items() if not ok}
+    return bool(score["passed"]), float(score["adherence"]), failed
+
+
+def failure_rates(failed: list[set[str]]) -> dict[str, float]:
+    """Per attribute, the fraction of images where at least one claim of it failed (sorted, worst first)."""
+    kinds = sorted({k for f in failed for k in f})
+    rates = {k: sum(k in f for f in failed) / max(1, len(failed)) for k in kinds}
+    return dict(sorted(rates.items(), key=lambda kv: -kv[1]))
 
 
 def _checker_accuracy(n: int) -> dict:
@@ -231,7 +249,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
             images = generate(pipe, prompts, size=size, steps=steps, seed=seed, batch=max(1, batch // scale))
             pairs = list(zip(images, prompts))
             checks = pool.map(_check, pairs, chunksize=4) if pool else [_check(p) for p in pairs]
-            passed, claims = [c[0] for c in checks], [c[1] for c in checks]
+            passed, claims, failed = [c[0] for c in checks], [c[1] for c in checks], [c[2] for c in checks]
             if name == "teacher":
                 teacher_images[scale] = images
                 p_t = s_t = None
@@ -242,7 +260,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
             sec = time_per_image(pipe, prompts[0], size=size, steps=steps, runs=time_runs)
             rows.append({"model": name, "resolution": size, "adherence": float(np.mean(passed)),
                          "psnr_vs_teacher": p_t, "ssim_vs_teacher": s_t, "sec_per_image": sec,
-                         "claims_adherence": float(np.mean(claims))})
+                         "claims_adherence": float(np.mean(claims)), "failures_by_attribute": failure_rates(failed)})
             print(f"[quality] {json.dumps(rows[-1])} ({time.time() - started:.0f}s)", flush=True)
             if scale == 1:
                 grid[name] = images[:grid_prompts]
