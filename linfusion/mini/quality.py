@@ -325,3 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                            out_json=args.out, out_grid=args.grid, **settings)
     print(json.dumps({k: v for k, v in result.items() if k != "checker_validation"}, indent=1))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
