@@ -409,3 +409,12 @@ def test_quality_reports_which_attribute_failed():
     assert [attribute_kind(c) for c in ("obj1.count", "rel0", "background.colour", "obj0.colour")] == [
         "count", "relation", "background.colour", "colour"]
     assert failure_rates([{"count"}, {"count", "shape"}, set(), set()]) == {"count": 0.5, "shape": 0.25}
+
+
+def test_quality_module_runs_as_a_command():
+    """``python -m linfusion.mini.quality`` once exited 0 without doing anything (no __main__ guard)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "linfusion.mini.quality", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "LinFusion-Mini quality benchmark" in result.stdout
