@@ -418,3 +418,28 @@ def test_quality_module_runs_as_a_command():
 
     result = subprocess.run([sys.executable, "-m", "linfusion.mini.quality", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "LinFusion-Mini quality benchmark" in result.stdout
+
+
+def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(smoke_run, tmp_path):
+    """MINI_LOCAL_OPTIONS="window=4,global_pool=4" -> `linfusion distill --patch-option ...`, and the
+    benchmark's zero-shot local row uses the student adapter's own window (what distillation adds, only)."""
+    from linfusion.cli import build_parser
+    from linfusion.distill.cli import _config_from_args
+    from linfusion.mini.quality import zero_shot_local_options
+    from linfusion.mini.train import LOCAL_WINDOW, distill_argv, parse_local_options
+
+    options = parse_local_options("window=4,global_pool=4")
+    assert options == {"window": 4, "global_pool": 4} and parse_local_options("") is None
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_local_options("window")
+    common = dict(data=tmp_path / "data", steps=2, batch_size=2, lr=1e-4, mixed_precision="no")
+    argv = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", options=options, **common)
+    config = _config_from_args(build_parser().parse_args(argv))
+    assert config.patch == {"layers": "all", "window": 4, "global_pool": 4}
+    default = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", **common)
+    assert _config_from_args(build_parser().parse_args(default)).patch == {"layers": "all", "window": LOCAL_WINDOW}
+    linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)
+    assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all"}
+    # the smoke student was distilled with the default window: its zero-shot twin reads it from the adapter
+    assert zero_shot_local_options(smoke_run / "adapter-local", window=7) == {"window": LOCAL_WINDOW, "shape": "circle"}
+    assert zero_shot_local_options(None, window=7) == {"window": 7}

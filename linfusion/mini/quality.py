@@ -197,6 +197,23 @@ def apply_patch(pipe, method: str | None, adapter: str | None, options: dict | N
         patch_pipeline(pipe, method=method, **{"layers": "all", "dense_fallback": False, **options})
 
 
+#: attention options that define a local student's window (and so its zero-shot version)
+LOCAL_SHAPE_OPTIONS = ("window", "temporal_window", "shape", "tile", "global_pool")
+
+
+def zero_shot_local_options(adapter: str | Path | None, window: int) -> dict:
+    """The zero-shot local row's options: the local student's own window (radius, shape, pooled global
+    branch) read from its adapter, so the row shows what distillation adds and nothing else;
+    ``{"window": window}`` without an adapter."""
+    if not adapter:
+        return {"window": window}
+    from ..adapter import read_adapter_config
+
+    components = read_adapter_config(Path(adapter))["components"]
+    options = next(iter(components.values()))["options"]
+    return {k: options[k] for k in LOCAL_SHAPE_OPTIONS if options.get(k) is not None}
+
+
 def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | None] | None = None, *,
                   n_prompts: int = 96, seed: int = 0, steps: int = 20, scales: tuple[int, ...] = (1, 2, 4),
                   batch: int = 32, device: str | torch.device | None = None, window: int = 4,
@@ -235,7 +252,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         if name in ("linear", "local") and not adapter:
             skipped.append(name)
             continue
-        options = {"window": window} if method == "local" else {}
+        options = zero_shot_local_options(adapters.get("local"), window) if method == "local" else {}
         apply_patch(pipe, method, adapter, options)
         if method or adapter:
             try:  # the default kernel backend (Triton on CUDA) must run this model; else the PyTorch one
@@ -276,6 +293,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         "rows": rows,
         "settings": {"n_prompts": n_prompts, "prompt_split": "heldout", "seed": seed, "steps": steps,
                      "guidance_scale": 4.5, "scales": list(scales), "local_window": window, "checker_n": checker_n,
+                     "zero_shot_local_options": zero_shot_local_options(adapters.get("local"), window),
                      "device": str(device), "torch": torch.__version__, "skipped": skipped,
                      "backend_fallbacks": backends,
                      "sec_per_image": f"batch 1, median of {time_runs}"},
@@ -307,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", default="1,2,4", help="resolutions as multiples of the base, comma-separated")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--window", type=int, default=4, help="zero-shot local radius (latent tokens)")
+    parser.add_argument("--window", type=int, default=4,
+                        help="zero-shot local radius (latent tokens) when no local adapter gives its own")
     parser.add_argument("--workers", type=int, default=0, help="checker processes (0: in this process)")
     parser.add_argument("--checker-n", type=int, default=200, help="prompts for validate_checker")
     parser.add_argument("--device", default=None)

@@ -527,8 +527,9 @@ def save_pipeline(components: dict, folder: Path) -> dict:
 
 
 def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: int, batch_size: int, lr: float,
-                 mixed_precision: str) -> list[str]:
-    """The ``linfusion distill`` command line of one student (see ``linfusion distill --help``)."""
+                 mixed_precision: str, options: dict | None = None) -> list[str]:
+    """The ``linfusion distill`` command line of one student (see ``linfusion distill --help``);
+    ``options``: attention options of the student (local: default ``{"window": LOCAL_WINDOW}``)."""
     argv = ["distill", "--model", str(pipeline), "--method", method, "--output", str(out), "--data", str(data),
             "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup-steps",
             str(min(50, max(1, steps // 10))), "--mixed-precision", mixed_precision, "--trainable", "new+qkvo",
@@ -536,8 +537,10 @@ def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: i
     # layers=all: the replacement runs in every layer at every size (no per-size dense fallback),
     # so the student learns the new attention and the adapter keeps it that way.
     argv += ["--patch-option", "layers=all"]
-    if method == "local":
-        argv += ["--patch-option", f"window={LOCAL_WINDOW}"]
+    if options is None:
+        options = {"window": LOCAL_WINDOW} if method == "local" else {}
+    for key, value in options.items():
+        argv += ["--patch-option", f"{key}={value}"]
     return argv
 
 
@@ -592,9 +595,30 @@ def adapter_to_fp16(folder: Path) -> None:
     tmp.replace(path)
 
 
+def parse_local_options(text: str | None) -> dict | None:
+    """"window=4,global_pool=4" -> {"window": 4, "global_pool": 4} (values read as JSON where they
+    parse, as ``linfusion distill --patch-option`` does); None or "" -> None."""
+    if not text:
+        return None
+    options = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"local student options are KEY=VALUE,...; got {text!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return options
+
+
 def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, batch_size: int,
-                     parallel: bool, device: torch.device, lrs: dict[str, float] | None = None) -> dict:
-    """Teacher data once, then both students, with the distillation toolkit's commands."""
+                     parallel: bool, device: torch.device, lrs: dict[str, float] | None = None,
+                     local_options: dict | None = None) -> dict:
+    """Teacher data once, then both students, with the distillation toolkit's commands.
+
+    ``local_options``: the local student's attention options (default ``{"window": LOCAL_WINDOW}``;
+    e.g. ``{"window": 4, "global_pool": 4}`` adds the pooled global branch)."""
     from .world import prompt_set
 
     lrs = lrs or {"linear": 3e-4, "local": 2e-4}
@@ -605,12 +629,14 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     start = time.time()
     run_linfusion([generate_data_argv(pipeline, data, prompts_file, data_steps)], False, [])
     data_seconds = time.time() - start
+    local_options = dict(local_options or {"window": LOCAL_WINDOW})
     argvs = [distill_argv(pipeline, out / f"adapter-{m}", method=m, data=data, steps=steps, batch_size=batch_size,
-                          lr=lrs[m], mixed_precision=mixed) for m in ("linear", "local")]
+                          lr=lrs[m], mixed_precision=mixed, options=local_options if m == "local" else None)
+             for m in ("linear", "local")]
     run_linfusion(argvs, parallel, [out / "distill-linear.log", out / "distill-local.log"])
     summary = {"data_seconds": round(data_seconds, 1), "distill_seconds": round(time.time() - start - data_seconds, 1),
                "steps": steps, "prompts": prompts, "data_steps": data_steps, "batch_size": batch_size, "lr": lrs,
-               "local_window": LOCAL_WINDOW}
+               "local_window": local_options.get("window"), "local_options": local_options}
     for m in ("linear", "local"):
         folder = out / f"adapter-{m}"
         adapter_to_fp16(folder)
