@@ -103,7 +103,8 @@ def add_parser(subparsers) -> None:
     data.set_defaults(run=run_generate_command)
 
 
-def _key_values(items: list[str] | None, flag: str) -> dict | None:
+def parse_key_values(items: list[str] | None, flag: str) -> dict | None:
+    """["window=4", "shape=tile"] -> {"window": 4, "shape": "tile"}: values read as JSON where they parse."""
     if items is None:
         return None
     result = {}
@@ -122,9 +123,9 @@ def _config_from_args(args: argparse.Namespace):
     from .config import DistillConfig
 
     values = {k: v for k, v in vars(args).items() if k not in ("run", "command", "config", "images")}
-    values["pipeline_kwargs"] = _key_values(values.get("pipeline_kwargs"), "--pipeline-kwarg")
+    values["pipeline_kwargs"] = parse_key_values(values.get("pipeline_kwargs"), "--pipeline-kwarg")
     if "patch" in values:
-        values["patch"] = _key_values(values.get("patch"), "--patch-option")
+        values["patch"] = parse_key_values(values.get("patch"), "--patch-option")
     return DistillConfig.from_sources(args.config, **values)
 
 

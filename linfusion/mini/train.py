@@ -596,20 +596,11 @@ def adapter_to_fp16(folder: Path) -> None:
 
 
 def parse_local_options(text: str | None) -> dict | None:
-    """"window=4,global_pool=4" -> {"window": 4, "global_pool": 4} (values read as JSON where they
-    parse, as ``linfusion distill --patch-option`` does); None or "" -> None."""
-    if not text:
-        return None
-    options = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"local student options are KEY=VALUE,...; got {text!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value.strip()
-    return options
+    """"window=4,global_pool=4" -> {"window": 4, "global_pool": 4}, read like ``linfusion distill
+    --patch-option``; None or "" -> None."""
+    from ..distill.cli import parse_key_values
+
+    return parse_key_values(text.split(","), "local student options") if text else None
 
 
 def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, batch_size: int,
