@@ -121,6 +121,7 @@ def test_quality_quick_mode_writes_the_schema(smoke_run, tmp_path):
     adapters = {m: str(smoke_run / f"adapter-{m}") for m in ("linear", "local")}
     run_benchmark(smoke_run / "pipeline", adapters, device="cpu", out_json=out, out_grid=grid, **QUICK)
     result = json.loads(out.read_text())
+    assert result["settings"]["scenes"] == "all"
     assert result["base_resolution"] == 128 and 0 <= result["checker_accuracy"] <= 1
     assert [r["model"] for r in result["rows"]] == ["teacher", "zero_shot_linear", "zero_shot_local", "linear", "local"]
     for row in result["rows"]:

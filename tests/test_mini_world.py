@@ -99,6 +99,17 @@ def test_heldout_split_is_fixed_and_disjoint() -> None:
         prompt_set("test", 3)
 
 
+def test_counted_prompt_set_holds_only_groups_and_stays_held_out() -> None:
+    counted = prompt_set("heldout", 40, seed=0, scenes="counted")
+    scenes = [parse_prompt(p) for p in counted]
+    assert len(set(counted)) == 40 and all(scene_split(s) == "heldout" for s in scenes)
+    assert all(any(o.count > 1 for o in s.objects) for s in scenes)
+    assert {o.count for s in scenes for o in s.objects} >= {2, 3, 4}
+    assert prompt_set("heldout", 30, seed=0, scenes="all") == prompt_set("heldout", 30, seed=0)  # default unchanged
+    with pytest.raises(ValueError, match="counted"):
+        prompt_set("heldout", 3, scenes="tall")
+
+
 # --------------------------------------------------------------------------- renderer
 
 

@@ -219,8 +219,9 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
                   batch: int = 32, device: str | torch.device | None = None, window: int = 4,
                   time_runs: int = 3, grid_prompts: int = 6, checker_n: int = 200, workers: int = 0,
                   out_json: str | Path | None = None, out_grid: str | Path | None = None,
-                  models: tuple[str, ...] = MODELS) -> dict:
-    """Run the benchmark; ``pipeline``/``adapters`` default to the bundled LinFusion-Mini."""
+                  models: tuple[str, ...] = MODELS, scenes: str = "all") -> dict:
+    """Run the benchmark; ``pipeline``/``adapters`` default to the bundled LinFusion-Mini; ``scenes``
+    filters the held-out prompts (:data:`linfusion.mini.world.SCENE_FILTERS`, e.g. "counted")."""
     from .world import parse_prompt, prompt_set, render
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -235,7 +236,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
                 adapters[method] = None
     pipe = load_pipeline(pipeline, device)
     base = pipe.transformer.config.sample_size * pipe.vae_scale_factor
-    prompts = prompt_set("heldout", n_prompts, seed=seed)
+    prompts = prompt_set("heldout", n_prompts, seed=seed, scenes=scenes)
     pool = None
     if workers > 0:
         import multiprocessing as mp
@@ -291,7 +292,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         "base_resolution": base,
         "checker_accuracy": validation["checker_accuracy"],
         "rows": rows,
-        "settings": {"n_prompts": n_prompts, "prompt_split": "heldout", "seed": seed, "steps": steps,
+        "settings": {"n_prompts": n_prompts, "prompt_split": "heldout", "scenes": scenes, "seed": seed, "steps": steps,
                      "guidance_scale": 4.5, "scales": list(scales), "local_window": window, "checker_n": checker_n,
                      "zero_shot_local_options": zero_shot_local_options(adapters.get("local"), window),
                      "device": str(device), "torch": torch.__version__, "skipped": skipped,
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument("--grid", default="benchmarks/results/quality_grid.png")
     parser.add_argument("--prompts", type=int, default=96)
+    parser.add_argument("--scenes", default="all", help="held-out scenes: all, or counted (groups of two or more)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scales", default="1,2,4", help="resolutions as multiples of the base, comma-separated")
     parser.add_argument("--batch", type=int, default=32)
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         settings.update(QUICK)
     result = run_benchmark(args.pipeline, adapters, seed=args.seed, device=args.device, window=args.window,
+                           scenes=args.scenes,
                            out_json=args.out, out_grid=args.grid, **settings)
     print(json.dumps({k: v for k, v in result.items() if k != "checker_validation"}, indent=1))
     return 0

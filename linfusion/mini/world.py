@@ -434,13 +434,22 @@ def scene_split(scene: Scene, heldout_fraction: float = 0.1) -> str:
     return "heldout" if bucket < heldout_fraction * 10_000 else "train"
 
 
-def prompt_set(split: str, n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct prompts whose scenes all belong to ``split`` ("train" | "heldout").
+#: prompt-set filters: "counted" keeps scenes with a group of two or more (the teacher's weak spot)
+SCENE_FILTERS = {"all": lambda scene: True,
+                 "counted": lambda scene: any(obj.count > 1 for obj in scene.objects)}
 
-    Deterministic in (split, n, seed); a given prefix is stable as ``n`` grows.
+
+def prompt_set(split: str, n: int, seed: int = 0, scenes: str = "all") -> list[str]:
+    """``n`` distinct prompts whose scenes all belong to ``split`` ("train" | "heldout") and pass the
+    ``scenes`` filter (a key of :data:`SCENE_FILTERS`).
+
+    Deterministic in (split, n, seed, scenes); a given prefix is stable as ``n`` grows.
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if scenes not in SCENE_FILTERS:
+        raise ValueError(f"scenes must be one of {sorted(SCENE_FILTERS)}, got {scenes!r}")
+    keep = SCENE_FILTERS[scenes]
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     prompts: list[str] = []
     seen: set[str] = set()
@@ -448,7 +457,7 @@ def prompt_set(split: str, n: int, seed: int = 0) -> list[str]:
         if len(prompts) >= n:
             break
         scene = sample_scene(rng)
-        if scene_split(scene) != split or scene.key() in seen:
+        if scene_split(scene) != split or scene.key() in seen or not keep(scene):
             continue
         seen.add(scene.key())
         prompts.append(scene_to_prompt(scene, rng))
