@@ -398,7 +398,8 @@ def test_step_profiler_logs_a_window_and_never_raises(monkeypatch, capsys):
 
 def test_quality_reports_which_attribute_failed():
     """The benchmark names the failing attribute (attempt 4's analysis had to do it by hand: counts)."""
-    from linfusion.mini.quality import _check, attribute_kind, failure_rates
+    from linfusion.mini.checker import attribute_kind
+    from linfusion.mini.quality import _check, failure_rates
     from linfusion.mini.world import parse_prompt, render
 
     truth = "an image of two medium green stars on a red polka-dot backdrop"

@@ -294,6 +294,14 @@ def _assign(obj: Obj, components: tuple[Component, ...], used: set[int]) -> tupl
     return (matches + others)[: obj.count], len(matches)
 
 
+def attribute_kind(claim: str) -> str:
+    """The attribute one of :meth:`AdherenceChecker.score`'s claims tests: "obj1.count" -> "count",
+    "rel0" -> "relation", "background.colour" -> "background.colour" (apart from the objects' colour)."""
+    if claim.startswith("rel"):
+        return "relation"
+    return claim if claim.startswith("background.") else claim.split(".")[-1]
+
+
 class AdherenceChecker:
     """Scores how well an image matches a scene (or a prompt of the grammar).
 

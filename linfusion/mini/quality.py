@@ -112,17 +112,9 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(values))
 
 
-def attribute_kind(claim: str) -> str:
-    """The attribute a checker claim tests: "obj1.count" -> "count", "rel0" -> "relation",
-    "background.colour" -> "background.colour" (kept apart from the objects' colour)."""
-    if claim.startswith("rel"):
-        return "relation"
-    return claim if claim.startswith("background.") else claim.split(".")[-1]
-
-
 def _check(args: tuple[np.ndarray, str]) -> tuple[bool, float, set[str]]:
     """(every claim of the prompt holds, fraction of its claims that hold, attributes with a failed claim)."""
-    from .checker import AdherenceChecker
+    from .checker import AdherenceChecker, attribute_kind
 
     image, prompt = args
     score = AdherenceChecker().score(image, prompt)
@@ -243,6 +235,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
 
         pool = mp.get_context("spawn").Pool(workers)
         accuracy_job = pool.apply_async(_checker_accuracy, (checker_n,))
+    zero_shot_local = zero_shot_local_options(adapters.get("local"), window)
     started = time.time()
     rows, skipped, backends = [], [], {}
     teacher_images: dict[int, list[np.ndarray]] = {}
@@ -253,7 +246,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         if name in ("linear", "local") and not adapter:
             skipped.append(name)
             continue
-        options = zero_shot_local_options(adapters.get("local"), window) if method == "local" else {}
+        options = zero_shot_local if method == "local" else {}
         apply_patch(pipe, method, adapter, options)
         if method or adapter:
             try:  # the default kernel backend (Triton on CUDA) must run this model; else the PyTorch one
@@ -294,7 +287,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         "rows": rows,
         "settings": {"n_prompts": n_prompts, "prompt_split": "heldout", "scenes": scenes, "seed": seed, "steps": steps,
                      "guidance_scale": 4.5, "scales": list(scales), "local_window": window, "checker_n": checker_n,
-                     "zero_shot_local_options": zero_shot_local_options(adapters.get("local"), window),
+                     "zero_shot_local_options": zero_shot_local,
                      "device": str(device), "torch": torch.__version__, "skipped": skipped,
                      "backend_fallbacks": backends,
                      "sec_per_image": f"batch 1, median of {time_runs}"},

@@ -46,6 +46,8 @@ from .data import RenderStream, to_tensor, to_uint8
 
 #: local attention radius (latent tokens) of the student: the base grid is 16x16 tokens
 LOCAL_WINDOW = 4
+#: the local student's attention options unless MINI_LOCAL_OPTIONS / ``local_options`` says otherwise
+DEFAULT_LOCAL_OPTIONS = {"window": LOCAL_WINDOW}
 #: attempt 4: the VAE's share up from 0.22 (its reconstructions passed the checker only 73% of the time in attempt 3)
 STAGE_SHARES = {"vae": 0.28, "text": 0.05, "dit": 0.67}
 #: VAE training window (px): random crops of the 128 px renders, for the first VAE_CROP_SHARE of its
@@ -529,7 +531,7 @@ def save_pipeline(components: dict, folder: Path) -> dict:
 def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: int, batch_size: int, lr: float,
                  mixed_precision: str, options: dict | None = None) -> list[str]:
     """The ``linfusion distill`` command line of one student (see ``linfusion distill --help``);
-    ``options``: attention options of the student (local: default ``{"window": LOCAL_WINDOW}``)."""
+    ``options``: attention options of the student (local: default :data:`DEFAULT_LOCAL_OPTIONS`)."""
     argv = ["distill", "--model", str(pipeline), "--method", method, "--output", str(out), "--data", str(data),
             "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup-steps",
             str(min(50, max(1, steps // 10))), "--mixed-precision", mixed_precision, "--trainable", "new+qkvo",
@@ -538,7 +540,7 @@ def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: i
     # so the student learns the new attention and the adapter keeps it that way.
     argv += ["--patch-option", "layers=all"]
     if options is None:
-        options = {"window": LOCAL_WINDOW} if method == "local" else {}
+        options = DEFAULT_LOCAL_OPTIONS if method == "local" else {}
     for key, value in options.items():
         argv += ["--patch-option", f"{key}={value}"]
     return argv
@@ -608,7 +610,7 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
                      local_options: dict | None = None) -> dict:
     """Teacher data once, then both students, with the distillation toolkit's commands.
 
-    ``local_options``: the local student's attention options (default ``{"window": LOCAL_WINDOW}``;
+    ``local_options``: the local student's attention options (default :data:`DEFAULT_LOCAL_OPTIONS`;
     e.g. ``{"window": 4, "global_pool": 4}`` adds the pooled global branch)."""
     from .world import prompt_set
 
@@ -620,7 +622,7 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     start = time.time()
     run_linfusion([generate_data_argv(pipeline, data, prompts_file, data_steps)], False, [])
     data_seconds = time.time() - start
-    local_options = dict(local_options or {"window": LOCAL_WINDOW})
+    local_options = dict(local_options or DEFAULT_LOCAL_OPTIONS)
     argvs = [distill_argv(pipeline, out / f"adapter-{m}", method=m, data=data, steps=steps, batch_size=batch_size,
                           lr=lrs[m], mixed_precision=mixed, options=local_options if m == "local" else None)
              for m in ("linear", "local")]

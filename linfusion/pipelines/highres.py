@@ -347,9 +347,9 @@ def generate_highres(
         refine_steps: ``num_inference_steps`` of each refinement (default ``steps``); it runs
             ``int(refine_steps · strength)`` of them.
         upscale: "bicubic", "bilinear", "nearest" (in pixel space: decode, upscale, encode), "latent"
-            (bicubic on the latents: no VAE pass between stages, only the final decode; the VAE
-            at 8K-16K costs more than the refinement steps, but a latent upscale is softer, so
-            give it more strength), or ``f(images in [-1, 1], (h, w)) -> images``.
+            (bicubic on the latents: no VAE encode or decode between stages, only the final decode;
+            a latent upscale is softer, so give it more strength), or
+            ``f(images in [-1, 1], (h, w)) -> images``.
         tiled_vae: tile VAE encode/decode (diffusers' tiling, or LinFusion's fallback).
         vae_tile: VAE tile size in pixels (None: the VAE's default).
         lean: chunked CFG, feed-forward chunking and (CUDA) model CPU offload.
