@@ -112,6 +112,13 @@ def rowmajor_block_mask(grid: tuple[int, ...], radii: tuple[float, ...], text_le
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Every (model, resolution, layer) shape is its own compile (dynamic=False). Past dynamo's
+    # default limit of 8, flex_attention silently falls back to eager, which materialises the
+    # full score matrix (out of memory at PixArt 4096², 13x slower at SD3.5 1024²). A baseline
+    # must never run that way: allow many shapes, and fail loudly if even that is exceeded.
+    torch._dynamo.config.cache_size_limit = max(256, torch._dynamo.config.cache_size_limit)
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -8,6 +8,7 @@
 #                dense and the same circle in Triton (local_circle) for SDXL / PixArt-Σ / SD3.5-m at 1K, 2K and 4K and Wan at 480p; appended to the
 #                committed e2e.json; with them the layers="auto" rows again, timed for >= 1 s each. (FLUX's flex_tiled rows, the auto rows, default SDPA everywhere and
 #                PixArt's dense 8K row were measured in the 6th session.)
+# PHASE=flex:    only the FlexAttention (tile-ordered) rows for SD3.5-m / PixArt-Σ / SDXL (E2E_DEADLINE caps it).
 # PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py), with the
 #                latent upscale (no VAE pass between stages) and then the pixel-space one.
 # Earlier phases (circle diagnosis, FLUX overhead work, auto rows, first 16K run) are in git history.
@@ -52,6 +53,15 @@ matrix)
   say "SDXL / PixArt-Σ at 8K: FlexAttention on tile-ordered tokens beside the circle kernel"
   e2e 10 --models sdxl pixart --resolutions 8192 --impls local_circle local_flex_tiled
   ;;
+flex)
+  # FlexAttention rows again after the 7th session's matrix: flex_attention had hit dynamo's recompile
+  # limit of 8 shapes and fallen back to eager (PixArt 4096² out of memory, SD3.5-m 1024² 13x slow);
+  # flex_baseline.py now allows 256 compiled shapes and fails loudly past them
+  cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
+  E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 120)
+  timeout -s INT $(( $(left) - 10 )) "${E2E[@]}" --max-minutes "$(mins 10)" --models sd35m pixart sdxl \
+    --resolutions ${FLEX_RES:-1024 2048 4096} --impls local_flex_tiled 2>&1 | grep -v -i warn | tee -a "$LOG"
+  ;;
 highres)
   # the latent upscale first (no VAE encode/decode between stages: where the pixel run's time is
   # expected to go), then the pixel-space run with its per-pass timer, each under the call's deadline
@@ -63,6 +73,6 @@ highres)
     --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
   ;;
 *)
-  say "unknown PHASE=$PHASE (tests, matrix or highres)"; exit 2 ;;
+  say "unknown PHASE=$PHASE (tests, matrix, flex or highres)"; exit 2 ;;
 esac
 say "done; \$OUT: $(ls "$OUT" | tr '\n' ' ')"

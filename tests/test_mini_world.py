@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import permutations
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,6 +14,7 @@ from linfusion.mini import (
     Relation,
     Scene,
     degrade,
+    layout,
     parse_prompt,
     prompt_set,
     render,
@@ -22,6 +25,7 @@ from linfusion.mini import (
     validate_checker,
 )
 from linfusion.mini.checker import DEGRADATIONS
+from linfusion.mini.world import CANONICAL_CELL_ORDER, POSITIONS, RELATIONS, position_cell
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +144,179 @@ def test_masks_match_objects_and_colours() -> None:
         assert np.abs(inner.mean(0) - expected).max() < 25
 
 
-def test_layout_respects_positions_and_relations() -> None:
+@pytest.mark.parametrize("placement", ["canonical", "random"])
+def test_layout_respects_positions_and_relations(placement: str) -> None:
     scene = parse_prompt("a red circle above a blue square")
     for seed in range(10):
-        _, masks = render_with_masks(scene, 64, 64, rng=seed)
+        _, masks = render_with_masks(scene, 64, 64, rng=seed, placement=placement)
         a, b = (m.placement for m in masks)
         assert a.cy < b.cy
-    _, masks = render_with_masks(parse_prompt("a star in the bottom right"), 80, 120)
+    _, masks = render_with_masks(parse_prompt("a star in the bottom right"), 80, 120, placement=placement)
     p = masks[0].placement
     assert p.cell == (2, 2) and p.cx > 2 / 3 and p.cy > 2 / 3
+
+
+# --------------------------------------------------------------------------- placement modes
+
+
+def _cells(scene: Scene, rng=None, placement: str = "canonical") -> list[tuple[int, int]]:
+    return [p.cell for p in layout(scene, rng, placement=placement)]
+
+
+def _relations_hold(scene: Scene, placements) -> bool:
+    holds = {"above": lambda a, b: a[0] < b[0], "below": lambda a, b: a[0] > b[0],
+             "left of": lambda a, b: a[1] < b[1], "right of": lambda a, b: a[1] > b[1]}
+    return all(holds[rel.relation](p.cell, q.cell) for rel in scene.relations
+               for p in placements if p.obj_index == rel.subject
+               for q in placements if q.obj_index == rel.target)
+
+
+def _positions_hold(scene: Scene, placements) -> bool:
+    return all(p.cell == position_cell(scene.objects[p.obj_index].position)
+               for p in placements if p.instance == 0 and scene.objects[p.obj_index].position is not None)
+
+
+def _scenes_for_layout() -> list[Scene]:
+    rng = np.random.default_rng(11)
+    scenes = [sample_scene(rng) for _ in range(300)]
+    scenes += [parse_prompt(p) for p in (
+        "four green squares and a red star in the center",
+        "three small green squares and a red ring above a blue star",
+        "two red circles to the right of three blue squares on a black background",
+        "a red circle above a blue square in the center",
+    )]
+    return scenes
+
+
+def test_canonical_cells_ignore_the_seed_and_jitter_stays_in_cell() -> None:
+    moved = 0
+    for scene in _scenes_for_layout():
+        ref = layout(scene, 0)
+        for seed in (1, 2, 3, None, np.random.default_rng(4)):
+            other = layout(scene, seed, aspect=1.0)
+            assert [p.cell for p in other] == [p.cell for p in ref]
+            moved += any(abs(p.cx - q.cx) > 1e-9 for p, q in zip(other, ref))
+        for aspect in (0.6, 1.0, 1.7):
+            for p in layout(scene, 7, aspect=aspect):
+                r, c = p.cell
+                assert c / 3 < p.cx < (c + 1) / 3 and r / 3 < p.cy < (r + 1) / 3
+    assert moved > 0  # the rng still drives the jitter
+
+
+def test_canonical_layout_draws_only_the_jitter_from_rng() -> None:
+    scene = parse_prompt("three small green squares and a red ring above a blue star")
+    g = np.random.default_rng(5)
+    layout(scene, g)
+    h = np.random.default_rng(5)
+    h.random(2 * 5)  # two uniforms (x, y) per instance, nothing for the cells
+    assert g.random() == h.random()
+
+
+def test_canonical_examples_honour_relations_and_positions() -> None:
+    # Free objects fill the priority order: centre, then middle right satisfies "left of".
+    assert _cells(parse_prompt("a red circle to the left of a blue square")) == [(1, 1), (1, 2)]
+    assert _cells(parse_prompt("a red circle above a blue square")) == [(1, 1), (2, 1)]
+    # A counted group around a positioned object (which keeps its cell).
+    assert _cells(parse_prompt("four green squares and a red star in the center")) == [
+        (1, 0), (1, 2), (0, 1), (2, 1), (1, 1)]
+    assert _cells(parse_prompt("four green squares and a red star")) == list(CANONICAL_CELL_ORDER[:5])
+    # The fixed centre forces the search past the first candidates (middle left / right).
+    scene = parse_prompt("a red circle above a blue square in the center")
+    assert scene.objects[1].position == "center" and scene.relations == (Relation(0, "above", 1),)
+    assert _cells(scene) == [(0, 1), (1, 1)]
+    # Relation between groups: every instance of the subject right of every instance of the target.
+    scene = parse_prompt("two red circles to the right of three blue squares")
+    placements = layout(scene)
+    assert _relations_hold(scene, placements)
+    assert [p.cell for p in placements] == [(1, 1), (1, 2), (1, 0), (0, 0), (2, 0)]
+
+
+def test_canonical_fallbacks_are_deterministic() -> None:
+    # Impossible relation (nothing is left of the left column): kept position, relation ignored.
+    scene = parse_prompt("a red circle on the left, to the right of a blue square")
+    assert scene.objects[0].position == "center left"
+    assert _cells(scene) == [(1, 0), (1, 1)]
+    # Two objects claim the centre: both positions are dropped, as in random placement.
+    scene = parse_prompt("a red circle in the center and a blue square in the center")
+    assert _cells(scene) == [(1, 1), (1, 0)] == _cells(scene, 3)
+
+
+def _first_permutation(scene: Scene) -> list[tuple[int, int]] | None:
+    """The canonical rule written out naively: the first satisfying permutation."""
+    instances = [(i, k) for i, o in enumerate(scene.objects) for k in range(o.count)]
+    fixed = {(i, 0): position_cell(o.position) for i, o in enumerate(scene.objects) if o.position}
+    if len(set(fixed.values())) < len(fixed):
+        fixed = {}
+    free = [c for c in CANONICAL_CELL_ORDER if c not in fixed.values()]
+    slots = [n for n, inst in enumerate(instances) if inst not in fixed]
+    for chosen in permutations(free, len(slots)):
+        cells = [fixed.get(inst) for inst in instances]
+        for n, cell in zip(slots, chosen):
+            cells[n] = cell
+        placements = [type("P", (), {"obj_index": i, "instance": k, "cell": c})()
+                      for (i, k), c in zip(instances, cells)]
+        if _relations_hold(scene, placements):
+            return cells
+    return None
+
+
+def test_canonical_is_the_first_satisfying_permutation() -> None:
+    rng = np.random.default_rng(3)
+    scenes = _scenes_for_layout()
+    for _ in range(150):  # multi-group scenes with chained relations and some positions
+        counts = [int(c) for c in rng.integers(1, 3, int(rng.integers(2, 4)))]
+        objects = tuple(Obj("circle", ("red", "blue", "green")[j], count=c,
+                            position=str(rng.choice(POSITIONS)) if rng.random() < 0.3 else None)
+                        for j, c in enumerate(counts))
+        relations = tuple(Relation(j, str(rng.choice(RELATIONS)), j + 1) for j in range(len(objects) - 1))
+        scenes.append(Scene(objects, relations))
+    satisfiable = 0
+    for scene in scenes:
+        expected = _first_permutation(scene)
+        placements = layout(scene, 0)
+        if expected is not None:
+            satisfiable += 1
+            assert [p.cell for p in placements] == expected, scene
+            assert _relations_hold(scene, placements)
+            given = [o.position for o in scene.objects if o.position is not None]
+            assert _positions_hold(scene, placements) or len(set(given)) < len(given)  # clashes are dropped
+    assert satisfiable > 350
+
+
+def test_random_placement_reproduces_the_old_layouts() -> None:
+    scene = parse_prompt("three small green squares and a red ring above a blue star")
+    # Cells of the random permutation search before canonical placement existed.
+    old = {0: [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2)],
+           1: [(0, 2), (2, 2), (1, 2), (1, 1), (2, 1)],
+           2: [(0, 1), (0, 0), (1, 1), (1, 0), (2, 2)]}
+    for seed, cells in old.items():
+        assert _cells(scene, seed, "random") == cells
+    assert [p.cx for p in layout(scene, 0, placement="random")[:2]] == pytest.approx([0.18482, 0.485654], abs=1e-6)
+    counted = parse_prompt("four green squares")
+    assert len({tuple(_cells(counted, seed, "random")) for seed in range(10)}) > 5
+    assert len({tuple(_cells(counted, seed)) for seed in range(10)}) == 1
+    for seed in range(10):
+        placements = layout(scene, seed, placement="random")
+        assert _relations_hold(scene, placements)
+
+
+def test_render_placement_modes() -> None:
+    scene = parse_prompt("four green squares")
+    assert np.array_equal(render(scene, 64, 64, rng=0), render(scene, 64, 64, rng=0, placement="canonical"))
+    img, masks = render_with_masks(scene, 64, 64, rng=0, placement="random")
+    assert np.array_equal(img, render(scene, 64, 64, rng=0, placement="random"))
+    assert [m.placement for m in masks] == layout(scene, 0, placement="random")
+
+
+@pytest.mark.parametrize("call", [
+    lambda s, pl: layout(s, 0, placement=pl),
+    lambda s, pl: render(s, 32, 32, 0, placement=pl),
+    lambda s, pl: render_with_masks(s, 32, 32, 0, placement=pl),
+])
+@pytest.mark.parametrize("bad", ["Canonical", "grid", ""])
+def test_bad_placement_raises(call, bad: str) -> None:
+    with pytest.raises(ValueError, match="placement must be one of"):
+        call(parse_prompt("a red circle"), bad)
 
 
 # --------------------------------------------------------------------------- checker
@@ -158,9 +326,10 @@ def _mean_adherence(checker: AdherenceChecker, images: list[np.ndarray], scenes:
     return float(np.mean([checker.score(i, s)["adherence"] for i, s in zip(images, scenes)]))
 
 
-def test_checker_on_ground_truth(checker: AdherenceChecker, heldout_scenes: list[Scene]) -> None:
+@pytest.mark.parametrize("placement", ["canonical", "random"])
+def test_checker_on_ground_truth(checker: AdherenceChecker, heldout_scenes: list[Scene], placement: str) -> None:
     sizes = [(128, 128), (96, 160), (256, 256)]
-    images = [render(s, *sizes[i % 3], rng=i) for i, s in enumerate(heldout_scenes)]
+    images = [render(s, *sizes[i % 3], rng=i, placement=placement) for i, s in enumerate(heldout_scenes)]
     assert _mean_adherence(checker, images, heldout_scenes) >= 0.97
     result = checker.score(images[0], heldout_scenes[0])
     assert set(result) >= {"adherence", "passed", "attributes"}

@@ -12,6 +12,14 @@ Three parts, in reading order:
    :func:`render` / :func:`render_with_masks` rasterise them with supersampling, so
    the same scene looks the same at 64, 128, 512 px or non-square sizes.
 
+Placement is *canonical* by default: an object instance whose position the prompt leaves
+open takes the first free cell of :data:`CANONICAL_CELL_ORDER` (centre first) that keeps
+the relations true, so the grid cells are a function of the scene and only a small
+jitter inside each cell is random. A prompt that leaves positions open then maps to one
+layout, and a small model learns that one mode instead of averaging the C(9, n) cell
+sets of n objects into extra copies. ``placement="random"`` restores the old layout
+(a random cell permutation per render; same seed, same layout as before).
+
 Only numpy is needed. Everything is deterministic given a seed.
 """
 
@@ -483,20 +491,50 @@ class Placement:
     radius: float
 
 
+#: Cell priority of canonical placement, (row, col): centre, middle left/right, top/bottom
+#: centre, then the corners. Unpositioned instances take the earliest cells that work.
+CANONICAL_CELL_ORDER: tuple[tuple[int, int], ...] = (
+    (1, 1), (1, 0), (1, 2), (0, 1), (2, 1), (0, 0), (0, 2), (2, 0), (2, 2),
+)
+PLACEMENTS: tuple[str, ...] = ("canonical", "random")
+#: Cells tried by canonical placement's search before it gives up on the relations.
+CANONICAL_SEARCH_LIMIT = 5000
+
+
 def _relation_holds(rel: str, a: tuple[int, int], b: tuple[int, int]) -> bool:
     (ra, ca), (rb, cb) = a, b
     return {"above": ra < rb, "below": ra > rb, "left of": ca < cb, "right of": ca > cb}[rel]
 
 
 def layout(scene: Scene, rng: np.random.Generator | int | None = None,
-           aspect: float = 1.0) -> list[Placement]:
+           aspect: float = 1.0, *, placement: str = "canonical") -> list[Placement]:
     """Assign every object instance a distinct grid cell satisfying positions and
-    relations (random search; falls back to ignoring relations if impossible), then
-    jitter it inside its cell. ``aspect`` = width / height, used to keep jitter in-cell.
+    relations, then jitter it inside its cell. ``aspect`` = width / height, used to keep
+    jitter in-cell.
+
+    ``placement="canonical"`` (default): instances with a position take its cell; the
+    others, in instance order, take the first cells of :data:`CANONICAL_CELL_ORDER` that
+    satisfy the relations (the first such assignment in lexicographic order of the free
+    cells' permutations, found by a pruned search; if none works, or none is found within
+    :data:`CANONICAL_SEARCH_LIMIT` cells tried, the relations are ignored). The cells
+    depend on the scene only; ``rng`` drives just the jitter. Why: a prompt that leaves
+    positions open maps to one layout, so a small model learns one mode instead of
+    averaging C(9, n) of them into extra copies.
+
+    ``placement="random"``: the previous behaviour, a random cell permutation per call
+    (random search; falls back to ignoring relations if impossible). It consumes ``rng``
+    exactly as before, so old seeds reproduce old layouts.
+
+    Positions that collide (a user prompt putting two objects in one cell) are dropped.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     rng = _as_rng(rng, "layout:" + scene.key())
     instances = [(i, k) for i, o in enumerate(scene.objects) for k in range(o.count)]
-    cells = _assign_cells(scene, instances, rng)
+    if placement == "random":
+        cells = _assign_cells(scene, instances, rng)
+    else:
+        cells = _canonical_cells(scene, instances)  # draws nothing from rng
     short = min(1.0, 1.0 / aspect), min(1.0, aspect)  # shorter side as a fraction of width, height
     placements = []
     for (i, k), (r, c) in zip(instances, cells):
@@ -511,12 +549,25 @@ def layout(scene: Scene, rng: np.random.Generator | int | None = None,
     return placements
 
 
+def _fixed_cells(scene: Scene) -> dict[tuple[int, int], tuple[int, int]]:
+    """{(object, instance 0): cell} for every object the scene gives a position."""
+    return {(i, 0): position_cell(o.position) for i, o in enumerate(scene.objects) if o.position is not None}
+
+
+def _relations_hold(scene: Scene, instances: list[tuple[int, int]], cells: list[tuple[int, int]]) -> bool:
+    """Every relation holds between every instance of its subject and of its target."""
+    return all(
+        _relation_holds(rel.relation, cells[a], cells[b])
+        for rel in scene.relations
+        for a, (ia, _) in enumerate(instances) if ia == rel.subject
+        for b, (ib, _) in enumerate(instances) if ib == rel.target
+    )
+
+
 def _assign_cells(scene: Scene, instances: list[tuple[int, int]],
                   rng: np.random.Generator) -> list[tuple[int, int]]:
-    fixed = {}
-    for i, o in enumerate(scene.objects):
-        if o.position is not None:
-            fixed[(i, 0)] = position_cell(o.position)
+    """Random placement: random cell permutations until the relations hold."""
+    fixed = _fixed_cells(scene)
     for use_relations in (True, False):
         for _ in range(300):
             order = [divmod(int(c), 3) for c in rng.permutation(9)]
@@ -525,14 +576,58 @@ def _assign_cells(scene: Scene, instances: list[tuple[int, int]],
             if len(set(cells)) < len(cells):
                 fixed = {}  # conflicting positions in a user prompt: drop them
                 continue
-            if not use_relations or all(
-                _relation_holds(rel.relation, cells[a], cells[b])
-                for rel in scene.relations
-                for a, (ia, _) in enumerate(instances) if ia == rel.subject
-                for b, (ib, _) in enumerate(instances) if ib == rel.target
-            ):
+            if not use_relations or _relations_hold(scene, instances, cells):
                 return cells
     raise AssertionError("unreachable: layout without constraints always succeeds")
+
+
+def _canonical_cells(scene: Scene, instances: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Canonical placement (see :func:`layout`): deterministic, no randomness.
+
+    A depth-first search over the open instances, each trying the free cells in priority
+    order and backtracking as soon as a relation between two placed instances fails: it
+    returns the first satisfying assignment in the lexicographic order of
+    ``itertools.permutations(free cells, n open)``, but prunes, so it reaches deep
+    solutions that a plain scan of that order (bounded) would miss.
+    """
+    fixed = _fixed_cells(scene)
+    if len(set(fixed.values())) < len(fixed):
+        fixed = {}  # conflicting positions in a user prompt: drop them
+    free = [c for c in CANONICAL_CELL_ORDER if c not in fixed.values()]
+    open_slots = [n for n, inst in enumerate(instances) if inst not in fixed]
+    pairs = [(a, b, rel.relation) for rel in scene.relations
+             for a, (ia, _) in enumerate(instances) if ia == rel.subject
+             for b, (ib, _) in enumerate(instances) if ib == rel.target]
+    touching = {n: [p for p in pairs if n in p[:2]] for n in open_slots}
+    cells: list[tuple[int, int] | None] = [fixed.get(inst) for inst in instances]
+    budget = CANONICAL_SEARCH_LIMIT
+
+    def consistent(checks: list[tuple[int, int, str]]) -> bool:
+        return all(_relation_holds(r, cells[a], cells[b]) for a, b, r in checks
+                   if cells[a] is not None and cells[b] is not None)
+
+    def search(j: int, taken: frozenset) -> bool:
+        nonlocal budget
+        if j == len(open_slots):
+            return True
+        n = open_slots[j]
+        for cell in free:
+            if cell in taken or budget <= 0:
+                continue
+            budget -= 1
+            cells[n] = cell
+            if consistent(touching[n]) and search(j + 1, taken | {cell}):
+                return True
+        cells[n] = None
+        return False
+
+    if consistent(pairs) and search(0, frozenset()):  # first: relations between fixed instances
+        return cells  # type: ignore[return-value]
+    # Relations impossible (or the search too long): plain priority order, ignoring them.
+    cells = [fixed.get(inst) for inst in instances]
+    for n, cell in zip(open_slots, free):
+        cells[n] = cell
+    return cells  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- rasterisation
@@ -653,16 +748,17 @@ class ObjectMask:
 
 def render_with_masks(scene: Scene, height: int, width: int,
                       rng: np.random.Generator | int | None = None,
-                      supersample: int = 4) -> tuple[np.ndarray, list[ObjectMask]]:
+                      supersample: int = 4, *, placement: str = "canonical") -> tuple[np.ndarray, list[ObjectMask]]:
     """Render ``scene`` to a ``height x width x 3`` uint8 image plus per-instance masks.
 
     Coverage is estimated with ``supersample**2`` samples per pixel (anti-aliasing);
     ``rng`` (Generator or seed) only drives the layout, so the same seed gives the same
     composition at every resolution. Without ``rng`` the layout is derived from the scene.
+    ``placement`` ("canonical" | "random") picks the cell assignment, see :func:`layout`.
     """
     if height < 8 or width < 8:
         raise ValueError(f"image too small: {height}x{width}")
-    placements = layout(scene, rng if rng is not None else None, aspect=width / height)
+    placements = layout(scene, rng, aspect=width / height, placement=placement)
     short = float(min(height, width))
 
     # Background: 2x2 supersampling is plenty for the axis-aligned patterns.
@@ -702,6 +798,6 @@ def render_with_masks(scene: Scene, height: int, width: int,
 
 
 def render(scene: Scene, height: int, width: int,
-           rng: np.random.Generator | int | None = None) -> np.ndarray:
+           rng: np.random.Generator | int | None = None, *, placement: str = "canonical") -> np.ndarray:
     """Render ``scene`` as a ``height x width x 3`` uint8 array (see :func:`render_with_masks`)."""
-    return render_with_masks(scene, height, width, rng)[0]
+    return render_with_masks(scene, height, width, rng, placement=placement)[0]
