@@ -10,7 +10,10 @@ model's per-layer estimates over the real layer inventory and compares:
   ``auto_predicted_ms`` = dense step + Σ over those layers of (patched − dense).
 
 A row where the measured delta is positive (the patch is slower) while ``auto`` would still
-patch layers is a calibration problem: ``auto`` would make the user slower (exit status 1). The
+patch every layer, or where the model predicts the slower all-layers patch to pay off, is a
+calibration problem: ``auto`` would make the user slower (``auto_risk``, exit status 1). When the
+model agrees the all-layers patch is slower and ``auto`` patches only the subset it predicts to
+pay off, the row is ``auto_unverified``: only a measured ``*_auto`` row can settle it. The
 check needs no GPU: it only reads the JSON and runs the cost model with the ``cuda-sm90`` profile.
 
 ``--fit`` re-fits the profile's ``layer_overhead_us`` (per method): the largest per-layer
@@ -25,10 +28,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
-
-import math
 
 import torch
 
@@ -135,10 +137,23 @@ def compare(rows: list[dict], profile: DeviceProfile | str = "cuda-sm90") -> lis
                 predicted_delta_ms=round(est["predicted_delta_ms"], 1),
                 auto_layers=est["auto_layers"], layers=est["layers"],
                 auto_predicted_ms=round(dense + est["auto_delta_ms"], 1),
-                # auto patches layers although the all-layers patch measured slower: a miscalibration
-                auto_risk=bool(est["auto_layers"] and measured > 0),
+                **auto_verdict(measured, est),
             ))
     return out
+
+
+def auto_verdict(measured_delta_ms: float, est: dict) -> dict[str, bool]:
+    """Whether a measured all-layers row shows ``layers="auto"`` making the user slower.
+
+    ``auto_risk``: the all-layers patch measured slower, yet ``auto`` patches every layer, or the
+    model even predicts the all-layers patch to pay off (it has the sign wrong): a miscalibration.
+    ``auto_unverified``: the all-layers patch measured slower and the model agrees, but ``auto``
+    patches a subset it predicts to pay off (SDXL's largest level). The all-layers row cannot
+    decide that subset; only a measured ``*_auto`` row can.
+    """
+    slower_patched = measured_delta_ms > 0 and est["auto_layers"] > 0
+    subset_agreed = est["auto_layers"] < est["layers"] and est["predicted_delta_ms"] > 0
+    return dict(auto_risk=slower_patched and not subset_agreed, auto_unverified=slower_patched and subset_agreed)
 
 
 def fit_layer_overhead(rows: list[dict], profile: DeviceProfile | str = "cuda-sm90") -> dict[str, float]:
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {PROFILES_PATH}")
     result = compare(rows, profile)
     cols = ("model", "resolution", "impl", "dense_ms", "measured_ms", "measured_delta_ms", "predicted_delta_ms",
-            "auto_layers", "layers", "auto_risk")
+            "auto_layers", "layers", "auto_risk", "auto_unverified")
     print(" | ".join(cols))
     for r in result:
         print(" | ".join(str(r[c]) for c in cols))

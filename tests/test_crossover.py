@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +72,8 @@ def test_matches_h200_measurements():
     assert 3.0 < tile < 4.5
     circle = estimate_attention_ms("local", batch=1, heads=24, tokens=65536, head_dim=128, keys_per_query=1920,
                                    shape="circle", profile="cuda-sm90")
-    assert 1.7 < circle / tile < 2.3
+    # exact circles on the same key tiles: 6.20 against 5.21 ms at flux-4k (kernels.json), 1.19x
+    assert 1.1 < circle / tile < 1.4
     # linear near the HBM floor (~0.4 ms for q, k, v, o) plus fixed costs
     lin = estimate_attention_ms("linear", batch=1, heads=24, tokens=65536, head_dim=128, profile="cuda-sm90")
     assert 0.4 < lin < 2.0
@@ -80,22 +85,36 @@ def test_matches_h200_measurements():
         assert 0.7 < 57 * per_layer / (step_ms * share) < 1.3, res
 
 
-def test_shipped_profile_agrees_with_measured_e2e_rows():
-    """layers="auto" must not patch a layer at a size where every-layer patching measured slower."""
-    import dataclasses
-    import importlib.util
-    import sys
-    from pathlib import Path
-
+def _load_check():
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("crossover_vs_e2e", root / "benchmarks" / "crossover_vs_e2e.py")
     check = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = check  # its dataclass looks its module up there
     spec.loader.exec_module(check)
+    return check
+
+
+def test_auto_verdict_separates_miscalibration_from_an_unmeasured_subset():
+    verdict = _load_check().auto_verdict
+    est = dict(auto_layers=10, layers=70, predicted_delta_ms=39.0)
+    assert verdict(10.0, est) == dict(auto_risk=False, auto_unverified=True)   # model agrees: subset only
+    assert verdict(-5.0, est) == dict(auto_risk=False, auto_unverified=False)  # the patch measured faster
+    assert verdict(10.0, dict(est, predicted_delta_ms=-3.0))["auto_risk"]      # model has the sign wrong
+    assert verdict(10.0, dict(est, auto_layers=70))["auto_risk"]               # auto patches every layer
+    assert verdict(10.0, dict(est, auto_layers=0)) == dict(auto_risk=False, auto_unverified=False)
+
+
+def test_shipped_profile_agrees_with_measured_e2e_rows():
+    """layers="auto" must not patch a layer at a size where every-layer patching measured slower."""
+    root = Path(__file__).resolve().parents[1]
+    check = _load_check()
     rows = json.loads((root / "benchmarks" / "results" / "e2e.json").read_text())["rows"]
     result = check.compare(rows, "cuda-sm90")
     assert len(result) >= 30
     assert not [r for r in result if r["auto_risk"]]
+    # the one size where auto patches a subset the all-layers row cannot vouch for (README says so)
+    assert {(r["model"], r["resolution"], r["impl"]) for r in result if r["auto_unverified"]} <= {
+        ("sdxl", "2048x2048", "local_circle")}
     # ...and it still patches where the patch measured clearly faster (FLUX/PixArt/SD3.5 from 2K)
     faster = [r for r in result if r["measured_ms"] < 0.8 * r["dense_ms"]]
     assert faster and all(r["auto_layers"] > 0 for r in faster)
