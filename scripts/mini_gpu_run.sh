@@ -8,17 +8,18 @@
 # then, here:
 #   python -m linfusion.mini.package unpack <files_at> --results     # -> linfusion/mini/weights, benchmarks/results
 #
-# Recommended (one call does not fit 7.5 teacher minutes, the students and the benchmark): two calls,
-#   run(command="MINI_STAGE=teacher MINI_MINUTES=7.5 bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
-#   (7.8 minutes took 548 s of the 600 in the second run; the EMA-or-raw choice adds ~20 s)
+# Recommended (one call does not fit 7.2 teacher minutes, the students and the benchmark): two calls,
+#   run(command="MINI_STAGE=teacher bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
+#   (7.2 minutes took 507 s of the 600 in attempt 6, 7.5 took 534 s in attempt 5; the EMA-or-raw choice adds ~20 s)
 #   python -m linfusion.mini.package unpack <files_at>            # -> linfusion/mini/weights/pipeline
 #   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl", "linfusion/mini/weights"], timeout_s=600)
 #   (keep linfusion/mini/weights/ in .git/info/exclude until the targets are met: unpacked weights must
 #   not be committed by a stray `git add -A`; ignored paths travel to the device only through carry)
-# The bundled weights (attempt 5, benchmarks/results/mini_attempt5/) are these two calls with the
+# The bundled weights (attempt 6, benchmarks/results/mini_attempt6/) are these two calls with the
 # defaults of linfusion/mini/train.py (timestep band 550..750 at share 0.5, from
-# benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700).
-# Knobs (environment): MINI_MINUTES (teacher training, default 7.5 with MINI_STAGE=teacher, else 5), MINI_STAGE=all|teacher|students
+# benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700) and of
+# linfusion/mini/world.py (canonical cells for objects the prompt does not place).
+# Knobs (environment): MINI_MINUTES (teacher training, default 7.2 with MINI_STAGE=teacher, else 5), MINI_STAGE=all|teacher|students
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),
 # MINI_DISTILL_STEPS, MINI_DISTILL_PROMPTS (default: DISTILL_STEPS / DISTILL_PROMPTS of linfusion/mini/train.py),
@@ -32,7 +33,7 @@ T0=$(date +%s)
 OUT=${OUT:-/tmp/mini-out}
 WORK=${MINI_WORK:-/tmp/mini-train}
 STAGE=${MINI_STAGE:-all}
-MINUTES=${MINI_MINUTES:-$([ "$STAGE" = teacher ] && echo 7.5 || echo 5)}  # one call (all) must leave time for the students
+MINUTES=${MINI_MINUTES:-$([ "$STAGE" = teacher ] && echo 7.2 || echo 5)}  # one call (all) must leave time for the students
 DEADLINE=${MINI_DEADLINE:-570}
 DEVICE=${MINI_DEVICE:-cuda}
 SMOKE=${MINI_SMOKE:-}

@@ -63,8 +63,9 @@ OBJECT_WEIGHT = 4.0
 VAE_OBJECT_WEIGHT = 4.0
 #: share of training timesteps drawn from MID_T (else uniform over all). Attempts 2-4 used
 #: (150, 800), 0.7 (the second teacher decided, and lost, shapes and counts between t = 800 and 400);
-#: attempt 4's SDEdit test put the count decision at t = 700..600, and attempt 5 (the bundled
-#: weights) drew half its timesteps from 550..750: strict adherence 35.4% -> 38.5%
+#: attempt 4's SDEdit test put the count decision at t = 700..600, and attempts 5 and 6 (the
+#: bundled weights) drew half their timesteps from 550..750: strict adherence 35.4% -> 38.5%
+#: (attempt 6's canonical layouts, world.py, then took it to 77.1%)
 MID_T, MID_T_SHARE = (550, 750), 0.5
 #: students: steps each and teacher-data prompts (attempt 3 used 1200 and 192; 192 prompts x 20 steps
 #: were ~20 passes over the data, and 833 steps scored like 1200)
