@@ -137,23 +137,37 @@ def compare(rows: list[dict], profile: DeviceProfile | str = "cuda-sm90") -> lis
                 predicted_delta_ms=round(est["predicted_delta_ms"], 1),
                 auto_layers=est["auto_layers"], layers=est["layers"],
                 auto_predicted_ms=round(dense + est["auto_delta_ms"], 1),
-                **auto_verdict(measured, est),
+                # auto's dense layers run the stock processors: its reference is stock cuDNN,
+                # which the e2e runs always time in the same call as the auto rows
+                **auto_verdict(measured, est, steps.get(AUTO_ROWS.get(impl, "")), steps.get("cudnn", dense)),
             ))
     return out
 
 
-def auto_verdict(measured_delta_ms: float, est: dict) -> dict[str, bool]:
+#: the measured ``layers="auto"`` row of each all-layers impl, where e2e.py has one
+AUTO_ROWS = {"linear": "linear_auto", "local_circle": "local_circle_auto"}
+#: an auto row this much slower than dense in the same call counts as slower (1K steps vary ~2-3%)
+AUTO_TOLERANCE = 1.03
+
+
+def auto_verdict(measured_delta_ms: float, est: dict, auto_ms: float | None = None,
+                 dense_ms: float | None = None) -> dict[str, bool]:
     """Whether a measured all-layers row shows ``layers="auto"`` making the user slower.
 
     ``auto_risk``: the all-layers patch measured slower, yet ``auto`` patches every layer, or the
     model even predicts the all-layers patch to pay off (it has the sign wrong): a miscalibration.
     ``auto_unverified``: the all-layers patch measured slower and the model agrees, but ``auto``
     patches a subset it predicts to pay off (SDXL's largest level). The all-layers row cannot
-    decide that subset; only a measured ``*_auto`` row can.
+    decide that subset; only a measured ``*_auto`` row can: given ``auto_ms`` (and ``dense_ms``),
+    it settles the row, and an auto row slower than dense (beyond ``AUTO_TOLERANCE``) is a risk.
     """
     slower_patched = measured_delta_ms > 0 and est["auto_layers"] > 0
     subset_agreed = est["auto_layers"] < est["layers"] and est["predicted_delta_ms"] > 0
-    return dict(auto_risk=slower_patched and not subset_agreed, auto_unverified=slower_patched and subset_agreed)
+    risk, unverified = slower_patched and not subset_agreed, slower_patched and subset_agreed
+    if auto_ms is not None and dense_ms is not None:
+        risk = risk or auto_ms > AUTO_TOLERANCE * dense_ms
+        unverified = False
+    return dict(auto_risk=risk, auto_unverified=unverified)
 
 
 def fit_layer_overhead(rows: list[dict], profile: DeviceProfile | str = "cuda-sm90") -> dict[str, float]:

@@ -31,6 +31,8 @@ Impls (``--impls``):
   wherever the cost model finds it faster: should never be slower than ``cudnn``);
 * ``local_tile`` / ``local_circle``: ``patch_model(method="local", window=16, shape=...)``
   (Triton kernels; video: temporal radius 3 latent frames);
+* ``local_circle_auto``: the same circle with the default ``layers="auto"``: measures the subsets
+  ``auto`` picks where every-layer patching is slower (``crossover_vs_e2e.py``'s ``auto_unverified``);
 * ``local_flex``: the same circle window through ``torch.nn.attention.flex_attention`` on
   row-major tokens (CLEAR's implementation). The core has no flex backend, so this script
   routes ``LocalAttention``'s kernel call to a FlexAttention function for the duration of
@@ -74,8 +76,8 @@ import flex_baseline  # noqa: E402
 IMAGE_RESOLUTIONS = ("1024", "2048", "4096", "8192")
 VIDEO_RESOLUTIONS = ("480p", "720p")
 VIDEO_SIZES = {"480p": (480, 832), "720p": (720, 1280), "tiny-v": (64, 64)}
-IMPLS = ("cudnn", "cudnn_fused", "sdpa_default", "xformers", "linear", "linear_relu", "linear_auto", "local_tile", "local_circle",
-         "local_flex", "local_flex_tiled")
+IMPLS = ("cudnn", "cudnn_fused", "sdpa_default", "xformers", "linear", "linear_relu", "linear_auto", "local_tile",
+         "local_circle", "local_circle_auto", "local_flex", "local_flex_tiled")
 DENSE_IMPLS = ("cudnn", "cudnn_fused", "sdpa_default", "xformers")
 DEFAULT_MODELS = ("flux", "sdxl", "sd35m", "pixart", "wan13b")
 
@@ -300,8 +302,9 @@ def impl_context(impl: str, net, model: str, circle_backend: str = "auto"):
             patched = True
         elif impl.startswith("local_"):
             shape = "tile" if impl == "local_tile" else "circle"
-            options = dict(method="local", window=16, shape=shape, layers="all")
-            if impl == "local_circle" and circle_backend == "triton":
+            options = dict(method="local", window=16, shape=shape,
+                           layers="auto" if impl.endswith("_auto") else "all")
+            if impl.startswith("local_circle") and circle_backend == "triton":
                 options["backend"] = "triton"
             if is_video(model):
                 options["temporal_window"] = 3

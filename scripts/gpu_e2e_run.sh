@@ -8,6 +8,8 @@
 #                dense and the same circle in Triton (local_circle) for SDXL / PixArt-Σ / SD3.5-m at 1K, 2K and 4K and Wan at 480p; appended to the
 #                committed e2e.json; with them the layers="auto" rows again, timed for >= 1 s each. (FLUX's flex_tiled rows, the auto rows, default SDPA everywhere and
 #                PixArt's dense 8K row were measured in the 6th session.)
+# PHASE=gaps:    local_circle_auto for SDXL (settles the auto_unverified row), Wan 720p circle vs FlexAttention,
+#                FLUX 1K / 2K tile-ordered FlexAttention.
 # PHASE=flex:    only the FlexAttention (tile-ordered) rows for SD3.5-m / PixArt-Σ / SDXL (E2E_DEADLINE caps it).
 # PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py), with the
 #                latent upscale (no VAE pass between stages) and then the pixel-space one.
@@ -31,6 +33,13 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >>"$LOG" 2>&1
 
+# e2e KEEP ARGS...: one benchmarks/e2e.py call under `timeout -s INT` that leaves KEEP seconds of the
+# phase for what follows; e2e.py writes $OUT/e2e.json after every row (appended to the committed
+# rows; a skipped row never replaces an earlier measurement)
+E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 120)
+e2e() { local keep=$1; shift; local t=$(( $(left) - keep )); [ "$t" -gt 20 ] || { say "no time for: $*"; return; }
+        timeout -s INT "$t" "${E2E[@]}" --max-minutes "$(mins "$keep")" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"; }
+
 case "$PHASE" in
 tests)
   say "GPU tests"
@@ -42,9 +51,6 @@ matrix)
   # each call runs under `timeout -s INT` so the phase ends inside the device call's 600 s; e2e.py writes
   # e2e.json after every row, and a skipped row never replaces an earlier measurement
   cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
-  E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 120)
-  e2e() { local keep=$1; shift; local t=$(( $(left) - keep )); [ "$t" -gt 20 ] || { say "no time for: $*"; return; }
-          timeout -s INT "$t" "${E2E[@]}" --max-minutes "$(mins "$keep")" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"; }
   say "SDXL / PixArt-Σ / SD3.5-m: dense, layers=auto (timed >= 1 s each: 2 steps left SDXL 1K at 0.97x, inside"
   say "the spread), the Triton circle and FlexAttention on tile-ordered tokens, all in one call"
   e2e 330 --models sdxl pixart sd35m --resolutions 1024 2048 4096 --impls cudnn linear_auto local_circle local_flex_tiled
@@ -58,9 +64,20 @@ flex)
   # limit of 8 shapes and fallen back to eager (PixArt 4096² out of memory, SD3.5-m 1024² 13x slow);
   # flex_baseline.py now allows 256 compiled shapes and fails loudly past them
   cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
-  E2E=(python3 benchmarks/e2e.py --append --out "$OUT/e2e.json" --repeats 2 --single-call-seconds 30 --row-seconds 120)
-  timeout -s INT $(( $(left) - 10 )) "${E2E[@]}" --max-minutes "$(mins 10)" --models sd35m pixart sdxl \
-    --resolutions ${FLEX_RES:-1024 2048 4096} --impls local_flex_tiled 2>&1 | grep -v -i warn | tee -a "$LOG"
+  # shellcheck disable=SC2086 # FLEX_RES is a list of sizes
+  e2e 10 --models sd35m pixart sdxl --resolutions ${FLEX_RES:-1024 2048 4096} --impls local_flex_tiled
+  ;;
+gaps)
+  # what the 7th session left unmeasured: layers="auto" with circles where every-layer circles were
+  # slower (SDXL 2048², crossover_vs_e2e.py's auto_unverified), Wan 720p circles beside FlexAttention,
+  # FLUX's tile-ordered FlexAttention at 1K / 2K
+  cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
+  say "SDXL: layers=auto with circles beside stock cuDNN"
+  e2e 420 --models sdxl --resolutions 1024 2048 4096 --impls cudnn local_circle_auto local_circle
+  say "Wan 720p x 81 f: circles beside FlexAttention on tile-ordered tokens"
+  e2e 200 --models wan13b --video-resolutions 720p --impls cudnn local_circle local_flex_tiled
+  say "FLUX 1K / 2K: FlexAttention on tile-ordered tokens"
+  e2e 10 --models flux --resolutions 1024 2048 --impls cudnn_fused local_circle local_flex_tiled
   ;;
 highres)
   # the latent upscale first (no VAE encode/decode between stages: where the pixel run's time is
@@ -73,6 +90,6 @@ highres)
     --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
   ;;
 *)
-  say "unknown PHASE=$PHASE (tests, matrix, flex or highres)"; exit 2 ;;
+  say "unknown PHASE=$PHASE (tests, matrix, gaps, flex or highres)"; exit 2 ;;
 esac
 say "done; \$OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -24,7 +24,8 @@ def test_e2e_tiny(tmp_path):
     e2e = _load("e2e")
     out = tmp_path / "e2e.json"
     e2e.main(["--tiny", "--models", "flux", "sdxl", "wan13b", "--resolutions", "64",
-              "--impls", "cudnn", "cudnn_fused", "sdpa_default", "linear", "linear_relu", "local_tile", "local_flex", "--out", str(out)],
+              "--impls", "cudnn", "cudnn_fused", "sdpa_default", "linear", "linear_relu", "local_tile", "local_circle_auto",
+              "local_flex", "--out", str(out)],
              log=lambda *a: None)
     result = json.loads(out.read_text())
     assert {"gpu", "torch", "triton", "cuda", "diffusers"} <= set(result["env"])

@@ -102,6 +102,10 @@ def test_auto_verdict_separates_miscalibration_from_an_unmeasured_subset():
     assert verdict(10.0, dict(est, predicted_delta_ms=-3.0))["auto_risk"]      # model has the sign wrong
     assert verdict(10.0, dict(est, auto_layers=70))["auto_risk"]               # auto patches every layer
     assert verdict(10.0, dict(est, auto_layers=0)) == dict(auto_risk=False, auto_unverified=False)
+    # a measured auto row settles it: faster (or within the tolerance) is fine, slower is a risk
+    assert verdict(10.0, est, auto_ms=180.0, dense_ms=190.0) == dict(auto_risk=False, auto_unverified=False)
+    assert verdict(10.0, est, auto_ms=200.0, dense_ms=190.0) == dict(auto_risk=True, auto_unverified=False)
+    assert verdict(-5.0, est, auto_ms=200.0, dense_ms=190.0)["auto_risk"]
 
 
 def test_shipped_profile_agrees_with_measured_e2e_rows():
