@@ -26,7 +26,8 @@
 # MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s), MINI_LOCAL_OPTIONS (the local student's attention,
 # default "window=4"; e.g. "window=4,global_pool=4" adds the pooled global branch: zero-shot on the
 # bundled teacher it lifts strict adherence 8.3% -> 12.5%, claims 74% -> 81%, CPU, 96 prompts),
-# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train; note: MINI_DEADLINE < 200 divides the distill steps by 3),
+# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--small-object-scale 3" for attempt 7: attempt 6's
+# wrong shapes were small objects, benchmarks/results/mini_attempt6/analysis.md; note: MINI_DEADLINE < 200 divides the distill steps by 3),
 # MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
 set -uo pipefail
 T0=$(date +%s)

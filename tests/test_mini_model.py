@@ -17,6 +17,7 @@ import torch
 
 from linfusion.mini import bundle, mini_is_bundled
 from linfusion.mini import model as mm
+from linfusion.mini.data import SIZE_CODES
 from linfusion.mini.world import parse_prompt, prompt_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,8 +292,9 @@ def test_render_chunks_carry_object_masks_and_the_bank_pools_them_to_the_latent_
     from linfusion.mini.train import Bank
 
     chunk = render_chunk((0, 0, 6, 64))
-    assert chunk.objects.shape == (6, 64, 64) and chunk.objects.dtype == bool
-    assert 0 < chunk.objects.mean() < 0.6  # objects cover part of each image
+    assert chunk.objects.shape == (6, 64, 64) and chunk.objects.dtype == np.uint8
+    assert 0 < (chunk.objects > 0).mean() < 0.6  # objects cover part of each image
+    assert set(np.unique(chunk.objects)) <= {0, *SIZE_CODES.values()} and chunk.objects.max() > 0
     assert render_chunk((0, 1, 2, -32)).objects is None  # crops: pixels only
     components = mm.build_components(mm.SMOKE)
     vae = components["vae"].eval()
@@ -301,9 +303,24 @@ def test_render_chunks_carry_object_masks_and_the_bank_pools_them_to_the_latent_
     bank = Bank(16, (mm.SMOKE.latent_channels, latent, latent), len(chunk.targets[0]), cpu, torch.float32)
     bank.add_chunks([chunk], vae, components["tokenizer"], cpu)
     pooled = torch.nn.functional.max_pool2d(torch.from_numpy(chunk.objects)[:, None].float(), mm.SMOKE.vae_factor)
-    assert torch.equal(bank.objects[:6], pooled[:, 0] > 0)
+    assert torch.equal(bank.objects[:6], pooled[:, 0].to(torch.uint8))
     *_, objects = bank.sample(4, cpu)
-    assert objects.shape == (4, latent, latent) and objects.dtype == torch.bool
+    assert objects.shape == (4, latent, latent) and objects.dtype == torch.uint8
+
+
+def test_object_codes_give_each_pixel_its_smallest_objects_size():
+    from linfusion.mini import world
+    from linfusion.mini.data import SIZE_CODES, object_codes
+
+    scene = world.parse_prompt("a large red square and a small blue circle")
+    _, masks = world.render_with_masks(scene, 64, 64, rng=0)
+    codes = object_codes(scene, masks, (64, 64))
+    for m in masks:
+        assert (codes[m.mask] == SIZE_CODES[scene.objects[m.placement.obj_index].size]).all()
+    assert (codes[~np.any([m.mask for m in masks], axis=0)] == 0).all()
+    # overlapping objects: the smaller one's code wins
+    big = world.ObjectMask(masks[0].placement, np.ones((64, 64), bool))
+    assert object_codes(scene, [big, masks[1]], (64, 64))[masks[1].mask].min() == SIZE_CODES["small"]
 
 
 def test_bank_caches_the_frozen_text_states_of_rows_added_before_and_after_attaching():
@@ -362,6 +379,15 @@ def test_object_weighted_mse_and_mid_schedule_timesteps():
     err = (pred - target) ** 2
     w = 1 + train.OBJECT_WEIGHT * objects[:, None].float()
     torch.testing.assert_close(train.object_weighted_mse(pred, target, objects), (err * w).sum() / w.expand_as(err).sum())
+    # size codes: by default every object alike; small_object_scale multiplies the small ones' weight
+    codes = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    codes[:, :2] = SIZE_CODES["large"]
+    codes[:, 6:] = SIZE_CODES["small"]
+    torch.testing.assert_close(train.object_weighted_mse(pred, target, codes),
+                               train.object_weighted_mse(pred, target, codes > 0))
+    w = 1 + train.OBJECT_WEIGHT * torch.where(codes == SIZE_CODES["small"], 3.0, (codes > 0).float())[:, None]
+    torch.testing.assert_close(train.object_weighted_mse(pred, target, codes, train.size_scales(3.0)),
+                               (err * w).sum() / w.expand_as(err).sum())
     t = train.sample_timesteps(20000, 1000, "cpu")
     lo, hi = train.MID_T
     assert t.min() >= 0 and t.max() < 1000

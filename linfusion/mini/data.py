@@ -28,7 +28,21 @@ class Chunk:
     prompts: list[str]
     targets: np.ndarray  # (n, T) int64
     crop: bool = False  # crops of 2x renders: pixels only, the prompts do not describe them
-    objects: np.ndarray | None = None  # (n, H, W) bool: pixels covered by any object (None for crops)
+    objects: np.ndarray | None = None  # (n, H, W) uint8 size codes, see object_codes (None for crops)
+
+
+#: object-map code of each size (0 = background); a pixel covered by several objects gets the
+#: smallest one's code, so a loss can weight small objects on their own (train.py)
+SIZE_CODES = {"large": 1, "medium": 2, "small": 3}
+
+
+def object_codes(scene: world.Scene, masks: list[world.ObjectMask], shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 map: 0 where no object is drawn, else SIZE_CODES of the smallest object there."""
+    codes = np.zeros(shape, np.uint8)
+    for m in masks:
+        code = SIZE_CODES[scene.objects[m.placement.obj_index].size]
+        codes[m.mask] = np.maximum(codes[m.mask], code)
+    return codes
 
 
 def render_chunk(task: tuple[int, int, int, int]) -> Chunk:
@@ -43,7 +57,7 @@ def render_chunk(task: tuple[int, int, int, int]) -> Chunk:
             continue
         if size > 0:
             image, masks = world.render_with_masks(scene, size, size, rng)
-            objects.append(np.any([m.mask for m in masks], axis=0) if masks else np.zeros((size, size), bool))
+            objects.append(object_codes(scene, masks, (size, size)))
         else:
             big = world.render(scene, -2 * size, -2 * size, rng)
             y, x = rng.integers(0, -size + 1, 2)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import model as mm
-from .data import RenderStream, to_tensor, to_uint8
+from .data import SIZE_CODES, RenderStream, to_tensor, to_uint8
 
 #: local attention radius (latent tokens) of the student: the base grid is 16x16 tokens
 LOCAL_WINDOW = 4
@@ -152,7 +152,7 @@ def train_vae(vae, stream: RenderStream, budget: Budget, device, batch: int, lr:
             x = torch.from_numpy(chunk.images).permute(0, 3, 1, 2).to(device, non_blocking=True)
             rows = ((torch.arange(x.shape[0]) + pos) % capacity).to(device)
             pool[rows] = x
-            pool_objects[rows] = (torch.from_numpy(chunk.objects).to(device) if chunk.objects is not None else False)
+            pool_objects[rows] = (torch.from_numpy(chunk.objects > 0).to(device) if chunk.objects is not None else False)
             pos = (pos + x.shape[0]) % capacity
             filled = min(capacity, filled + x.shape[0])
 
@@ -250,8 +250,9 @@ class Bank:
         self.ids = torch.zeros((capacity, mm.TEXT_LEN), dtype=torch.long, device=device)
         self.mask = torch.zeros((capacity, mm.TEXT_LEN), dtype=torch.long, device=device)
         self.targets = torch.zeros((capacity, n_targets), dtype=torch.long, device=device)
-        #: latent pixels covered by an object (the render's masks max-pooled to the latent grid)
-        self.objects = torch.zeros((capacity, *latent_shape[1:]), dtype=torch.bool, device=device)
+        #: size codes of the objects covering each latent pixel (data.object_codes max-pooled to the
+        #: latent grid, so the smallest object under a latent pixel decides; 0 = none)
+        self.objects = torch.zeros((capacity, *latent_shape[1:]), dtype=torch.uint8, device=device)
         self.capacity, self.size, self.pos, self.added = capacity, 0, 0, 0
         #: the frozen text encoder's states of every row, once attach_text_encoder was called
         self.hidden: torch.Tensor | None = None
@@ -309,8 +310,8 @@ class Bank:
             self.mask[rows] = upload(mask[i : i + n])
             self.targets[rows] = upload(targets[i : i + n])
             if objects is not None:
-                covered = upload(objects[i : i + n])[:, None].float()
-                self.objects[rows] = F.adaptive_max_pool2d(covered, self.objects.shape[1:])[:, 0] > 0
+                codes = upload(objects[i : i + n])[:, None].float()
+                self.objects[rows] = F.adaptive_max_pool2d(codes, self.objects.shape[1:])[:, 0].to(torch.uint8)
             if self.hidden is not None:
                 self.hidden[rows] = self.encode_text(self.ids[rows], self.mask[rows])
             self.pos = (self.pos + n) % self.capacity
@@ -377,18 +378,30 @@ def sample_timesteps(n: int, num_train: int, device, band: tuple[int, int, float
     return torch.where(torch.rand(n, device=device) < share, middle, everywhere)
 
 
-def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
-    """Mean squared error with latent pixels under an object weighted 1 + OBJECT_WEIGHT.
+def size_scales(small_object_scale: float = 1.0, device=None) -> torch.Tensor:
+    """Object-weight multiplier per size code of data.SIZE_CODES (index 0: background, 0)."""
+    scales = torch.zeros(1 + max(SIZE_CODES.values()), device=device)
+    for size, code in SIZE_CODES.items():
+        scales[code] = small_object_scale if size == "small" else 1.0
+    return scales
 
-    pred, target: (B, C, h, w); objects: (B, h, w) bool. Normalised by the weights' mean, so the
-    loss keeps the scale of a plain MSE."""
-    weight = 1.0 + OBJECT_WEIGHT * objects[:, None].float()
+
+def object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, objects: torch.Tensor,
+                        scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error with latent pixels under an object weighted 1 + OBJECT_WEIGHT x scale.
+
+    pred, target: (B, C, h, w); objects: (B, h, w) size codes (uint8, data.SIZE_CODES; a bool map
+    reads as code 1); scales: per code, default :func:`size_scales` () = every object alike.
+    Normalised by the weights' mean, so the loss keeps the scale of a plain MSE."""
+    scales = size_scales(device=pred.device) if scales is None else scales
+    weight = 1.0 + OBJECT_WEIGHT * scales[objects.long()][:, None]
     return ((pred.float() - target) ** 2 * weight).mean() / weight.mean()
 
 
 def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: RenderStream, scheduler,
               budget: Budget, device, batch: int, lr: float, cfg_drop: float = 0.1,
-              ema_decay: float = 0.998, timestep_band: tuple[int, int, float] | None = None) -> dict:
+              ema_decay: float = 0.998, timestep_band: tuple[int, int, float] | None = None,
+              small_object_scale: float = 1.0) -> dict:
     """v-prediction training of the transformer on the (frozen, pre-trained) text encoder's states.
 
     Returns the summary; ``summary["raw_state"]`` holds the last raw weights (CPU) and the
@@ -402,6 +415,7 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
                             fused=device.type == "cuda")
     ema = EMA(transformer, ema_decay)
     alphas = scheduler.alphas_cumprod.to(device, torch.float32)
+    scales = size_scales(small_object_scale, device)
     empty_ids, empty_mask = (t.to(device) for t in mm.tokenize(tokenizer, [""]))
     empty_hidden = bank.encode_text(empty_ids, empty_mask)
     added = {"resolution": None, "aspect_ratio": None}
@@ -438,7 +452,7 @@ def train_dit(transformer, text_encoder, tokenizer, vae, bank: Bank, stream: Ren
                 log(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); eager from here")
                 forward = transformer
                 pred = forward(x_t, **call)[0]
-        loss = object_weighted_mse(pred, v, objects)
+        loss = object_weighted_mse(pred, v, objects, scales)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
@@ -684,7 +698,7 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
               steps: dict[str, int | None] | None = None, distill: bool = True, distill_steps: int | None = None,
               distill_prompts: int | None = None, distill_parallel: bool | None = None,
               batch_sizes: tuple[int, int, int] | None = None, check_prompts: int | None = None,
-              timestep_band: tuple[int, int, float] | None = None) -> dict:
+              timestep_band: tuple[int, int, float] | None = None, small_object_scale: float = 1.0) -> dict:
     cfg = mm.SMOKE if smoke else mm.FULL
     steps = steps or {}
     out.mkdir(parents=True, exist_ok=True)
@@ -734,8 +748,9 @@ def train_all(out: Path, *, minutes: float, device: torch.device, smoke: bool, s
         summary["dit"] = train_dit(components["transformer"], components["text_encoder"], tokenizer,
                                    components["vae"], bank, stream, components["scheduler"],
                                    Budget(seconds["dit"], steps.get("dit")), device, batch["dit"], 1e-3,
-                                   timestep_band=timestep_band)
+                                   timestep_band=timestep_band, small_object_scale=small_object_scale)
         summary["dit"]["timestep_band"] = list(resolve_band(timestep_band))
+        summary["dit"]["small_object_scale"] = small_object_scale
         log(f"dit steps {summary['dit']['steps']} samples {summary['dit']['samples']} "
             f"unique images {summary['dit']['unique_images']} ({summary['dit']['steps_per_second']} steps/s)")
     finally:
@@ -805,6 +820,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timestep-band", default=None,
                         help=f"LO,HI,SHARE: share of the transformer's training timesteps drawn from [LO, HI) "
                              f"(default {MID_T[0]},{MID_T[1]},{MID_T_SHARE})")
+    parser.add_argument("--small-object-scale", type=float, default=1.0,
+                        help="multiplies the transformer loss's object weight on small objects (default 1: "
+                             "every object alike; attempt 6's shape failures were mostly small objects)")
     parser.add_argument("--no-distill", dest="distill", action="store_false", help="train the teacher only")
     parser.add_argument("--distill-steps", type=int, default=None, help=f"steps per student (default {DISTILL_STEPS}; smoke 2)")
     parser.add_argument("--distill-prompts", type=int, default=None, help=f"teacher-data prompts (default {DISTILL_PROMPTS})")
@@ -819,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
                         workers=args.workers, steps=steps, distill=args.distill, distill_steps=args.distill_steps,
                         distill_prompts=args.distill_prompts, distill_parallel=parallel,
                         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None,
-                        check_prompts=args.check_prompts, timestep_band=_parse_band(args.timestep_band))
+                        check_prompts=args.check_prompts, timestep_band=_parse_band(args.timestep_band),
+                        small_object_scale=args.small_object_scale)
     log(f"done in {summary['total_seconds']} s: {args.out}")
     return 0
 
