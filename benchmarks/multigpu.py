@@ -11,15 +11,26 @@ forward) timed per GPU count: ``step_ms`` (median), ``speedup`` over 1 GPU,
 ``comm_mb`` (MiB one rank sends per step, counted by linfusion.parallel.comm) and
 ``max_err`` (max |output - 1-GPU output| / max |1-GPU output|).
 Distillation rows: ``linfusion distill`` under ``accelerate launch --num_processes g``
-on a tiny pipeline (``--distill-model`` for another), samples/s from its metrics.
+(data parallel, the same per-process batch on every g), samples/s from its metrics (the later
+half of the steps). ``--distill-model pixart-sigma-size`` builds a PixArt-Σ-size pipeline (see
+:func:`build_pixart_sigma_size`; 512² = 4096 image tokens, bf16 autocast, batch 8 per GPU);
+the default is a tiny SD1.5 (CPU smoke test). Rows carry ``tokens`` (image tokens per sample)
+and ``params_m`` (denoiser parameters, millions).
 
 Writes ``benchmarks/results/multigpu.json`` ``{"env": {...}, "rows": [...]}`` and a PNG plot.
+``--only distill`` / ``--only inference`` run one part; ``--merge A.json B.json --out X.json``
+joins the rows of parts run separately (a missing or unreadable part is skipped)::
+
+    python benchmarks/multigpu.py --only inference --out cp.json
+    python benchmarks/multigpu.py --only distill --distill-model pixart-sigma-size --out distill.json
+    python benchmarks/multigpu.py --merge cp.json distill.json --out multigpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,6 +47,18 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
 FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                  guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+#: PixArt-Σ-XL-2-1024-MS transformer geometry (its published config); the channels that meet
+#: the VAE and the text encoder come from LinFusion-Mini instead (see build_pixart_sigma_size)
+PIXART_SIGMA_1024 = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, patch_size=2,
+                         cross_attention_dim=1152, attention_bias=True, activation_fn="gelu-approximate",
+                         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                         num_embeds_ada_norm=1000, use_additional_conditions=False, attention_type="default")
+PIXART_SIGMA_SIZE = "pixart-sigma-size"
+#: distillation defaults per model kind: resolution, optimizer steps, batch per process, prompts, data steps
+DISTILL_DEFAULTS = {
+    PIXART_SIGMA_SIZE: dict(resolution="512", steps=12, batch=8, prompts=8, data_steps=4),
+    "tiny": dict(resolution="32x48", steps=6, batch=1, prompts=4, data_steps=4),
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,7 +71,7 @@ def worker(args) -> None:
     from diffusers import FluxTransformer2DModel
 
     from linfusion import patch_pipeline, unpatch_pipeline
-    from linfusion.parallel import enable_context_parallel, disable_context_parallel, init_context_parallel
+    from linfusion.parallel import disable_context_parallel, enable_context_parallel, init_context_parallel
 
     torch.set_num_threads(1) if args.tiny else None
     cp = init_context_parallel(timeout=600)
@@ -120,6 +143,11 @@ def _sync(device) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def _repo_on_path() -> None:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
 def _env(tiny: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p), HF_HUB_OFFLINE="1")
     if tiny:
@@ -127,19 +155,21 @@ def _env(tiny: bool) -> dict:
     return env
 
 
-def inference_rows(args) -> list[dict]:
+def inference_rows(args, argv: list[str], save=None) -> list[dict]:
+    """One torchrun per process count; ``save(rows)`` after each (rows without speedup / max_err yet)."""
     import torch
 
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for gpus in args.gpus:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-                   __file__, "--worker", "--scratch", scratch, *sys.argv[1:]]
+                   __file__, "--worker", "--scratch", scratch, *argv]
             proc = subprocess.run(cmd, env=_env(args.tiny), capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-4000:], file=sys.stderr)
                 raise SystemExit(f"the {gpus}-process run failed")
             rows += json.loads((Path(scratch) / f"rows_{gpus}.json").read_text())
+            save(rows) if save else None
         base = {(r["resolution"], r["method"]): r for r in rows if r["gpus"] == min(args.gpus)}
         for row in rows:
             ref = base[(row["resolution"], row["method"])]
@@ -150,43 +180,218 @@ def inference_rows(args) -> list[dict]:
     return rows
 
 
-def distill_rows(args) -> list[dict]:
-    """samples/s of data-parallel distillation: (samples of the later steps) / (their time)."""
+def pixart_sigma_size_config(mini_config: dict | None = None, **overrides) -> dict:
+    """PixArtTransformer2DModel kwargs: PixArt-Σ 1024 geometry, Mini's in/out/caption channels and sample size.
+
+    ``mini_config``: LinFusion-Mini's transformer config (read from the bundled folder when None).
+    ``overrides`` replace any key (the tests shrink ``num_layers``).
+    """
+    if mini_config is None:
+        _repo_on_path()
+        from linfusion.mini.bundle import PIPELINE_DIR, mini_is_bundled
+
+        if not mini_is_bundled():
+            raise SystemExit(f"{PIXART_SIGMA_SIZE} needs the bundled LinFusion-Mini (text encoder, VAE)")
+        mini_config = json.loads((PIPELINE_DIR / "transformer" / "config.json").read_text())
+    sigma = mini_config["out_channels"] // mini_config["in_channels"]  # 2 with a learned-variance half; Mini: 1
+    config = dict(PIXART_SIGMA_1024, in_channels=mini_config["in_channels"],
+                  out_channels=mini_config["in_channels"] * sigma, caption_channels=mini_config["caption_channels"],
+                  sample_size=mini_config["sample_size"], interpolation_scale=mini_config.get("interpolation_scale"))
+    config.update(overrides)
+    return config
+
+
+def build_pixart_sigma_size(folder: str | Path, *, seed: int = 0, **overrides) -> Path:
+    """Write a diffusers ``PixArtSigmaPipeline`` folder with a PixArt-Σ-size transformer; returns ``folder``.
+
+    Real size: the transformer (what ``linfusion distill`` patches and trains, and nearly all of
+    a step's cost): PixArt-Σ 1024's 28 blocks of 16 heads × 72 (width 1152), patch 2, cross-attention
+    to 1152, adaLN-single; about 0.6B parameters, random weights from ``torch.manual_seed(seed)``,
+    fp32, saved as safetensors.
+
+    Borrowed from the bundled LinFusion-Mini: the T5 text encoder (width 192) with its tokenizer, the
+    VAE (8 latent channels, /4) and the scheduler. They are not trained and their size does not change
+    the transformer's cost, except through the number of caption tokens (the tokenizer pads to 300,
+    as PixArt-Σ's does). So the transformer takes Mini's ``in_channels`` / ``caption_channels`` (and
+    its ``out_channels`` convention: no learned-variance half) and ``sample_size``; with Mini's /4 VAE,
+    512² is 64×64 = 4096 image tokens, PixArt-Σ's count at 1024².
+
+    ``overrides``: transformer config keys to replace (the tests build a 2-layer variant).
+    """
+    import torch
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    _repo_on_path()
+    from linfusion.mini import load_mini_pipeline
+
+    mini = load_mini_pipeline(torch.float32)
+    config = pixart_sigma_size_config(dict(mini.transformer.config), **overrides)
+    if config["caption_channels"] != mini.text_encoder.config.d_model:
+        raise ValueError(f"caption_channels {config['caption_channels']} != Mini's text width "
+                         f"{mini.text_encoder.config.d_model}")
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(**config)
+    pipe = PixArtSigmaPipeline(tokenizer=mini.tokenizer, text_encoder=mini.text_encoder, vae=mini.vae,
+                               transformer=transformer, scheduler=mini.scheduler)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def denoiser_facts(folder: str | Path, resolution: str) -> dict:
+    """``{"denoiser", "params_m", "tokens"}`` of a pipeline folder, read from its configs and safetensors headers.
+
+    ``tokens``: image tokens per sample at ``resolution`` ("N" or "HxW" pixels): latent size (VAE
+    downsampling 2^(blocks-1)) over the denoiser's patch size (1 for UNets: their first level).
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    name = next(n for n in ("transformer", "unet") if n in index)
+    config = json.loads((folder / name / "config.json").read_text())
+    params = 0
+    for file in sorted((folder / name).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                params += math.prod(shape)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    down = 2 ** (len(vae["block_out_channels"]) - 1)
+    patch = config.get("patch_size") or 1
+    height, _, width = resolution.lower().partition("x")
+    height, width = int(height), int(width or height)
+    return {"denoiser": config.get("_class_name", name), "params_m": params / 1e6,
+            "tokens": (height // down // patch) * (width // down // patch)}
+
+
+def distill_settings(args) -> dict:
+    """Resolved distillation settings: explicit flags over the defaults of the model kind."""
+    kind = PIXART_SIGMA_SIZE if args.distill_model == PIXART_SIGMA_SIZE else "tiny"
+    values = dict(DISTILL_DEFAULTS[kind])
+    for key in values:
+        given = getattr(args, f"distill_{key}")
+        values[key] = given if given is not None else values[key]
+    values["precision"] = args.distill_precision
+    return values
+
+
+def distill_rows(args, save=None) -> list[dict]:
+    """samples/s of data-parallel distillation: (samples of the later steps) / (their time).
+
+    A launch that fails gives a row with ``status: failed`` and the error's tail (the other process
+    counts still run); CUDA out of memory on the first launch halves the batch per process and retries.
+    ``save(rows)`` is called after every launch (partial results survive a timeout).
+    """
+    settings = distill_settings(args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         model = args.distill_model
+        started = time.perf_counter()
         if model is None:
-            sys.path.insert(0, str(REPO))
+            _repo_on_path()
             from linfusion.testing.tiny_pipelines import save_tiny_pipeline
 
             model = save_tiny_pipeline("sd15", Path(scratch) / "model")
+        elif model == PIXART_SIGMA_SIZE:
+            model = build_pixart_sigma_size(Path(scratch) / PIXART_SIGMA_SIZE)
+        build_s = time.perf_counter() - started
+        resolution = settings["resolution"]
+        facts = denoiser_facts(model, resolution)
+        print(f"distill: {Path(str(model)).name} {facts['denoiser']} {facts['params_m']:.1f}M params, "
+              f"{resolution} px = {facts['tokens']} image tokens, precision {settings['precision']}, "
+              f"batch {settings['batch']} per process, {settings['steps']} steps (built in {build_s:.1f} s)", flush=True)
         data = Path(scratch) / "data"
-        gen = ["--resolution", args.distill_resolution]
-        subprocess.run([sys.executable, "-m", "linfusion", "generate-data", "--model", str(model), "--output", str(data),
-                        *gen, "--num-prompts", "4", "--data-steps", "4", "--no-progress"],
-                       env=_env(args.tiny), check=True, capture_output=True)
+        gen = ["--resolution", resolution]
+        started = time.perf_counter()
+        cmd = [sys.executable, "-m", "linfusion", "generate-data", "--model", str(model), "--output", str(data), *gen,
+               "--num-prompts", str(settings["prompts"]), "--data-steps", str(settings["data_steps"]), "--no-progress"]
+        proc = subprocess.run(cmd, env=_env(args.tiny), capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit("generate-data failed")
+        data_s = time.perf_counter() - started
+        shards = json.loads((data / "manifest.json").read_text())["shards"]
+        samples = sum(sum(shard["rows"].values()) for shard in shards)
+        print(f"distill: data {samples} samples ({settings['prompts']} prompts x {settings['data_steps']} steps) "
+              f"in {data_s:.1f} s", flush=True)
+        precision, batch = settings["precision"], settings["batch"]
+        common = dict(task="distill", model=Path(str(model)).name, resolution=resolution, method="linear",
+                      comm_mb=None, tokens=facts["tokens"], params_m=round(facts["params_m"], 1), precision=precision,
+                      steps=settings["steps"], data_samples=samples, data_s=round(data_s, 1), build_s=round(build_s, 1))
         for gpus in args.gpus:
-            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            launcher += ["--multi_gpu"] if gpus > 1 else []  # on CPU with ACCELERATE_USE_CPU=1 (--tiny)
-            out = Path(scratch) / f"out{gpus}"
-            cmd = [*launcher, "-m", "linfusion", "distill", "--model", str(model), "--data", str(data),
-                   "--output", str(out), *gen, "--steps", str(args.distill_steps), "--log-every", "1",
-                   "--batch-size", str(args.distill_batch * gpus), "--no-progress"]
-            env = _env(args.tiny) | ({"ACCELERATE_USE_CPU": "1"} if args.tiny else {})
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            while True:
+                out = Path(scratch) / f"out{gpus}_b{batch}"
+                proc, wall_s = _launch_distill(args, gpus, model, data, out, settings, batch)
+                # per-process memory is the same for every process count: halve the batch on the first launch only
+                if proc.returncode != 0 and not rows and batch > 1 and "out of memory" in proc.stderr.lower():
+                    batch //= 2
+                    print(f"distill: out of memory on {gpus} process(es); batch per process now {batch}", flush=True)
+                    continue
+                break
             if proc.returncode != 0:
                 print(proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"distillation on {gpus} processes failed")
-            metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+                print(f"distill: {gpus} process(es) failed (exit {proc.returncode})", flush=True)
+                rows.append({**common, "gpus": gpus, "batch_per_process": batch, "status": "failed",
+                             "wall_s": round(wall_s, 1), "error": proc.stderr[-1500:]})
+                save(rows) if save else None
+                continue
+            metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
             first, last = metrics[len(metrics) // 2], metrics[-1]  # skip warm-up steps
-            rate = (last["samples"] - first["samples"]) / max(last["time"] - first["time"], 1e-9)
-            rows.append({"task": "distill", "model": Path(str(model)).name, "resolution": args.distill_resolution,
-                         "method": "linear", "gpus": gpus, "step_ms": None, "samples_per_s": rate, "comm_mb": None})
-    base = next(r for r in rows if r["gpus"] == min(args.gpus))
-    for row in rows:
-        row["speedup"] = row["samples_per_s"] / base["samples_per_s"] * min(args.gpus)
+            seconds = max(last["time"] - first["time"], 1e-9)
+            rate = (last["samples"] - first["samples"]) / seconds
+            timed = max(last["step"] - first["step"], 1)
+            rows.append({**common, "gpus": gpus, "status": "ok", "step_ms": seconds / timed * 1e3,
+                         "samples_per_s": rate, "batch_per_process": batch, "global_batch": last["global_batch"],
+                         "timed_steps": timed, "wall_s": round(wall_s, 1), "loss": last.get("loss")})
+            print(f"distill: {gpus} process(es): {rate:.2f} samples/s, {rows[-1]['step_ms']:.0f} ms/step "
+                  f"(launch to exit {wall_s:.1f} s)", flush=True)
+            _speedups(rows)
+            save(rows) if save else None
     return rows
+
+
+def _speedups(rows: list[dict]) -> None:
+    """``speedup`` of the rows that ran: samples/s over those of the fewest GPUs that ran, times that count."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        base = min(ok, key=lambda r: r["gpus"])
+        for row in ok:
+            row["speedup"] = row["samples_per_s"] / base["samples_per_s"] * base["gpus"]
+
+
+def _launch_distill(args, gpus: int, model, data: Path, out: Path, settings: dict, batch: int):
+    """One ``accelerate launch ... -m linfusion distill`` on ``gpus`` processes; (CompletedProcess, seconds)."""
+    precision = settings["precision"]
+    # the same value to the launcher and to the trainer (the trainer's Accelerator takes its own flag's)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
+                "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
+    launcher += ["--multi_gpu"] if gpus > 1 else []  # on CPU with ACCELERATE_USE_CPU=1 (--tiny)
+    cmd = [*launcher, "-m", "linfusion", "distill", "--model", str(model), "--data", str(data),
+           "--output", str(out), "--resolution", settings["resolution"], "--steps", str(settings["steps"]),
+           "--log-every", "1", "--batch-size", str(batch), "--mixed-precision", precision, "--no-progress"]
+    env = _env(args.tiny) | ({"ACCELERATE_USE_CPU": "1"} if args.tiny else {})
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return proc, time.perf_counter() - started
+
+
+def merge(paths: list[str]) -> tuple[dict, list[dict]]:
+    """env and rows of several result files (parts run separately); missing or unreadable ones are skipped."""
+    env: dict = {"parts": []}
+    rows: list[dict] = []
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            print(f"merge: skipping {path}: {error}", file=sys.stderr)
+            continue
+        parts = [*env["parts"], {"file": Path(path).name, "argv": part["env"].get("argv"),
+                                 "partial": bool(part["env"].get("partial"))}]
+        env = {**part["env"], **env, "parts": parts}
+        rows += part["rows"]
+    env.pop("partial", None)
+    env.pop("argv", None)  # each part's is under "parts"
+    return env, rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -194,6 +399,9 @@ def plot(rows: list[dict], path: Path) -> None:
     from PIL import Image, ImageDraw
 
     series: dict[str, list[tuple[int, float]]] = {}
+    rows = [r for r in rows if r.get("speedup") is not None]
+    if not rows:
+        return
     for r in rows:
         series.setdefault(f"{r['task']} {r['resolution']} {r['method']}", []).append((r["gpus"], r["speedup"]))
     max_g = max(r["gpus"] for r in rows)
@@ -216,7 +424,21 @@ def plot(rows: list[dict], path: Path) -> None:
     img.save(path)
 
 
-def main() -> None:
+def write(out: Path, env: dict, rows: list[dict], final: bool = True) -> None:
+    """The result file (atomically); when ``final``, also the PNG and a printout of the rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"env": env if final else {**env, "partial": True}, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    if not final:
+        return
+    plot(rows, out.with_suffix(".png"))
+    for r in rows:
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k not in ("comm", "error")})
+    print(f"wrote {out} and {out.with_suffix('.png')}" if rows else f"wrote {out} (no rows)")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny FLUX, gloo, small sizes")
     parser.add_argument("--gpus", type=int, nargs="+", default=None, help="process counts (default 1 2 4 8 ≤ GPUs)")
@@ -227,15 +449,32 @@ def main() -> None:
     parser.add_argument("--text", type=int, default=512, help="text tokens")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-distill", action="store_true")
-    parser.add_argument("--distill-model", default=None, help="pipeline folder for the distillation rows")
-    parser.add_argument("--distill-resolution", default="32x48")
-    parser.add_argument("--distill-steps", type=int, default=6)
-    parser.add_argument("--distill-batch", type=int, default=1, help="per process")
+    parser.add_argument("--only", choices=("inference", "distill"), default=None, help="run one part (default both)")
+    parser.add_argument("--no-distill", action="store_true", help="same as --only inference")
+    parser.add_argument("--distill-model", default=None,
+                        help=f"pipeline folder for the distillation rows, or {PIXART_SIGMA_SIZE!r} (built in the "
+                             "scratch folder: PixArt-Σ-size transformer, LinFusion-Mini text encoder and VAE); "
+                             "default: a tiny SD1.5")
+    parser.add_argument("--distill-precision", choices=("no", "bf16", "fp16"), default=None,
+                        help="accelerate / linfusion distill mixed precision "
+                             "(default bf16 with CUDA, no otherwise or with --tiny)")
+    parser.add_argument("--distill-resolution", default=None, help="pixels, N or HxW (default 512 for "
+                        f"{PIXART_SIGMA_SIZE}, else 32x48)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="optimizer steps (default 12, tiny 6); "
+                        "samples/s from the later half")
+    parser.add_argument("--distill-batch", type=int, default=None, help="samples per process (default 8, tiny 1)")
+    parser.add_argument("--distill-prompts", type=int, default=None,
+                        help="generate-data --num-prompts (default 8, tiny 4)")
+    parser.add_argument("--distill-data-steps", type=int, default=None, help="generate-data --data-steps (default 4)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="join the rows of these result files into --out (and its PNG); nothing is run")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/multigpu.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.merge:
+        env, rows = merge(args.merge)
+        return write(Path(args.out), env, rows)
     if args.resolutions is None:
         args.resolutions = [128, 256] if args.tiny else [4096, 8192]
     if args.tiny:  # small grids (8x8, 16x16 tokens): short text, a circle window of 2
@@ -244,24 +483,31 @@ def main() -> None:
         return worker(args)
     import torch
 
+    if args.distill_precision is None:
+        args.distill_precision = "bf16" if torch.cuda.is_available() and not args.tiny else "no"
     if args.gpus is None:
         n = 2 if args.tiny else torch.cuda.device_count()
         args.gpus = [g for g in (1, 2, 4, 8) if g <= n] or [1]
-    rows = inference_rows(args)
-    if not args.no_distill:
-        rows += distill_rows(args)
-    from timing import environment  # benchmarks/ is on sys.path when run as a script
+    if args.no_distill and args.only == "distill":
+        parser.error("--no-distill contradicts --only distill")
+    only = "inference" if args.no_distill else args.only
+    argv = argv if argv is not None else sys.argv[1:]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (there already when run as a script)
+    from timing import environment
 
     env = {**environment(), "python": platform.python_version(), "tiny": args.tiny,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "gpus_available": torch.cuda.device_count(), "argv": sys.argv[1:]}
+           "gpus_available": torch.cuda.device_count(), "argv": argv}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    plot(rows, out.with_suffix(".png"))
-    for r in rows:
-        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "comm"})
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    rows: list[dict] = []
+    if only in (None, "inference"):
+        rows += inference_rows(args, argv, save=lambda part: write(out, env, rows + part, final=False))
+    if only in (None, "distill"):
+        rows += distill_rows(args, save=lambda part: write(out, env, rows + part, final=False))
+    write(out, env, rows)
+    failed = [r["gpus"] for r in rows if r.get("status") == "failed"]
+    if failed:
+        raise SystemExit(f"distillation failed on {failed} process(es); see the rows' 'error'")
 
 
 if __name__ == "__main__":
