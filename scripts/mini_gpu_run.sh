@@ -25,7 +25,9 @@
 # MINI_DISTILL_STEPS, MINI_DISTILL_PROMPTS (default: DISTILL_STEPS / DISTILL_PROMPTS of linfusion/mini/train.py),
 # MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s), MINI_LOCAL_OPTIONS (the local student's attention,
 # default "window=4"; e.g. "window=4,global_pool=4" adds the pooled global branch: zero-shot on the
-# bundled teacher it lifts strict adherence 8.3% -> 12.5%, claims 74% -> 81%, CPU, 96 prompts),
+# bundled teacher it lifts strict adherence 8.3% -> 12.5%, claims 74% -> 81%, CPU, 96 prompts), MINI_LINEAR_OPTIONS
+# (the linear student's, default none; e.g. "conv_v=True": LiT's depthwise conv of V, for small objects: attempt 6's
+# linear student drew 35 of 50 small objects in the wrong shape, benchmarks/results/mini_attempt6/analysis.md),
 # MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--small-object-scale 3" for attempt 7: attempt 6's
 # wrong shapes were small objects, benchmarks/results/mini_attempt6/analysis.md; note: MINI_DEADLINE < 200 divides the distill steps by 3),
 # MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
@@ -73,7 +75,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = students ]; then
 import json, sys, torch
 from pathlib import Path
 import os
-from linfusion.mini.train import DISTILL_PROMPTS, DISTILL_STEPS, distill_students, parse_local_options
+from linfusion.mini.train import DISTILL_PROMPTS, DISTILL_STEPS, distill_students, parse_student_options
 out = Path(sys.argv[1])
 steps = DISTILL_STEPS if sys.argv[2] == "default" else int(sys.argv[2])
 prompts = DISTILL_PROMPTS if sys.argv[3] == "default" else int(sys.argv[3])
@@ -81,7 +83,8 @@ steps = max(1, steps // 3) if sys.argv[7] == "1" else steps
 print(f"students: {steps} steps each on {prompts} prompts", flush=True)
 summary = distill_students(out, steps=steps, prompts=prompts, data_steps=int(sys.argv[4]),
                            batch_size=int(sys.argv[5]), parallel=True, device=torch.device(sys.argv[6]),
-                           local_options=parse_local_options(os.environ.get("MINI_LOCAL_OPTIONS")))
+                           local_options=parse_student_options(os.environ.get("MINI_LOCAL_OPTIONS")),
+                           linear_options=parse_student_options(os.environ.get("MINI_LINEAR_OPTIONS")))
 path = out / "train_summary.json"
 data = json.loads(path.read_text()) if path.exists() else {}
 data["distill"] = summary

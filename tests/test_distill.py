@@ -454,3 +454,14 @@ def test_fsdp_and_resume_options():
     assert old == {"global_batch": 4, "lr": 1e-4}
     with pytest.raises(CheckpointError, match="global batch 4.*--batch-size 2"):
         check_global_batch({"global_batch": 4}, 2, 1, 2, 1, Path("ck"))
+
+
+def test_key_value_options_read_json_and_python_literals():
+    from linfusion.distill.cli import parse_key_values
+
+    parsed = parse_key_values(["window=4", "shape=tile", "conv_v=False", "gate=true", "tile=[8, 16]", "x=None"],
+                              "--patch-option")
+    assert parsed == {"window": 4, "shape": "tile", "conv_v": False, "gate": True, "tile": [8, 16], "x": None}
+    assert parse_key_values(None, "--patch-option") is None
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_key_values(["conv_v"], "--patch-option")

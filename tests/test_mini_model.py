@@ -454,12 +454,12 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     from linfusion.cli import build_parser
     from linfusion.distill.cli import _config_from_args
     from linfusion.mini.quality import zero_shot_local_options
-    from linfusion.mini.train import LOCAL_WINDOW, distill_argv, parse_local_options
+    from linfusion.mini.train import LOCAL_WINDOW, distill_argv, parse_student_options
 
-    options = parse_local_options("window=4,global_pool=4")
-    assert options == {"window": 4, "global_pool": 4} and parse_local_options("") is None
+    options = parse_student_options("window=4,global_pool=4")
+    assert options == {"window": 4, "global_pool": 4} and parse_student_options("") is None
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_local_options("window")
+        parse_student_options("window")
     common = dict(data=tmp_path / "data", steps=2, batch_size=2, lr=1e-4, mixed_precision="no")
     argv = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", options=options, **common)
     config = _config_from_args(build_parser().parse_args(argv))
@@ -468,6 +468,9 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     assert _config_from_args(build_parser().parse_args(default)).patch == {"layers": "all", "window": LOCAL_WINDOW}
     linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)
     assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all"}
+    conv = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options=parse_student_options("conv_v=True"),
+                        **common)
+    assert _config_from_args(build_parser().parse_args(conv)).patch == {"layers": "all", "conv_v": True}
     # the smoke student was distilled with the default window: its zero-shot twin reads it from the adapter
     assert zero_shot_local_options(smoke_run / "adapter-local", window=7) == {"window": LOCAL_WINDOW, "shape": "circle"}
     assert zero_shot_local_options(None, window=7) == {"window": 7}

@@ -104,14 +104,19 @@ def add_parser(subparsers) -> None:
 
 
 def parse_key_values(items: list[str] | None, flag: str) -> dict | None:
-    """["window=4", "shape=tile"] -> {"window": 4, "shape": "tile"}: values read as JSON where they parse."""
+    """["window=4", "shape=tile"] -> {"window": 4, "shape": "tile"}: values read as JSON where they parse;
+    Python's True / False / None too, so ``conv_v=False`` is never the (truthy) string "False"."""
     if items is None:
         return None
+    python_literals = {"True": True, "False": False, "None": None}
     result = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        if value.strip() in python_literals:
+            result[key.strip()] = python_literals[value.strip()]
+            continue
         try:
             result[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

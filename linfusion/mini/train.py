@@ -612,21 +612,23 @@ def adapter_to_fp16(folder: Path) -> None:
     tmp.replace(path)
 
 
-def parse_local_options(text: str | None) -> dict | None:
+def parse_student_options(text: str | None) -> dict | None:
     """"window=4,global_pool=4" -> {"window": 4, "global_pool": 4}, read like ``linfusion distill
-    --patch-option``; None or "" -> None."""
+    --patch-option`` (MINI_LOCAL_OPTIONS / MINI_LINEAR_OPTIONS); None or "" -> None."""
     from ..distill.cli import parse_key_values
 
-    return parse_key_values(text.split(","), "local student options") if text else None
+    return parse_key_values(text.split(","), "student options") if text else None
 
 
 def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, batch_size: int,
                      parallel: bool, device: torch.device, lrs: dict[str, float] | None = None,
-                     local_options: dict | None = None) -> dict:
+                     local_options: dict | None = None, linear_options: dict | None = None) -> dict:
     """Teacher data once, then both students, with the distillation toolkit's commands.
 
     ``local_options``: the local student's attention options (default :data:`DEFAULT_LOCAL_OPTIONS`;
-    e.g. ``{"window": 4, "global_pool": 4}`` adds the pooled global branch)."""
+    e.g. ``{"window": 4, "global_pool": 4}`` adds the pooled global branch). ``linear_options``:
+    the linear student's (default none; e.g. ``{"conv_v": True}`` adds LiT's depthwise convolution
+    of V, for the small objects attempt 6's linear student drew in the wrong shape)."""
     from .world import prompt_set
 
     lrs = lrs or {"linear": 3e-4, "local": 2e-4}
@@ -637,14 +639,15 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     start = time.time()
     run_linfusion([generate_data_argv(pipeline, data, prompts_file, data_steps)], False, [])
     data_seconds = time.time() - start
-    local_options = dict(local_options or DEFAULT_LOCAL_OPTIONS)
+    options = {"local": dict(local_options or DEFAULT_LOCAL_OPTIONS), "linear": dict(linear_options or {})}
     argvs = [distill_argv(pipeline, out / f"adapter-{m}", method=m, data=data, steps=steps, batch_size=batch_size,
-                          lr=lrs[m], mixed_precision=mixed, options=local_options if m == "local" else None)
+                          lr=lrs[m], mixed_precision=mixed, options=options[m])
              for m in ("linear", "local")]
     run_linfusion(argvs, parallel, [out / "distill-linear.log", out / "distill-local.log"])
     summary = {"data_seconds": round(data_seconds, 1), "distill_seconds": round(time.time() - start - data_seconds, 1),
                "steps": steps, "prompts": prompts, "data_steps": data_steps, "batch_size": batch_size, "lr": lrs,
-               "local_window": local_options.get("window"), "local_options": local_options}
+               "local_window": options["local"].get("window"), "local_options": options["local"],
+               "linear_options": options["linear"]}
     for m in ("linear", "local"):
         folder = out / f"adapter-{m}"
         adapter_to_fp16(folder)
