@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # GPU checks and end-to-end benchmarks (issues #3 and #6) on one H200, one device call (<= 600 s)
 # per phase. From the developer machine (.whl/ holds the diffusers + importlib_metadata wheels):
-#   run(command="PHASE=matrix bash scripts/gpu_e2e_run.sh", carry=[".whl"], timeout_s=600)
+#   run(command="PHASE=gaps bash scripts/gpu_e2e_run.sh", carry=[".whl"], timeout_s=600)
 # PHASE=tests:   every test that needs CUDA (kernels, RoPE, real-size pipelines), -rfE summary.
-# PHASE=matrix:  the e2e rows still missing from benchmarks/results/e2e.json (after the 6th session):
-#                FlexAttention on tile-ordered tokens (local_flex_tiled, the strongest flex route) beside
-#                dense and the same circle in Triton (local_circle) for SDXL / PixArt-Σ / SD3.5-m at 1K, 2K and 4K and Wan at 480p; appended to the
-#                committed e2e.json; with them the layers="auto" rows again, timed for >= 1 s each. (FLUX's flex_tiled rows, the auto rows, default SDPA everywhere and
-#                PixArt's dense 8K row were measured in the 6th session.)
+# PHASE=matrix:  (ran in the 7th session) FlexAttention on tile-ordered tokens (local_flex_tiled, the strongest
+#                flex route) beside dense and the same circle in Triton (local_circle) for SDXL / PixArt-Σ /
+#                SD3.5-m at 1K, 2K and 4K, Wan at 480p and SDXL / PixArt at 8K, with the layers="auto" rows
+#                again, timed for >= 1 s each; appended to the committed e2e.json.
 # PHASE=gaps:    local_circle_auto for SDXL (settles the auto_unverified row), Wan 720p circle vs FlexAttention,
 #                FLUX 1K / 2K tile-ordered FlexAttention.
 # PHASE=flex:    only the FlexAttention (tile-ordered) rows for SD3.5-m / PixArt-Σ / SDXL (E2E_DEADLINE caps it).
@@ -18,7 +17,7 @@
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/e2e-out}
-PHASE=${PHASE:-matrix}
+PHASE=${PHASE:-gaps}
 DEADLINE=${E2E_DEADLINE:-575}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
