@@ -450,7 +450,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=("inference", "distill"), default=None, help="run one part (default both)")
-    parser.add_argument("--no-distill", action="store_true", help="same as --only inference")
     parser.add_argument("--distill-model", default=None,
                         help=f"pipeline folder for the distillation rows, or {PIXART_SIGMA_SIZE!r} (built in the "
                              "scratch folder: PixArt-Σ-size transformer, LinFusion-Mini text encoder and VAE); "
@@ -488,9 +487,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpus is None:
         n = 2 if args.tiny else torch.cuda.device_count()
         args.gpus = [g for g in (1, 2, 4, 8) if g <= n] or [1]
-    if args.no_distill and args.only == "distill":
-        parser.error("--no-distill contradicts --only distill")
-    only = "inference" if args.no_distill else args.only
     argv = argv if argv is not None else sys.argv[1:]
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (there already when run as a script)
     from timing import environment
@@ -500,9 +496,9 @@ def main(argv: list[str] | None = None) -> None:
            "gpus_available": torch.cuda.device_count(), "argv": argv}
     out = Path(args.out)
     rows: list[dict] = []
-    if only in (None, "inference"):
+    if args.only in (None, "inference"):
         rows += inference_rows(args, argv, save=lambda part: write(out, env, rows + part, final=False))
-    if only in (None, "distill"):
+    if args.only in (None, "distill"):
         rows += distill_rows(args, save=lambda part: write(out, env, rows + part, final=False))
     write(out, env, rows)
     failed = [r["gpus"] for r in rows if r.get("status") == "failed"]

@@ -554,14 +554,17 @@ def _fixed_cells(scene: Scene) -> dict[tuple[int, int], tuple[int, int]]:
     return {(i, 0): position_cell(o.position) for i, o in enumerate(scene.objects) if o.position is not None}
 
 
+def _relation_pairs(scene: Scene, instances: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
+    """(subject instance, target instance, relation) for every relation and every pair of its instances
+    (positions in ``instances``)."""
+    return [(a, b, rel.relation) for rel in scene.relations
+            for a, (ia, _) in enumerate(instances) if ia == rel.subject
+            for b, (ib, _) in enumerate(instances) if ib == rel.target]
+
+
 def _relations_hold(scene: Scene, instances: list[tuple[int, int]], cells: list[tuple[int, int]]) -> bool:
     """Every relation holds between every instance of its subject and of its target."""
-    return all(
-        _relation_holds(rel.relation, cells[a], cells[b])
-        for rel in scene.relations
-        for a, (ia, _) in enumerate(instances) if ia == rel.subject
-        for b, (ib, _) in enumerate(instances) if ib == rel.target
-    )
+    return all(_relation_holds(r, cells[a], cells[b]) for a, b, r in _relation_pairs(scene, instances))
 
 
 def _assign_cells(scene: Scene, instances: list[tuple[int, int]],
@@ -595,9 +598,7 @@ def _canonical_cells(scene: Scene, instances: list[tuple[int, int]]) -> list[tup
         fixed = {}  # conflicting positions in a user prompt: drop them
     free = [c for c in CANONICAL_CELL_ORDER if c not in fixed.values()]
     open_slots = [n for n, inst in enumerate(instances) if inst not in fixed]
-    pairs = [(a, b, rel.relation) for rel in scene.relations
-             for a, (ia, _) in enumerate(instances) if ia == rel.subject
-             for b, (ib, _) in enumerate(instances) if ib == rel.target]
+    pairs = _relation_pairs(scene, instances)
     touching = {n: [p for p in pairs if n in p[:2]] for n in open_slots}
     cells: list[tuple[int, int] | None] = [fixed.get(inst) for inst in instances]
     budget = CANONICAL_SEARCH_LIMIT
