@@ -30,6 +30,9 @@
 # linear student drew 35 of 50 small objects in the wrong shape, benchmarks/results/mini_attempt6/analysis.md),
 # MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--small-object-scale 3" for attempt 7: attempt 6's
 # wrong shapes were small objects, benchmarks/results/mini_attempt6/analysis.md; note: MINI_DEADLINE < 200 divides the distill steps by 3),
+# Attempt 7 (teacher): MINI_MINUTES=8.6 MINI_TRAIN_ARGS="--small-object-scale 3 --vae-steps 2700 --text-steps 600 --keep ema"
+# (VAE and text encoder fixed at attempt 6's amount, ~145 s; the transformer gets 0.67 x 8.6 min = 346 s instead of
+# 289 s; --keep ema drops the ~20 s read-out: ~500 s of training, ~8.3 minutes in all),
 # MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
 set -uo pipefail
 T0=$(date +%s)

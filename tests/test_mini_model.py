@@ -70,6 +70,27 @@ def test_smoke_training_writes_a_loadable_fp16_pipeline(smoke_run):
     assert set(summary["distill"]) >= {"linear_mb", "local_mb"}
 
 
+def test_keep_ships_the_chosen_transformer_weights_without_a_read_out(tmp_path):
+    """--keep ema|raw skips the held-out read-out and ships those weights: same seed, the two runs'
+    transformers differ (the EMA lags the raw weights) and everything else is equal."""
+    from safetensors.torch import load_file
+
+    from linfusion.mini.train import main
+
+    shipped = {}
+    for keep in ("ema", "raw"):
+        out = tmp_path / keep
+        assert main(["--out", str(out), "--smoke", "--device", "cpu", "--no-distill", "--workers", "0",
+                     "--keep", keep]) == 0
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["weights_choice"] == {"kept": keep, "n": 0, "adherence": {}}
+        shipped[keep] = {part: load_file(str(next((out / "pipeline" / part).glob("*.safetensors"))))
+                         for part in ("transformer", "vae")}
+    ema, raw = shipped["ema"], shipped["raw"]
+    assert all(torch.equal(ema["vae"][k], raw["vae"][k]) for k in ema["vae"])
+    assert any(not torch.equal(ema["transformer"][k], raw["transformer"][k]) for k in ema["transformer"])
+
+
 def test_smoke_pipeline_is_deterministic_per_seed_at_128px(smoke_run):
     from linfusion.mini.quality import generate
 
