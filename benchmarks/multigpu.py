@@ -394,33 +394,70 @@ def merge(paths: list[str]) -> tuple[dict, list[dict]]:
     return env, rows
 
 
+def _series(rows: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
+    """(task resolution method) -> sorted [(gpus, speedup, step_ms)] of the rows with a speedup."""
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in rows:
+        if r.get("speedup") is not None:
+            series.setdefault(f"{r['task']} {r['resolution']} {r['method']}", []).append(
+                (r["gpus"], r["speedup"], r["step_ms"]))
+    return {name: sorted(pts) for name, pts in sorted(series.items())}
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Speedup vs GPUs per (task, resolution, method), drawn with PIL (no matplotlib needed)."""
+    """Speedup over one GPU against GPUs, one line per (task, resolution, method), ideal dashed;
+    matplotlib when installed, else a plain PIL drawing (the GPU machines may lack matplotlib)."""
+    series = _series(rows)
+    if not series:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _plot_pil(series, path)
+        return
+    max_g = max(g for pts in series.values() for g, _, _ in pts)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([1, max_g], [1, max_g], "--", color="grey", label="ideal")
+    for name, pts in series.items():
+        gpus, speedups = [g for g, _, _ in pts], [s for _, s, _ in pts]
+        ax.plot(gpus, speedups, "o-", label=name)
+        ax.annotate(f"{speedups[-1]:.2f}×", (gpus[-1], speedups[-1]), textcoords="offset points", xytext=(6, -3),
+                    fontsize=8)
+    ax.set_xticks(sorted({g for pts in series.values() for g, _, _ in pts}))
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("speedup over 1 GPU")
+    ax.set_title("LinFusion multi-GPU scaling (H200): context-parallel inference, data-parallel distillation",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_pil(series: dict[str, list[tuple[int, float, float]]], path: Path) -> None:
     from PIL import Image, ImageDraw
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    rows = [r for r in rows if r.get("speedup") is not None]
-    if not rows:
-        return
-    for r in rows:
-        series.setdefault(f"{r['task']} {r['resolution']} {r['method']}", []).append((r["gpus"], r["speedup"]))
-    max_g = max(r["gpus"] for r in rows)
+    max_g = max(g for pts in series.values() for g, _, _ in pts)
     w, h, m = 640, 420, 50
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     d.line([(m, h - m), (w - m, h - m)], fill="black")
     d.line([(m, m), (m, h - m)], fill="black")
-    top = max(max_g, max(s for pts in series.values() for _, s in pts))
+    top = max(max_g, max(s for pts in series.values() for _, s, _ in pts))
     x = lambda g: m + (w - 2 * m) * (g - 1) / max(max_g - 1, 1)  # noqa: E731
     y = lambda s: h - m - (h - 2 * m) * s / top  # noqa: E731
     d.line([(x(1), y(1)), (x(max_g), y(max_g))], fill=(200, 200, 200))  # ideal
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    for i, (name, pts) in enumerate(sorted(series.items())):
-        pts = sorted(pts)
+    for i, (name, pts) in enumerate(series.items()):
         c = colors[i % len(colors)]
-        d.line([(x(g), y(s)) for g, s in pts], fill=c, width=2) if len(pts) > 1 else None
-        d.text((w - m - 200, m + 14 * i), name, fill=c)
-    d.text((m, h - m + 10), f"GPUs 1..{max_g}   (y: speedup, grey: ideal)", fill="black")
+        if len(pts) > 1:
+            d.line([(x(g), y(s)) for g, s, _ in pts], fill=c, width=2)
+        d.text((w - m - 200, m + 14 * i), f"{name}: {pts[-1][1]:.2f}x", fill=c)
+    d.text((m, h - m + 10), f"GPUs 1..{max_g}   (y: speedup, 0..{top:.0f}; grey: ideal)", fill="black")
     img.save(path)
 
 
@@ -467,10 +504,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-data-steps", type=int, default=None, help="generate-data --data-steps (default 4)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="join the rows of these result files into --out (and its PNG); nothing is run")
+    parser.add_argument("--plot-only", default=None, metavar="JSON",
+                        help="redraw the PNG beside this result file (e.g. with matplotlib here); nothing is run")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/multigpu.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plot_only:
+        result = Path(args.plot_only)
+        return plot(json.loads(result.read_text())["rows"], result.with_suffix(".png"))
     if args.merge:
         env, rows = merge(args.merge)
         return write(Path(args.out), env, rows)
