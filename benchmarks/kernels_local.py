@@ -2,7 +2,7 @@
 
 Run on a CUDA GPU::
 
-    python benchmarks/kernels_local.py --out benchmarks/results/kernels_local.json [--sweep]
+    python benchmarks/kernels_local.py --out benchmarks/results/kernels_local.json [--sweep | --sweep-only]
 
 ``run_local_cases(rows)`` appends one dict per measurement (the merged
 ``benchmarks/kernels.py`` calls it)::
@@ -31,11 +31,25 @@ q, k, v, o, dO read + dq, dk, dv written (bwd). Timing: ``triton.testing.do_benc
 after warm-up (it flushes L2 between calls); calls slower than 20 ms: median of 2–3 CUDA-event
 timed calls. Setup: the per-resolution layout (``get_layout``, cache cleared) vs FlexAttention's
 ``create_block_mask(..., _compile=True)``.
+
+Block-config sweep (``--sweep``: before the cases, which then run with the best configs;
+``--sweep-only``: nothing else): at flux-4k, both 2D variants, the block configs of each kernel
+kind (``local_configs.set_config_override``) listed in ``SWEEP_CONFIGS``: "fwd" (6 configs),
+"dkdv" (BM query chunk ∈ {16, 32, 64} × BN key block ∈ {64, 128} × 4/8 warps × 2/3 stages) and
+"dq" (BM query block ∈ {64, 128} × BN key chunk ∈ {32, 64, 128} × warps × stages). A "fwd"
+config times the forward; a "dkdv" or "dq" config the whole backward with only that kernel
+overridden. Each record (JSON ``sweep``) holds the pass's time with the default configs measured
+at the start of the same call (``default_ms``, ``speedup``) and ``max_rel_err`` = max |a − b| /
+max |b| of its outputs / gradients against the default configs'; ``ok`` iff it ran, is finite and
+max_rel_err < 2e-2. Configs are swept backward kernels first and skipped once ``--sweep-deadline``
+seconds (default 240) have passed. ``sweep_best``: the fastest ok config per kind and variant;
+``sweep_best_overall``: per kind, the least total time over the variants (ok in both).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -106,10 +120,11 @@ def row(case, op, variant, impl, pss, shape, ms, flops, nbytes, **extra):
     }
 
 
-def make_qkv(B, H, L, D, seed=0, requires_grad=False):
-    gen = torch.Generator(device="cuda")
+def make_qkv(B, H, L, D, seed=0, requires_grad=False, device="cuda", dtype=torch.bfloat16):
+    """Random q, k, v of shape (B, H, L, D)."""
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    out = [torch.randn(B, H, L, D, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3)]
+    out = [torch.randn(B, H, L, D, device=device, generator=gen, dtype=dtype) for _ in range(3)]
     return [t.requires_grad_(requires_grad) for t in out]
 
 
@@ -157,7 +172,7 @@ def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, den
                     torch.cuda.synchronize()
                     ms_f = bench_ms(fwd)
                     out = fn(*args, grid, window, text, vshape, tile)
-                    def bwd(out=out, args=args):
+                    def bwd(out=out, args=args, do=do):  # defaults: the names are del'd later
                         return torch.autograd.grad(out, args, do, retain_graph=True)
                     bwd()
                     torch.cuda.synchronize()
@@ -206,7 +221,7 @@ def run_flex(out_rows, name, B, H, D, grid, window, vshape, tile, text, vname, f
         flex = torch.compile(flex_attention, dynamic=False)
         q, k, v = make_qkv(B, H, L, D, seed=1, requires_grad=True)
 
-        def fwd():
+        def fwd(q=q, k=k, v=v, bm=bm):  # defaults: the names are del'd later
             return flex(q.detach(), k.detach(), v.detach(), block_mask=bm)
         fwd()
         torch.cuda.synchronize()
@@ -218,7 +233,7 @@ def run_flex(out_rows, name, B, H, D, grid, window, vshape, tile, text, vname, f
             do = torch.randn_like(q)
             out = flex(q, k, v, block_mask=bm)
 
-            def bwd_fn():
+            def bwd_fn(q=q, k=k, v=v):
                 return torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
             bwd_fn()
             torch.cuda.synchronize()
@@ -273,42 +288,208 @@ def run_dense(out_rows, name, q, k, v, do, fwd_bytes, bwd_bytes, log=print):
         torch.cuda.empty_cache()
 
 
-def sweep(log=print) -> list[dict]:
-    """Block-config sweep of the Triton kernels at flux-4k (fwd per variant, bwd tile variant)."""
-    from linfusion.kernels.local_configs import set_config_override
-    from linfusion.kernels.local_triton import local_attention_triton
+# ----------------------------------------------------------------------------- block-config sweep
 
-    name, B, H, D, grid, text = next(c for c in CASES if c[0] == "flux-4k")
-    L = text + math.prod(grid)
-    q, k, v = make_qkv(B, H, L, D, requires_grad=True)
+
+def _config_grid(**axes) -> list[dict]:
+    """Every combination of the given axes (name -> values), the last axis varying fastest."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+SWEEP_CASE = "flux-4k"
+# overrides per kernel kind (local_configs.set_config_override); keys left out keep their default
+SWEEP_CONFIGS = {
+    "fwd": [{"BN": 128, "num_stages": 2}, {"BN": 64, "num_warps": 8, "num_stages": 3}, {"BN": 128, "num_stages": 3},
+            {"BN": 128, "num_stages": 4}, {"BN": 64, "num_stages": 4}, {"BN": 64, "num_warps": 4, "num_stages": 3}],
+    # key block BN × query chunks BM. No combination is invalid a priori (all blocks are powers of two
+    # ≤ the 128-token tile); one that exceeds shared memory is recorded as failed, a wrong one as not ok.
+    "dkdv": _config_grid(BM=(16, 32, 64), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+    # query block BM × key chunks BN
+    "dq": _config_grid(BM=(64, 128), BN=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+}
+SWEEP_ORDER = ("dkdv", "dq", "fwd")  # the backward kernels are the target: the deadline cuts fwd first
+SWEEP_PASS = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}
+SWEEP_TOL = 2e-2  # max_rel_err below which a config counts as correct (bf16 outputs)
+SWEEP_KEYS = ("case", "variant", "kernel", "pass", "config", "effective", "is_default", "status", "ok", "ms",
+              "default_ms", "speedup", "max_rel_err", "first_call_s", "error")
+
+
+def max_rel_err(outs, refs) -> float:
+    """max over the output pairs of max|a − b| / (max|b| + 1e-6); NaN if an ``a`` holds a NaN or inf."""
+    errs = []
+    for a, b in zip(outs, refs, strict=True):
+        a, b = a.detach().float(), b.detach().float()
+        if not bool(torch.isfinite(a).all()):
+            return float("nan")
+        errs.append(float((a - b).abs().max() / (b.abs().max() + 1e-6)))
+    return max(errs)
+
+
+def _error_text(exc: BaseException, limit: int = 300) -> str:
+    """The exception's type and message, truncated to ``limit`` characters (Triton errors are long)."""
+    return f"{type(exc).__name__}: {str(exc)[:limit]}"
+
+
+def _first_call(fn, sync):
+    """fn() once (compiles on a new config), synchronised: (its outputs, seconds)."""
+    t0 = time.perf_counter()
+    outs = fn()
+    sync()
+    return outs, time.perf_counter() - t0
+
+
+class _SweepVariant:
+    """One window variant of the sweep case: the timed callables (forward, and the full backward of
+    one forward output kept for the whole sweep), the default-config reference, the layout."""
+
+    def __init__(self, q, k, v, do, grid, window, text, shape, tile, bench, sync):
+        from linfusion.kernels.local_triton import _prepare, local_attention_triton
+
+        def fwd():
+            return (local_attention_triton(q.detach(), k.detach(), v.detach(), grid, window, text, shape, tile),)
+
+        graph = []  # the forward output whose backward every bwd call runs (made by the first call)
+
+        def bwd():
+            if not graph:
+                graph.append(local_attention_triton(q, k, v, grid, window, text, shape, tile))
+            return torch.autograd.grad(graph[0], (q, k, v), do, retain_graph=True)
+
+        self.q, self.sync = q, sync
+        self.layout = _prepare(q, k, v, grid, window, text, shape, tile)
+        self.fns = {"fwd": fwd, "bwd": bwd}
+        # pass -> {"outs", "ms", "error"} with the default configs (no override is set here)
+        self.ref = {pss: self._reference(fn, bench) for pss, fn in self.fns.items()}
+
+    def _reference(self, fn, bench) -> dict:
+        """Outputs and time of fn() with the default configs; an error is kept, not raised."""
+        ref = {"outs": None, "ms": float("nan"), "error": None}
+        try:
+            ref["outs"] = _first_call(fn, self.sync)[0]
+            ref["ms"] = bench(fn)
+        except Exception as exc:  # noqa: BLE001
+            ref["error"] = _error_text(exc)
+        return ref
+
+    def effective(self, kind: str) -> dict:
+        """The launch config of ``kind`` under the current overrides, blocks clamped to the tile."""
+        from linfusion.kernels.local_triton import _blocks, _pow2
+
+        bm, bn, cfg = _blocks(kind, self.q, max(16, _pow2(self.q.shape[-1])), self.layout)
+        return {"BM": bm, "BN": bn, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _run_config(state: _SweepVariant, kind: str, cfg: dict, bench) -> dict:
+    """One config of one kernel kind, the other kinds at their defaults: first call (compile), error
+    against the default config's outputs (fwd) or gradients (bwd), time of the whole pass."""
+    from linfusion.kernels.local_configs import set_config_override
+
+    pss = SWEEP_PASS[kind]
+    ref = state.ref[pss]
+    rec = {"effective": None, "is_default": None, "status": "failed", "ok": False, "ms": float("nan"),
+           "default_ms": ref["ms"], "speedup": float("nan"), "max_rel_err": float("nan"), "first_call_s": None,
+           "error": ref["error"] and f"default config: {ref['error']}"}
+    default_effective = state.effective(kind)
+    set_config_override(kind, cfg)
+    try:
+        rec["effective"] = state.effective(kind)
+        rec["is_default"] = rec["effective"] == default_effective
+        outs, rec["first_call_s"] = _first_call(state.fns[pss], state.sync)
+        if ref["outs"] is not None:
+            rec["max_rel_err"] = max_rel_err(outs, ref["outs"])
+        del outs
+        rec["ms"] = float(bench(state.fns[pss]))
+        rec["speedup"] = rec["default_ms"] / rec["ms"] if rec["ms"] > 0 else float("nan")
+        rec["ok"] = rec["max_rel_err"] < SWEEP_TOL  # False for NaN (non-finite outputs, no reference)
+        rec["status"] = "ok" if rec["ok"] else "wrong"
+    except Exception as exc:  # noqa: BLE001
+        rec["error"] = _error_text(exc)
+    finally:
+        set_config_override(kind, None)
+    return rec
+
+
+def sweep(case=None, variants=VARIANTS_2D, configs=None, bench=bench_ms, deadline_s: float = 240.0,
+          device: str = "cuda", log=print) -> list[dict]:
+    """Block-config sweep of the Triton local kernels, one record per (kernel kind, config, variant).
+
+    case: ``(name, B, H, D, grid, text_len)`` (default: flux-4k of CASES); variants: like VARIANTS_2D;
+    configs: ``{kind: [override, ...]}`` for kinds "fwd", "dkdv", "dq" (default SWEEP_CONFIGS);
+    bench: ``bench(fn) -> ms``. "fwd" configs time the forward; "dkdv" / "dq" configs time the
+    whole backward with only that kernel's config overridden. Every record carries the default
+    configs' time of the same pass measured at the start (``default_ms``) and the error against
+    their outputs; ``ok``: no exception, finite, ``max_rel_err`` < SWEEP_TOL. Configs not started
+    within ``deadline_s`` of the call are recorded as skipped. Order: kind (SWEEP_ORDER), config,
+    variant, so a cut sweep has measured the same configs in every variant.
+    """
+    name, B, H, D, grid, text = case or next(c for c in CASES if c[0] == SWEEP_CASE)
+    configs = SWEEP_CONFIGS if configs is None else configs
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    t0 = time.monotonic()
+    q, k, v = make_qkv(B, H, text + math.prod(grid), D, requires_grad=True, device=device)
     do = torch.randn_like(q)
-    todo = [("fwd", {"BN": 128, "num_stages": 2}), ("fwd", {"BN": 64, "num_stages": 3}),
-            ("fwd", {"BN": 128, "num_stages": 3}),
-            ("dkdv", {"BM": 32, "num_stages": 2}), ("dkdv", {"BM": 32, "num_stages": 3})]
-    results = []
-    for vname, vshape, window, tile in VARIANTS_2D:
-        for kind, cfg in todo:
-            if kind != "fwd" and vshape == "circle":
-                continue
-            set_config_override(kind, cfg)
-            try:
-                if kind == "fwd":
-                    fn = lambda: local_attention_triton(q.detach(), k.detach(), v.detach(), grid, window, text,  # noqa: E731
-                                                        vshape, tile)
-                else:
-                    out = local_attention_triton(q, k, v, grid, window, text, vshape, tile)
-                    fn = lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)  # noqa: E731
-                fn()
-                torch.cuda.synchronize()
-                ms = bench_ms(fn)
-            except Exception as exc:  # noqa: BLE001
-                ms = float("nan")
-                log(f"sweep {vname} {kind} {cfg}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
-            finally:
-                set_config_override(kind, None)
-            results.append({"case": name, "variant": vname, "kernel": kind, "config": cfg, "ms": ms})
-            log(f"sweep {name} {vname:16s} {kind:5s} {ms:8.3f} ms  {cfg}")
-    return results
+    states: dict[str, _SweepVariant] = {}
+    records = []
+    for kind in [k_ for k_ in SWEEP_ORDER if k_ in configs]:
+        for cfg in configs[kind]:
+            for vname, vshape, window, tile in variants:
+                rec = {"case": name, "variant": vname, "kernel": kind, "pass": SWEEP_PASS[kind], "config": cfg}
+                if time.monotonic() - t0 >= deadline_s:
+                    records.append({**dict.fromkeys(SWEEP_KEYS), **rec, "status": "skipped", "ok": False,
+                                    "ms": float("nan")})
+                    continue
+                if vname not in states:
+                    states[vname] = _SweepVariant(q, k, v, do, grid, window, text, vshape, tile, bench, sync)
+                rec.update(_run_config(states[vname], kind, cfg, bench))
+                records.append(rec)
+                log(f"sweep {name} {vname:16s} {kind:4s} {rec['ms']:8.3f} ms (default {rec['default_ms']:8.3f}, "
+                    f"x{rec['speedup']:.2f}) err {rec['max_rel_err']:.1e} {rec['status']:6s} "
+                    f"[{time.monotonic() - t0:5.0f}s] {cfg}" + (f"  {rec['error']}" if rec["error"] else ""))
+    skipped = sum(r["status"] == "skipped" for r in records)
+    if skipped:
+        log(f"sweep: deadline {deadline_s:.0f} s reached, {skipped} of {len(records)} configs skipped")
+    return records
+
+
+def best_configs(records: list[dict]) -> dict:
+    """Per kind and variant, the fastest ``ok`` config: {kind: {variant: {config, effective, ms,
+    default_ms, speedup, max_rel_err}}}."""
+    best: dict = {}
+    for r in records:
+        if r["ok"] and r["ms"] == r["ms"]:
+            cur = best.setdefault(r["kernel"], {}).get(r["variant"])
+            if cur is None or r["ms"] < cur["ms"]:
+                best[r["kernel"]][r["variant"]] = {key: r[key] for key in (
+                    "config", "effective", "ms", "default_ms", "speedup", "max_rel_err")}
+    return best
+
+
+def best_overall(records: list[dict]) -> dict:
+    """Per kind, the config with the least total time over the variants, among the configs that are
+    ``ok`` in every variant swept for that kind: {kind: config}."""
+    out = {}
+    for kind in SWEEP_ORDER:
+        rows = [r for r in records if r["kernel"] == kind and r["status"] != "skipped"]
+        variants = {r["variant"] for r in rows}
+        totals: dict[str, list] = {}
+        for r in rows:
+            entry = totals.setdefault(json.dumps(r["config"], sort_keys=True), [0.0, set()])
+            if r["ok"] and r["ms"] == r["ms"]:
+                entry[0] += r["ms"]
+                entry[1].add(r["variant"])
+        eligible = {key: t for key, (t, seen) in totals.items() if seen == variants}
+        if eligible:
+            out[kind] = json.loads(min(eligible, key=eligible.get))
+    return out
+
+
+def print_sweep_summary(best: dict, log=print) -> None:
+    """One line per kind and variant: the best ok config and its speedup over the default configs."""
+    log("\nsweep best (ok configs only):")
+    for kind in SWEEP_ORDER:
+        for vname, b in best.get(kind, {}).items():
+            log(f"  {kind:4s} {vname:16s} {b['ms']:8.3f} ms vs default {b['default_ms']:8.3f} ms "
+                f"(x{b['speedup']:.2f}, {SWEEP_PASS[kind]})  {b['effective']}  override {b['config']}")
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -369,7 +550,11 @@ def main(argv=None):
     parser.add_argument("--flex", nargs="*", default=list(FLEX_CASES), help="cases with FlexAttention baselines")
     parser.add_argument("--no-dense", action="store_true")
     parser.add_argument("--tiled", nargs="*", default=list(TILED_CASES), help="cases timed on tile-ordered tokens too")
-    parser.add_argument("--sweep", action="store_true", help="also sweep block configs at flux-4k")
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep block configs at flux-4k first, then run the cases with the best ones")
+    parser.add_argument("--sweep-only", action="store_true", help="run only the block-config sweep")
+    parser.add_argument("--sweep-deadline", type=float, default=240.0,
+                        help="seconds after which the sweep skips its remaining configs")
     args = parser.parse_args(argv)
     rows: list[dict] = []
     result = {"env": environment()}
@@ -383,23 +568,22 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
-    if args.sweep:
+    if args.sweep or args.sweep_only:
+        result["sweep"] = sweep(deadline_s=args.sweep_deadline)
+        result["sweep_best"] = best_configs(result["sweep"])
+        result["sweep_best_overall"] = best_overall(result["sweep"])
+        result["sweep_wall_s"] = time.time() - t0
+        print_sweep_summary(result["sweep_best"])
+        print("best over both variants:", result["sweep_best_overall"])
+        dump(rows)
+        if args.sweep_only:
+            return
         from linfusion.kernels.local_configs import set_config_override
 
-        result["sweep"] = sweep()
-        best = {}
-        for kind in ("fwd", "dkdv"):  # the config with the least total time over the variants swept
-            totals = {}
-            for r in result["sweep"]:
-                if r["kernel"] == kind:
-                    key = json.dumps(r["config"], sort_keys=True)
-                    totals[key] = totals.get(key, 0.0) + (r["ms"] if r["ms"] == r["ms"] else float("inf"))
-            if totals:
-                best[kind] = json.loads(min(totals, key=totals.get))
-                set_config_override(kind, best[kind])
-        result["config_used"] = best
-        print("configs used:", best)
-        dump(rows)
+        for kind, cfg in result["sweep_best_overall"].items():
+            set_config_override(kind, cfg)
+        result["config_used"] = result["sweep_best_overall"]
+        print("configs used for the cases:", result["config_used"])
     run_local_cases(rows, args.cases, flex_cases=args.flex, dense=not args.no_dense, tiled_cases=args.tiled,
                     on_case_done=dump)
     dump(rows)

@@ -8,7 +8,9 @@ Run where several GPUs are available (each configuration is its own ``torchrun``
 Inference rows: a FLUX.1-dev-size transformer (its config, random weights, bf16),
 patched with ``linear`` and ``local`` (every layer), one denoiser step (transformer
 forward) timed per GPU count: ``step_ms`` (median), ``speedup`` over 1 GPU,
-``comm_mb`` (MiB one rank sends per step, counted by linfusion.parallel.comm) and
+``comm_mb`` (MiB one rank sends per step, counted by linfusion.parallel.comm), ``comm_ms``
+(rank 0's exposed communication time in the last timed step: CUDA events around each
+collective, so waiting for the peer counts; per kind under ``comm``) and
 ``max_err`` (max |output - 1-GPU output| / max |1-GPU output|).
 Distillation rows: ``linfusion distill`` under ``accelerate launch --num_processes g``
 (data parallel, the same per-process batch on every g), samples/s from its metrics (the later
@@ -118,7 +120,7 @@ def worker(args) -> None:
                 results.append({"task": "inference", "model": "flux-tiny" if args.tiny else "flux-dev",
                                 "resolution": pixels, "method": method, "gpus": cp.world,
                                 "step_ms": statistics.median(times), "comm_mb": cp.stats.total_bytes / 2**20,
-                                "comm": cp.stats.summary()})
+                                "comm_ms": cp.stats.total_ms, "comm": cp.stats.summary()})
     if cp.rank == 0:
         (Path(args.scratch) / f"rows_{cp.world}.json").write_text(json.dumps(results))
     cp.close()

@@ -144,6 +144,23 @@ def test_circle_small_blocks(case, monkeypatch):
     check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=5)
 
 
+def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
+    """The H200 sweep's backward configs (one warpgroup, 64×64 dK/dV blocks; 3-stage dQ) were
+    verified bit-identical at head dim 128 only: head dims padded to 128 keep the earlier blocks."""
+    from linfusion.kernels.local_configs import local_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    bf16 = torch.bfloat16
+    assert local_config("dkdv", bf16, 128, 128, head_dim=128) == {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}
+    assert local_config("dq", bf16, 128, 128, head_dim=128)["num_stages"] == 3
+    for head_dim in (72, 80, 96):
+        assert local_config("dkdv", bf16, 128, 128, head_dim=head_dim) == {
+            "BM": 32, "BN": 128, "num_warps": 8, "num_stages": 3}
+        assert local_config("dq", bf16, 128, 128, head_dim=head_dim)["num_stages"] == 2
+    assert local_config("dkdv", bf16, 64, 128, head_dim=64)["BM"] == 64
+    assert local_config("dkdv", bf16, 128, 64, head_dim=128)["num_warps"] == 4  # small tiles: one warpgroup
+
+
 _SM90_PROBE = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"

@@ -144,6 +144,34 @@ def test_traffic_is_what_each_method_needs(cp_outputs):
     assert "halo" in traffic["flux_local"] and "linear_state" not in traffic["flux_local"]
     assert "dense_kv" in traffic["flux_dense"]
     assert "dense_kv" not in traffic["flux_linear"]  # every layer patched: no K/V gathered
+    for case in traffic.values():  # every kind is timed too (wall clock under gloo)
+        assert all(kind["calls"] > 0 and kind["ms"] > 0 for kind in case.values()), case
+
+
+def test_comm_stats_read_cuda_events_only_when_summarised():
+    """Events are resolved (waited for) in summary()/total_ms, not at record time; reset drops them."""
+    from linfusion.parallel import CommStats
+
+    class Event:
+        def __init__(self, t):
+            self.t, self.waited = t, False
+
+        def synchronize(self):
+            self.waited = True
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    stats = CommStats()
+    stats.add("halo", 100)
+    start, end = Event(1.0), Event(3.5)
+    stats.pending.append(("halo", start, end))
+    assert not end.waited
+    assert stats.summary() == {"halo": {"bytes": 100, "calls": 1, "ms": 2.5}} and end.waited
+    stats.pending.append(("halo", Event(0.0), Event(1.0)))
+    assert stats.total_ms == 3.5 and not stats.pending
+    stats.reset()
+    assert stats.total_ms == 0 and stats.summary() == {}
 
 
 def test_dead_rank_fails_the_launcher_quickly(tmp_path):

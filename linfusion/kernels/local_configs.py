@@ -28,8 +28,12 @@ def set_config_override(kind: str, config: dict | None) -> None:
         _OVERRIDE[kind] = dict(config)
 
 
-def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int) -> dict:
-    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq")."""
+def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None) -> dict:
+    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq").
+
+    ``head_dim`` (default ``d_pad``): the backward's swept configs apply where they were verified
+    on the H200, head dim 128; head dims padded to 128 (72, 80, 96) keep the earlier ones."""
+    head_dim = d_pad if head_dim is None else head_dim
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     tile_block = max(16, min(128, _pow2(tile_volume)))
     if interp:
@@ -43,10 +47,16 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int) ->
         cfg = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2}  # exact fp32 dots (no tensor cores)
     elif kind == "fwd":
         cfg = {"BM": tile_block, "BN": 128, "num_warps": 8, "num_stages": 3}  # H200 sweep winner at flux-4k
-    elif kind == "dkdv":  # BN keys (dK, dV accumulators) × BM-query chunks; BM 64 spills at D=128
-        cfg = {"BM": 32 if d_pad > 64 else 64, "BN": tile_block, "num_warps": 8, "num_stages": 3}
-    else:  # dq
-        cfg = {"BM": tile_block, "BN": 64, "num_warps": 8, "num_stages": 2}
+    elif kind == "dkdv":  # BN keys (dK, dV accumulators) × BM-query chunks
+        if head_dim == 128:
+            # H200 sweep (benchmarks/results/kernels_local_sweep.json, flux-4k, D=128, 8×16 tiles): one
+            # warpgroup on 64 keys × 64-query chunks; backward 17.9 ms against 21.0 ms with the earlier
+            # 8 warps on 128 keys × 32 queries (circle 21.0 vs 23.9), gradients bit-identical
+            cfg = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}
+        else:
+            cfg = {"BM": 32 if d_pad > 64 else 64, "BN": tile_block, "num_warps": 8, "num_stages": 3}
+    else:  # dq; 3 stages at D=128: 19.0 vs 21.0 ms backward in the same sweep (circle 23.4 vs 23.9)
+        cfg = {"BM": tile_block, "BN": 64, "num_warps": 8, "num_stages": 3 if head_dim == 128 else 2}
     if not interp and dtype != torch.float32 and tile_block <= 64:
         # blocks of ≤ 64 rows (small tiles): one warpgroup. On the H200 a circle mask with a
         # 64-row block split over 8 warps gave wrong results (13×21 grid, tile 8×8); 4 warps is

@@ -525,7 +525,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _blocks(kind: str, q: torch.Tensor, d_pad: int, layout: LocalLayout):
     """(BM, BN, config): blocks no larger than the tile (rounded up to a power of two)."""
-    cfg = local_config(kind, q.dtype, d_pad, layout.tile_volume)
+    cfg = local_config(kind, q.dtype, d_pad, layout.tile_volume, head_dim=q.shape[-1])
     cap = max(16, _pow2(layout.tile_volume))
     return min(cfg["BM"], cap), min(cfg["BN"], cap), cfg
 
