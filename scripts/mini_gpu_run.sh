@@ -8,42 +8,42 @@
 # then, here:
 #   python -m linfusion.mini.package unpack <files_at> --results     # -> linfusion/mini/weights, benchmarks/results
 #
-# Recommended (one call does not fit 7.2 teacher minutes, the students and the benchmark): two calls,
+# Recommended (one call does not fit the teacher's 8.6 minutes, the students and the benchmark): two calls,
 #   run(command="MINI_STAGE=teacher bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
-#   (7.2 minutes took 507 s of the 600 in attempt 6, 7.5 took 534 s in attempt 5; the EMA-or-raw choice adds ~20 s)
+#   (attempt 7: 561 s of the 600; the teacher stage fixes the VAE and text encoder at 2700 / 600 steps, ~140 s,
+#   gives the transformer 0.67 x 8.6 min = 346 s and ships its EMA weights without the ~20 s read-out)
 #   python -m linfusion.mini.package unpack <files_at>            # -> linfusion/mini/weights/pipeline
 #   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl", "linfusion/mini/weights"], timeout_s=600)
 #   (keep linfusion/mini/weights/ in .git/info/exclude until the targets are met: unpacked weights must
 #   not be committed by a stray `git add -A`; ignored paths travel to the device only through carry)
-# The bundled weights (attempt 6, benchmarks/results/mini_attempt6/) are these two calls with the
-# defaults of linfusion/mini/train.py (timestep band 550..750 at share 0.5, from
-# benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700) and of
-# linfusion/mini/world.py (canonical cells for objects the prompt does not place).
-# Knobs (environment): MINI_MINUTES (teacher training, default 7.2 with MINI_STAGE=teacher, else 5), MINI_STAGE=all|teacher|students
+# The bundled weights (attempt 7, benchmarks/results/mini_attempt7/) are these two calls with the
+# defaults of this script and of linfusion/mini/train.py (timestep band 550..750 at share 0.5, from
+# benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700; small objects
+# weighted 3x; students 2500 steps, the linear one with conv_v=True) and of linfusion/mini/world.py
+# (canonical cells for objects the prompt does not place).
+# Knobs (environment): MINI_MINUTES (teacher training, default 8.6 with MINI_STAGE=teacher, else 5), MINI_STAGE=all|teacher|students
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),
 # MINI_DISTILL_STEPS, MINI_DISTILL_PROMPTS (default: DISTILL_STEPS / DISTILL_PROMPTS of linfusion/mini/train.py),
 # MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s), MINI_LOCAL_OPTIONS (the local student's attention,
 # default "window=4"; e.g. "window=4,global_pool=4" adds the pooled global branch: zero-shot on the
 # bundled teacher it lifts strict adherence 8.3% -> 12.5%, claims 74% -> 81%, CPU, 96 prompts), MINI_LINEAR_OPTIONS
-# (the linear student's, default none; e.g. "conv_v=True": LiT's depthwise conv of V, for small objects: attempt 6's
-# linear student drew 35 of 50 small objects in the wrong shape, benchmarks/results/mini_attempt6/analysis.md),
-# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--small-object-scale 3" for attempt 7: attempt 6's
-# wrong shapes were small objects, benchmarks/results/mini_attempt6/analysis.md; note: MINI_DEADLINE < 200 divides the distill steps by 3),
-# Attempt 7 (teacher): MINI_MINUTES=8.6 MINI_TRAIN_ARGS="--small-object-scale 3 --vae-steps 2700 --text-steps 600 --keep ema"
-# (VAE and text encoder fixed at attempt 6's amount, ~145 s; the transformer gets 0.67 x 8.6 min = 346 s instead of
-# 289 s; --keep ema drops the ~20 s read-out: ~500 s of training, ~8.3 minutes in all),
+# (the linear student's, default "conv_v=True": LiT's depthwise conv of V, for small objects; "conv_v=False" for plain),
+# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--small-object-scale 1" for attempt 6's loss;
+# note: MINI_DEADLINE < 200 divides the distill steps by 3),
 # MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/mini-out}
 WORK=${MINI_WORK:-/tmp/mini-train}
 STAGE=${MINI_STAGE:-all}
-MINUTES=${MINI_MINUTES:-$([ "$STAGE" = teacher ] && echo 7.2 || echo 5)}  # one call (all) must leave time for the students
+MINUTES=${MINI_MINUTES:-$([ "$STAGE" = teacher ] && echo 8.6 || echo 5)}  # one call (all) must leave time for the students
 DEADLINE=${MINI_DEADLINE:-570}
 DEVICE=${MINI_DEVICE:-cuda}
 SMOKE=${MINI_SMOKE:-}
 TRAIN_FLAGS=(); BENCH_FLAGS=(--workers 12 --checker-n 100); DISTILL=(default default 20 64)  # steps, prompts: train.py's
+# the teacher call: VAE and text encoder at attempt 7's step counts (the rest of the time is the transformer's)
+if [ "$STAGE" = teacher ]; then TRAIN_FLAGS=(--vae-steps 2700 --text-steps 600 --keep ema); fi
 if [ -n "$SMOKE" ]; then TRAIN_FLAGS=(--smoke); BENCH_FLAGS=(--quick); DISTILL=(2 2 2 2); fi
 mkdir -p "$OUT" "$WORK"
 LOG="$OUT/run_log.txt"

@@ -487,11 +487,13 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     assert config.patch == {"layers": "all", "window": 4, "global_pool": 4}
     default = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", **common)
     assert _config_from_args(build_parser().parse_args(default)).patch == {"layers": "all", "window": LOCAL_WINDOW}
-    linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)
-    assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all"}
-    conv = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options=parse_student_options("conv_v=True"),
-                        **common)
-    assert _config_from_args(build_parser().parse_args(conv)).patch == {"layers": "all", "conv_v": True}
+    linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)  # default: LiT's conv of V
+    assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all", "conv_v": True}
+    plain = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options=parse_student_options("conv_v=False"),
+                         **common)
+    assert _config_from_args(build_parser().parse_args(plain)).patch == {"layers": "all", "conv_v": False}
+    assert _config_from_args(build_parser().parse_args(
+        distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options={}, **common))).patch == {"layers": "all"}
     # the smoke student was distilled with the default window: its zero-shot twin reads it from the adapter
     assert zero_shot_local_options(smoke_run / "adapter-local", window=7) == {"window": LOCAL_WINDOW, "shape": "circle"}
     assert zero_shot_local_options(None, window=7) == {"window": 7}

@@ -130,3 +130,24 @@ def test_multigpu_tiny_distill_end_to_end(tmp_path, monkeypatch):
     joined = json.loads(merged.read_text())
     assert joined["rows"] == rows
     assert [p["file"] for p in joined["env"]["parts"]] == ["distill.json"]
+
+
+def test_multigpu_tiny_inference_end_to_end(tmp_path):
+    """--tiny --only inference: a tiny FLUX on 1 and 2 CPU processes (gloo), linear and local; the
+    2-process output matches the 1-process one within the fp32 tolerance, and every row carries its
+    traffic and exposed communication time (none on 1 process)."""
+    mg = _load()
+    out = tmp_path / "cp.json"
+    mg.main(["--tiny", "--only", "inference", "--gpus", "1", "2", "--resolutions", "128", "--repeats", "1",
+             "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["gpus"], r["method"]) for r in rows) == [(1, "linear"), (1, "local"), (2, "linear"), (2, "local")]
+    for r in rows:
+        assert r["task"] == "inference" and r["step_ms"] > 0 and r["tolerance"] == mg.MATCH_TOLERANCE["fp32"]
+        assert r["matches_1gpu"] and r["max_err"] <= r["tolerance"]
+        if r["gpus"] == 1:
+            assert r["comm_mb"] == 0 and r["comm_ms"] == 0 and r["max_err"] == 0
+        else:
+            kinds = r["comm"]
+            assert r["comm_mb"] > 0 and r["comm_ms"] > 0 and all(k["ms"] >= 0 for k in kinds.values())
+            assert ("halo" in kinds) == (r["method"] == "local") and ("linear_state" in kinds) == (r["method"] == "linear")
