@@ -553,6 +553,8 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help="sweep block configs at flux-4k first, then run the cases with the best ones")
     parser.add_argument("--sweep-only", action="store_true", help="run only the block-config sweep")
+    parser.add_argument("--sweep-kinds", nargs="+", choices=SWEEP_ORDER, default=list(SWEEP_ORDER),
+                        help="kernel kinds to sweep (default all: dkdv, dq, fwd)")
     parser.add_argument("--sweep-deadline", type=float, default=240.0,
                         help="seconds after which the sweep skips its remaining configs")
     args = parser.parse_args(argv)
@@ -569,7 +571,8 @@ def main(argv=None):
             json.dump(result, f, indent=1)
 
     if args.sweep or args.sweep_only:
-        result["sweep"] = sweep(deadline_s=args.sweep_deadline)
+        result["sweep"] = sweep(configs={kind: SWEEP_CONFIGS[kind] for kind in args.sweep_kinds},
+                                deadline_s=args.sweep_deadline)
         result["sweep_best"] = best_configs(result["sweep"])
         result["sweep_best_overall"] = best_overall(result["sweep"])
         result["sweep_wall_s"] = time.time() - t0

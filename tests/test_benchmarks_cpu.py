@@ -208,3 +208,29 @@ def test_e2e_times_fast_steps_until_the_minimum_time_is_reached():
     assert e2e.time_step(net, {}, 3, torch.device("cpu"))[3] == 3 and len(calls) == 4  # no minimum: --repeats
     assert e2e.time_step(net, {}, 0, torch.device("cpu"), min_seconds=5.0)[3] == 1  # one long call, timed alone
     assert e2e.time_step(net, {}, 1, torch.device("cpu"), min_seconds=60.0, max_repeats=5)[3] == 5  # capped
+
+
+def test_mini_failures_analysis_on_renders_and_a_wrong_image(tmp_path):
+    """benchmarks/mini_failures.py: ground-truth renders pass everything; a blank image fails every
+    object's shape, counted by shape, size and texture class; the grid shows the failures."""
+    import numpy as np
+
+    from linfusion.mini.checker import AdherenceChecker
+    from linfusion.mini.world import parse_prompt, prompt_set, render
+
+    mf = _load("mini_failures")
+    prompts = prompt_set("heldout", 6, seed=0)
+    renders = [render(parse_prompt(p), 128, 128) for p in prompts]
+    summary, failures = mf.analyse(prompts, renders, AdherenceChecker())
+    assert summary["strict"] == 1.0 and failures == [] and summary["confusions"] == {}
+    n_objects = sum(len(parse_prompt(p).objects) for p in prompts)
+    assert sum(int(v.split("/")[1]) for v in summary["shape_fail_rate_by_size"].values()) == n_objects
+    blank = [np.full_like(renders[0], 128)] + renders[1:]
+    summary, failures = mf.analyse(prompts, blank, AdherenceChecker())
+    assert summary["strict"] == 5 / 6 and [f[0] for f in failures] == [0]
+    assert summary["failures"][0]["prompt"] == prompts[0] and "obj0.shape" in summary["failures"][0]["failing"]
+    texture = mf.texture_class(parse_prompt(prompts[0]))
+    assert summary["passed_by_object_texture"][texture].startswith(
+        f"{sum(mf.texture_class(parse_prompt(p)) == texture for p in prompts) - 1}/")
+    mf.failure_grid(failures, str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").stat().st_size > 0

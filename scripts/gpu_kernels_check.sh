@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call on one H200: the local-attention kernels with the backward configs the 8th session's
+# sweep made default (benchmarks/results/kernels_local_sweep.json, head dim 128 only), checked and timed.
+#   1. the kernel tests on CUDA (every case against its float64 reference, poisoned outputs; the
+#      head dims 40-128, 3D grids, odd tiles): tests/test_kernels_local.py, tests/test_kernels_linear.py;
+#   2. flux-4k and flux-8k, tile and circle, forward and backward, with FlexAttention on the same
+#      tile-ordered tokens (forward and backward): the backward/forward ratio of the new defaults;
+#   3. the block sweep again, forward configs first this time (SWEEP_KINDS=fwd), if time is left.
+#   run(command="bash scripts/gpu_kernels_check.sh", timeout_s=600)
+# Results under $OUT: gpu_tests.log, kernels_local_check.json (+ log), kernels_local_sweep_fwd.json.
+set -o pipefail
+OUT=${OUT:-/tmp/gpu-out}
+DEADLINE=${DEADLINE:-570}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi -L | tee "$OUT/gpu_tests.log"
+left() { echo $(( DEADLINE - SECONDS )); }
+
+echo "== CUDA kernel tests (at ${SECONDS} s)"
+timeout -k 10 240 python3 -m pytest tests/test_kernels_local.py tests/test_kernels_linear.py -q -p no:cacheprovider \
+  2>&1 | tail -30 | tee -a "$OUT/gpu_tests.log"
+
+echo "== flux-4k / flux-8k, new backward defaults (at ${SECONDS} s, $(left) s left)"
+timeout -k 10 "$(( $(left) > 200 ? 200 : $(left) ))" python3 benchmarks/kernels_local.py --cases flux-4k flux-8k \
+  --flex flux-4k --no-dense --out "$OUT/kernels_local_check.json" > "$OUT/kernels_local_check.log" 2>&1
+echo "exit $? after ${SECONDS} s"; tail -30 "$OUT/kernels_local_check.log"
+
+if [ "$(left)" -gt 60 ]; then
+  echo "== forward block sweep (at ${SECONDS} s, $(left) s left)"
+  timeout -k 10 "$(left)" python3 benchmarks/kernels_local.py --sweep-only --sweep-kinds fwd \
+    --sweep-deadline "$(( $(left) - 30 ))" --out "$OUT/kernels_local_sweep_fwd.json" 2>&1 | tail -12
+fi
+echo "done after ${SECONDS} s"
