@@ -29,7 +29,8 @@
 # default "window=4"; e.g. "window=4,global_pool=4" adds the pooled global branch: zero-shot on the
 # bundled teacher it lifts strict adherence 8.3% -> 12.5%, claims 74% -> 81%, CPU, 96 prompts), MINI_LINEAR_OPTIONS
 # (the linear student's, default "conv_v=True": LiT's depthwise conv of V, for small objects; "conv_v=False" for plain),
-# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--small-object-scale 1" for attempt 6's loss;
+# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--textured-object-scale 2": attempt 7's ten failing
+# prompts all had a textured object, benchmarks/results/mini_attempt7/analysis.md; "--small-object-scale 1" for attempt 6's loss;
 # note: MINI_DEADLINE < 200 divides the distill steps by 3),
 # MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
 set -uo pipefail

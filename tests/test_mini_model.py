@@ -17,7 +17,7 @@ import torch
 
 from linfusion.mini import bundle, mini_is_bundled
 from linfusion.mini import model as mm
-from linfusion.mini.data import SIZE_CODES
+from linfusion.mini.data import OBJECT_CODES, object_code
 from linfusion.mini.world import parse_prompt, prompt_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -315,7 +315,7 @@ def test_render_chunks_carry_object_masks_and_the_bank_pools_them_to_the_latent_
     chunk = render_chunk((0, 0, 6, 64))
     assert chunk.objects.shape == (6, 64, 64) and chunk.objects.dtype == np.uint8
     assert 0 < (chunk.objects > 0).mean() < 0.6  # objects cover part of each image
-    assert set(np.unique(chunk.objects)) <= {0, *SIZE_CODES.values()} and chunk.objects.max() > 0
+    assert set(np.unique(chunk.objects)) <= {0, *OBJECT_CODES.values()} and chunk.objects.max() > 0
     assert render_chunk((0, 1, 2, -32)).objects is None  # crops: pixels only
     components = mm.build_components(mm.SMOKE)
     vae = components["vae"].eval()
@@ -329,19 +329,24 @@ def test_render_chunks_carry_object_masks_and_the_bank_pools_them_to_the_latent_
     assert objects.shape == (4, latent, latent) and objects.dtype == torch.uint8
 
 
-def test_object_codes_give_each_pixel_its_smallest_objects_size():
+def test_object_codes_rank_small_then_textured_objects():
     from linfusion.mini import world
-    from linfusion.mini.data import SIZE_CODES, object_codes
+    from linfusion.mini.data import object_codes
 
-    scene = world.parse_prompt("a large red square and a small blue circle")
+    # every (size, texture) has its own code; smaller objects rank higher, then textured ones
+    assert sorted(OBJECT_CODES.values()) == [1, 2, 3, 4, 5, 6]
+    assert object_code("large", "plain") < object_code("large", "dots") < object_code("medium", "plain")
+    assert object_code("small", "stripes") == OBJECT_CODES[("small", True)] == max(OBJECT_CODES.values())
+    scene = world.parse_prompt("a large red checkered square and a small blue circle")
     _, masks = world.render_with_masks(scene, 64, 64, rng=0)
     codes = object_codes(scene, masks, (64, 64))
     for m in masks:
-        assert (codes[m.mask] == SIZE_CODES[scene.objects[m.placement.obj_index].size]).all()
+        obj = scene.objects[m.placement.obj_index]
+        assert (codes[m.mask] == object_code(obj.size, obj.texture)).all()
     assert (codes[~np.any([m.mask for m in masks], axis=0)] == 0).all()
-    # overlapping objects: the smaller one's code wins
+    # overlapping objects: the smaller one's code wins, even over a textured larger one
     big = world.ObjectMask(masks[0].placement, np.ones((64, 64), bool))
-    assert object_codes(scene, [big, masks[1]], (64, 64))[masks[1].mask].min() == SIZE_CODES["small"]
+    assert object_codes(scene, [big, masks[1]], (64, 64))[masks[1].mask].min() == object_code("small", "plain")
 
 
 def test_bank_caches_the_frozen_text_states_of_rows_added_before_and_after_attaching():
@@ -400,14 +405,17 @@ def test_object_weighted_mse_and_mid_schedule_timesteps():
     err = (pred - target) ** 2
     w = 1 + train.OBJECT_WEIGHT * objects[:, None].float()
     torch.testing.assert_close(train.object_weighted_mse(pred, target, objects), (err * w).sum() / w.expand_as(err).sum())
-    # size codes: by default every object alike; small_object_scale multiplies the small ones' weight
+    # object codes: by default every object alike; the scales multiply small and textured objects' weight
     codes = torch.zeros(3, 8, 8, dtype=torch.uint8)
-    codes[:, :2] = SIZE_CODES["large"]
-    codes[:, 6:] = SIZE_CODES["small"]
+    codes[:, :2] = object_code("large", "plain")
+    codes[:, 2:4] = object_code("medium", "checker")
+    codes[:, 6:] = object_code("small", "dots")
     torch.testing.assert_close(train.object_weighted_mse(pred, target, codes),
                                train.object_weighted_mse(pred, target, codes > 0))
-    w = 1 + train.OBJECT_WEIGHT * torch.where(codes == SIZE_CODES["small"], 3.0, (codes > 0).float())[:, None]
-    torch.testing.assert_close(train.object_weighted_mse(pred, target, codes, train.size_scales(3.0)),
+    scale = torch.zeros(3, 8, 8)
+    scale[:, :2], scale[:, 2:4], scale[:, 6:] = 1.0, 2.0, 3.0 * 2.0  # small x textured multiply
+    w = 1 + train.OBJECT_WEIGHT * scale[:, None]
+    torch.testing.assert_close(train.object_weighted_mse(pred, target, codes, train.object_scales(3.0, 2.0)),
                                (err * w).sum() / w.expand_as(err).sum())
     t = train.sample_timesteps(20000, 1000, "cpu")
     lo, hi = train.MID_T

@@ -28,20 +28,31 @@ class Chunk:
     prompts: list[str]
     targets: np.ndarray  # (n, T) int64
     crop: bool = False  # crops of 2x renders: pixels only, the prompts do not describe them
-    objects: np.ndarray | None = None  # (n, H, W) uint8 size codes, see object_codes (None for crops)
+    objects: np.ndarray | None = None  # (n, H, W) uint8 object codes, see object_codes (None for crops)
 
 
-#: object-map code of each size (0 = background); a pixel covered by several objects gets the
-#: smallest one's code, so a loss can weight small objects on their own (train.py)
+#: rank of each size in the object map (larger rank = smaller object)
 SIZE_CODES = {"large": 1, "medium": 2, "small": 3}
 
 
+def object_code(size: str, texture: str) -> int:
+    """Object-map code (1..6; 0 = background): 2 x size rank, less one for a plain object. Where
+    objects overlap the highest code wins: the smallest object, and of equal sizes the textured
+    one, so a loss can weight small and textured objects on their own (train.object_scales)."""
+    return 2 * SIZE_CODES[size] - (texture == "plain")
+
+
+#: every (size, textured) -> code, for the loss's per-code table
+OBJECT_CODES = {(size, textured): object_code(size, "checker" if textured else "plain")
+                for size in SIZE_CODES for textured in (False, True)}
+
+
 def object_codes(scene: world.Scene, masks: list[world.ObjectMask], shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 map: 0 where no object is drawn, else SIZE_CODES of the smallest object there."""
+    """(H, W) uint8 map: 0 where no object is drawn, else the highest :func:`object_code` there."""
     codes = np.zeros(shape, np.uint8)
     for m in masks:
-        code = SIZE_CODES[scene.objects[m.placement.obj_index].size]
-        codes[m.mask] = np.maximum(codes[m.mask], code)
+        obj = scene.objects[m.placement.obj_index]
+        codes[m.mask] = np.maximum(codes[m.mask], object_code(obj.size, obj.texture))
     return codes
 
 
