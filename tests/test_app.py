@@ -213,3 +213,21 @@ def test_timing_text_explains_a_slower_accelerated_run():
 
     assert "no gain at this size" in text(1.0, 1.2)
     assert "no gain" not in text(1.2, 1.0) and "speedup 1.20×" in text(1.2, 1.0)
+
+
+def test_cancel_reports_the_sessions_job_even_when_it_already_stopped(server):
+    """The Cancel button also cancels the request itself, which can stop the job before the button's
+    handler runs: the engine still hands back that job, so the page says how it ended."""
+    from linfusion.app.engine import DemoEngine
+
+    engine = DemoEngine(server[0].pipe, model_name="x")
+    assert engine.cancel("nobody") is None
+    job = engine.start_job("s")
+    assert engine.cancel("s") is job and job.cancelled  # running: flagged
+    job.outcome = "cancelled"
+    job.done.set()
+    assert engine.cancel("s", wait=60) is job and job.outcome == "cancelled"  # stopped already: no wait
+    later = engine.start_job("s")
+    later.outcome = "finished"
+    later.done.set()
+    assert engine.cancel("s") is later and not later.cancelled  # finished: not flagged after the fact

@@ -27,6 +27,7 @@ if not CHROMIUM or not CHROMEDRIVER:
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -56,6 +57,8 @@ def page(tmp_path_factory):
     driver.set_page_load_timeout(60)
     try:
         driver.get(url)
+        # every test can run alone: the page's components exist before the first one looks for them
+        wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt textarea"), message="page did not load")
         yield driver, engine
     finally:
         driver.quit()
@@ -147,7 +150,10 @@ def test_cancel_stops_generation_and_the_next_run_works(page):
     wait_for(driver, lambda d: any(not j.done.is_set() and j.step >= 2 for j in list(engine._jobs.values())),
              message="the long job never started")
     find(driver, "#cancel").click()
-    wait_for(driver, lambda d: "Cancelled" in status_text(d), message="no visible 'Cancelled' message")
+    try:
+        wait_for(driver, lambda d: "Cancelled" in status_text(d))
+    except TimeoutException:
+        pytest.fail(f"no visible 'Cancelled' message; the status says {status_text(driver)!r}")
     assert "of 150" in status_text(driver)
     assert all(j.done.is_set() for j in list(engine._jobs.values()))
 

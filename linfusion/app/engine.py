@@ -300,13 +300,17 @@ class DemoEngine:
             return self._jobs.get(session)
 
     def cancel(self, session: str, wait: float = 0.0) -> Job | None:
-        """Flag the session's unfinished job; optionally wait up to ``wait`` s until it has stopped."""
+        """Flag the session's latest job if unfinished; optionally wait up to ``wait`` s until it has
+        stopped. Returns that job, finished or not (its ``outcome`` says how it ended: the Cancel
+        button's own cancellation of the request may have stopped it first), or None if the session
+        has none."""
         job = self.job(session)
-        if job is None or job.done.is_set():
+        if job is None:
             return None
-        job.cancel()
-        if wait:
-            job.done.wait(wait)
+        if not job.done.is_set():
+            job.cancel()
+            if wait:
+                job.done.wait(wait)
         return job
 
     def _callback(self, job: Job, phase: str, offset: int, steps: int, progress: ProgressFn | None):

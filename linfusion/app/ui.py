@@ -209,6 +209,8 @@ def build_demo(engine: DemoEngine) -> gr.Blocks:
         event.failure(show_error, None, status, api_visibility="private", queue=False)
 
         def cancel(request: gr.Request):
+            # cancels=[event] below may stop the job before this runs: report the job's outcome
+            # either way (a race that showed "Nothing to cancel" after a real cancel)
             job = engine.cancel(_session(request), wait=60)
             if job is None:
                 return "Nothing to cancel: no generation is running."
