@@ -41,7 +41,7 @@ config times the forward; a "dkdv" or "dq" config the whole backward with only t
 overridden. Each record (JSON ``sweep``) holds the pass's time with the default configs measured
 at the start of the same call (``default_ms``, ``speedup``) and ``max_rel_err`` = max |a − b| /
 max |b| of its outputs / gradients against the default configs'; ``ok`` iff it ran, is finite and
-max_rel_err < 2e-2. Configs are swept backward kernels first and skipped once ``--sweep-deadline``
+max_rel_err < 2e-2. Configs are swept backward kernels first (``--sweep-kinds`` picks kinds) and skipped once ``--sweep-deadline``
 seconds (default 240) have passed. ``sweep_best``: the fastest ok config per kind and variant;
 ``sweep_best_overall``: per kind, the least total time over the variants (ok in both).
 """
