@@ -5,7 +5,8 @@
 #      head dims 40-128, 3D grids, odd tiles): tests/test_kernels_local.py, tests/test_kernels_linear.py;
 #   2. flux-4k and flux-8k, tile and circle, forward and backward, with FlexAttention on the same
 #      tile-ordered tokens (forward and backward): the backward/forward ratio of the new defaults;
-#   3. the block sweep again, forward configs first this time (SWEEP_KINDS=fwd), if time is left.
+#   3. the forward block sweep (--sweep-kinds fwd; 3 of its 9 configs try Triton's automatic warp
+#      specialization of the window loop), if time is left.
 #   run(command="bash scripts/gpu_kernels_check.sh", timeout_s=600)
 # Results under $OUT: gpu_tests.log, kernels_local_check.json (+ log), kernels_local_sweep_fwd.json.
 set -o pipefail
