@@ -7,12 +7,16 @@
 #      tile-ordered tokens (forward and backward): the backward/forward ratio of the new defaults;
 #   3. the forward block sweep (--sweep-kinds fwd; 3 of its 9 configs try Triton's automatic warp
 #      specialization of the window loop), if time is left.
-#   run(command="bash scripts/gpu_kernels_check.sh", timeout_s=600)
+#   run(command="bash scripts/gpu_kernels_check.sh", carry=[".whl"], timeout_s=600)
 # Results under $OUT: gpu_tests.log, kernels_local_check.json (+ log), kernels_local_sweep_fwd.json.
 set -o pipefail
 OUT=${OUT:-/tmp/gpu-out}
 DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # carry=[".whl"]: some tests need it
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/gpu_tests.log"
 left() { echo $(( DEADLINE - SECONDS )); }
