@@ -335,18 +335,18 @@ def test_object_codes_rank_small_then_textured_objects():
 
     # every (size, texture) has its own code; smaller objects rank higher, then textured ones
     assert sorted(OBJECT_CODES.values()) == [1, 2, 3, 4, 5, 6]
-    assert object_code("large", "plain") < object_code("large", "dots") < object_code("medium", "plain")
-    assert object_code("small", "stripes") == OBJECT_CODES[("small", True)] == max(OBJECT_CODES.values())
+    assert object_code("large", False) < object_code("large", True) < object_code("medium", False)
+    assert object_code("small", True) == OBJECT_CODES[("small", True)] == max(OBJECT_CODES.values())
     scene = world.parse_prompt("a large red checkered square and a small blue circle")
     _, masks = world.render_with_masks(scene, 64, 64, rng=0)
     codes = object_codes(scene, masks, (64, 64))
     for m in masks:
         obj = scene.objects[m.placement.obj_index]
-        assert (codes[m.mask] == object_code(obj.size, obj.texture)).all()
+        assert (codes[m.mask] == object_code(obj.size, obj.texture != "plain")).all()
     assert (codes[~np.any([m.mask for m in masks], axis=0)] == 0).all()
     # overlapping objects: the smaller one's code wins, even over a textured larger one
     big = world.ObjectMask(masks[0].placement, np.ones((64, 64), bool))
-    assert object_codes(scene, [big, masks[1]], (64, 64))[masks[1].mask].min() == object_code("small", "plain")
+    assert object_codes(scene, [big, masks[1]], (64, 64))[masks[1].mask].min() == object_code("small", False)
 
 
 def test_bank_caches_the_frozen_text_states_of_rows_added_before_and_after_attaching():
@@ -407,9 +407,9 @@ def test_object_weighted_mse_and_mid_schedule_timesteps():
     torch.testing.assert_close(train.object_weighted_mse(pred, target, objects), (err * w).sum() / w.expand_as(err).sum())
     # object codes: by default every object alike; the scales multiply small and textured objects' weight
     codes = torch.zeros(3, 8, 8, dtype=torch.uint8)
-    codes[:, :2] = object_code("large", "plain")
-    codes[:, 2:4] = object_code("medium", "checker")
-    codes[:, 6:] = object_code("small", "dots")
+    codes[:, :2] = object_code("large", False)
+    codes[:, 2:4] = object_code("medium", True)
+    codes[:, 6:] = object_code("small", True)
     torch.testing.assert_close(train.object_weighted_mse(pred, target, codes),
                                train.object_weighted_mse(pred, target, codes > 0))
     scale = torch.zeros(3, 8, 8)

@@ -35,16 +35,15 @@ class Chunk:
 SIZE_CODES = {"large": 1, "medium": 2, "small": 3}
 
 
-def object_code(size: str, texture: str) -> int:
+def object_code(size: str, textured: bool) -> int:
     """Object-map code (1..6; 0 = background): 2 x size rank, less one for a plain object. Where
     objects overlap the highest code wins: the smallest object, and of equal sizes the textured
     one, so a loss can weight small and textured objects on their own (train.object_scales)."""
-    return 2 * SIZE_CODES[size] - (texture == "plain")
+    return 2 * SIZE_CODES[size] - (not textured)
 
 
 #: every (size, textured) -> code, for the loss's per-code table
-OBJECT_CODES = {(size, textured): object_code(size, "checker" if textured else "plain")
-                for size in SIZE_CODES for textured in (False, True)}
+OBJECT_CODES = {(size, textured): object_code(size, textured) for size in SIZE_CODES for textured in (False, True)}
 
 
 def object_codes(scene: world.Scene, masks: list[world.ObjectMask], shape: tuple[int, int]) -> np.ndarray:
@@ -52,7 +51,7 @@ def object_codes(scene: world.Scene, masks: list[world.ObjectMask], shape: tuple
     codes = np.zeros(shape, np.uint8)
     for m in masks:
         obj = scene.objects[m.placement.obj_index]
-        codes[m.mask] = np.maximum(codes[m.mask], object_code(obj.size, obj.texture))
+        codes[m.mask] = np.maximum(codes[m.mask], object_code(obj.size, obj.texture != "plain"))
     return codes
 
 

@@ -51,6 +51,7 @@ DEFAULT_LOCAL_OPTIONS = {"window": LOCAL_WINDOW}
 #: the linear student's: LiT's depthwise convolution of V (attempt 6's linear student, without it,
 #: drew 35 of 50 small objects in the wrong shape; attempt 7 with it: 63.5% strict, was 47.9%)
 DEFAULT_LINEAR_OPTIONS = {"conv_v": True}
+DEFAULT_STUDENT_OPTIONS = {"local": DEFAULT_LOCAL_OPTIONS, "linear": DEFAULT_LINEAR_OPTIONS}
 #: attempt 4: the VAE's share up from 0.22 (its reconstructions passed the checker only 73% of the time in attempt 3)
 STAGE_SHARES = {"vae": 0.28, "text": 0.05, "dit": 0.67}
 #: VAE training window (px): random crops of the 128 px renders, for the first VAE_CROP_SHARE of its
@@ -566,8 +567,7 @@ def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: i
     # layers=all: the replacement runs in every layer at every size (no per-size dense fallback),
     # so the student learns the new attention and the adapter keeps it that way.
     argv += ["--patch-option", "layers=all"]
-    if options is None:
-        options = DEFAULT_LOCAL_OPTIONS if method == "local" else DEFAULT_LINEAR_OPTIONS
+    options = DEFAULT_STUDENT_OPTIONS[method] if options is None else options
     for key, value in options.items():
         argv += ["--patch-option", f"{key}={value}"]
     return argv
@@ -650,8 +650,8 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     start = time.time()
     run_linfusion([generate_data_argv(pipeline, data, prompts_file, data_steps)], False, [])
     data_seconds = time.time() - start
-    options = {"local": dict(DEFAULT_LOCAL_OPTIONS if local_options is None else local_options),
-               "linear": dict(DEFAULT_LINEAR_OPTIONS if linear_options is None else linear_options)}
+    given = {"local": local_options, "linear": linear_options}
+    options = {m: dict(DEFAULT_STUDENT_OPTIONS[m] if given[m] is None else given[m]) for m in given}
     argvs = [distill_argv(pipeline, out / f"adapter-{m}", method=m, data=data, steps=steps, batch_size=batch_size,
                           lr=lrs[m], mixed_precision=mixed, options=options[m])
              for m in ("linear", "local")]
