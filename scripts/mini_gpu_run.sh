@@ -10,27 +10,28 @@
 #
 # Recommended (one call does not fit the teacher's 8.6 minutes, the students and the benchmark): two calls,
 #   run(command="MINI_STAGE=teacher bash scripts/mini_gpu_run.sh", carry=[".whl"], timeout_s=600)
-#   (attempt 7: 561 s of the 600; the teacher stage fixes the VAE and text encoder at 2700 / 600 steps, ~140 s,
+#   (attempt 8: 575 s of the 600; the teacher stage fixes the VAE and text encoder at 2700 / 600 steps, ~140 s,
 #   gives the transformer 0.67 x 8.6 min = 346 s and ships its EMA weights without the ~20 s read-out)
 #   python -m linfusion.mini.package unpack <files_at>            # -> linfusion/mini/weights/pipeline
 #   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl", "linfusion/mini/weights"], timeout_s=600)
 #   (keep linfusion/mini/weights/ in .git/info/exclude until the targets are met: unpacked weights must
 #   not be committed by a stray `git add -A`; ignored paths travel to the device only through carry)
-# The bundled weights (attempt 7, benchmarks/results/mini_attempt7/) are these two calls with the
+# The bundled weights (attempt 8, benchmarks/results/mini_attempt8/) are these two calls with the
 # defaults of this script and of linfusion/mini/train.py (timestep band 550..750 at share 0.5, from
 # benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700; small objects
-# weighted 3x; students 2500 steps, the linear one with conv_v=True) and of linfusion/mini/world.py
+# weighted 3x, textured ones 2x on top; students 2500 steps, the linear one with conv_v=True, the local one
+# with the pooled global branch, global_pool=4) and of linfusion/mini/world.py
 # (canonical cells for objects the prompt does not place).
 # Knobs (environment): MINI_MINUTES (teacher training, default 8.6 with MINI_STAGE=teacher, else 5), MINI_STAGE=all|teacher|students
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),
 # MINI_DISTILL_STEPS, MINI_DISTILL_PROMPTS (default: DISTILL_STEPS / DISTILL_PROMPTS of linfusion/mini/train.py),
 # MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s), MINI_LOCAL_OPTIONS (the local student's attention,
-# default "window=4"; e.g. "window=4,global_pool=4" adds the pooled global branch: zero-shot on the
-# bundled teacher it lifts strict adherence 8.3% -> 12.5%, claims 74% -> 81%, CPU, 96 prompts), MINI_LINEAR_OPTIONS
+# default "window=4,global_pool=4": the radius-4 window plus a global branch pooled 4x; "window=4" for attempt 7's
+# plain window), MINI_LINEAR_OPTIONS
 # (the linear student's, default "conv_v=True": LiT's depthwise conv of V, for small objects; "conv_v=False" for plain),
-# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--textured-object-scale 2": attempt 7's ten failing
-# prompts all had a textured object, benchmarks/results/mini_attempt7/analysis.md; "--small-object-scale 1" for attempt 6's loss;
+# MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--textured-object-scale 1" for attempt 7's loss,
+# "--small-object-scale 1 --textured-object-scale 1" for attempt 6's;
 # note: MINI_DEADLINE < 200 divides the distill steps by 3),
 # MINI_SMOKE=1 with MINI_DEVICE=cpu: the whole script at tiny sizes on a CPU (a test of the plumbing).
 set -uo pipefail

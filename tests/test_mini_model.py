@@ -483,7 +483,7 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     from linfusion.cli import build_parser
     from linfusion.distill.cli import _config_from_args
     from linfusion.mini.quality import zero_shot_local_options
-    from linfusion.mini.train import LOCAL_WINDOW, distill_argv, parse_student_options
+    from linfusion.mini.train import LOCAL_GLOBAL_POOL, LOCAL_WINDOW, distill_argv, parse_student_options
 
     options = parse_student_options("window=4,global_pool=4")
     assert options == {"window": 4, "global_pool": 4} and parse_student_options("") is None
@@ -494,7 +494,8 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     config = _config_from_args(build_parser().parse_args(argv))
     assert config.patch == {"layers": "all", "window": 4, "global_pool": 4}
     default = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", **common)
-    assert _config_from_args(build_parser().parse_args(default)).patch == {"layers": "all", "window": LOCAL_WINDOW}
+    assert _config_from_args(build_parser().parse_args(default)).patch == {"layers": "all", "window": LOCAL_WINDOW,
+                                                                           "global_pool": LOCAL_GLOBAL_POOL}
     linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)  # default: LiT's conv of V
     assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all", "conv_v": True}
     plain = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options=parse_student_options("conv_v=False"),
@@ -503,5 +504,6 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     assert _config_from_args(build_parser().parse_args(
         distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options={}, **common))).patch == {"layers": "all"}
     # the smoke student was distilled with the default window: its zero-shot twin reads it from the adapter
-    assert zero_shot_local_options(smoke_run / "adapter-local", window=7) == {"window": LOCAL_WINDOW, "shape": "circle"}
+    assert zero_shot_local_options(smoke_run / "adapter-local", window=7) == {"window": LOCAL_WINDOW, "shape": "circle",
+                                                                              "global_pool": LOCAL_GLOBAL_POOL}
     assert zero_shot_local_options(None, window=7) == {"window": 7}
