@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import SLOW_MS, bench_ms, environment  # noqa: E402,F401
+from timing import SLOW_MS, bench_ms, copy_bandwidth_tbps, environment  # noqa: E402,F401
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 

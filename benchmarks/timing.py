@@ -26,6 +26,25 @@ def environment() -> dict:
     }
 
 
+_COPY_TBPS: float | None = None
+
+
+def copy_bandwidth_tbps() -> float:
+    """Measured HBM bandwidth (TB/s): a device-to-device copy of 2 GiB, read and write bytes counted;
+    measured once per process. The floor a memory-bound kernel is held against."""
+    global _COPY_TBPS
+    if _COPY_TBPS is None:
+        from triton.testing import do_bench
+
+        src = torch.randn(2**29, device="cuda")  # 2 GiB of fp32
+        dst = torch.empty_like(src)
+        ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+        _COPY_TBPS = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e12
+        del src, dst
+        torch.cuda.empty_cache()
+    return _COPY_TBPS
+
+
 def bench_ms(fn, slow_ms: float = SLOW_MS) -> float:
     """Median milliseconds of fn() on the GPU (already warmed up): do_bench for fast calls, a few
     event-timed calls for slow ones."""

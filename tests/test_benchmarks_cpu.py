@@ -234,3 +234,37 @@ def test_mini_failures_analysis_on_renders_and_a_wrong_image(tmp_path):
         f"{sum(mf.texture_class(parse_prompt(p)) == texture for p in prompts) - 1}/")
     mf.failure_grid(failures, str(tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def _unbound_globals(path: Path) -> set[str]:
+    """Names that some scope of the file reads as globals but that neither the module nor builtins bind
+    (what a NameError at run time would report); found with ``symtable``, nothing is executed."""
+    import builtins
+    import symtable
+
+    top = symtable.symtable(path.read_text(), str(path), "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    bound |= set(dir(builtins)) | {"__file__", "__name__", "__doc__"}
+    missing, stack = set(), list(top.get_children())
+    while stack:
+        scope = stack.pop()
+        stack.extend(scope.get_children())
+        missing |= {s.get_name() for s in scope.get_symbols() if s.is_global() and s.get_name() not in bound}
+    return missing
+
+
+SOURCE_FILES = sorted(str(p.relative_to(ROOT)) for folder in ("benchmarks", "linfusion", "scripts")
+                       for p in (ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("script", SOURCE_FILES)
+def test_no_unbound_names(script):
+    """Many code paths (benchmarks, CUDA dispatch) need a GPU and never run here; a helper that a
+    refactor moved away (``copy_bandwidth_tbps`` once) would only fail on the lent H200. Catch it statically."""
+    assert _unbound_globals(ROOT / script) == set()
+
+
+def test_the_unbound_name_check_can_fail(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text("import os\n\ndef f(x):\n    y = os.sep\n    return helper(x) + y\n")
+    assert _unbound_globals(script) == {"helper"}

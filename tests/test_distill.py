@@ -111,7 +111,29 @@ def test_distill_cli_family(family, tiny, tmp_path):
 # resume, faults, bad input
 # ---------------------------------------------------------------------------------------------
 
-RESUME = ["--steps", "12", "--checkpoint-every", "4", "--lr", "1e-2", "--batch-size", "2"]
+# a warm-up and a decaying learning rate, so the resume must restore the schedule's position too
+RESUME = ["--warmup-steps", "2", "--lr-decay", "cosine", "--steps", "12", "--checkpoint-every", "4", "--lr", "1e-2",
+          "--batch-size", "2"]
+
+
+def test_lr_multiplier_warms_up_then_decays_to_zero():
+    from linfusion.distill.config import DistillConfig
+    from linfusion.distill.trainer import lr_multiplier
+
+    warm = [lr_multiplier(s, warmup=4, total=20) for s in range(8)]
+    assert warm == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]  # constant after the warm-up, as before the option
+    for decay in ("cosine", "linear"):
+        f = [lr_multiplier(s, warmup=4, total=20, decay=decay) for s in range(21)]
+        assert f[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]  # the first step after the warm-up runs at the peak
+        assert all(a > b for a, b in zip(f[4:], f[5:])) and f[20] == 0.0 and f[19] > 0.0
+    assert lr_multiplier(12, warmup=4, total=20, decay="cosine") == pytest.approx(0.5)  # half way: cos(pi/2)
+    assert lr_multiplier(12, warmup=4, total=20, decay="linear") == pytest.approx(0.5)
+    assert lr_multiplier(0, warmup=0, total=10, decay="cosine") == 1.0
+    with pytest.raises(ValueError, match="--lr-decay must be one of"):
+        DistillConfig(model="m", output="o", lr_decay="step")
+    # a decaying rate depends on --steps, so a resume must keep it; a constant one does not record the option
+    assert DistillConfig(model="m", output="o", lr_decay="cosine").resume_identity()["steps"] == 1000
+    assert "lr_decay" not in DistillConfig(model="m", output="o").resume_identity()
 
 
 def test_kill_and_resume_equals_uninterrupted(tiny, tmp_path):
@@ -133,6 +155,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in metrics(straight)] == [m["loss"] for m in metrics(killed)]
+    assert [m["lr"] for m in metrics(straight)] == [m["lr"] for m in metrics(killed)]
     # a resume with another configuration is refused, naming the differing key
     result = distill(model, data, killed, "sd15", *RESUME[:-4], "--lr", "0.5", "--batch-size", "2", "--resume",
                      check=False)

@@ -50,6 +50,7 @@ _DISTILL = (
     ("--lr", "lr", float, "learning rate (default 1e-4)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0)"),
     ("--warmup-steps", "warmup_steps", int, "linear LR warm-up steps (default 0)"),
+    ("--lr-decay", "lr_decay", str, "learning rate after the warm-up: constant (default), cosine or linear (to 0 at --steps)"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (default 1; 0 turns it off)"),
     ("--mixed-precision", "mixed_precision", str, "no (default), bf16 or fp16"),
     ("--data", "data", str, "data folder (reused, resumed, or generated here) or a folder of images with .txt captions"),

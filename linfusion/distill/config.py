@@ -16,6 +16,8 @@ from typing import Any
 from .losses import parse_losses
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+#: learning-rate shapes after the warm-up: flat, or down to zero at the last step
+LR_DECAYS = ("constant", "cosine", "linear")
 #: keys that may change between a run and its resume (everything else must match)
 RESUME_FREE_KEYS = (
     "model", "output", "resume", "checkpoint_every", "log_every", "keep_checkpoints", "progress", "data", "prompts",
@@ -43,6 +45,7 @@ class DistillConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_decay: str = "constant"
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -88,6 +91,8 @@ class DistillConfig:
             raise ValueError(f"--mixed-precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"--lr-decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if self.select_layers is not None and self.select_layers < 0:
             raise ValueError(f"--select-layers must be >= 0, got {self.select_layers}")
         if self.fsdp and self.teacher == "offload":
@@ -123,8 +128,10 @@ class DistillConfig:
         """The options a checkpoint must share with the run that resumes it."""
         data = dataclasses.asdict(self)
         identity = {k: v for k, v in data.items() if k not in RESUME_FREE_KEYS}
-        if self.selective:
-            identity["steps"] = self.steps  # the α anneal depends on it
+        if self.lr_decay == "constant":
+            del identity["lr_decay"]  # so checkpoints written before the option existed still resume
+        if self.selective or self.lr_decay != "constant":
+            identity["steps"] = self.steps  # the α anneal and a decaying learning rate depend on it
         return json.loads(json.dumps(identity, default=str))
 
     @classmethod

@@ -28,6 +28,7 @@ Losses and weights of an N-process run equal a 1-process run's up to float summa
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -299,9 +300,8 @@ class Trainer:
         if gates:
             groups.append({"params": gates, "lr": cfg.select_lr, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            optimizer, functools.partial(lr_multiplier, warmup=cfg.warmup_steps, total=cfg.steps, decay=cfg.lr_decay)
         )
         self.optimizer = self.accelerator.prepare(optimizer)
         self.params = [p for _, p in named]
@@ -450,6 +450,17 @@ class Trainer:
                 (self.output / "distill_summary.json").write_text(json.dumps(summary, indent=2))
             self.accelerator.wait_for_everyone()
         return summary
+
+
+def lr_multiplier(step: int, *, warmup: int, total: int, decay: str = "constant") -> float:
+    """Factor on the peak learning rate before optimizer step ``step`` (0-based): a linear warm-up over
+    ``warmup`` steps, then flat (``constant``) or down to 0 at step ``total`` (``cosine``, ``linear``)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))  # 0 on the first decaying step, 1 after the last
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
