@@ -30,6 +30,8 @@
 # default "window=4,global_pool=4": the radius-4 window plus a global branch pooled 4x; "window=4" for attempt 7's
 # plain window), MINI_LINEAR_OPTIONS
 # (the linear student's, default "conv_v=True": LiT's depthwise conv of V, for small objects; "conv_v=False" for plain),
+# MINI_DISTILL_ARGS (more `linfusion distill` flags for both students, e.g. "--losses task=0 kd=1 attn=0.5 --lr-decay cosine":
+# the task target of teacher-generated CFG data is the guided sample, which neither branch of the teacher predicts),
 # MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--textured-object-scale 1" for attempt 7's loss,
 # "--small-object-scale 1 --textured-object-scale 1" for attempt 6's;
 # note: MINI_DEADLINE < 200 divides the distill steps by 3),
@@ -77,9 +79,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = students ]; then
   say "students ($(left)s left)"
   python3 - "$WORK" "${MINI_DISTILL_STEPS:-${DISTILL[0]}}" "${MINI_DISTILL_PROMPTS:-${DISTILL[1]}}" "${DISTILL[2]}" \
     "${DISTILL[3]}" "$DEVICE" "$SHORT" <<'PY' 2>&1 | tee -a "$LOG"
-import json, sys, torch
+import json, os, shlex, sys, torch
 from pathlib import Path
-import os
 from linfusion.mini.train import DISTILL_PROMPTS, DISTILL_STEPS, distill_students, parse_student_options
 out = Path(sys.argv[1])
 steps = DISTILL_STEPS if sys.argv[2] == "default" else int(sys.argv[2])
@@ -89,7 +90,8 @@ print(f"students: {steps} steps each on {prompts} prompts", flush=True)
 summary = distill_students(out, steps=steps, prompts=prompts, data_steps=int(sys.argv[4]),
                            batch_size=int(sys.argv[5]), parallel=True, device=torch.device(sys.argv[6]),
                            local_options=parse_student_options(os.environ.get("MINI_LOCAL_OPTIONS")),
-                           linear_options=parse_student_options(os.environ.get("MINI_LINEAR_OPTIONS")))
+                           linear_options=parse_student_options(os.environ.get("MINI_LINEAR_OPTIONS")),
+                           distill_args=shlex.split(os.environ.get("MINI_DISTILL_ARGS", "")))
 path = out / "train_summary.json"
 data = json.loads(path.read_text()) if path.exists() else {}
 data["distill"] = summary
@@ -98,6 +100,7 @@ print(json.dumps(summary))
 PY
   [ "${PIPESTATUS[0]}" = 0 ] || say "distillation failed"
   for m in linear local; do [ -f "$WORK/distill-$m.log" ] && { echo "--- distill-$m.log (tail)"; tail -c 3000 "$WORK/distill-$m.log"; } >>"$LOG"; done
+  for m in linear local; do cp "$WORK/adapter-$m/metrics.jsonl" "$OUT/distill-$m-metrics.jsonl" 2>/dev/null; done  # loss curves
   python3 -m linfusion.mini.package pack "$WORK" "$OUT" >>"$LOG" 2>&1
   cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null
   LEFT=$(left)

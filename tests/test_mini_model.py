@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -498,6 +499,11 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
                                                                            "global_pool": LOCAL_GLOBAL_POOL}
     linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)  # default: LiT's conv of V
     assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all", "conv_v": True}
+    tuned = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", **common,
+                         extra=shlex.split("--losses task=0 kd=1 attn=0.5 --lr-decay cosine"))  # MINI_DISTILL_ARGS
+    tuned_config = _config_from_args(build_parser().parse_args(tuned))
+    assert {k: w for k, w in tuned_config.losses.items() if w} == {"kd": 1.0, "attn": 0.5} and tuned_config.lr_decay == "cosine"
+    assert tuned_config.patch == {"layers": "all", "window": LOCAL_WINDOW, "global_pool": LOCAL_GLOBAL_POOL}
     plain = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options=parse_student_options("conv_v=False"),
                          **common)
     assert _config_from_args(build_parser().parse_args(plain)).patch == {"layers": "all", "conv_v": False}

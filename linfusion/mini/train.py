@@ -562,10 +562,11 @@ def save_pipeline(components: dict, folder: Path) -> dict:
 
 
 def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: int, batch_size: int, lr: float,
-                 mixed_precision: str, options: dict | None = None) -> list[str]:
+                 mixed_precision: str, options: dict | None = None, extra: list[str] | None = None) -> list[str]:
     """The ``linfusion distill`` command line of one student (see ``linfusion distill --help``);
     ``options``: attention options of the student (default :data:`DEFAULT_LOCAL_OPTIONS` /
-    :data:`DEFAULT_LINEAR_OPTIONS`; ``{}`` for none)."""
+    :data:`DEFAULT_LINEAR_OPTIONS`; ``{}`` for none); ``extra``: more flags, appended last
+    (e.g. ``["--losses", "task=0", "kd=1", "attn=0.5", "--lr-decay", "cosine"]``)."""
     argv = ["distill", "--model", str(pipeline), "--method", method, "--output", str(out), "--data", str(data),
             "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr), "--warmup-steps",
             str(min(50, max(1, steps // 10))), "--mixed-precision", mixed_precision, "--trainable", "new+qkvo",
@@ -576,7 +577,7 @@ def distill_argv(pipeline: Path, out: Path, *, method: str, data: Path, steps: i
     options = DEFAULT_STUDENT_OPTIONS[method] if options is None else options
     for key, value in options.items():
         argv += ["--patch-option", f"{key}={value}"]
-    return argv
+    return argv + list(extra or [])
 
 
 def generate_data_argv(pipeline: Path, data: Path, prompts_file: Path, data_steps: int) -> list[str]:
@@ -640,12 +641,14 @@ def parse_student_options(text: str | None) -> dict | None:
 
 def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, batch_size: int,
                      parallel: bool, device: torch.device, lrs: dict[str, float] | None = None,
-                     local_options: dict | None = None, linear_options: dict | None = None) -> dict:
+                     local_options: dict | None = None, linear_options: dict | None = None,
+                     distill_args: list[str] | None = None) -> dict:
     """Teacher data once, then both students, with the distillation toolkit's commands.
 
     ``local_options``: the local student's attention options (default :data:`DEFAULT_LOCAL_OPTIONS`;
     e.g. ``{"window": 4, "global_pool": 4}`` adds the pooled global branch). ``linear_options``:
-    the linear student's (default :data:`DEFAULT_LINEAR_OPTIONS`, LiT's depthwise convolution of V)."""
+    the linear student's (default :data:`DEFAULT_LINEAR_OPTIONS`, LiT's depthwise convolution of V).
+    ``distill_args``: extra ``linfusion distill`` flags for both (MINI_DISTILL_ARGS)."""
     from .world import prompt_set
 
     lrs = lrs or {"linear": 3e-4, "local": 2e-4}
@@ -659,13 +662,13 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     given = {"local": local_options, "linear": linear_options}
     options = {m: dict(DEFAULT_STUDENT_OPTIONS[m] if given[m] is None else given[m]) for m in given}
     argvs = [distill_argv(pipeline, out / f"adapter-{m}", method=m, data=data, steps=steps, batch_size=batch_size,
-                          lr=lrs[m], mixed_precision=mixed, options=options[m])
+                          lr=lrs[m], mixed_precision=mixed, options=options[m], extra=distill_args)
              for m in ("linear", "local")]
     run_linfusion(argvs, parallel, [out / "distill-linear.log", out / "distill-local.log"])
     summary = {"data_seconds": round(data_seconds, 1), "distill_seconds": round(time.time() - start - data_seconds, 1),
                "steps": steps, "prompts": prompts, "data_steps": data_steps, "batch_size": batch_size, "lr": lrs,
                "local_window": options["local"].get("window"), "local_options": options["local"],
-               "linear_options": options["linear"]}
+               "linear_options": options["linear"], "distill_args": list(distill_args or [])}
     for m in ("linear", "local"):
         folder = out / f"adapter-{m}"
         adapter_to_fp16(folder)
