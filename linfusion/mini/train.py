@@ -47,8 +47,8 @@ from .data import OBJECT_CODES, RenderStream, to_tensor, to_uint8
 #: local attention radius (latent tokens) of the student: the base grid is 16x16 tokens
 LOCAL_WINDOW = 4
 #: pooling factor of the local student's global K/V branch: every query also sees the 16x16 grid
-#: pooled 4x, for the counts and layouts a radius-4 window cannot see (attempt 8, the bundled weights:
-#: local student 80.2% strict, 0.87x its teacher; attempt 7 without it: 72.9%, 0.81x)
+#: pooled 4x, for the counts and layouts a radius-4 window cannot see (attempt 8, the bundled weights,
+#: with it and a better teacher: local student 80.2% strict, 0.87x its teacher; attempt 7 without: 72.9%, 0.81x)
 LOCAL_GLOBAL_POOL = 4
 #: the local student's attention options unless MINI_LOCAL_OPTIONS / ``local_options`` says otherwise
 DEFAULT_LOCAL_OPTIONS = {"window": LOCAL_WINDOW, "global_pool": LOCAL_GLOBAL_POOL}
