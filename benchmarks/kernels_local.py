@@ -34,7 +34,8 @@ timed calls. Setup: the per-resolution layout (``get_layout``, cache cleared) vs
 
 Block-config sweep (``--sweep``: before the cases, which then run with the best configs;
 ``--sweep-only``: nothing else): at flux-4k, both 2D variants, the block configs of each kernel
-kind (``local_configs.set_config_override``) listed in ``SWEEP_CONFIGS``: "fwd" (9 configs, 3 with automatic warp specialization),
+kind (``local_configs.set_config_override``) listed in ``SWEEP_CONFIGS``: "fwd" (6 configs; Triton's automatic warp
+specialization of the window loop was tried in the 9th session and gave nothing, NOTES_local.md),
 "dkdv" (BM query chunk ∈ {16, 32, 64} × BN key block ∈ {64, 128} × 4/8 warps × 2/3 stages) and
 "dq" (BM query block ∈ {64, 128} × BN key chunk ∈ {32, 64, 128} × warps × stages). A "fwd"
 config times the forward; a "dkdv" or "dq" config the whole backward with only that kernel
@@ -300,10 +301,7 @@ SWEEP_CASE = "flux-4k"
 # overrides per kernel kind (local_configs.set_config_override); keys left out keep their default
 SWEEP_CONFIGS = {
     "fwd": [{"BN": 128, "num_stages": 2}, {"BN": 64, "num_warps": 8, "num_stages": 3}, {"BN": 128, "num_stages": 3},
-            {"BN": 128, "num_stages": 4}, {"BN": 64, "num_stages": 4}, {"BN": 64, "num_warps": 4, "num_stages": 3},
-            # Triton's automatic warp specialization (producer / consumer warps, FA3's idea) of the window loop
-            {"BN": 128, "num_stages": 3, "WS": True}, {"BN": 128, "num_stages": 2, "WS": True},
-            {"BN": 64, "num_stages": 3, "WS": True}],
+            {"BN": 128, "num_stages": 4}, {"BN": 64, "num_stages": 4}, {"BN": 64, "num_warps": 4, "num_stages": 3}],
     # key block BN × query chunks BM. No combination is invalid a priori (all blocks are powers of two
     # ≤ the 128-token tile); one that exceeds shared memory is recorded as failed, a wrong one as not ok.
     "dkdv": _config_grid(BM=(16, 32, 64), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
@@ -379,8 +377,7 @@ class _SweepVariant:
         from linfusion.kernels.local_triton import _blocks, _pow2
 
         bm, bn, cfg = _blocks(kind, self.q, max(16, _pow2(self.q.shape[-1])), self.layout)
-        return {"BM": bm, "BN": bn, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                "WS": bool(cfg.get("WS", False))}
+        return {"BM": bm, "BN": bn, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def _run_config(state: _SweepVariant, kind: str, cfg: dict, bench) -> dict:

@@ -70,7 +70,7 @@ def test_sweep_records_and_default_error(bench, timed_sweep):
         assert r["status"] == "ok" and r["ok"] and r["error"] is None, r
         assert r["ms"] == 2.0 and r["default_ms"] == 2.0 and r["speedup"] == 1.0
         assert r["pass"] == ("fwd" if r["kernel"] == "fwd" else "bwd")
-        assert set(r["effective"]) == {"BM", "BN", "num_warps", "num_stages", "WS"}
+        assert set(r["effective"]) == {"BM", "BN", "num_warps", "num_stages"}
         assert max(r["effective"]["BM"], r["effective"]["BN"]) <= 32  # clamped to the 4×8 tile
         assert r["is_default"] == (r["config"] == {}), r
         assert 0.0 <= r["max_rel_err"] < bench.SWEEP_TOL

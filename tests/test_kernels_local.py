@@ -144,17 +144,6 @@ def test_circle_small_blocks(case, monkeypatch):
     check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=5)
 
 
-def test_forward_with_the_warp_specialization_flag_matches_the_reference(monkeypatch):
-    """The sweep's "WS" forward override (Triton's automatic warp specialization of the window
-    loop) reaches the kernel and leaves the result exact (the interpreter ignores the hint)."""
-    from linfusion.kernels import local_configs
-
-    monkeypatch.setattr(local_configs, "_OVERRIDE", {"fwd": {"WS": True}})
-    case = next(c for c in CASES if c[7] == "circle" and c[6] > 0)
-    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
-    check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=7)
-
-
 def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
     """The H200 sweep's backward configs (one warpgroup, 64×64 dK/dV blocks; 3-stage dQ) were
     verified bit-identical at head dim 128 only: head dims padded to 128 keep the earlier blocks."""

@@ -29,8 +29,7 @@ def set_config_override(kind: str, config: dict | None) -> None:
 
 
 def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None) -> dict:
-    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq"); an override
-    may add "WS" (fwd: Triton's automatic warp specialization of the window loop, an experiment).
+    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq").
 
     ``head_dim`` (default ``d_pad``): the backward's swept configs apply where they were verified
     on the H200, head dim 128; head dims padded to 128 (72, 80, 96) keep the earlier ones."""

@@ -268,11 +268,9 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, WS: tl.constexpr = False,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
 ):
-    """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
-    WS: Triton's automatic warp specialization of the window loop (an experiment for the H200
-    sweep: producer and consumer warps; off by default, and ignored by the interpreter)."""
+    """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -302,7 +300,7 @@ def _fwd_kernel(
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
-    for it in tl.range(0, n_win, num_stages=WIN_STAGES, warp_specialize=WS):
+    for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         lmask = kvalid[:, None] & dmask[None, :]
@@ -586,7 +584,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
-        WIN_STAGES=_window_stages(layout), WS=bool(cfg.get("WS", False)),
+        WIN_STAGES=_window_stages(layout),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
