@@ -30,8 +30,10 @@
 # default "window=4,global_pool=4": the radius-4 window plus a global branch pooled 4x; "window=4" for attempt 7's
 # plain window), MINI_LINEAR_OPTIONS
 # (the linear student's, default "conv_v=True": LiT's depthwise conv of V, for small objects; "conv_v=False" for plain),
-# MINI_DISTILL_ARGS (more `linfusion distill` flags for both students, e.g. "--losses task=0 kd=1 attn=0.5 --lr-decay cosine":
-# the task target of teacher-generated CFG data is the guided sample, which neither branch of the teacher predicts),
+# MINI_DISTILL_ARGS (the students' `linfusion distill` loss / LR flags; unset: DEFAULT_DISTILL_ARGS of train.py,
+# "--losses task=0 kd=1 attn=0.5 --lr-decay cosine" since attempt 9; "" for the toolkit's defaults, attempt 8's),
+# MINI_STUDENTS ("linear local", the default, or one of them: the other keeps the adapter unpacked in
+# linfusion/mini/weights, and the benchmark scores both),
 # MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--textured-object-scale 1" for attempt 7's loss,
 # "--small-object-scale 1 --textured-object-scale 1" for attempt 6's;
 # note: MINI_DEADLINE < 200 divides the distill steps by 3),
@@ -71,14 +73,19 @@ if [ "$STAGE" = all ] || [ "$STAGE" = teacher ]; then
   python3 -m linfusion.mini.package pack "$WORK" "$OUT" >>"$LOG" 2>&1   # weights come back even if later stages run out of time
   cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null
 fi
+STUDENTS=${MINI_STUDENTS:-linear local}
 if [ "$STAGE" = students ]; then
   rm -rf "$WORK/pipeline" && cp -r linfusion/mini/weights/pipeline "$WORK/pipeline" || { say "no unpacked pipeline"; exit 1; }
+  for m in linear local; do  # a student not retrained keeps its unpacked adapter (packed and benchmarked with the new one)
+    case " $STUDENTS " in *" $m "*) ;; *) rm -rf "$WORK/adapter-$m" && cp -r "linfusion/mini/weights/adapter-$m" "$WORK/" \
+      || { say "no unpacked adapter-$m"; exit 1; } ;; esac
+  done
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = students ]; then
   SHORT=0; if [ "$(left)" -lt 200 ]; then SHORT=1; fi   # little time left: a third of the steps
   say "students ($(left)s left)"
   python3 - "$WORK" "${MINI_DISTILL_STEPS:-${DISTILL[0]}}" "${MINI_DISTILL_PROMPTS:-${DISTILL[1]}}" "${DISTILL[2]}" \
-    "${DISTILL[3]}" "$DEVICE" "$SHORT" <<'PY' 2>&1 | tee -a "$LOG"
+    "${DISTILL[3]}" "$DEVICE" "$SHORT" "$STUDENTS" <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, shlex, sys, torch
 from pathlib import Path
 from linfusion.mini.train import DISTILL_PROMPTS, DISTILL_STEPS, distill_students, parse_student_options
@@ -86,12 +93,13 @@ out = Path(sys.argv[1])
 steps = DISTILL_STEPS if sys.argv[2] == "default" else int(sys.argv[2])
 prompts = DISTILL_PROMPTS if sys.argv[3] == "default" else int(sys.argv[3])
 steps = max(1, steps // 3) if sys.argv[7] == "1" else steps
-print(f"students: {steps} steps each on {prompts} prompts", flush=True)
+print(f"students {sys.argv[8]}: {steps} steps each on {prompts} prompts", flush=True)
 summary = distill_students(out, steps=steps, prompts=prompts, data_steps=int(sys.argv[4]),
                            batch_size=int(sys.argv[5]), parallel=True, device=torch.device(sys.argv[6]),
                            local_options=parse_student_options(os.environ.get("MINI_LOCAL_OPTIONS")),
                            linear_options=parse_student_options(os.environ.get("MINI_LINEAR_OPTIONS")),
-                           distill_args=shlex.split(os.environ.get("MINI_DISTILL_ARGS", "")))
+                           distill_args=None if "MINI_DISTILL_ARGS" not in os.environ else shlex.split(os.environ["MINI_DISTILL_ARGS"]),
+                           students=tuple(sys.argv[8].split()))
 path = out / "train_summary.json"
 data = json.loads(path.read_text()) if path.exists() else {}
 data["distill"] = summary
@@ -100,7 +108,9 @@ print(json.dumps(summary))
 PY
   [ "${PIPESTATUS[0]}" = 0 ] || say "distillation failed"
   for m in linear local; do [ -f "$WORK/distill-$m.log" ] && { echo "--- distill-$m.log (tail)"; tail -c 3000 "$WORK/distill-$m.log"; } >>"$LOG"; done
-  for m in linear local; do cp "$WORK/adapter-$m/metrics.jsonl" "$OUT/distill-$m-metrics.jsonl" 2>/dev/null; done  # loss curves
+  # loss curves, one file (at most 8 files come back from the device): {"student": m, ...metrics} per line
+  for m in $STUDENTS; do [ -f "$WORK/adapter-$m/metrics.jsonl" ] && sed "s/^{/{\"student\": \"$m\", /" "$WORK/adapter-$m/metrics.jsonl"; done \
+    > "$OUT/distill_metrics.jsonl"
   python3 -m linfusion.mini.package pack "$WORK" "$OUT" >>"$LOG" 2>&1
   cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null
   LEFT=$(left)

@@ -19,6 +19,7 @@ import torch
 from linfusion.mini import bundle, mini_is_bundled
 from linfusion.mini import model as mm
 from linfusion.mini.data import OBJECT_CODES, object_code
+from linfusion.mini.train import DEFAULT_DISTILL_ARGS
 from linfusion.mini.world import parse_prompt, prompt_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +70,18 @@ def test_smoke_training_writes_a_loadable_fp16_pipeline(smoke_run):
     assert summary["dit"]["steps"] == 3 and summary["vae"]["scaling_factor"] > 0
     assert summary["weights_choice"]["kept"] in ("ema", "raw") and "raw_state" not in summary["dit"]
     assert set(summary["distill"]) >= {"linear_mb", "local_mb"}
+    # the students' losses and LR shape are the bundled recipe's unless the caller names others
+    assert summary["distill"]["distill_args"] == list(DEFAULT_DISTILL_ARGS)
+    assert summary["distill"]["students"] == ["linear", "local"]
+
+
+def test_distill_students_rejects_an_unknown_student(tmp_path):
+    from linfusion.mini.train import distill_students
+
+    for students in (("linear", "lineer"), ()):
+        with pytest.raises(ValueError, match="subset of"):
+            distill_students(tmp_path, steps=1, prompts=1, data_steps=1, batch_size=1, parallel=False,
+                             device=torch.device("cpu"), students=students)
 
 
 def test_keep_ships_the_chosen_transformer_weights_without_a_read_out(tmp_path):
