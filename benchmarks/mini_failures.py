@@ -86,11 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", default="teacher", choices=("teacher", "linear", "local"))
     parser.add_argument("--grid", default=None, help="PNG of the failing images")
+    parser.add_argument("--adapter", default=None, help="a student adapter folder (default: the bundled one)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     pipe = load_mini_pipeline(torch_dtype=torch.float32)
     if args.model != "teacher":
-        apply_patch(pipe, None, str(bundled_adapter(args.model)))
+        apply_patch(pipe, None, args.adapter or str(bundled_adapter(args.model)))
+    elif args.adapter:
+        parser.error("--adapter needs a student model (linear or local)")
     prompts = prompt_set("heldout", 96, seed=0)
     images = generate(pipe, prompts, size=128, steps=20, seed=0)
     summary, failures = analyse(prompts, images, AdherenceChecker())

@@ -14,22 +14,24 @@
 #   gives the transformer 0.67 x 8.6 min = 346 s and ships its EMA weights without the ~20 s read-out)
 #   python -m linfusion.mini.package unpack <files_at>            # -> linfusion/mini/weights/pipeline
 #   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl", "linfusion/mini/weights"], timeout_s=600)
-#   (keep linfusion/mini/weights/ in .git/info/exclude until the targets are met: unpacked weights must
-#   not be committed by a stray `git add -A`; ignored paths travel to the device only through carry)
-# The bundled weights (attempt 8, benchmarks/results/mini_attempt8/) are these two calls with the
-# defaults of this script and of linfusion/mini/train.py (timestep band 550..750 at share 0.5, from
-# benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700; small objects
-# weighted 3x, textured ones 2x on top; students 2500 steps, the linear one with conv_v=True, the local one
-# with the pooled global branch, global_pool=4) and of linfusion/mini/world.py
-# (canonical cells for objects the prompt does not place).
-# Knobs (environment): MINI_MINUTES (teacher training, default 8.6 with MINI_STAGE=teacher, else 5), MINI_STAGE=all|teacher|students
+#   (the weights are tracked files: an unpacked attempt shows in `git status` until committed or restored)
+# The bundled weights are these two calls with the defaults of this script and of linfusion/mini/train.py
+# (teacher: attempt 8, benchmarks/results/mini_attempt8/; students: attempt 9, mini_attempt9/): timestep band
+# 550..750 at share 0.5, from benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700;
+# small objects weighted 3x, textured ones 2x on top; students 2500 steps on KD + attention losses with a
+# cosine LR, the linear one with conv_v=True and the hedgehog feature map, the local one with the pooled
+# global branch, global_pool=4; and of linfusion/mini/world.py (canonical cells for objects the prompt
+# does not place). Attempt 9's linear student was a second students call, MINI_STUDENTS=linear.
+# Knobs (environment): MINI_MINUTES (teacher training, default 8.6 with MINI_STAGE=teacher, else 5),
+# MINI_STAGE=all|teacher|students|benchmark ("benchmark": the quality benchmark of the unpacked weights alone, ~200 s)
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
 # pipeline unpacked into linfusion/mini/weights/pipeline, which travels with the tree),
 # MINI_DISTILL_STEPS, MINI_DISTILL_PROMPTS (default: DISTILL_STEPS / DISTILL_PROMPTS of linfusion/mini/train.py),
 # MINI_BENCH_PROMPTS (96), MINI_DEADLINE (570 s), MINI_LOCAL_OPTIONS (the local student's attention,
 # default "window=4,global_pool=4": the radius-4 window plus a global branch pooled 4x; "window=4" for attempt 7's
 # plain window), MINI_LINEAR_OPTIONS
-# (the linear student's, default "conv_v=True": LiT's depthwise conv of V, for small objects; "conv_v=False" for plain),
+# (the linear student's, default "conv_v=True,feature_map=hedgehog": LiT's depthwise conv of V, for small objects,
+# and Hedgehog's learned feature map; "conv_v=True" for attempt 8's ELU+1 features),
 # MINI_DISTILL_ARGS (the students' `linfusion distill` loss / LR flags; unset: DEFAULT_DISTILL_ARGS of train.py,
 # "--losses task=0 kd=1 attn=0.5 --lr-decay cosine" since attempt 9; "" for the toolkit's defaults, attempt 8's),
 # MINI_STUDENTS ("linear local", the default, or one of them: the other keeps the adapter unpacked in
@@ -43,6 +45,7 @@ T0=$(date +%s)
 OUT=${OUT:-/tmp/mini-out}
 WORK=${MINI_WORK:-/tmp/mini-train}
 STAGE=${MINI_STAGE:-all}
+case "$STAGE" in all|teacher|students|benchmark) ;; *) echo "MINI_STAGE must be all, teacher, students or benchmark, got '$STAGE'" >&2; exit 2 ;; esac
 MINUTES=${MINI_MINUTES:-$([ "$STAGE" = teacher ] && echo 8.6 || echo 5)}  # one call (all) must leave time for the students
 DEADLINE=${MINI_DEADLINE:-570}
 DEVICE=${MINI_DEVICE:-cuda}
@@ -113,9 +116,17 @@ PY
     > "$OUT/distill_metrics.jsonl"
   python3 -m linfusion.mini.package pack "$WORK" "$OUT" >>"$LOG" 2>&1
   cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null
+fi
+if [ "$STAGE" = benchmark ]; then  # the unpacked weights as they are
+  for part in pipeline adapter-linear adapter-local; do
+    rm -rf "${WORK:?}/$part" && cp -r "linfusion/mini/weights/$part" "$WORK/$part" || { say "no unpacked $part"; exit 1; }
+  done
+fi
+if [ "$STAGE" != teacher ]; then
   LEFT=$(left)
   PROMPTS=${MINI_BENCH_PROMPTS:-96}
-  if [ "$LEFT" -lt 150 ]; then PROMPTS=$(( PROMPTS / 2 )); fi
+  # 96 prompts took 182-200 s on the H200 (attempt 9); a call killed at 600 s returns no quality.json
+  if [ "$LEFT" -lt 210 ]; then PROMPTS=$(( PROMPTS / 2 )); fi
   if [ "$LEFT" -gt 45 ]; then
     say "quality benchmark: $PROMPTS prompts (${LEFT}s left)"
     python3 benchmarks/quality.py --pipeline "$WORK/pipeline" --adapter-linear "$WORK/adapter-linear" \

@@ -257,6 +257,23 @@ SOURCE_FILES = sorted(str(p.relative_to(ROOT)) for folder in ("benchmarks", "lin
                        for p in (ROOT / folder).rglob("*.py"))
 
 
+def test_distill_curves_split_students_and_plot_every_loss_term(tmp_path):
+    curves = _load("distill_curves")
+    single = tmp_path / "metrics.jsonl"
+    single.write_text("\n".join(json.dumps({"step": s, "kd": 1.0 / s, "lr": 1e-4}) for s in (1, 2, 3)) + "\n")
+    mixed = tmp_path / "distill_metrics.jsonl"  # the Mini GPU script's file: several students, "student" on each line
+    mixed.write_text("\n".join(json.dumps({"student": m, "step": s, "kd": 0.5, "attn": 0.2, "lr": 2e-4})
+                               for m in ("linear", "local") for s in (1, 2)) + "\n\n")
+    runs = curves.read_runs([f"a={single}", f"b={mixed}"])
+    assert list(runs) == ["a", "b/linear", "b/local"]
+    assert [r["step"] for r in runs["b/local"]] == [1, 2] and "attn" not in runs["a"][0]
+    out = tmp_path / "plots" / "curves.png"
+    assert curves.main([str(out), f"a={single}", f"b={mixed}"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="LABEL=path"):
+        curves.read_runs([str(single)])
+
+
 @pytest.mark.parametrize("script", SOURCE_FILES)
 def test_no_unbound_names(script):
     """Many code paths (benchmarks, CUDA dispatch) need a GPU and never run here; a helper that a

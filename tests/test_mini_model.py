@@ -496,7 +496,7 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     benchmark's zero-shot local row uses the student adapter's own window (what distillation adds, only)."""
     from linfusion.cli import build_parser
     from linfusion.distill.cli import _config_from_args
-    from linfusion.mini.quality import zero_shot_local_options
+    from linfusion.mini.quality import zero_shot_options
     from linfusion.mini.train import LOCAL_GLOBAL_POOL, LOCAL_WINDOW, distill_argv, parse_student_options
 
     options = parse_student_options("window=4,global_pool=4")
@@ -510,8 +510,9 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     default = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", **common)
     assert _config_from_args(build_parser().parse_args(default)).patch == {"layers": "all", "window": LOCAL_WINDOW,
                                                                            "global_pool": LOCAL_GLOBAL_POOL}
-    linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)  # default: LiT's conv of V
-    assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all", "conv_v": True}
+    linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)  # LiT's conv of V, hedgehog
+    assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all", "conv_v": True,
+                                                                          "feature_map": "hedgehog"}
     tuned = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", **common,
                          extra=shlex.split("--losses task=0 kd=1 attn=0.5 --lr-decay cosine"))  # MINI_DISTILL_ARGS
     tuned_config = _config_from_args(build_parser().parse_args(tuned))
@@ -523,6 +524,9 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     assert _config_from_args(build_parser().parse_args(
         distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options={}, **common))).patch == {"layers": "all"}
     # the smoke student was distilled with the default window: its zero-shot twin reads it from the adapter
-    assert zero_shot_local_options(smoke_run / "adapter-local", window=7) == {"window": LOCAL_WINDOW, "shape": "circle",
-                                                                              "global_pool": LOCAL_GLOBAL_POOL}
-    assert zero_shot_local_options(None, window=7) == {"window": 7}
+    assert zero_shot_options("local", smoke_run / "adapter-local", window=7) == {
+        "window": LOCAL_WINDOW, "shape": "circle", "global_pool": LOCAL_GLOBAL_POOL}
+    assert zero_shot_options("local", None, window=7) == {"window": 7}
+    # the zero-shot linear row uses the student's feature map (its zero-initialised conv_v and MLPs add nothing)
+    assert zero_shot_options("linear", smoke_run / "adapter-linear", window=7) == {"feature_map": "elu1"}
+    assert zero_shot_options("linear", None, window=7) == {}

@@ -189,21 +189,23 @@ def apply_patch(pipe, method: str | None, adapter: str | None, options: dict | N
         patch_pipeline(pipe, method=method, **{"layers": "all", "dense_fallback": False, **options})
 
 
-#: attention options that define a local student's window (and so its zero-shot version)
-LOCAL_SHAPE_OPTIONS = ("window", "temporal_window", "shape", "tile", "global_pool")
+#: per method, the attention options that define a student's attention function (not its learned
+#: parts) and so its zero-shot version: the local window, the linear feature map
+ZERO_SHOT_OPTIONS = {"local": ("window", "temporal_window", "shape", "tile", "global_pool"), "linear": ("feature_map",)}
 
 
-def zero_shot_local_options(adapter: str | Path | None, window: int) -> dict:
-    """The zero-shot local row's options: the local student's own window (radius, shape, pooled global
-    branch) read from its adapter, so the row shows what distillation adds and nothing else;
-    ``{"window": window}`` without an adapter."""
+def zero_shot_options(method: str, adapter: str | Path | None, window: int) -> dict:
+    """The zero-shot ``method`` row's options: the student's own attention function (local: radius,
+    shape, pooled global branch; linear: feature map) read from its adapter, so the row shows what
+    distillation adds and nothing else. Without an adapter: ``{"window": window}`` (local), ``{}`` (linear).
+    Zero-initialised learned parts (feature MLPs, ``conv_v``) change nothing before training and are left out."""
     if not adapter:
-        return {"window": window}
+        return {"window": window} if method == "local" else {}
     from ..adapter import read_adapter_config
 
     components = read_adapter_config(Path(adapter))["components"]
     options = next(iter(components.values()))["options"]
-    return {k: options[k] for k in LOCAL_SHAPE_OPTIONS if options.get(k) is not None}
+    return {k: options[k] for k in ZERO_SHOT_OPTIONS[method] if options.get(k) is not None}
 
 
 def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | None] | None = None, *,
@@ -235,7 +237,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
 
         pool = mp.get_context("spawn").Pool(workers)
         accuracy_job = pool.apply_async(_checker_accuracy, (checker_n,))
-    zero_shot_local = zero_shot_local_options(adapters.get("local"), window)
+    zero_shot = {m: zero_shot_options(m, adapters.get(m), window) for m in ("linear", "local")}
     started = time.time()
     rows, skipped, backends = [], [], {}
     teacher_images: dict[int, list[np.ndarray]] = {}
@@ -246,7 +248,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         if name in ("linear", "local") and not adapter:
             skipped.append(name)
             continue
-        options = zero_shot_local if method == "local" else {}
+        options = zero_shot[method] if method else {}
         apply_patch(pipe, method, adapter, options)
         if method or adapter:
             try:  # the default kernel backend (Triton on CUDA) must run this model; else the PyTorch one
@@ -287,7 +289,7 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
         "rows": rows,
         "settings": {"n_prompts": n_prompts, "prompt_split": "heldout", "scenes": scenes, "seed": seed, "steps": steps,
                      "guidance_scale": 4.5, "scales": list(scales), "local_window": window, "checker_n": checker_n,
-                     "zero_shot_local_options": zero_shot_local,
+                     "zero_shot_options": zero_shot,
                      "device": str(device), "torch": torch.__version__, "skipped": skipped,
                      "backend_fallbacks": backends,
                      "sec_per_image": f"batch 1, median of {time_runs}"},
@@ -325,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="checker processes (0: in this process)")
     parser.add_argument("--checker-n", type=int, default=200, help="prompts for validate_checker")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"rows to run, comma-separated, from {','.join(MODELS)} "
+                        "(PSNR/SSIM need the teacher's row)")
     parser.add_argument("--quick", "--tiny", dest="quick", action="store_true",
                         help="2 prompts, 2 steps, base resolution only: a CPU smoke test of the code path")
     args = parser.parse_args(argv)
@@ -335,8 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                     batch=args.batch, checker_n=args.checker_n, workers=args.workers)
     if args.quick:
         settings.update(QUICK)
+    models = tuple(m for m in args.models.split(",") if m)
+    if not models or set(models) - set(MODELS):
+        parser.error(f"--models takes a comma-separated subset of {','.join(MODELS)}, got {args.models!r}")
     result = run_benchmark(args.pipeline, adapters, seed=args.seed, device=args.device, window=args.window,
-                           scenes=args.scenes,
+                           scenes=args.scenes, models=models,
                            out_json=args.out, out_grid=args.grid, **settings)
     print(json.dumps({k: v for k, v in result.items() if k != "checker_validation"}, indent=1))
     return 0
