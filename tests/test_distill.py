@@ -111,9 +111,10 @@ def test_distill_cli_family(family, tiny, tmp_path):
 # resume, faults, bad input
 # ---------------------------------------------------------------------------------------------
 
-# a warm-up and a decaying learning rate, so the resume must restore the schedule's position too
-RESUME = ["--warmup-steps", "2", "--lr-decay", "cosine", "--steps", "12", "--checkpoint-every", "4", "--lr", "1e-2",
-          "--batch-size", "2"]
+# a warm-up and a decaying learning rate, so the resume must restore the schedule's position too; a
+# timestep focus, so it must restore the interleaved sample streams
+RESUME = ["--warmup-steps", "2", "--lr-decay", "cosine", "--focus-timesteps", "0:500:0.5", "--steps", "12",
+          "--checkpoint-every", "4", "--lr", "1e-2", "--batch-size", "2"]
 
 
 def test_lr_multiplier_warms_up_then_decays_to_zero():
@@ -311,6 +312,66 @@ def test_index_stream_splits_global_batch():
     two = IndexStream(10, seed=3, batch_size=2, world=2, accum=1)
     for step in range(6):
         assert one.indices(step, 0, 0) == two.indices(step, 0, 0) + two.indices(step, 0, 1)
+
+
+def test_index_stream_without_focus_keeps_its_sample_order():
+    """Checkpoints written before --focus-timesteps existed resume with the same samples."""
+    from linfusion.distill.trainer import IndexStream
+
+    stream = IndexStream(7, seed=5, batch_size=3, world=1, accum=1)
+    drawn = [i for step in range(5) for i in stream.indices(step, 0, 0)]
+    expected = [int(torch.randperm(7, generator=torch.Generator().manual_seed(5 * 7919 + p // 7))[p % 7])
+                for p in range(15)]
+    assert drawn == expected
+
+
+def test_index_stream_focus_share_and_split():
+    from linfusion.distill.trainer import IndexStream
+
+    focus = [2, 5, 11, 17]
+    one = IndexStream(20, seed=1, batch_size=8, world=1, accum=1, focus=focus, share=0.25)
+    two = IndexStream(20, seed=1, batch_size=4, world=2, accum=1, focus=focus, share=0.25)
+    drawn = []
+    for step in range(10):
+        batch = one.indices(step, 0, 0)
+        assert batch == two.indices(step, 0, 0) + two.indices(step, 0, 1)
+        assert sum(i in focus for i in batch) == 2  # exactly the share in every batch of 8
+        drawn += batch
+    focused = [i for i in drawn if i in focus]
+    others = [i for i in drawn if i not in focus]
+    # each pool is walked in epoch-wise permutations: every member once per epoch
+    assert all(sorted(focused[k:k + 4]) == focus for k in range(0, len(focused), 4))
+    assert sorted(others[:16]) == sorted(set(range(20)) - set(focus))
+    with pytest.raises(ValueError, match="no sample"):
+        IndexStream(20, seed=1, batch_size=8, world=1, accum=1, focus=[], share=0.5)
+    # a focus holding every sample is the plain stream
+    assert IndexStream(6, 0, 3, 1, 1, focus=range(6), share=0.5).indices(1, 0, 0) == IndexStream(6, 0, 3, 1, 1).indices(1, 0, 0)
+
+
+def test_focus_timesteps_option_and_data(tiny):
+    from linfusion.distill.config import DistillConfig
+    from linfusion.distill.data import DistillDataset
+    from linfusion.distill.trainer import DistillError, focused_samples
+
+    assert DistillConfig(focus_timesteps="550:750:0.5").focus_timesteps == [550.0, 750.0, 0.5]
+    for bad, message in (("550:750", "LO:HI:SHARE"), ("750:550:0.5", "LO <= HI"), ("1:2:0", r"\(0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            DistillConfig(focus_timesteps=bad)
+    assert "focus_timesteps" not in DistillConfig().resume_identity()  # older checkpoints still resume
+    assert DistillConfig(focus_timesteps="1:2:1").resume_identity()["focus_timesteps"] == [1.0, 2.0, 1.0]
+    _, data = tiny("sd15")
+    dataset = DistillDataset(data)
+    timesteps = dataset.row_timesteps()
+    assert timesteps.shape == (len(dataset),) and len(set(timesteps.tolist())) == 4  # --data-steps 4
+    for i in (0, len(dataset) - 1):  # the same values the training batches carry
+        assert float(dataset.batch([i])[0].kwargs["timestep"].flatten()[0]) == float(timesteps[i])
+    lo, hi = float(timesteps.min()), float(timesteps.median())
+    inside, share = focused_samples(dataset, [lo, hi, 0.5])
+    assert share == 0.5 and inside and all(lo <= float(timesteps[i]) <= hi for i in inside)
+    assert len(inside) == int(((timesteps >= lo) & (timesteps <= hi)).sum())
+    with pytest.raises(DistillError, match="range from"):
+        focused_samples(dataset, [5000.0, 6000.0, 0.5])
+    assert focused_samples(dataset, None) == (None, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

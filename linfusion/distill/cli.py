@@ -51,6 +51,8 @@ _DISTILL = (
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0)"),
     ("--warmup-steps", "warmup_steps", int, "linear LR warm-up steps (default 0)"),
     ("--lr-decay", "lr_decay", str, "learning rate after the warm-up: constant (default), cosine or linear (to 0 at --steps)"),
+    ("--focus-timesteps", "focus_timesteps", str, "LO:HI:SHARE: draw SHARE of the samples from recorded points with "
+     "LO <= timestep <= HI (the denoiser's own timestep units), the rest from the others (default: uniform)"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (default 1; 0 turns it off)"),
     ("--mixed-precision", "mixed_precision", str, "no (default), bf16 or fp16"),
     ("--data", "data", str, "data folder (reused, resumed, or generated here) or a folder of images with .txt captions"),

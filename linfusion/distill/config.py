@@ -46,6 +46,8 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_decay: str = "constant"
+    # "LO:HI:SHARE": SHARE of the samples drawn from recorded points with LO <= timestep <= HI
+    focus_timesteps: Any = None
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -93,6 +95,7 @@ class DistillConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"--lr-decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        self.focus_timesteps = parse_focus_timesteps(self.focus_timesteps)
         if self.select_layers is not None and self.select_layers < 0:
             raise ValueError(f"--select-layers must be >= 0, got {self.select_layers}")
         if self.fsdp and self.teacher == "offload":
@@ -130,6 +133,8 @@ class DistillConfig:
         identity = {k: v for k, v in data.items() if k not in RESUME_FREE_KEYS}
         if self.lr_decay == "constant":
             del identity["lr_decay"]  # so checkpoints written before the option existed still resume
+        if self.focus_timesteps is None:
+            del identity["focus_timesteps"]  # likewise
         if self.selective or self.lr_decay != "constant":
             identity["steps"] = self.steps  # the α anneal and a decaying learning rate depend on it
         return json.loads(json.dumps(identity, default=str))
@@ -164,3 +169,22 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_focus_timesteps(value: Any) -> list[float] | None:
+    """"550:750:0.5" (or a 3-item list) -> [550.0, 750.0, 0.5]; None or "" -> None.
+
+    LO and HI are in the units the denoiser receives as its ``timestep`` argument (0-1000 for
+    SD / SDXL / PixArt; FLUX and Wan pipelines pass their own scale); SHARE is in (0, 1]."""
+    if value is None or value == "":
+        return None
+    parts = value.split(":") if isinstance(value, str) else list(value)
+    try:
+        lo, hi, share = (float(x) for x in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--focus-timesteps must be LO:HI:SHARE (e.g. 550:750:0.5), got {value!r}") from None
+    if not lo <= hi:
+        raise ValueError(f"--focus-timesteps needs LO <= HI, got {lo} > {hi}")
+    if not 0 < share <= 1:
+        raise ValueError(f"--focus-timesteps SHARE must be in (0, 1], got {share}")
+    return [lo, hi, share]

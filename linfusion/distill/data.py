@@ -451,6 +451,18 @@ class DistillDataset:
         payload = json.dumps({k: self.manifest.get(k) for k in keys}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def row_timesteps(self) -> torch.Tensor | None:
+        """(len(self),) float64: each sample's ``timestep`` argument (its first element where the
+        denoiser takes one per batch row); None if a component was called without one."""
+        values = []
+        for s, shard in enumerate(self.manifest["shards"]):
+            for component, n in sorted(shard["rows"].items()):  # the order of self.index
+                key = f"{component}/kw/timestep"
+                if key not in self._handle(s).keys():
+                    return None
+                values.append(self._handle(s).get_tensor(key).reshape(n, -1)[:, 0].double())
+        return torch.cat(values)
+
     def _handle(self, shard: int):
         if shard not in self._handles:
             path = self.directory / self.manifest["shards"][shard]["file"]

@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,24 +137,70 @@ def prepare_data(cfg: DistillConfig, pipe, is_main: bool, wait, device: torch.de
 
 
 class IndexStream:
-    """Sample indices for (step, micro-batch, rank): epoch-wise permutations seeded by (seed, epoch)."""
+    """Sample indices for (step, micro-batch, rank): epoch-wise permutations seeded by (seed, epoch).
 
-    def __init__(self, size: int, seed: int, batch_size: int, world: int, accum: int) -> None:
+    With ``focus`` (indices of the focused samples) and ``share``, the global stream interleaves two
+    such streams: position p is focused when floor((p + 1) * share) > floor(p * share), so any run
+    of positions holds the share, and every index stays a pure function of (step, micro, rank) for
+    exact resume."""
+
+    def __init__(self, size: int, seed: int, batch_size: int, world: int, accum: int,
+                 focus: Sequence[int] | None = None, share: float = 0.0) -> None:
         self.size, self.seed, self.batch_size, self.world, self.accum = size, seed, batch_size, world, accum
-        self._epoch, self._perm = -1, None
+        # [others, focused]: pool 0 keeps the seeds of a stream without focus; None: all of range(size)
+        self._pools: list[list[int] | None] = [None, None]
+        self._share = (0, 1)  # rational share (numerator, denominator): exact for any position
+        if focus is not None:
+            focused = sorted(set(int(i) for i in focus))
+            others = sorted(set(range(size)) - set(focused))
+            if not focused:
+                raise ValueError("no sample is in the focus")
+            self._pools = [others, focused] if others else [None, None]
+            self._share = (round(share * 10_000), 10_000) if others else (0, 1)
+        self._cache: dict[int, tuple[int, torch.Tensor]] = {}
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator)
-        return self._perm
+    def _permutation(self, pool: int, epoch: int) -> torch.Tensor:
+        cached = self._cache.get(pool)
+        if cached is None or cached[0] != epoch:
+            n = self._pool_size(pool)
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch + pool * 1_000_003)
+            self._cache[pool] = cached = (epoch, torch.randperm(n, generator=generator))
+        return cached[1]
+
+    def _pool_size(self, pool: int) -> int:
+        members = self._pools[pool]
+        return self.size if members is None else len(members)
+
+    def _draw(self, pool: int, position: int) -> int:
+        n = self._pool_size(pool)
+        index = int(self._permutation(pool, position // n)[position % n])
+        members = self._pools[pool]
+        return index if members is None else members[index]
 
     def indices(self, step: int, micro: int, rank: int) -> list[int]:
         start = ((step * self.accum + micro) * self.world + rank) * self.batch_size
+        num, den = self._share
         out = []
         for position in range(start, start + self.batch_size):
-            out.append(int(self._permutation(position // self.size)[position % self.size]))
+            before, after = position * num // den, (position + 1) * num // den
+            out.append(self._draw(1, before) if after > before else self._draw(0, position - before))
         return out
+
+
+def focused_samples(dataset, focus: list[float] | None) -> tuple[list[int] | None, float]:
+    """(indices of the samples whose timestep lies in [LO, HI], SHARE) for ``--focus-timesteps``,
+    or (None, 0.0) without one; a focus that matches nothing is an error naming the data's range."""
+    if focus is None:
+        return None, 0.0
+    lo, hi, share = focus
+    timesteps = dataset.row_timesteps()
+    if timesteps is None:
+        raise DistillError("--focus-timesteps needs recorded timesteps; this data's denoiser calls have none")
+    inside = ((timesteps >= lo) & (timesteps <= hi)).nonzero().flatten().tolist()
+    if not inside:
+        raise DistillError(f"--focus-timesteps {lo:g}:{hi:g} matches no recorded sample; the data's timesteps "
+                           f"range from {float(timesteps.min()):g} to {float(timesteps.max()):g}")
+    return inside, share
 
 
 def group_losses(student: Student, batch: Batch, weights: dict[str, float], kind: str, autocast) -> dict[str, torch.Tensor]:
@@ -268,7 +315,8 @@ class Trainer:
         if self.fsdp:
             self._shard(device)
         self._build_optimizer()
-        self.stream = IndexStream(len(self.dataset), cfg.seed, cfg.batch_size, self.world, cfg.grad_accum)
+        self.stream = IndexStream(len(self.dataset), cfg.seed, cfg.batch_size, self.world, cfg.grad_accum,
+                                  *focused_samples(self.dataset, cfg.focus_timesteps))
         self.step = 0
         if self.resume_from is not None:
             self._load(self.resume_from)
