@@ -32,8 +32,9 @@
 # plain window), MINI_LINEAR_OPTIONS
 # (the linear student's, default "conv_v=True,feature_map=hedgehog": LiT's depthwise conv of V, for small objects,
 # and Hedgehog's learned feature map; "conv_v=True" for attempt 8's ELU+1 features),
-# MINI_DISTILL_ARGS (the students' `linfusion distill` loss / LR flags; unset: DEFAULT_DISTILL_ARGS of train.py,
-# "--losses task=0 kd=1 attn=0.5 --lr-decay cosine" since attempt 9; "" for the toolkit's defaults, attempt 8's),
+# MINI_DISTILL_ARGS (more `linfusion distill` flags for the students, after DEFAULT_DISTILL_ARGS of train.py,
+# "--losses task=0 kd=1 attn=0.5 --lr-decay cosine" since attempt 9; a flag given again wins, e.g.
+# "--focus-timesteps 550:750:0.5", or "--losses task=1 kd=0.5 attn=0.5 var=0.05 --lr-decay constant" for attempt 8's),
 # MINI_STUDENTS ("linear local", the default, or one of them: the other keeps the adapter unpacked in
 # linfusion/mini/weights, and the benchmark scores both),
 # MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--textured-object-scale 1" for attempt 7's loss,
@@ -101,7 +102,7 @@ summary = distill_students(out, steps=steps, prompts=prompts, data_steps=int(sys
                            batch_size=int(sys.argv[5]), parallel=True, device=torch.device(sys.argv[6]),
                            local_options=parse_student_options(os.environ.get("MINI_LOCAL_OPTIONS")),
                            linear_options=parse_student_options(os.environ.get("MINI_LINEAR_OPTIONS")),
-                           distill_args=None if "MINI_DISTILL_ARGS" not in os.environ else shlex.split(os.environ["MINI_DISTILL_ARGS"]),
+                           distill_args=shlex.split(os.environ.get("MINI_DISTILL_ARGS", "")),
                            students=tuple(sys.argv[8].split()))
 path = out / "train_summary.json"
 data = json.loads(path.read_text()) if path.exists() else {}

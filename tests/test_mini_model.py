@@ -518,6 +518,12 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
     tuned_config = _config_from_args(build_parser().parse_args(tuned))
     assert {k: w for k, w in tuned_config.losses.items() if w} == {"kd": 1.0, "attn": 0.5} and tuned_config.lr_decay == "cosine"
     assert tuned_config.patch == {"layers": "all", "window": LOCAL_WINDOW, "global_pool": LOCAL_GLOBAL_POOL}
+    # MINI_DISTILL_ARGS come after the defaults: a flag given again wins, the others stay
+    again = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common,
+                         extra=[*DEFAULT_DISTILL_ARGS, "--losses", "task=1", "kd=0.5", "--focus-timesteps", "550:750:0.5"])
+    again_config = _config_from_args(build_parser().parse_args(again))
+    assert {k: w for k, w in again_config.losses.items() if w} == {"task": 1.0, "kd": 0.5}
+    assert again_config.lr_decay == "cosine" and again_config.focus_timesteps == [550.0, 750.0, 0.5]
     plain = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", options=parse_student_options("conv_v=False"),
                          **common)
     assert _config_from_args(build_parser().parse_args(plain)).patch == {"layers": "all", "conv_v": False}
@@ -528,5 +534,5 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
         "window": LOCAL_WINDOW, "shape": "circle", "global_pool": LOCAL_GLOBAL_POOL}
     assert zero_shot_options("local", None, window=7) == {"window": 7}
     # the zero-shot linear row uses the student's feature map (its zero-initialised conv_v and MLPs add nothing)
-    assert zero_shot_options("linear", smoke_run / "adapter-linear", window=7) == {"feature_map": "elu1"}
+    assert zero_shot_options("linear", smoke_run / "adapter-linear", window=7) == {"feature_map": "hedgehog"}
     assert zero_shot_options("linear", None, window=7) == {}

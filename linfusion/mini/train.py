@@ -656,14 +656,14 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     ``local_options``: the local student's attention options (default :data:`DEFAULT_LOCAL_OPTIONS`;
     e.g. ``{"window": 4, "global_pool": 4}`` adds the pooled global branch). ``linear_options``:
     the linear student's (default :data:`DEFAULT_LINEAR_OPTIONS`, LiT's depthwise convolution of V).
-    ``distill_args``: extra ``linfusion distill`` flags for both (MINI_DISTILL_ARGS; default
-    :data:`DEFAULT_DISTILL_ARGS`, ``[]`` for the toolkit's own defaults)."""
+    ``distill_args``: more ``linfusion distill`` flags for both (MINI_DISTILL_ARGS), after
+    :data:`DEFAULT_DISTILL_ARGS`: a flag given again overrides it (e.g. ``--losses task=1 kd=0.5``)."""
     from .world import prompt_set
 
     unknown = set(students) - set(STUDENTS)
     if unknown or not students:
         raise ValueError(f"students must be a non-empty subset of {STUDENTS}, got {students}")
-    distill_args = list(DEFAULT_DISTILL_ARGS if distill_args is None else distill_args)
+    distill_args = [*DEFAULT_DISTILL_ARGS, *(distill_args or [])]
     lrs = lrs or {"linear": 3e-4, "local": 2e-4}
     pipeline, data = out / "pipeline", out / "distill-data"
     prompts_file = out / "distill_prompts.txt"
