@@ -50,6 +50,7 @@ seconds (default 240) have passed. ``sweep_best``: the fastest ok config per kin
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -80,6 +81,7 @@ VARIANTS_2D = [("circle-r16", "circle", 16, (8, 16)), ("tile-8x16-r2x1", "tile",
 VARIANTS_3D = [("circle-r2x8x8", "circle", (2, 8, 8), (2, 8, 8)), ("tile-2x8x8-r1x1x1", "tile", (2, 8, 8), (2, 8, 8))]
 FLEX_CASES = ("flux-2k", "flux-4k")  # FlexAttention compiles + builds masks for seconds per shape
 FLEX_BWD_CASES = ("flux-4k",)
+FUSED_DQ_CASES = ("flux-4k", "flux-8k")  # backward="fused_dq" (dQ by atomics in the dK/dV kernel) timed too
 TILED_CASES = ("flux-4k", "flux-8k")  # tokens already in tile order: the gain of keeping them so
 DENSE_BWD_MAX_L = 70000
 
@@ -130,7 +132,7 @@ def make_qkv(B, H, L, D, seed=0, requires_grad=False, device="cuda", dtype=torch
 
 
 def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, dense: bool = True,
-                    tiled_cases=TILED_CASES, log=print, on_case_done=None) -> None:
+                    tiled_cases=TILED_CASES, fused_dq_cases=FUSED_DQ_CASES, log=print, on_case_done=None) -> None:
     """Time every case: Triton local fwd/bwd (both variants), dense SDPA and FlexAttention baselines.
 
     ``cases``: names to run, in that order (default: all, in CASES order).
@@ -160,6 +162,8 @@ def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, den
             torch.cuda.synchronize()
             setup_ms = (time.perf_counter() - t0) * 1e3
             impls = {"triton": (local_attention_triton, (q, k, v))}
+            if fused_dq_cases and name in fused_dq_cases:
+                impls["triton_fused_dq"] = (functools.partial(local_attention_triton, backward="fused_dq"), (q, k, v))
             tiled = bool(tiled_cases) and name in tiled_cases
             if tiled:
                 qt, kt, vt = (to_tile_order(t.detach(), grid, tile, text).requires_grad_() for t in (q, k, v))
@@ -551,6 +555,8 @@ def main(argv=None):
     parser.add_argument("--flex", nargs="*", default=list(FLEX_CASES), help="cases with FlexAttention baselines")
     parser.add_argument("--no-dense", action="store_true")
     parser.add_argument("--tiled", nargs="*", default=list(TILED_CASES), help="cases timed on tile-ordered tokens too")
+    parser.add_argument("--fused-dq", nargs="*", default=list(FUSED_DQ_CASES),
+                        help="cases whose backward is timed with backward='fused_dq' too (impl triton_fused_dq)")
     parser.add_argument("--sweep", action="store_true",
                         help="sweep block configs at flux-4k first, then run the cases with the best ones")
     parser.add_argument("--sweep-only", action="store_true", help="run only the block-config sweep")
@@ -588,7 +594,7 @@ def main(argv=None):
             set_config_override(kind, cfg)
         result["config_used"] = result["sweep_best_overall"]
         print("configs used for the cases:", result["config_used"])
-    run_local_cases(rows, args.cases, flex_cases=args.flex, dense=not args.no_dense, tiled_cases=args.tiled,
+    run_local_cases(rows, args.cases, flex_cases=args.flex, dense=not args.no_dense, tiled_cases=args.tiled, fused_dq_cases=args.fused_dq,
                     on_case_done=dump)
     dump(rows)
     print_table(result["summary"])

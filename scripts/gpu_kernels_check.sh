@@ -4,7 +4,9 @@
 #   1. the kernel tests on CUDA (every case against its float64 reference, poisoned outputs; the
 #      head dims 40-128, 3D grids, odd tiles): tests/test_kernels_local.py, tests/test_kernels_linear.py;
 #   2. flux-4k and flux-8k, tile and circle, forward and backward, with FlexAttention on the same
-#      tile-ordered tokens (forward and backward): the backward/forward ratio of the new defaults;
+#      tile-ordered tokens (forward and backward): the backward/forward ratio of the defaults, and of
+#      backward="fused_dq" (impl triton_fused_dq: dQ by fp32 atomics in the dK/dV kernel, 10th session,
+#      interpreter-tested only until this runs);
 #   3. the forward block sweep (--sweep-kinds fwd), if time is left.
 # The tests alone took ~370 s for test_kernels_local.py in the 9th session (240 s were not enough), so
 # they get all the time but the benchmark's 200 s; the sweep usually does not fit.
@@ -26,7 +28,7 @@ echo "== CUDA kernel tests (at ${SECONDS} s)"
 timeout -k 10 "$(( $(left) - 210 ))" python3 -m pytest tests/test_kernels_local.py tests/test_kernels_linear.py -q -rfE \
   -p no:cacheprovider 2>&1 | tail -30 | tee -a "$OUT/gpu_tests.log"
 
-echo "== flux-4k / flux-8k, new backward defaults (at ${SECONDS} s, $(left) s left)"
+echo "== flux-4k / flux-8k, backward split and fused_dq (at ${SECONDS} s, $(left) s left)"
 timeout -k 10 "$(( $(left) > 200 ? 200 : $(left) ))" python3 benchmarks/kernels_local.py --cases flux-4k flux-8k \
   --flex flux-4k --no-dense --out "$OUT/kernels_local_check.json" > "$OUT/kernels_local_check.log" 2>&1
 echo "exit $? after ${SECONDS} s"; tail -30 "$OUT/kernels_local_check.log"

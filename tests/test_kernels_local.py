@@ -61,8 +61,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).detach().norm() / ref.detach().norm())
 
 
-def check(B, H, D, grid, window, text_len, shape, tile, dtype, backward=True, layout="bhld", seed=None):
-    """Kernel vs float64 reference on fresh random inputs: output and dq, dk, dv."""
+def check(B, H, D, grid, window, text_len, shape, tile, dtype, backward=True, layout="bhld", seed=None,
+          variant="split"):
+    """Kernel vs float64 reference on fresh random inputs: output and dq, dk, dv (``variant``: the backward's)."""
     gen = torch.Generator(device=DEVICE)
     gen.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed)
     L = text_len + math.prod(grid)
@@ -72,7 +73,7 @@ def check(B, H, D, grid, window, text_len, shape, tile, dtype, backward=True, la
     else:
         q, k, v = (torch.randn(B, H, L, D, generator=gen, device=DEVICE).to(dtype) for _ in range(3))
     q, k, v = (t.requires_grad_(backward) for t in (q, k, v))
-    out = local_attention_triton(q, k, v, grid, window, text_len, shape, tile)
+    out = local_attention_triton(q, k, v, grid, window, text_len, shape, tile, backward=variant)
     # float64 reference; on the GPU at real sizes float32 (far below the bf16/fp16 tolerance)
     ref_dtype = torch.float64 if (DEVICE == "cpu" or L <= 8192 or dtype == torch.float32) else torch.float32
     q64, k64, v64 = (t.detach().to(ref_dtype).requires_grad_(backward) for t in (q, k, v))
@@ -142,6 +143,28 @@ def test_circle_small_blocks(case, monkeypatch):
     monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {"BM": 16, "BN": 16} for k in ("fwd", "dkdv", "dq")})
     _, B, H, D, grid, window, text_len, shape, tile, dtype = case
     check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=5)
+
+
+# text + circle, table-mode ellipse, odd tile, 3D fp16, bf16, interior shortcut (all 14 passed once)
+FUSED_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-ellipse-table", "2d-tile-odd-tile", "3d-circle-fp16",
+                                             "2d-circle-bf16", "2d-circle-interior")]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_fused_dq_backward_matches_reference(case, monkeypatch):
+    """backward="fused_dq": dQ added by the dK/dV kernel with atomics. Small blocks, so several key
+    blocks and query chunks of each tile add into the same dQ rows."""
+    from linfusion.kernels import local_configs
+
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {"BM": 16, "BN": 16} for k in ("fwd", "dkdv", "dq")})
+    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
+    check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=7, variant="fused_dq")
+
+
+def test_unknown_backward_variant_raises():
+    q = torch.randn(1, 1, 12, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="fused_dq"):
+        local_attention_triton(q, q, q, (3, 4), 1, backward="fast")
 
 
 def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
@@ -340,6 +363,13 @@ def test_gpu_flux_2k_bf16(shape):
     """FLUX-2K: 128×128 grid + 512 text tokens, head dim 128, bf16 (2 heads to keep the reference cheap)."""
     errs = check(1, 2, 128, (128, 128), 16, 512, shape, None, torch.bfloat16, seed=0)
     assert errs["out"] < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", ["circle", "tile"])
+def test_gpu_flux_2k_fused_dq(shape):
+    """The fused-dQ backward at a real size: many key blocks add into each query's dQ row."""
+    check(1, 2, 128, (128, 128), 16, 512, shape, None, torch.bfloat16, seed=1, variant="fused_dq")
 
 
 @needs_cuda

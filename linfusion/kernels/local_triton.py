@@ -339,7 +339,7 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L,
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, TAB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, TAB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
@@ -347,11 +347,12 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, FUSE_DQ: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
-    window (symmetric) around their tile."""
+    window (symmetric) around their tile. FUSE_DQ: also add this block's share of dQ
+    (dS·K · scale) into the fp32 buffer DQ with atomics, so no dQ pass recomputes P and dP."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -361,6 +362,7 @@ def _dkdv_kernel(
     h = bh - b * H
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    dq_base = DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh  # fp32, the DK/DV strides
     LSE_bh = LSE + bh.to(tl.int64) * L
     DELTA_bh = DELTA + bh.to(tl.int64) * L
     kmask = kvalid[:, None] & dmask[None, :]
@@ -385,6 +387,9 @@ def _dkdv_kernel(
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
+        if FUSE_DQ:  # invalid key rows hold k = 0: they add nothing
+            dq = _dot(tl.trans(dsT).to(k.dtype), k, None, DOT_PREC, UPCAST)
+            tl.atomic_add(dq_base + qpos[:, None] * sgn + offs_d[None, :], dq * sm_scale, mask=lmask, sem="relaxed")
     # 2) the window (symmetric): query tiles around the key tile (none for text keys)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
@@ -405,6 +410,9 @@ def _dkdv_kernel(
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
+        if FUSE_DQ:
+            dq = _dot(tl.trans(dsT).to(k.dtype), k, None, DOT_PREC, UPCAST)
+            tl.atomic_add(dq_base + qpos[:, None] * sgn + offs_d[None, :], dq * sm_scale, mask=lmask, sem="relaxed")
     g_off = b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + kpos[:, None] * sgn + offs_d[None, :]
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kmask)
@@ -590,7 +598,13 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool):
+#: backward variants: "split" (a dK/dV kernel, then a dQ kernel that recomputes P and dP: 7 matmuls
+#: per block pair) or "fused_dq" (the dK/dV kernel also adds dQ with fp32 atomics: 5 matmuls, plus
+#: the atomic traffic; FA3's scheme). Measured on the H200 before either becomes the default.
+BACKWARDS = ("split", "fused_dq")
+
+
+def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool, backward: str = "split"):
     B, H, L, D = q.shape
     do = _last_dim_contiguous(do)
     d_pad = max(16, _pow2(D))
@@ -599,6 +613,9 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
     )
     dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
+    fused = backward == "fused_dq"
+    # the atomics' accumulator: fp32, zeroed, with dK/dV's strides (token-major)
+    dq_acc = torch.zeros((B, L, H, D), dtype=torch.float32, device=q.device).transpose(1, 2) if fused else dq
     common = dict(
         HEAD_DIM=D, D_PAD=d_pad, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3, TILE_ORDER=tile_order,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -614,13 +631,16 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
-        q, k, v, do, lse, delta, dk, dv, table,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, table,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **common,
+        FUSE_DQ=fused, **common,
     )
+    if fused:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
 
     BM, BN, cfg = _blocks("dq", q, d_pad, layout)
     sub = -(-layout.tile_volume // BM)
@@ -641,39 +661,42 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, text_len, tile_order):
+    def forward(ctx, q, k, v, layout, text_len, tile_order, backward):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         o, lse = _forward(q, k, v, layout, text_len, tile_order)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout, ctx.text_len, ctx.tile_order = layout, text_len, tile_order
+        ctx.layout, ctx.text_len, ctx.tile_order, ctx.backward = layout, text_len, tile_order, backward
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.layout, ctx.text_len, ctx.tile_order)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.layout, ctx.text_len, ctx.tile_order, ctx.backward)
+        return dq, dk, dv, None, None, None, None
 
 
-def _prepare(q, k, v, grid, window, text_len, shape, tile) -> LocalLayout:
+def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "split") -> LocalLayout:
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     _check_inputs(q, k, v)
     grid, radii, tile = validate_local_args(grid, window, int(text_len), shape, tile, q.shape[2])
     return get_layout(grid, radii, shape, tile, q.device)
 
 
-def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None):
+def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
+                          backward: str = "split"):
     """Local attention on tokens already in tile order (see ``local_layout.to_tile_order``).
 
     Same arguments and result as :func:`local_attention_triton`, with q, k, v and the output in
     tile order (text first). Keeping tokens in tile order across layers makes every key range
     of the kernel one contiguous run of memory.
     """
-    layout = _prepare(q, k, v, grid, window, text_len, shape, tile)
-    return _LocalAttention.apply(q, k, v, layout, int(text_len), True)
+    layout = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
+    return _LocalAttention.apply(q, k, v, layout, int(text_len), True, backward)
 
 
 def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
-                           tile_order: bool = False):
+                           tile_order: bool = False, backward: str = "split"):
     """Local window attention (Triton), equal to ``local_attention_reference``.
 
     Args:
@@ -685,10 +708,11 @@ def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str 
         shape: "circle" (exact ellipse) or "tile" (tile-aligned window).
         tile: tile size per dimension (default (8, 16) / (2, 8, 8)).
         tile_order: tokens are in tile order (``to_tile_order``) rather than row-major.
+        backward: "split" (default) or "fused_dq" (see :data:`BACKWARDS`).
 
     Returns:
         (B, H, L, D) in q's dtype (a heads-first view of token-major memory), in the same token
         order as the inputs.
     """
-    layout = _prepare(q, k, v, grid, window, text_len, shape, tile)
-    return _LocalAttention.apply(q, k, v, layout, int(text_len), bool(tile_order))
+    layout = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
+    return _LocalAttention.apply(q, k, v, layout, int(text_len), bool(tile_order), backward)
