@@ -28,7 +28,10 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   attend to every key in a dense loop. Their programs run first (longest first).
 * Backward: flash-attention backward over the same tile pairs with the LSE saved by the
   forward: one kernel for dK/dV (key tile, loop over query chunks, symmetric window), one for
-  dQ. Softmax statistics are fp32; fp32 inputs use exact fp32 dots.
+  dQ. Softmax statistics are fp32; fp32 inputs use exact fp32 dots. ``backward="fused_dq"``
+  drops the dQ kernel: the dK/dV kernel adds each block pair's dS·K into an fp32 dQ buffer with
+  atomics (FA3's scheme: 5 matmuls per pair instead of 7, plus the atomic traffic); it stays
+  opt-in until the H200 shows it faster.
 """
 
 from __future__ import annotations
