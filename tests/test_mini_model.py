@@ -168,9 +168,19 @@ def test_quality_quick_mode_writes_the_schema(smoke_run, tmp_path):
             assert row["psnr_vs_teacher"] is None and row["ssim_vs_teacher"] is None
         else:
             assert row["psnr_vs_teacher"] > 0 and -1 <= row["ssim_vs_teacher"] <= 1
+    assert result["settings"]["zero_shot_options"] == {
+        "linear": {"feature_map": "hedgehog"}, "local": {"window": 4, "shape": "circle", "global_pool": 4}}
     from PIL import Image
 
     assert Image.open(grid).size[0] > 6 * 128
+
+
+def test_quality_cli_rejects_unknown_rows(capsys):
+    from linfusion.mini.quality import main
+
+    with pytest.raises(SystemExit):
+        main(["--models", "teacher,student", "--quick"])
+    assert "--models takes a comma-separated subset" in capsys.readouterr().err
 
 
 def test_weights_pack_into_parts_and_unpack_loadable(smoke_run, tmp_path):

@@ -156,7 +156,7 @@ class IndexStream:
             if not focused:
                 raise ValueError("no sample is in the focus")
             self._pools = [others, focused] if others else [None, None]
-            self._share = (round(share * 10_000), 10_000) if others else (0, 1)
+            self._share = (max(1, round(share * 10_000)), 10_000) if others else (0, 1)
         self._cache: dict[int, tuple[int, torch.Tensor]] = {}
 
     def _permutation(self, pool: int, epoch: int) -> torch.Tensor:
