@@ -59,6 +59,12 @@ mkdir -p "$OUT" "$WORK"
 LOG="$OUT/run_log.txt"
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 say() { echo "[mini_gpu_run +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+# copy parts of the unpacked weights (linfusion/mini/weights, carried to the device) into $WORK
+take_unpacked() {
+  for part in "$@"; do
+    rm -rf "${WORK:?}/$part" && cp -r "linfusion/mini/weights/$part" "$WORK/$part" || { say "no unpacked $part"; exit 1; }
+  done
+}
 
 if ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -79,10 +85,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = teacher ]; then
 fi
 STUDENTS=${MINI_STUDENTS:-linear local}
 if [ "$STAGE" = students ]; then
-  rm -rf "$WORK/pipeline" && cp -r linfusion/mini/weights/pipeline "$WORK/pipeline" || { say "no unpacked pipeline"; exit 1; }
+  take_unpacked pipeline
   for m in linear local; do  # a student not retrained keeps its unpacked adapter (packed and benchmarked with the new one)
-    case " $STUDENTS " in *" $m "*) ;; *) rm -rf "$WORK/adapter-$m" && cp -r "linfusion/mini/weights/adapter-$m" "$WORK/" \
-      || { say "no unpacked adapter-$m"; exit 1; } ;; esac
+    case " $STUDENTS " in *" $m "*) ;; *) take_unpacked "adapter-$m" ;; esac
   done
 fi
 if [ "$STAGE" = all ] || [ "$STAGE" = students ]; then
@@ -118,11 +123,7 @@ PY
   python3 -m linfusion.mini.package pack "$WORK" "$OUT" >>"$LOG" 2>&1
   cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null
 fi
-if [ "$STAGE" = benchmark ]; then  # the unpacked weights as they are
-  for part in pipeline adapter-linear adapter-local; do
-    rm -rf "${WORK:?}/$part" && cp -r "linfusion/mini/weights/$part" "$WORK/$part" || { say "no unpacked $part"; exit 1; }
-  done
-fi
+if [ "$STAGE" = benchmark ]; then take_unpacked pipeline adapter-linear adapter-local; fi  # the weights as they are
 if [ "$STAGE" != teacher ]; then
   LEFT=$(left)
   PROMPTS=${MINI_BENCH_PROMPTS:-96}

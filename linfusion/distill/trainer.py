@@ -147,35 +147,28 @@ class IndexStream:
     def __init__(self, size: int, seed: int, batch_size: int, world: int, accum: int,
                  focus: Sequence[int] | None = None, share: float = 0.0) -> None:
         self.size, self.seed, self.batch_size, self.world, self.accum = size, seed, batch_size, world, accum
-        # [others, focused]: pool 0 keeps the seeds of a stream without focus; None: all of range(size)
-        self._pools: list[list[int] | None] = [None, None]
+        # [others, focused]: pool 0 keeps the seeds (and, without focus, the order) of a plain stream
+        self._pools: list[list[int]] = [list(range(size)), []]
         self._share = (0, 1)  # rational share (numerator, denominator): exact for any position
         if focus is not None:
             focused = sorted(set(int(i) for i in focus))
-            others = sorted(set(range(size)) - set(focused))
             if not focused:
                 raise ValueError("no sample is in the focus")
-            self._pools = [others, focused] if others else [None, None]
-            self._share = (max(1, round(share * 10_000)), 10_000) if others else (0, 1)
+            others = sorted(set(range(size)) - set(focused))
+            if others:  # a focus holding every sample is the plain stream
+                self._pools = [others, focused]
+                self._share = (max(1, round(share * 10_000)), 10_000)
         self._cache: dict[int, tuple[int, torch.Tensor]] = {}
 
-    def _permutation(self, pool: int, epoch: int) -> torch.Tensor:
+    def _draw(self, pool: int, position: int) -> int:
+        """The sample at ``position`` of pool ``pool``'s endless stream of epoch-wise permutations."""
+        members = self._pools[pool]
+        epoch, n = position // len(members), len(members)
         cached = self._cache.get(pool)
         if cached is None or cached[0] != epoch:
-            n = self._pool_size(pool)
             generator = torch.Generator().manual_seed(self.seed * 7919 + epoch + pool * 1_000_003)
             self._cache[pool] = cached = (epoch, torch.randperm(n, generator=generator))
-        return cached[1]
-
-    def _pool_size(self, pool: int) -> int:
-        members = self._pools[pool]
-        return self.size if members is None else len(members)
-
-    def _draw(self, pool: int, position: int) -> int:
-        n = self._pool_size(pool)
-        index = int(self._permutation(pool, position // n)[position % n])
-        members = self._pools[pool]
-        return index if members is None else members[index]
+        return members[int(cached[1][position % n])]
 
     def indices(self, step: int, micro: int, rank: int) -> list[int]:
         start = ((step * self.accum + micro) * self.world + rank) * self.batch_size

@@ -340,6 +340,14 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L,
     tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rows < L)
 
 
+@triton.jit
+def _add_dq(ptrs, dsT, k, sm_scale, mask, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ += (dSᵀ K) · scale for one block pair, by fp32 atomics (fused-dQ backward). Invalid key
+    rows hold k = 0 and add nothing; ``mask`` drops invalid query rows."""
+    dq = _dot(tl.trans(dsT).to(k.dtype), k, None, DOT_PREC, UPCAST)
+    tl.atomic_add(ptrs, dq * sm_scale, mask=mask, sem="relaxed")
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, TAB,
@@ -390,9 +398,8 @@ def _dkdv_kernel(
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
-        if FUSE_DQ:  # invalid key rows hold k = 0: they add nothing
-            dq = _dot(tl.trans(dsT).to(k.dtype), k, None, DOT_PREC, UPCAST)
-            tl.atomic_add(dq_base + qpos[:, None] * sgn + offs_d[None, :], dq * sm_scale, mask=lmask, sem="relaxed")
+        if FUSE_DQ:
+            _add_dq(dq_base + qpos[:, None] * sgn + offs_d[None, :], dsT, k, sm_scale, lmask, DOT_PREC, UPCAST)
     # 2) the window (symmetric): query tiles around the key tile (none for text keys)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
@@ -414,8 +421,7 @@ def _dkdv_kernel(
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
         if FUSE_DQ:
-            dq = _dot(tl.trans(dsT).to(k.dtype), k, None, DOT_PREC, UPCAST)
-            tl.atomic_add(dq_base + qpos[:, None] * sgn + offs_d[None, :], dq * sm_scale, mask=lmask, sem="relaxed")
+            _add_dq(dq_base + qpos[:, None] * sgn + offs_d[None, :], dsT, k, sm_scale, lmask, DOT_PREC, UPCAST)
     g_off = b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + kpos[:, None] * sgn + offs_d[None, :]
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kmask)
