@@ -323,7 +323,7 @@ def sweep(log=print) -> list[dict]:
                 log(f"sweep {name} {pss} {change}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
             results.append({"case": name, "pass": pss, "change": change, "ms": ms})
             log(f"sweep {name:8s} {pss} {ms:8.4f} ms  {change}")
-        del q, k, v, dout
+        q = k = v = dout = None  # free the case's tensors before the next one (the lambdas are done)
         torch.cuda.empty_cache()
     return results
 

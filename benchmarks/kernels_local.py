@@ -37,9 +37,10 @@ Block-config sweep (``--sweep``: before the cases, which then run with the best 
 kind (``local_configs.set_config_override``) listed in ``SWEEP_CONFIGS``: "fwd" (6 configs; Triton's automatic warp
 specialization of the window loop was tried in the 9th session and gave nothing, NOTES_local.md),
 "dkdv" (BM query chunk ∈ {16, 32, 64} × BN key block ∈ {64, 128} × 4/8 warps × 2/3 stages) and
-"dq" (BM query block ∈ {64, 128} × BN key chunk ∈ {32, 64, 128} × warps × stages). A "fwd"
+"dq" (BM query block ∈ {64, 128} × BN key chunk ∈ {32, 64, 128} × warps × stages); on request
+(``--sweep-kinds dkdv_fused``) the dK/dV kernel of ``backward="fused_dq"``. A "fwd"
 config times the forward; a "dkdv" or "dq" config the whole backward with only that kernel
-overridden. Each record (JSON ``sweep``) holds the pass's time with the default configs measured
+overridden, a "dkdv_fused" config the whole fused backward. Each record (JSON ``sweep``) holds the pass's time with the default configs measured
 at the start of the same call (``default_ms``, ``speedup``) and ``max_rel_err`` = max |a − b| /
 max |b| of its outputs / gradients against the default configs'; ``ok`` iff it ran, is finite and
 max_rel_err < 2e-2. Configs are swept backward kernels first (``--sweep-kinds`` picks kinds) and skipped once ``--sweep-deadline``
@@ -311,9 +312,13 @@ SWEEP_CONFIGS = {
     "dkdv": _config_grid(BM=(16, 32, 64), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
     # query block BM × key chunks BN
     "dq": _config_grid(BM=(64, 128), BN=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3)),
+    # the dK/dV kernel of backward="fused_dq" (timed as that whole backward): larger key blocks BN
+    # mean fewer fp32 atomic adds per query row
+    "dkdv_fused": _config_grid(BM=(32, 64), BN=(64, 128), num_warps=(4, 8), num_stages=(2,)),
 }
-SWEEP_ORDER = ("dkdv", "dq", "fwd")  # the backward kernels are the target: the deadline cuts fwd first
-SWEEP_PASS = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd"}
+SWEEP_ORDER = ("dkdv_fused", "dkdv", "dq", "fwd")  # the backward kernels are the target: the deadline cuts fwd first
+DEFAULT_SWEEP_KINDS = ("dkdv", "dq", "fwd")  # the default backward's kernels and the forward
+SWEEP_PASS = {"fwd": "fwd", "dkdv": "bwd", "dq": "bwd", "dkdv_fused": "bwd_fused"}
 SWEEP_TOL = 2e-2  # max_rel_err below which a config counts as correct (bf16 outputs)
 SWEEP_KEYS = ("case", "variant", "kernel", "pass", "config", "effective", "is_default", "status", "ok", "ms",
               "default_ms", "speedup", "max_rel_err", "first_call_s", "error")
@@ -353,28 +358,33 @@ class _SweepVariant:
         def fwd():
             return (local_attention_triton(q.detach(), k.detach(), v.detach(), grid, window, text, shape, tile),)
 
-        graph = []  # the forward output whose backward every bwd call runs (made by the first call)
+        def backward_pass(variant: str):
+            graph = []  # the forward output whose backward every call runs (made by the first call)
 
-        def bwd():
-            if not graph:
-                graph.append(local_attention_triton(q, k, v, grid, window, text, shape, tile))
-            return torch.autograd.grad(graph[0], (q, k, v), do, retain_graph=True)
+            def bwd():
+                if not graph:
+                    graph.append(local_attention_triton(q, k, v, grid, window, text, shape, tile, backward=variant))
+                return torch.autograd.grad(graph[0], (q, k, v), do, retain_graph=True)
+            return bwd
 
-        self.q, self.sync = q, sync
+        self.q, self.sync, self.bench = q, sync, bench
         self.layout = _prepare(q, k, v, grid, window, text, shape, tile)
-        self.fns = {"fwd": fwd, "bwd": bwd}
-        # pass -> {"outs", "ms", "error"} with the default configs (no override is set here)
-        self.ref = {pss: self._reference(fn, bench) for pss, fn in self.fns.items()}
+        self.fns = {"fwd": fwd, "bwd": backward_pass("split"), "bwd_fused": backward_pass("fused_dq")}
+        # pass -> {"outs", "ms", "error"} with the default configs, measured on first use (no
+        # override is set then: _run_config sets its override after asking)
+        self._refs: dict[str, dict] = {}
 
-    def _reference(self, fn, bench) -> dict:
-        """Outputs and time of fn() with the default configs; an error is kept, not raised."""
-        ref = {"outs": None, "ms": float("nan"), "error": None}
-        try:
-            ref["outs"] = _first_call(fn, self.sync)[0]
-            ref["ms"] = bench(fn)
-        except Exception as exc:  # noqa: BLE001
-            ref["error"] = _error_text(exc)
-        return ref
+    def reference(self, pss: str) -> dict:
+        """Outputs and time of pass ``pss`` with the default configs; an error is kept, not raised."""
+        if pss not in self._refs:
+            ref = {"outs": None, "ms": float("nan"), "error": None}
+            try:
+                ref["outs"] = _first_call(self.fns[pss], self.sync)[0]
+                ref["ms"] = self.bench(self.fns[pss])
+            except Exception as exc:  # noqa: BLE001
+                ref["error"] = _error_text(exc)
+            self._refs[pss] = ref
+        return self._refs[pss]
 
     def effective(self, kind: str) -> dict:
         """The launch config of ``kind`` under the current overrides, blocks clamped to the tile."""
@@ -390,7 +400,7 @@ def _run_config(state: _SweepVariant, kind: str, cfg: dict, bench) -> dict:
     from linfusion.kernels.local_configs import set_config_override
 
     pss = SWEEP_PASS[kind]
-    ref = state.ref[pss]
+    ref = state.reference(pss)
     rec = {"effective": None, "is_default": None, "status": "failed", "ok": False, "ms": float("nan"),
            "default_ms": ref["ms"], "speedup": float("nan"), "max_rel_err": float("nan"), "first_call_s": None,
            "error": ref["error"] and f"default config: {ref['error']}"}
@@ -560,8 +570,9 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help="sweep block configs at flux-4k first, then run the cases with the best ones")
     parser.add_argument("--sweep-only", action="store_true", help="run only the block-config sweep")
-    parser.add_argument("--sweep-kinds", nargs="+", choices=SWEEP_ORDER, default=list(SWEEP_ORDER),
-                        help="kernel kinds to sweep (default all: dkdv, dq, fwd)")
+    parser.add_argument("--sweep-kinds", nargs="+", choices=SWEEP_ORDER, default=list(DEFAULT_SWEEP_KINDS),
+                        help="kernel kinds to sweep (default: dkdv, dq, fwd; dkdv_fused: the dK/dV kernel of "
+                             "backward='fused_dq')")
     parser.add_argument("--sweep-deadline", type=float, default=240.0,
                         help="seconds after which the sweep skips its remaining configs")
     args = parser.parse_args(argv)

@@ -119,7 +119,7 @@ def test_sweep_failing_timer_is_recorded_and_sweep_goes_on(bench):
 
     def timer(fn):
         n[0] += 1
-        if n[0] in (2, 3):  # the default bwd (so no default_ms) and the dkdv config
+        if n[0] in (1, 2):  # the default bwd (timed when first needed: no default_ms) and the dkdv config
             raise RuntimeError("broken timer " + "x" * 1000)
         return 1.0
 
@@ -133,6 +133,24 @@ def test_sweep_failing_timer_is_recorded_and_sweep_goes_on(bench):
     assert all(r["status"] == "ok" and r["ms"] == 1.0 for r in fwd)
     assert bench.best_configs(records).keys() == {"fwd"}  # failed configs are never "best"
     assert "dkdv" not in bench.best_overall(records)
+
+
+def test_fused_dkdv_sweep_times_the_fused_backward(bench):
+    """A "dkdv_fused" config times backward="fused_dq" and is checked against that backward's own
+    default-config gradients (equal: the kernels sum in the same order whatever the blocks)."""
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        return 3.0
+
+    records = bench.sweep(CASE, VARIANTS[:1], {"dkdv_fused": [{"BM": 16}]}, bench=timer, device=DEVICE,
+                          log=lambda *a: None)
+    (rec,) = records
+    assert rec["kernel"] == "dkdv_fused" and rec["pass"] == "bwd_fused" and rec["status"] == "ok"
+    assert rec["effective"]["BM"] == 16 and rec["max_rel_err"] < 1e-3
+    assert len(timed) == 2 and timed[0] is timed[1]  # its default and its config: the same fused pass
+    assert "dkdv_fused" not in bench.DEFAULT_SWEEP_KINDS
 
 
 def test_sweep_deadline_skips(bench):

@@ -184,6 +184,22 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
     assert local_config("dkdv", bf16, 128, 64, head_dim=128)["num_warps"] == 4  # small tiles: one warpgroup
 
 
+def test_fused_dkdv_config_is_dkdv_plus_its_own_override(monkeypatch):
+    """backward="fused_dq" launches its dK/dV kernel with the "dkdv_fused" config: the dK/dV one (and
+    its overrides, so the small-block tests cover it), then a "dkdv_fused" override on top."""
+    from linfusion.kernels import local_configs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {})
+    bf16 = torch.bfloat16
+    assert local_configs.local_config("dkdv_fused", bf16, 128, 128) == local_configs.local_config("dkdv", bf16, 128, 128)
+    local_configs.set_config_override("dkdv", {"BM": 16})
+    local_configs.set_config_override("dkdv_fused", {"BN": 128, "num_warps": 8})
+    fused = local_configs.local_config("dkdv_fused", bf16, 128, 128)
+    assert fused["BM"] == 16 and fused["BN"] == 128 and fused["num_warps"] == 8
+    assert local_configs.local_config("dkdv", bf16, 128, 128)["BN"] == 64  # the split backward's kernel keeps its own
+
+
 _SM90_PROBE = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"

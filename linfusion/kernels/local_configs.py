@@ -21,7 +21,7 @@ _OVERRIDE: dict[str, dict] = {}
 
 
 def set_config_override(kind: str, config: dict | None) -> None:
-    """Force the config of one kernel kind ("fwd", "dkdv", "dq"), or clear it with None."""
+    """Force the config of one kernel kind ("fwd", "dkdv", "dq", "dkdv_fused"), or clear it with None."""
     if config is None:
         _OVERRIDE.pop(kind, None)
     else:
@@ -29,10 +29,15 @@ def set_config_override(kind: str, config: dict | None) -> None:
 
 
 def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None) -> dict:
-    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq").
+    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq", "dkdv_fused").
 
+    "dkdv_fused" is the dK/dV kernel of ``backward="fused_dq"`` (it also adds dQ with atomics): the
+    dK/dV config, then any "dkdv_fused" override on top (its best blocks may differ: fewer key
+    blocks per query row mean fewer atomics).
     ``head_dim`` (default ``d_pad``): the backward's swept configs apply where they were verified
     on the H200, head dim 128; head dims padded to 128 (72, 80, 96) keep the earlier ones."""
+    if kind == "dkdv_fused":
+        return {**local_config("dkdv", dtype, d_pad, tile_volume, head_dim), **_OVERRIDE.get(kind, {})}
     head_dim = d_pad if head_dim is None else head_dim
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     tile_block = max(16, min(128, _pow2(tile_volume)))

@@ -633,7 +633,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
     table = _table(layout, q.device)
 
-    BM, BN, cfg = _blocks("dkdv", q, d_pad, layout)
+    BM, BN, cfg = _blocks("dkdv_fused" if fused else "dkdv", q, d_pad, layout)
     sub = -(-layout.tile_volume // BN)
     ntb = -(-text_len // BN)
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
