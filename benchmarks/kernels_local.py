@@ -82,7 +82,7 @@ VARIANTS_2D = [("circle-r16", "circle", 16, (8, 16)), ("tile-8x16-r2x1", "tile",
 VARIANTS_3D = [("circle-r2x8x8", "circle", (2, 8, 8), (2, 8, 8)), ("tile-2x8x8-r1x1x1", "tile", (2, 8, 8), (2, 8, 8))]
 FLEX_CASES = ("flux-2k", "flux-4k")  # FlexAttention compiles + builds masks for seconds per shape
 FLEX_BWD_CASES = ("flux-4k",)
-FUSED_DQ_CASES = ("flux-4k", "flux-8k")  # backward="fused_dq" (dQ by atomics in the dK/dV kernel) timed too
+FUSED_DQ_CASES = ("flux-4k", "flux-8k")  # both backward variants timed too (impls triton_split, triton_fused_dq)
 TILED_CASES = ("flux-4k", "flux-8k")  # tokens already in tile order: the gain of keeping them so
 DENSE_BWD_MAX_L = 70000
 
@@ -162,9 +162,10 @@ def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, den
             get_layout(grid, window, vshape, tile, q.device)
             torch.cuda.synchronize()
             setup_ms = (time.perf_counter() - t0) * 1e3
-            impls = {"triton": (local_attention_triton, (q, k, v))}
-            if fused_dq_cases and name in fused_dq_cases:
-                impls["triton_fused_dq"] = (functools.partial(local_attention_triton, backward="fused_dq"), (q, k, v))
+            impls = {"triton": (local_attention_triton, (q, k, v))}  # backward="auto"
+            if fused_dq_cases and name in fused_dq_cases:  # both backward variants, whichever "auto" picks
+                for variant in ("split", "fused_dq"):
+                    impls[f"triton_{variant}"] = (functools.partial(local_attention_triton, backward=variant), (q, k, v))
             tiled = bool(tiled_cases) and name in tiled_cases
             if tiled:
                 qt, kt, vt = (to_tile_order(t.detach(), grid, tile, text).requires_grad_() for t in (q, k, v))
@@ -313,8 +314,10 @@ SWEEP_CONFIGS = {
     # query block BM × key chunks BN
     "dq": _config_grid(BM=(64, 128), BN=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3)),
     # the dK/dV kernel of backward="fused_dq" (timed as that whole backward): larger key blocks BN
-    # mean fewer fp32 atomic adds per query row
-    "dkdv_fused": _config_grid(BM=(32, 64), BN=(64, 128), num_warps=(4, 8), num_stages=(2,)),
+    # mean fewer fp32 atomic adds per query row. The 11th session's first sweep (BM 32/64 × BN 64/128
+    # × 4/8 warps, 2 stages, kernels_local_sweep_dkdv_fused.json) found 128-key blocks on 8 warps
+    # best by far (4 warps spill the 128-key accumulators); this grid explores around them.
+    "dkdv_fused": _config_grid(BM=(16, 32, 64, 128), BN=(128,), num_warps=(8,), num_stages=(2, 3)),
 }
 SWEEP_ORDER = ("dkdv_fused", "dkdv", "dq", "fwd")  # the backward kernels are the target: the deadline cuts fwd first
 DEFAULT_SWEEP_KINDS = ("dkdv", "dq", "fwd")  # the default backward's kernels and the forward
@@ -368,7 +371,7 @@ class _SweepVariant:
             return bwd
 
         self.q, self.sync, self.bench = q, sync, bench
-        self.layout = _prepare(q, k, v, grid, window, text, shape, tile)
+        self.layout, _ = _prepare(q, k, v, grid, window, text, shape, tile)
         self.fns = {"fwd": fwd, "bwd": backward_pass("split"), "bwd_fused": backward_pass("fused_dq")}
         # pass -> {"outs", "ms", "error"} with the default configs, measured on first use (no
         # override is set then: _run_config sets its override after asking)
@@ -566,7 +569,7 @@ def main(argv=None):
     parser.add_argument("--no-dense", action="store_true")
     parser.add_argument("--tiled", nargs="*", default=list(TILED_CASES), help="cases timed on tile-ordered tokens too")
     parser.add_argument("--fused-dq", nargs="*", default=list(FUSED_DQ_CASES),
-                        help="cases whose backward is timed with backward='fused_dq' too (impl triton_fused_dq)")
+                        help="cases whose backward is also timed with each explicit variant (impls triton_split, triton_fused_dq)")
     parser.add_argument("--sweep", action="store_true",
                         help="sweep block configs at flux-4k first, then run the cases with the best ones")
     parser.add_argument("--sweep-only", action="store_true", help="run only the block-config sweep")

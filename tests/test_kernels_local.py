@@ -184,20 +184,32 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
     assert local_config("dkdv", bf16, 128, 64, head_dim=128)["num_warps"] == 4  # small tiles: one warpgroup
 
 
-def test_fused_dkdv_config_is_dkdv_plus_its_own_override(monkeypatch):
-    """backward="fused_dq" launches its dK/dV kernel with the "dkdv_fused" config: the dK/dV one (and
-    its overrides, so the small-block tests cover it), then a "dkdv_fused" override on top."""
+def test_fused_dkdv_config_and_auto_backward(monkeypatch):
+    """backward="fused_dq" launches its dK/dV kernel with the "dkdv_fused" config: the H200-swept
+    blocks at head dim 128 (bf16/fp16, whole 128-token tiles), else the dK/dV one; a "dkdv" override
+    (the small-block tests) applies to both, a "dkdv_fused" override on top. "auto" picks the fused
+    backward exactly there, for circles."""
     from linfusion.kernels import local_configs
+    from linfusion.kernels.local_configs import default_backward, local_config, set_config_override
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(local_configs, "_OVERRIDE", {})
-    bf16 = torch.bfloat16
-    assert local_configs.local_config("dkdv_fused", bf16, 128, 128) == local_configs.local_config("dkdv", bf16, 128, 128)
-    local_configs.set_config_override("dkdv", {"BM": 16})
-    local_configs.set_config_override("dkdv_fused", {"BN": 128, "num_warps": 8})
-    fused = local_configs.local_config("dkdv_fused", bf16, 128, 128)
-    assert fused["BM"] == 16 and fused["BN"] == 128 and fused["num_warps"] == 8
-    assert local_configs.local_config("dkdv", bf16, 128, 128)["BN"] == 64  # the split backward's kernel keeps its own
+    bf16, fp16 = torch.bfloat16, torch.float16
+    assert local_config("dkdv_fused", bf16, 128, 128) == {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}
+    assert local_config("dkdv_fused", bf16, 128, 128, head_dim=96) == local_config("dkdv", bf16, 128, 128, head_dim=96)
+    assert local_config("dkdv_fused", torch.float32, 128, 128) == local_config("dkdv", torch.float32, 128, 128)
+    set_config_override("dkdv", {"BM": 16})
+    set_config_override("dkdv_fused", {"num_stages": 3})
+    fused = local_config("dkdv_fused", bf16, 128, 128)
+    assert fused["BM"] == 16 and fused["BN"] == 64 and fused["num_stages"] == 3  # dK/dV's blocks + overrides
+    assert local_config("dkdv", bf16, 128, 128)["num_stages"] == 2  # the split backward's kernel keeps its own
+
+    assert default_backward("circle", bf16, 128, 128) == "fused_dq" == default_backward("circle", fp16, 128, 128)
+    for args in (("tile", bf16, 128, 128), ("circle", bf16, 64, 128), ("circle", torch.float32, 128, 128),
+                 ("circle", bf16, 128, 64)):
+        assert default_backward(*args) == "split", args
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert default_backward("circle", bf16, 128, 128) == "split"  # interpreted: the tests pick explicitly
 
 
 _SM90_PROBE = r"""

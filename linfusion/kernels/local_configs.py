@@ -36,9 +36,15 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
     blocks per query row mean fewer atomics).
     ``head_dim`` (default ``d_pad``): the backward's swept configs apply where they were verified
     on the H200, head dim 128; head dims padded to 128 (72, 80, 96) keep the earlier ones."""
-    if kind == "dkdv_fused":
-        return {**local_config("dkdv", dtype, d_pad, tile_volume, head_dim), **_OVERRIDE.get(kind, {})}
     head_dim = d_pad if head_dim is None else head_dim
+    if kind == "dkdv_fused":
+        cfg = local_config("dkdv", dtype, d_pad, tile_volume, head_dim)
+        if _swept_fused(dtype, head_dim, tile_volume) and "dkdv" not in _OVERRIDE:
+            # H200 sweep (benchmarks/results/kernels_local_sweep_dkdv_fused.json, flux-4k): 128-key blocks
+            # halve the atomic adds per query row, and need 8 warps for their dK/dV accumulators;
+            # fused backward 19.1 ms circle / 17.9 ms tile, against 35.4 / 31.3 ms with dK/dV's blocks
+            cfg = {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}
+        return {**cfg, **_OVERRIDE.get(kind, {})}
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     tile_block = max(16, min(128, _pow2(tile_volume)))
     if interp:
@@ -69,3 +75,19 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
         cfg["num_warps"] = 4
     cfg.update(_OVERRIDE.get(kind, {}))
     return cfg
+
+
+def _swept_fused(dtype: torch.dtype, head_dim: int, tile_volume: int) -> bool:
+    """The fused backward's swept blocks apply: compiled (not interpreted) bf16/fp16, head dim 128,
+    whole 128-token tiles."""
+    compiled = os.environ.get("TRITON_INTERPRET", "0") != "1"
+    return compiled and dtype in (torch.float16, torch.bfloat16) and head_dim == 128 and tile_volume >= 128
+
+
+def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume: int) -> str:
+    """The backward variant ``backward="auto"`` runs (see ``local_triton.BACKWARDS``).
+
+    "fused_dq" where the H200 measured it faster: circles at the swept blocks (flux-4k circle r16:
+    19.1 ms against 20.2 ms split; a circle's dQ pass re-evaluates the edge masks, which the fused
+    pass does once). Tile windows keep "split" (17.2 ms against 17.9 ms fused)."""
+    return "fused_dq" if shape == "circle" and _swept_fused(dtype, head_dim, tile_volume) else "split"

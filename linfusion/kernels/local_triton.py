@@ -30,8 +30,8 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   forward: one kernel for dK/dV (key tile, loop over query chunks, symmetric window), one for
   dQ. Softmax statistics are fp32; fp32 inputs use exact fp32 dots. ``backward="fused_dq"``
   drops the dQ kernel: the dK/dV kernel adds each block pair's dS·K into an fp32 dQ buffer with
-  atomics (FA3's scheme: 5 matmuls per pair instead of 7, plus the atomic traffic); it stays
-  opt-in until the H200 shows it faster.
+  atomics (FA3's scheme: 5 matmuls per pair instead of 7, plus the atomic traffic).
+  ``backward="auto"`` (default) runs it where the H200 measured it faster (circles, head dim 128).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_configs import local_config
+from .local_configs import default_backward, local_config
 from .local_layout import (
     MASK_TABLE,
     LocalLayout,
@@ -608,9 +608,10 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
 
 
 #: backward variants: "split" (a dK/dV kernel, then a dQ kernel that recomputes P and dP: 7 matmuls
-#: per block pair) or "fused_dq" (the dK/dV kernel also adds dQ with fp32 atomics: 5 matmuls, plus
-#: the atomic traffic; FA3's scheme). Measured on the H200 before either becomes the default.
-BACKWARDS = ("split", "fused_dq")
+#: per block pair), "fused_dq" (the dK/dV kernel also adds dQ with fp32 atomics: 5 matmuls, plus
+#: the atomic traffic; FA3's scheme) or "auto" (the default: whichever the H200 measured faster for
+#: the window shape, dtype and head dim, ``local_configs.default_backward``).
+BACKWARDS = ("auto", "split", "fused_dq")
 
 
 def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool, backward: str = "split"):
@@ -684,28 +685,32 @@ class _LocalAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "split") -> LocalLayout:
+def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto") -> tuple[LocalLayout, str]:
+    """The layout of the arguments (validated) and the backward variant to run."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     _check_inputs(q, k, v)
     grid, radii, tile = validate_local_args(grid, window, int(text_len), shape, tile, q.shape[2])
-    return get_layout(grid, radii, shape, tile, q.device)
+    layout = get_layout(grid, radii, shape, tile, q.device)
+    if backward == "auto":
+        backward = default_backward(shape, q.dtype, q.shape[-1], layout.tile_volume)
+    return layout, backward
 
 
 def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
-                          backward: str = "split"):
+                          backward: str = "auto"):
     """Local attention on tokens already in tile order (see ``local_layout.to_tile_order``).
 
     Same arguments and result as :func:`local_attention_triton`, with q, k, v and the output in
     tile order (text first). Keeping tokens in tile order across layers makes every key range
     of the kernel one contiguous run of memory.
     """
-    layout = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
+    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
     return _LocalAttention.apply(q, k, v, layout, int(text_len), True, backward)
 
 
 def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
-                           tile_order: bool = False, backward: str = "split"):
+                           tile_order: bool = False, backward: str = "auto"):
     """Local window attention (Triton), equal to ``local_attention_reference``.
 
     Args:
@@ -717,11 +722,11 @@ def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str 
         shape: "circle" (exact ellipse) or "tile" (tile-aligned window).
         tile: tile size per dimension (default (8, 16) / (2, 8, 8)).
         tile_order: tokens are in tile order (``to_tile_order``) rather than row-major.
-        backward: "split" (default) or "fused_dq" (see :data:`BACKWARDS`).
+        backward: "auto" (default), "split" or "fused_dq" (see :data:`BACKWARDS`).
 
     Returns:
         (B, H, L, D) in q's dtype (a heads-first view of token-major memory), in the same token
         order as the inputs.
     """
-    layout = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
+    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
     return _LocalAttention.apply(q, k, v, layout, int(text_len), bool(tile_order), backward)
