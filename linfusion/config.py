@@ -40,6 +40,8 @@ class PatchConfig:
 
     ``linear``:
         feature_map: "elu1" (LinFusion), "relu" (SANA/LiT) or "hedgehog" (learnable softmax map).
+        hedgehog_features: projected features per sign of the hedgehog map (None: the head dim;
+            φ then has twice this many dims, ≤ 256 for the Triton kernel).
         feature_mlp: LinFusion's residual feature MLPs before the q/k projections
             (last layer zero-initialised, so the patch starts as plain ``feature_map``).
         mlp_ratio: hidden width of the feature MLPs relative to the channels
@@ -64,6 +66,7 @@ class PatchConfig:
     backend: str | None = None
     # linear
     feature_map: str = "elu1"
+    hedgehog_features: int | None = None
     feature_mlp: bool = True
     mlp_ratio: float | None = None
     conv_v: bool = False
@@ -97,6 +100,12 @@ class PatchConfig:
             self.dense_fallback = self.layers == "auto"
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.hedgehog_features is not None:
+            if self.feature_map != "hedgehog":
+                raise ValueError(f"hedgehog_features applies to feature_map='hedgehog', not {self.feature_map!r}")
+            if int(self.hedgehog_features) != self.hedgehog_features or self.hedgehog_features < 1:
+                raise ValueError(f"hedgehog_features must be a positive integer, got {self.hedgehog_features!r}")
+            self.hedgehog_features = int(self.hedgehog_features)
         if self.mlp_ratio is not None and not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:

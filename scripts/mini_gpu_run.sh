@@ -36,7 +36,9 @@
 # "--losses task=0 kd=1 attn=0.5 --lr-decay cosine" since attempt 9; a flag given again wins, e.g.
 # "--focus-timesteps 550:750:0.5", or "--losses task=1 kd=0.5 attn=0.5 var=0.05 --lr-decay constant" for attempt 8's),
 # MINI_STUDENTS ("linear local", the default, or one of them: the other keeps the adapter unpacked in
-# linfusion/mini/weights, and the benchmark scores both),
+# linfusion/mini/weights, and the benchmark scores both; variants "linear-TAG" train in parallel beside them,
+# travel in the tar under variants/ (unpack --variants DIR) and are not benchmarked here),
+# MINI_STUDENT_ARGS (flags for single students, "linear-long: --steps 3500; linear-wide: --lr 1e-3"),
 # MINI_TRAIN_ARGS (extra flags for linfusion.mini.train, e.g. "--textured-object-scale 1" for attempt 7's loss,
 # "--small-object-scale 1 --textured-object-scale 1" for attempt 6's;
 # note: MINI_DEADLINE < 200 divides the distill steps by 3),
@@ -97,7 +99,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = students ]; then
     "${DISTILL[3]}" "$DEVICE" "$SHORT" "$STUDENTS" <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, shlex, sys, torch
 from pathlib import Path
-from linfusion.mini.train import DISTILL_PROMPTS, DISTILL_STEPS, distill_students, parse_student_options
+from linfusion.mini.train import (DISTILL_PROMPTS, DISTILL_STEPS, distill_students, parse_student_args,
+                                  parse_student_options)
 out = Path(sys.argv[1])
 steps = DISTILL_STEPS if sys.argv[2] == "default" else int(sys.argv[2])
 prompts = DISTILL_PROMPTS if sys.argv[3] == "default" else int(sys.argv[3])
@@ -108,7 +111,8 @@ summary = distill_students(out, steps=steps, prompts=prompts, data_steps=int(sys
                            local_options=parse_student_options(os.environ.get("MINI_LOCAL_OPTIONS")),
                            linear_options=parse_student_options(os.environ.get("MINI_LINEAR_OPTIONS")),
                            distill_args=shlex.split(os.environ.get("MINI_DISTILL_ARGS", "")),
-                           students=tuple(sys.argv[8].split()))
+                           students=tuple(sys.argv[8].split()),
+                           student_args=parse_student_args(os.environ.get("MINI_STUDENT_ARGS")))
 path = out / "train_summary.json"
 data = json.loads(path.read_text()) if path.exists() else {}
 data["distill"] = summary
@@ -116,7 +120,7 @@ path.write_text(json.dumps(data, indent=1, default=str))
 print(json.dumps(summary))
 PY
   [ "${PIPESTATUS[0]}" = 0 ] || say "distillation failed"
-  for m in linear local; do [ -f "$WORK/distill-$m.log" ] && { echo "--- distill-$m.log (tail)"; tail -c 3000 "$WORK/distill-$m.log"; } >>"$LOG"; done
+  for m in $STUDENTS; do [ -f "$WORK/distill-$m.log" ] && { echo "--- distill-$m.log (tail)"; tail -c 3000 "$WORK/distill-$m.log"; } >>"$LOG"; done
   # loss curves, one file (at most 8 files come back from the device): {"student": m, ...metrics} per line
   for m in $STUDENTS; do [ -f "$WORK/adapter-$m/metrics.jsonl" ] && sed "s/^{/{\"student\": \"$m\", /" "$WORK/adapter-$m/metrics.jsonl"; done \
     > "$OUT/distill_metrics.jsonl"
@@ -124,7 +128,10 @@ PY
   cp "$WORK/train_summary.json" "$OUT/" 2>/dev/null
 fi
 if [ "$STAGE" = benchmark ]; then take_unpacked pipeline adapter-linear adapter-local; fi  # the weights as they are
-if [ "$STAGE" != teacher ]; then
+VARIANTS_TRAINED=0; case " $STUDENTS " in *-*) [ "$STAGE" = students ] || [ "$STAGE" = all ] && VARIANTS_TRAINED=1 ;; esac
+if [ "$VARIANTS_TRAINED" = 1 ]; then
+  say "student variants trained: no benchmark in this call (compare them with benchmarks/mini_failures.py --adapter)"
+elif [ "$STAGE" != teacher ]; then
   LEFT=$(left)
   PROMPTS=${MINI_BENCH_PROMPTS:-96}
   # 96 prompts took 182-200 s on the H200 (attempt 9); a call killed at 600 s returns no quality.json

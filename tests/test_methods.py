@@ -71,6 +71,37 @@ def test_linear_feature_maps_start_as_documented():
     assert torch.equal(xq, x) and torch.equal(xk, x)  # zero-initialised feature MLPs
 
 
+def test_hedgehog_with_more_features():
+    """hedgehog_features M > D: φ has 2M dims, the method still equals its explicit kernel matrix, and
+    the near-identity extra blocks start close to the M = D map's attention (copies would be exact)."""
+    heads, d, grid = 2, 8, (3, 5)
+    torch.manual_seed(0)
+    wide = LinearAttention(16, heads, d, feature_map="hedgehog", hedgehog_features=20, eps=1e-3).double()
+    base = LinearAttention(16, heads, d, feature_map="hedgehog", eps=1e-3).double()
+    assert wide.hedgehog.weight.shape == (heads, d, 20)
+    torch.testing.assert_close(wide.hedgehog.weight[:, :, :d], base.hedgehog.weight)
+    img = rand_qkv(2, heads, 15, d, seed=1)
+    assert wide.feature_map(img.q).shape == (2, heads, 15, 40)
+    out, _ = wide(img, None, grid)
+    torch.testing.assert_close(out, explicit_linear(img.q, img.k, img.v, 1e-3, wide.feature_map), rtol=1e-10, atol=1e-12)
+    ref, _ = base(img, None, grid)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    # two exact copies (M = 2D): the same attention as M = D (the ratio's scale cancels; eps does not)
+    wide.hedgehog.weight = torch.nn.Parameter(torch.cat([base.hedgehog.weight] * 2, dim=2))
+    wide.eps = base.eps = 1e-15
+    torch.testing.assert_close(wide(img, None, grid)[0], base(img, None, grid)[0], rtol=1e-9, atol=1e-9)
+
+
+def test_hedgehog_features_option_is_validated():
+    from linfusion.config import PatchConfig
+
+    assert PatchConfig(feature_map="hedgehog", hedgehog_features=128).hedgehog_features == 128
+    with pytest.raises(ValueError, match="hedgehog_features applies"):
+        PatchConfig(feature_map="elu1", hedgehog_features=128)
+    with pytest.raises(ValueError, match="positive integer"):
+        PatchConfig(feature_map="hedgehog", hedgehog_features=0)
+
+
 def test_linear_conv_v_adds_depthwise_convolution():
     method = LinearAttention(8, 2, 4, conv_v=True, conv_kernel=3, feature_mlp=False).double()
     img = rand_qkv(1, 2, 12, 4, seed=3)

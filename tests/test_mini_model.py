@@ -78,10 +78,24 @@ def test_smoke_training_writes_a_loadable_fp16_pipeline(smoke_run):
 def test_distill_students_rejects_an_unknown_student(tmp_path):
     from linfusion.mini.train import distill_students
 
-    for students in (("linear", "lineer"), ()):
-        with pytest.raises(ValueError, match="subset of"):
+    for students in (("linear", "lineer"), (), ("linear", "linear"), ("linear-",), ("lineer-wide",)):
+        with pytest.raises(ValueError, match="distinct names"):
             distill_students(tmp_path, steps=1, prompts=1, data_steps=1, batch_size=1, parallel=False,
                              device=torch.device("cpu"), students=students)
+    with pytest.raises(ValueError, match="not trained"):
+        distill_students(tmp_path, steps=1, prompts=1, data_steps=1, batch_size=1, parallel=False,
+                         device=torch.device("cpu"), students=("linear",), student_args={"linear-wide": ["--lr", "1"]})
+
+
+def test_student_variants_parse_and_map_to_their_method():
+    from linfusion.mini.train import parse_student_args, student_method
+
+    assert student_method("linear") == "linear" and student_method("linear-wide-2") == "linear"
+    assert parse_student_args(" linear-long: --steps 3500 ; linear-wide: --patch-option hedgehog_features=128;") == {
+        "linear-long": ["--steps", "3500"], "linear-wide": ["--patch-option", "hedgehog_features=128"]}
+    assert parse_student_args(None) == {} == parse_student_args("")
+    with pytest.raises(ValueError, match="NAME: FLAGS"):
+        parse_student_args("linear-long --steps 3500")
 
 
 def test_keep_ships_the_chosen_transformer_weights_without_a_read_out(tmp_path):
@@ -197,6 +211,28 @@ def test_weights_pack_into_parts_and_unpack_loadable(smoke_run, tmp_path):
     (tmp_path / "out" / manifest["parts"][0]["name"]).write_bytes(b"corrupt")
     with pytest.raises(ValueError, match="corrupt"):
         unpack(tmp_path / "out", tmp_path / "other")
+
+
+def test_student_variants_travel_apart_from_the_bundled_weights(smoke_run, tmp_path):
+    """adapter-linear-TAG folders ride in the tar under variants/: unpacked only where asked, never
+    into the weights folder that ships."""
+    import shutil
+
+    from linfusion.mini.package import pack, unpack
+
+    train = tmp_path / "train"
+    shutil.copytree(smoke_run / "pipeline", train / "pipeline")
+    for name in ("adapter-linear", "adapter-local"):
+        shutil.copytree(smoke_run / name, train / name)
+    shutil.copytree(smoke_run / "adapter-linear", train / "adapter-linear-wide")
+    manifest = pack(train, tmp_path / "out")
+    assert "variants/adapter-linear-wide/linfusion_adapter.safetensors" in manifest["files_mb"]
+    unpack(tmp_path / "out", tmp_path / "weights")
+    assert not (tmp_path / "weights" / "variants").exists() and (tmp_path / "weights" / "adapter-linear").is_dir()
+    unpack(tmp_path / "out", tmp_path / "weights2", variants=tmp_path / "variants")
+    assert not (tmp_path / "weights2" / "variants").exists()
+    got = tmp_path / "variants" / "adapter-linear-wide" / "linfusion_adapter.safetensors"
+    assert got.read_bytes() == (smoke_run / "adapter-linear" / "linfusion_adapter.safetensors").read_bytes()
 
 
 # --------------------------------------------------------------------------- parts

@@ -19,6 +19,7 @@ def build_method(
             heads,
             head_dim,
             feature_map=config.feature_map,
+            hedgehog_features=config.hedgehog_features,
             feature_mlp=config.feature_mlp,
             mlp_hidden=max(1, round(channels * ratio)),
             conv_v=config.conv_v,

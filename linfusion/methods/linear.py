@@ -10,7 +10,9 @@ Linear, last layer zero-initialised) and φ the feature map:
 
 * ``elu1``: ELU(u) + 1 (LinFusion);
 * ``relu``: ReLU(u) (SANA / LiT; no 1/√d);
-* ``hedgehog``: softmax(uW) ⊕ softmax(-uW) per head, W learnable, initialised to the identity.
+* ``hedgehog``: softmax(uW) ⊕ softmax(-uW) per head, W (d × m) learnable, initialised to the
+  identity (m = d; for m > d, further near-identity blocks, which leave the initial attention
+  almost unchanged: a repeated block only rescales both sides of the normalised ratio).
 
 Weight inheritance: W_q, W_k, W_v and the output projection are the layer's own;
 with the MLPs at zero the patched layer starts as ``φ`` linear attention on the
@@ -46,11 +48,20 @@ class FeatureMLP(nn.Module):
 
 
 class HedgehogFeatureMap(nn.Module):
-    """φ(u) = softmax(uW) ⊕ softmax(-uW) per head; maps (B, H, L, D) → (B, H, L, 2D)."""
+    """φ(u) = softmax(uW) ⊕ softmax(-uW) per head, W: (D, M); maps (B, H, L, D) → (B, H, L, 2M).
 
-    def __init__(self, heads: int, head_dim: int) -> None:
+    ``features`` M (default D): more features give the kernel φ(q)·φ(k) more rank, so it can
+    follow sharper attention (the state grows to 2M × D per head). W starts as [I | I + noise | …]:
+    exact copies of a block would keep identical gradients forever, the noise (std 1e-2) lets
+    them part."""
+
+    def __init__(self, heads: int, head_dim: int, features: int | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.eye(head_dim).repeat(heads, 1, 1))
+        features = head_dim if features is None else features
+        eye = torch.eye(head_dim)
+        blocks = [eye] + [eye + 1e-2 * torch.randn(head_dim, head_dim) for _ in range(-(-features // head_dim) - 1)]
+        weight = torch.cat(blocks, dim=1)[:, :features]
+        self.weight = nn.Parameter(weight.repeat(heads, 1, 1))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         projected = torch.einsum("bhld,hde->bhle", u, self.weight.to(u.dtype))
@@ -90,6 +101,7 @@ class LinearAttention(AttentionMethod):
         channels: width C of the hidden states entering the q/k projections.
         heads, head_dim: the layer's head layout.
         feature_map: "elu1", "relu" or "hedgehog".
+        hedgehog_features: the hedgehog map's projected features per sign (None: head_dim).
         feature_mlp: add LinFusion's residual feature MLPs.
         mlp_hidden: hidden width m of those MLPs.
         conv_v: add LiT's depthwise convolution of V.
@@ -106,6 +118,7 @@ class LinearAttention(AttentionMethod):
         heads: int,
         head_dim: int,
         feature_map: str = "elu1",
+        hedgehog_features: int | None = None,
         feature_mlp: bool = True,
         mlp_hidden: int | None = None,
         conv_v: bool = False,
@@ -120,7 +133,7 @@ class LinearAttention(AttentionMethod):
         hidden = mlp_hidden or channels
         self.feature_q = FeatureMLP(channels, hidden) if feature_mlp else None
         self.feature_k = FeatureMLP(channels, hidden) if feature_mlp else None
-        self.hedgehog = HedgehogFeatureMap(heads, head_dim) if feature_map == "hedgehog" else None
+        self.hedgehog = HedgehogFeatureMap(heads, head_dim, hedgehog_features) if feature_map == "hedgehog" else None
         self.conv = DepthwiseConvV(heads * head_dim, conv_kernel) if conv_v else None
 
     def adapt_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

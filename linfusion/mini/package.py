@@ -9,10 +9,13 @@ tar split into parts::
 ``pack`` stages ``TRAIN_DIR/pipeline`` and ``TRAIN_DIR/adapter-{linear,local}`` in the
 ``linfusion/mini/weights`` layout (only the files loading needs), checks the size budget
 (each file < 16 MB, about 30 MB in all), and writes ``mini_weights.tar.partNN`` plus
-``mini_weights.json`` (sha256 of every part and of the whole tar, the file list).
+``mini_weights.json`` (sha256 of every part and of the whole tar, the file list). Student
+variants (``TRAIN_DIR/adapter-linear-TAG``, recipes compared in one call) travel in the same
+tar under ``variants/``, outside the budget.
 ``unpack`` verifies the checksums, joins the parts and extracts into
-``linfusion/mini/weights`` (replacing what was there); with ``--results`` it also copies
-``quality.json`` and ``quality_grid.png`` from SRC into ``benchmarks/results/``.
+``linfusion/mini/weights`` (replacing what was there); variants go only where ``--variants DIR``
+says (never into the package); with ``--results`` it also copies ``quality.json`` and
+``quality_grid.png`` from SRC into ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ FILE_LIMIT_MB = 16.0
 TOTAL_BUDGET_MB = 32.0
 NAME = "mini_weights"
 ADAPTER_FILES = ("linfusion_adapter.json", "linfusion_adapter.safetensors")
+BUNDLED_ADAPTERS = ("adapter-linear", "adapter-local")
+VARIANTS = "variants"  # tar folder of the student variants' adapters
 
 
 def _sha256(data: bytes) -> str:
@@ -48,18 +53,19 @@ def stage(train_dir: str | Path, dest: str | Path) -> dict[str, float]:
     if not (pipeline / "model_index.json").is_file():
         raise FileNotFoundError(f"{pipeline} is not a saved pipeline (no model_index.json)")
     shutil.copytree(pipeline, dest / "pipeline", ignore=shutil.ignore_patterns("*.tmp", ".cache"))
-    for method in ("linear", "local"):
-        src = train_dir / f"adapter-{method}"
+    for src in sorted(train_dir.glob("adapter-*")):
         if (src / ADAPTER_FILES[0]).is_file():
-            (dest / f"adapter-{method}").mkdir(parents=True)
+            target = dest / src.name if src.name in BUNDLED_ADAPTERS else dest / VARIANTS / src.name
+            target.mkdir(parents=True)
             for name in ADAPTER_FILES:
-                shutil.copy2(src / name, dest / f"adapter-{method}" / name)
+                shutil.copy2(src / name, target / name)
     sizes = {str(p.relative_to(dest)): round(p.stat().st_size / 2**20, 3) for p in sorted(dest.rglob("*")) if p.is_file()}
     too_big = {k: v for k, v in sizes.items() if v >= FILE_LIMIT_MB}
     if too_big:
         raise ValueError(f"files over {FILE_LIMIT_MB} MB cannot ship: {too_big}")
-    if sum(sizes.values()) > TOTAL_BUDGET_MB:
-        print(f"warning: weights take {sum(sizes.values()):.1f} MB (budget about 30 MB)", file=sys.stderr)
+    shipped = sum(v for k, v in sizes.items() if not k.startswith(VARIANTS + "/"))
+    if shipped > TOTAL_BUDGET_MB:
+        print(f"warning: weights take {shipped:.1f} MB (budget about 30 MB)", file=sys.stderr)
     return sizes
 
 
@@ -88,8 +94,10 @@ def pack(train_dir: str | Path, out: str | Path, part_bytes: int = PART_BYTES) -
     return manifest
 
 
-def unpack(src: str | Path, dest: str | Path = WEIGHTS_DIR, results: str | Path | None = None) -> dict:
-    """Verify and extract the parts in ``src`` into ``dest``; optionally copy the benchmark results."""
+def unpack(src: str | Path, dest: str | Path = WEIGHTS_DIR, results: str | Path | None = None,
+           variants: str | Path | None = None) -> dict:
+    """Verify and extract the parts in ``src`` into ``dest``, the student variants (if any) into
+    ``variants`` (skipped without it); optionally copy the benchmark results."""
     src, dest = Path(src), Path(dest)
     manifest = json.loads((src / f"{NAME}.json").read_text())
     chunks = []
@@ -114,6 +122,15 @@ def unpack(src: str | Path, dest: str | Path = WEIGHTS_DIR, results: str | Path 
         # guarantee where this Python has it (3.11.4+, 3.12), e.g. not Debian's 3.11.2
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(tmp, **safe)
+    if (tmp / VARIANTS).exists():
+        if variants is not None:
+            variants = Path(variants)
+            variants.mkdir(parents=True, exist_ok=True)
+            for folder in sorted((tmp / VARIANTS).iterdir()):
+                if (variants / folder.name).exists():
+                    shutil.rmtree(variants / folder.name)
+                shutil.move(str(folder), str(variants / folder.name))
+        shutil.rmtree(tmp / VARIANTS)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -135,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("unpack", help="verify + extract SRC's parts into linfusion/mini/weights")
     u.add_argument("src")
     u.add_argument("--dest", default=str(WEIGHTS_DIR))
+    u.add_argument("--variants", default=None, help="extract the student variants' adapters here (default: skip them)")
     u.add_argument("--results", nargs="?", const="benchmarks/results", default=None,
                    help="also copy quality.json / quality_grid.png here (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.command == "pack":
         manifest = pack(args.train_dir, args.dest)
     else:
-        manifest = unpack(args.src, args.dest, args.results)
+        manifest = unpack(args.src, args.dest, args.results, args.variants)
     print(json.dumps({k: v for k, v in manifest.items() if k != "parts"}, indent=1))
     return 0
 

@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -647,22 +648,47 @@ def parse_student_options(text: str | None) -> dict | None:
     return parse_key_values(text.split(","), "student options") if text else None
 
 
+def student_method(name: str) -> str:
+    """"linear" -> "linear", "linear-wide" -> "linear": a student's method is its name up to the first '-'."""
+    return name.split("-", 1)[0]
+
+
+def parse_student_args(text: str | None) -> dict[str, list[str]]:
+    """"linear-long: --steps 3500; linear-wide: --patch-option hedgehog_features=128" ->
+    {"linear-long": ["--steps", "3500"], ...} (MINI_STUDENT_ARGS: flags for one student only)."""
+    out: dict[str, list[str]] = {}
+    for item in (text or "").split(";"):
+        if item.strip():
+            name, sep, flags = item.partition(":")
+            if not sep or not name.strip():
+                raise ValueError(f"student arguments must read 'NAME: FLAGS', got {item.strip()!r}")
+            out[name.strip()] = shlex.split(flags)
+    return out
+
+
 def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, batch_size: int,
                      parallel: bool, device: torch.device, lrs: dict[str, float] | None = None,
                      local_options: dict | None = None, linear_options: dict | None = None,
-                     distill_args: list[str] | None = None, students: tuple[str, ...] = STUDENTS) -> dict:
+                     distill_args: list[str] | None = None, students: tuple[str, ...] = STUDENTS,
+                     student_args: dict[str, list[str]] | None = None) -> dict:
     """Teacher data once, then the ``students`` (default both), with the distillation toolkit's commands.
 
+    ``students``: names "linear", "local", or variants "METHOD-TAG" (e.g. "linear-wide"), each trained
+    into ``out/adapter-NAME`` (in parallel on one GPU, so one call can compare recipes).
     ``local_options``: the local student's attention options (default :data:`DEFAULT_LOCAL_OPTIONS`;
     e.g. ``{"window": 4, "global_pool": 4}`` adds the pooled global branch). ``linear_options``:
     the linear student's (default :data:`DEFAULT_LINEAR_OPTIONS`, LiT's depthwise convolution of V).
-    ``distill_args``: more ``linfusion distill`` flags for both (MINI_DISTILL_ARGS), after
-    :data:`DEFAULT_DISTILL_ARGS`: a flag given again overrides it (e.g. ``--losses task=1 kd=0.5``)."""
+    ``distill_args``: more ``linfusion distill`` flags for all (MINI_DISTILL_ARGS), after
+    :data:`DEFAULT_DISTILL_ARGS`: a flag given again overrides it (e.g. ``--losses task=1 kd=0.5``);
+    ``student_args``: flags for one student each, last (MINI_STUDENT_ARGS)."""
     from .world import prompt_set
 
-    unknown = set(students) - set(STUDENTS)
-    if unknown or not students:
-        raise ValueError(f"students must be a non-empty subset of {STUDENTS}, got {students}")
+    student_args = student_args or {}
+    unknown = {s for s in students if student_method(s) not in STUDENTS or s.endswith("-")}
+    if unknown or not students or len(set(students)) != len(students):
+        raise ValueError(f"students must be distinct names from {STUDENTS} or METHOD-TAG variants of them, got {students}")
+    if set(student_args) - set(students):
+        raise ValueError(f"student arguments for students not trained: {sorted(set(student_args) - set(students))}")
     distill_args = [*DEFAULT_DISTILL_ARGS, *(distill_args or [])]
     lrs = lrs or {"linear": 3e-4, "local": 2e-4}
     pipeline, data = out / "pipeline", out / "distill-data"
@@ -674,14 +700,17 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     data_seconds = time.time() - start
     given = {"local": local_options, "linear": linear_options}
     options = {m: dict(DEFAULT_STUDENT_OPTIONS[m] if given[m] is None else given[m]) for m in given}
-    argvs = [distill_argv(pipeline, out / f"adapter-{m}", method=m, data=data, steps=steps, batch_size=batch_size,
-                          lr=lrs[m], mixed_precision=mixed, options=options[m], extra=distill_args)
-             for m in students]
-    run_linfusion(argvs, parallel, [out / f"distill-{m}.log" for m in students])
+    argvs = [distill_argv(pipeline, out / f"adapter-{name}", method=student_method(name), data=data, steps=steps,
+                          batch_size=batch_size, lr=lrs[student_method(name)], mixed_precision=mixed,
+                          options=options[student_method(name)], extra=[*distill_args, *student_args.get(name, [])])
+             for name in students]
+    run_linfusion(argvs, parallel, [out / f"distill-{name}.log" for name in students])
     summary = {"data_seconds": round(data_seconds, 1), "distill_seconds": round(time.time() - start - data_seconds, 1),
                "steps": steps, "prompts": prompts, "data_steps": data_steps, "batch_size": batch_size, "lr": lrs,
                "local_window": options["local"].get("window"), "local_options": options["local"],
                "linear_options": options["linear"], "distill_args": distill_args, "students": list(students)}
+    if student_args:
+        summary["student_args"] = student_args
     for m in students:
         folder = out / f"adapter-{m}"
         adapter_to_fp16(folder)
