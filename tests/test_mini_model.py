@@ -72,6 +72,9 @@ def test_smoke_training_writes_a_loadable_fp16_pipeline(smoke_run):
     assert set(summary["distill"]) >= {"linear_mb", "local_mb"}
     # the students' losses and LR shape are the bundled recipe's unless the caller names others
     assert summary["distill"]["distill_args"] == list(DEFAULT_DISTILL_ARGS)
+    # the linear student's own defaults (attention matching at weight 1) follow the shared ones
+    assert summary["distill"]["student_flags"]["linear"] == [*DEFAULT_DISTILL_ARGS, "--losses", "task=0", "kd=1", "attn=1"]
+    assert summary["distill"]["student_flags"]["local"] == list(DEFAULT_DISTILL_ARGS)
     assert summary["distill"]["students"] == ["linear", "local"]
 
 
@@ -183,10 +186,41 @@ def test_quality_quick_mode_writes_the_schema(smoke_run, tmp_path):
         else:
             assert row["psnr_vs_teacher"] > 0 and -1 <= row["ssim_vs_teacher"] <= 1
     assert result["settings"]["zero_shot_options"] == {
-        "linear": {"feature_map": "hedgehog"}, "local": {"window": 4, "shape": "circle", "global_pool": 4}}
+        "linear": {"feature_map": "hedgehog", "hedgehog_features": 128}, "local": {"window": 4, "shape": "circle", "global_pool": 4}}
     from PIL import Image
 
     assert Image.open(grid).size[0] > 6 * 128
+
+
+def test_quality_merge_keeps_earlier_rows_of_models_not_rerun():
+    from linfusion.mini.quality import merge_results
+
+    def row(model, res, adherence):
+        return {"model": model, "resolution": res, "adherence": adherence}
+
+    settings = {"n_prompts": 96, "prompt_split": "heldout", "scenes": "all", "seed": 0, "steps": 20,
+                "guidance_scale": 4.5, "scales": [1, 2]}
+    earlier = {"base_resolution": 128, "settings": settings,
+               "rows": [row(m, r, 0.5) for m in ("teacher", "zero_shot_linear", "zero_shot_local", "linear", "local")
+                        for r in (128, 256)]}
+    new = {"base_resolution": 128, "settings": dict(settings, device="cuda"),
+           "rows": [row("teacher", 128, 0.5), row("teacher", 256, 0.5), row("linear", 128, 0.9), row("linear", 256, 0.8)]}
+    merged = merge_results(new, earlier, source="old.json")
+    assert [(r["model"], r["resolution"]) for r in merged["rows"]] == [
+        (m, r) for m in ("teacher", "zero_shot_linear", "zero_shot_local", "linear", "local") for r in (128, 256)]
+    assert [r["adherence"] for r in merged["rows"] if r["model"] == "linear"] == [0.9, 0.8]
+    assert {m for m, _ in merged["settings"]["merged_rows"]["rows"]} == {"local", "zero_shot_linear", "zero_shot_local"}
+    # re-run at the base size only: the linear model loses its earlier 256 px row, the teacher keeps its
+    base_only = dict(new, rows=[row("teacher", 128, 0.5), row("linear", 128, 0.9)])
+    merged = merge_results(base_only, earlier, source="old.json")
+    assert [(r["model"], r["resolution"]) for r in merged["rows"] if r["model"] in ("teacher", "linear")] == [
+        ("teacher", 128), ("teacher", 256), ("linear", 128)]
+    with pytest.raises(ValueError, match="teachers differ"):
+        merge_results(dict(new, rows=[row("teacher", 128, 0.4)]), earlier, source="old.json")
+    with pytest.raises(ValueError, match="teachers differ"):
+        merge_results(dict(new, rows=[row("linear", 128, 0.9)]), earlier, source="old.json")
+    with pytest.raises(ValueError, match="steps"):
+        merge_results(dict(new, settings=dict(settings, steps=10)), earlier, source="old.json")
 
 
 def test_quality_cli_rejects_unknown_rows(capsys):
@@ -558,7 +592,8 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
                                                                            "global_pool": LOCAL_GLOBAL_POOL}
     linear = distill_argv(tmp_path / "pipe", tmp_path / "out", method="linear", **common)  # LiT's conv of V, hedgehog
     assert _config_from_args(build_parser().parse_args(linear)).patch == {"layers": "all", "conv_v": True,
-                                                                          "feature_map": "hedgehog"}
+                                                                          "feature_map": "hedgehog",
+                                                                          "hedgehog_features": 128}
     tuned = distill_argv(tmp_path / "pipe", tmp_path / "out", method="local", **common,
                          extra=shlex.split("--losses task=0 kd=1 attn=0.5 --lr-decay cosine"))  # MINI_DISTILL_ARGS
     tuned_config = _config_from_args(build_parser().parse_args(tuned))
@@ -580,5 +615,6 @@ def test_local_student_options_reach_the_distill_command_and_the_zero_shot_row(s
         "window": LOCAL_WINDOW, "shape": "circle", "global_pool": LOCAL_GLOBAL_POOL}
     assert zero_shot_options("local", None, window=7) == {"window": 7}
     # the zero-shot linear row uses the student's feature map (its zero-initialised conv_v and MLPs add nothing)
-    assert zero_shot_options("linear", smoke_run / "adapter-linear", window=7) == {"feature_map": "hedgehog"}
+    assert zero_shot_options("linear", smoke_run / "adapter-linear", window=7) == {"feature_map": "hedgehog",
+                                                                                   "hedgehog_features": 128}
     assert zero_shot_options("linear", None, window=7) == {}

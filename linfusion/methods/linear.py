@@ -52,14 +52,16 @@ class HedgehogFeatureMap(nn.Module):
 
     ``features`` M (default D): more features give the kernel φ(q)·φ(k) more rank, so it can
     follow sharper attention (the state grows to 2M × D per head). W starts as [I | I + noise | …]:
-    exact copies of a block would keep identical gradients forever, the noise (std 1e-2) lets
-    them part."""
+    exact copies of a block would keep identical gradients forever, the noise (std 1e-2, from a
+    fixed seed, so a zero-shot patch is reproducible) lets them part."""
 
     def __init__(self, heads: int, head_dim: int, features: int | None = None) -> None:
         super().__init__()
         features = head_dim if features is None else features
         eye = torch.eye(head_dim)
-        blocks = [eye] + [eye + 1e-2 * torch.randn(head_dim, head_dim) for _ in range(-(-features // head_dim) - 1)]
+        noise = torch.Generator().manual_seed(0)
+        blocks = [eye] + [eye + 1e-2 * torch.randn(head_dim, head_dim, generator=noise)
+                          for _ in range(-(-features // head_dim) - 1)]
         weight = torch.cat(blocks, dim=1)[:, :features]
         self.weight = nn.Parameter(weight.repeat(heads, 1, 1))
 

@@ -191,7 +191,8 @@ def apply_patch(pipe, method: str | None, adapter: str | None, options: dict | N
 
 #: per method, the attention options that define a student's attention function (not its learned
 #: parts) and so its zero-shot version: the local window, the linear feature map
-ZERO_SHOT_OPTIONS = {"local": ("window", "temporal_window", "shape", "tile", "global_pool"), "linear": ("feature_map",)}
+ZERO_SHOT_OPTIONS = {"local": ("window", "temporal_window", "shape", "tile", "global_pool"),
+                     "linear": ("feature_map", "hedgehog_features")}
 
 
 def zero_shot_options(method: str, adapter: str | Path | None, window: int) -> dict:
@@ -306,6 +307,42 @@ def run_benchmark(pipeline: str | Path | None = None, adapters: dict[str, str | 
 
 QUICK = dict(n_prompts=2, steps=2, scales=(1,), batch=2, time_runs=1, grid_prompts=2, checker_n=2, workers=0)
 
+#: settings two results must share for their rows to stand in one table
+MERGE_KEYS = ("n_prompts", "prompt_split", "scenes", "seed", "steps", "guidance_scale")
+
+
+def merge_results(new: dict, earlier: dict, source: str) -> dict:
+    """``new`` plus the rows of ``earlier`` it does not replace, in :data:`MODELS` order.
+
+    Kept: every row of a model ``new`` did not run, and the teacher's rows at resolutions ``new``
+    did not run (the teacher is the same: checked below). A model ``new`` ran loses all its earlier
+    rows (its adapter or options changed). Both results must share the base resolution and the
+    prompt settings (:data:`MERGE_KEYS`), and their teachers must pass exactly the same share of
+    prompts at the base resolution, else ``ValueError`` (a different teacher's images would make
+    the kept rows' PSNR/SSIM incomparable). Each row's PSNR/SSIM is against the teacher of its own
+    run. ``settings.merged_rows`` says which rows came from where, with the earlier settings."""
+    mismatched = [k for k in MERGE_KEYS if new["settings"].get(k) != earlier["settings"].get(k)]
+    base = new["base_resolution"]
+    if base != earlier["base_resolution"] or mismatched:
+        raise ValueError(f"cannot merge results with different settings: {mismatched or ['base_resolution']}")
+
+    def teacher_at(result: dict) -> dict:
+        return {r["resolution"]: r["adherence"] for r in result["rows"] if r["model"] == "teacher"}
+
+    now, then = teacher_at(new), teacher_at(earlier)
+    if base not in now or now.get(base) != then.get(base):
+        raise ValueError(f"the teachers differ at {base} px ({now.get(base)} vs {then.get(base)} strict): not the same "
+                         "teacher, so the earlier rows' PSNR/SSIM do not compare (run the teacher row here too)")
+    ran = {r["model"] for r in new["rows"]}
+    kept = [r for r in earlier["rows"] if r["model"] not in ran or (r["model"] == "teacher" and r["resolution"] not in now)]
+    rows = sorted(new["rows"] + kept, key=lambda r: (MODELS.index(r["model"]), r["resolution"]))
+    merged = dict(new, rows=rows)
+    merged["settings"] = dict(new["settings"], merged_rows={
+        "from": source, "rows": [[r["model"], r["resolution"]] for r in kept],
+        "teacher_strict_here_and_there": {str(res): [now[res], then.get(res)] for res in sorted(now)},
+        "their_settings": earlier["settings"]})
+    return merged
+
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
@@ -329,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--models", default=",".join(MODELS), help=f"rows to run, comma-separated, from {','.join(MODELS)} "
                         "(PSNR/SSIM need the teacher's row)")
+    parser.add_argument("--merge", default=None, metavar="JSON",
+                        help="an earlier result of the same pipeline, prompts and seed: its rows of models not run "
+                             "here are kept (e.g. re-run teacher,zero_shot_linear,linear after a new linear adapter)")
     parser.add_argument("--quick", "--tiny", dest="quick", action="store_true",
                         help="2 prompts, 2 steps, base resolution only: a CPU smoke test of the code path")
     args = parser.parse_args(argv)
@@ -342,9 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     models = tuple(m for m in args.models.split(",") if m)
     if not models or set(models) - set(MODELS):
         parser.error(f"--models takes a comma-separated subset of {','.join(MODELS)}, got {args.models!r}")
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else None
     result = run_benchmark(args.pipeline, adapters, seed=args.seed, device=args.device, window=args.window,
                            scenes=args.scenes, models=models,
-                           out_json=args.out, out_grid=args.grid, **settings)
+                           out_json=None if earlier else args.out, out_grid=args.grid, **settings)
+    if earlier:
+        result = merge_results(result, earlier, source=args.merge)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "checker_validation"}, indent=1))
     return 0
 
