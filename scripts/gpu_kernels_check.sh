@@ -4,9 +4,9 @@
 #   1. the kernel tests on CUDA (every case against its float64 reference, poisoned outputs; the
 #      head dims 40-128, 3D grids, odd tiles): tests/test_kernels_local.py, tests/test_kernels_linear.py;
 #   2. flux-4k and flux-8k, tile and circle, forward and backward, with FlexAttention on the same
-#      tile-ordered tokens (forward and backward): the backward/forward ratio of the defaults, and of
-#      backward="fused_dq" (impl triton_fused_dq: dQ by fp32 atomics in the dK/dV kernel, 10th session,
-#      interpreter-tested only until this runs);
+#      tile-ordered tokens (forward and backward): the backward/forward ratio of the default
+#      (backward="auto") and of each explicit variant (impls triton_split, triton_fused_dq: dQ by fp32
+#      atomics in the dK/dV kernel, measured in the 11th session, gpu_kernels_fused_dq_11th.txt);
 #   3. a block sweep (--sweep-kinds $SWEEP_KINDS, default fwd; dkdv_fused: the fused backward's
 #      dK/dV kernel), if time is left.
 # Knobs: GPU_TESTS_K (a pytest -k expression: only those tests, e.g. "fused or flux_2k"),
@@ -33,7 +33,7 @@ TEST_FILES=${GPU_TEST_FILES:-tests/test_kernels_local.py tests/test_kernels_line
 timeout -k 10 "$(( $(left) - 210 ))" python3 -m pytest $TEST_FILES ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} -q -rfE \
   -p no:cacheprovider 2>&1 | tail -30 | tee -a "$OUT/gpu_tests.log"
 
-echo "== flux-4k / flux-8k, backward split and fused_dq (at ${SECONDS} s, $(left) s left)"
+echo "== flux-4k / flux-8k, backward auto, split and fused_dq (at ${SECONDS} s, $(left) s left)"
 timeout -k 10 "$(( $(left) > 200 ? 200 : $(left) ))" python3 benchmarks/kernels_local.py --cases flux-4k flux-8k \
   --flex flux-4k --no-dense --out "$OUT/kernels_local_check.json" > "$OUT/kernels_local_check.log" 2>&1
 echo "exit $? after ${SECONDS} s"; tail -30 "$OUT/kernels_local_check.log"

@@ -16,12 +16,14 @@
 #   run(command="MINI_STAGE=students bash scripts/mini_gpu_run.sh", carry=[".whl", "linfusion/mini/weights"], timeout_s=600)
 #   (the weights are tracked files: an unpacked attempt shows in `git status` until committed or restored)
 # The bundled weights are these two calls with the defaults of this script and of linfusion/mini/train.py
-# (teacher: attempt 8, benchmarks/results/mini_attempt8/; students: attempt 9, mini_attempt9/): timestep band
+# (teacher: attempt 8, benchmarks/results/mini_attempt8/; local student: attempt 9, mini_attempt9/, linear
+# student: attempt 10, mini_attempt10/): timestep band
 # 550..750 at share 0.5, from benchmarks/results/mini_attempt4/analysis.md: counts are decided at t = 600..700;
 # small objects weighted 3x, textured ones 2x on top; students 2500 steps on KD + attention losses with a
-# cosine LR, the linear one with conv_v=True and the hedgehog feature map, the local one with the pooled
-# global branch, global_pool=4; and of linfusion/mini/world.py (canonical cells for objects the prompt
-# does not place). Attempt 9's linear student was a second students call, MINI_STUDENTS=linear.
+# cosine LR, the linear one with conv_v=True and the hedgehog feature map of 128 features per sign, lr 1e-3,
+# attention loss 1, 1024 prompts; the local one with the pooled global branch, global_pool=4, lr 2e-4, 512
+# prompts (MINI_STUDENTS=local MINI_DISTILL_PROMPTS=512 reproduces it); and of linfusion/mini/world.py
+# (canonical cells for objects the prompt does not place).
 # Knobs (environment): MINI_MINUTES (teacher training, default 8.6 with MINI_STAGE=teacher, else 5),
 # MINI_STAGE=all|teacher|students|benchmark ("benchmark": the quality benchmark of the unpacked weights alone, ~200 s)
 # (two-call variant: "teacher" first, unpack here, then "students" distils + benchmarks the
@@ -32,7 +34,7 @@
 # plain window), MINI_LINEAR_OPTIONS
 # (the linear student's, default "conv_v=True,feature_map=hedgehog": LiT's depthwise conv of V, for small objects,
 # and Hedgehog's learned feature map; "conv_v=True" for attempt 8's ELU+1 features),
-# MINI_DISTILL_ARGS (more `linfusion distill` flags for the students, after DEFAULT_DISTILL_ARGS of train.py,
+# MINI_DISTILL_ARGS (more `linfusion distill` flags for the students, after DEFAULT_DISTILL_ARGS and DEFAULT_METHOD_ARGS of train.py,
 # "--losses task=0 kd=1 attn=0.5 --lr-decay cosine" since attempt 9; a flag given again wins, e.g.
 # "--focus-timesteps 550:750:0.5", or "--losses task=1 kd=0.5 attn=0.5 var=0.05 --lr-decay constant" for attempt 8's),
 # MINI_STUDENTS ("linear local", the default, or one of them: the other keeps the adapter unpacked in

@@ -31,16 +31,16 @@ def set_config_override(kind: str, config: dict | None) -> None:
 def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None) -> dict:
     """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq", "dkdv_fused").
 
-    "dkdv_fused" is the dK/dV kernel of ``backward="fused_dq"`` (it also adds dQ with atomics): the
-    dK/dV config, then any "dkdv_fused" override on top (its best blocks may differ: fewer key
-    blocks per query row mean fewer atomics).
+    "dkdv_fused" is the dK/dV kernel of ``backward="fused_dq"`` (it also adds dQ with atomics): its
+    own H200-swept blocks where they were measured (bf16/fp16, head dim 128, whole 128-token tiles,
+    no "dkdv" override), else the dK/dV config; any "dkdv_fused" override on top.
     ``head_dim`` (default ``d_pad``): the backward's swept configs apply where they were verified
     on the H200, head dim 128; head dims padded to 128 (72, 80, 96) keep the earlier ones."""
     head_dim = d_pad if head_dim is None else head_dim
     if kind == "dkdv_fused":
         cfg = local_config("dkdv", dtype, d_pad, tile_volume, head_dim)
         if _swept_fused(dtype, head_dim, tile_volume) and "dkdv" not in _OVERRIDE:
-            # H200 sweep (benchmarks/results/kernels_local_sweep_dkdv_fused.json, flux-4k): 128-key blocks
+            # H200 sweeps (benchmarks/results/kernels_local_sweep_dkdv_fused_{1,2}.json, flux-4k): 128-key blocks
             # halve the atomic adds per query row, and need 8 warps for their dK/dV accumulators;
             # fused backward 19.1 ms circle / 17.9 ms tile, against 35.4 / 31.3 ms with dK/dV's blocks
             cfg = {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}

@@ -686,8 +686,9 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     e.g. ``{"window": 4, "global_pool": 4}`` adds the pooled global branch). ``linear_options``:
     the linear student's (default :data:`DEFAULT_LINEAR_OPTIONS`, LiT's depthwise convolution of V).
     ``distill_args``: more ``linfusion distill`` flags for all (MINI_DISTILL_ARGS), after
-    :data:`DEFAULT_DISTILL_ARGS`: a flag given again overrides it (e.g. ``--losses task=1 kd=0.5``);
-    ``student_args``: flags for one student each, last (MINI_STUDENT_ARGS)."""
+    :data:`DEFAULT_DISTILL_ARGS` and the method's :data:`DEFAULT_METHOD_ARGS`: a flag given again
+    overrides it (e.g. ``--losses task=1 kd=0.5``); ``student_args``: flags for one student each,
+    last (MINI_STUDENT_ARGS). ``lrs``: per method (default :data:`DEFAULT_STUDENT_LRS`)."""
     from .world import prompt_set
 
     student_args = student_args or {}
