@@ -708,13 +708,13 @@ def distill_students(out: Path, *, steps: int, prompts: int, data_steps: int, ba
     data_seconds = time.time() - start
     given = {"local": local_options, "linear": linear_options}
     options = {m: dict(DEFAULT_STUDENT_OPTIONS[m] if given[m] is None else given[m]) for m in given}
+    methods = {name: student_method(name) for name in students}
     # flags: the shared defaults, the method's, the caller's for all, the caller's for this student (last wins)
-    flags = {name: [*DEFAULT_DISTILL_ARGS, *DEFAULT_METHOD_ARGS[student_method(name)], *distill_args,
-                    *student_args.get(name, [])] for name in students}
-    argvs = [distill_argv(pipeline, out / f"adapter-{name}", method=student_method(name), data=data, steps=steps,
-                          batch_size=batch_size, lr=lrs[student_method(name)], mixed_precision=mixed,
-                          options=options[student_method(name)], extra=flags[name])
-             for name in students]
+    flags = {name: [*DEFAULT_DISTILL_ARGS, *DEFAULT_METHOD_ARGS[m], *distill_args, *student_args.get(name, [])]
+             for name, m in methods.items()}
+    argvs = [distill_argv(pipeline, out / f"adapter-{name}", method=m, data=data, steps=steps, batch_size=batch_size,
+                          lr=lrs[m], mixed_precision=mixed, options=options[m], extra=flags[name])
+             for name, m in methods.items()]
     run_linfusion(argvs, parallel, [out / f"distill-{name}.log" for name in students])
     summary = {"data_seconds": round(data_seconds, 1), "distill_seconds": round(time.time() - start - data_seconds, 1),
                "steps": steps, "prompts": prompts, "data_steps": data_steps, "batch_size": batch_size, "lr": lrs,
