@@ -33,8 +33,9 @@ timed calls. Setup: the per-resolution layout (``get_layout``, cache cleared) vs
 ``create_block_mask(..., _compile=True)``.
 
 Block-config sweep (``--sweep``: before the cases, which then run with the best configs;
-``--sweep-only``: nothing else): at flux-4k, both 2D variants, the block configs of each kernel
-kind (``local_configs.set_config_override``) listed in ``SWEEP_CONFIGS``: "fwd" (6 configs; Triton's automatic warp
+``--sweep-only``: nothing else): at flux-4k (``--sweep-case``: another 2D case, e.g. sdxl-4k for head
+dim 64), both 2D variants, the block configs of each kernel
+kind (``local_configs.set_config_override``) listed in ``SWEEP_CONFIGS``: "fwd" (8 configs; Triton's automatic warp
 specialization of the window loop was tried in the 9th session and gave nothing, NOTES_local.md),
 "dkdv" (BM query chunk ∈ {16, 32, 64} × BN key block ∈ {64, 128} × 4/8 warps × 2/3 stages) and
 "dq" (BM query block ∈ {64, 128} × BN key chunk ∈ {32, 64, 128} × warps × stages); on request
@@ -307,7 +308,9 @@ SWEEP_CASE = "flux-4k"
 # overrides per kernel kind (local_configs.set_config_override); keys left out keep their default
 SWEEP_CONFIGS = {
     "fwd": [{"BN": 128, "num_stages": 2}, {"BN": 64, "num_warps": 8, "num_stages": 3}, {"BN": 128, "num_stages": 3},
-            {"BN": 128, "num_stages": 4}, {"BN": 64, "num_stages": 4}, {"BN": 64, "num_warps": 4, "num_stages": 3}],
+            {"BN": 128, "num_stages": 4}, {"BN": 64, "num_stages": 4}, {"BN": 64, "num_warps": 4, "num_stages": 3},
+            # one warpgroup on 64-query blocks (for small head dims, where the 128-row blocks' softmax dominates)
+            {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}, {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3}],
     # key block BN × query chunks BM. No combination is invalid a priori (all blocks are powers of two
     # ≤ the 128-token tile); one that exceeds shared memory is recorded as failed, a wrong one as not ok.
     "dkdv": _config_grid(BM=(16, 32, 64), BN=(64, 128), num_warps=(4, 8), num_stages=(2, 3)),
@@ -571,11 +574,13 @@ def main(argv=None):
     parser.add_argument("--fused-dq", nargs="*", default=list(FUSED_DQ_CASES),
                         help="cases whose backward is also timed with each explicit variant (impls triton_split, triton_fused_dq)")
     parser.add_argument("--sweep", action="store_true",
-                        help="sweep block configs at flux-4k first, then run the cases with the best ones")
+                        help="sweep block configs (at --sweep-case) first, then run the cases with the best ones")
     parser.add_argument("--sweep-only", action="store_true", help="run only the block-config sweep")
     parser.add_argument("--sweep-kinds", nargs="+", choices=SWEEP_ORDER, default=list(DEFAULT_SWEEP_KINDS),
                         help="kernel kinds to sweep (default: dkdv, dq, fwd; dkdv_fused: the dK/dV kernel of "
                              "backward='fused_dq')")
+    parser.add_argument("--sweep-case", default=SWEEP_CASE, choices=[c[0] for c in CASES if len(c[4]) == 2],
+                        help="the 2D case the sweep times (default flux-4k; sdxl-4k / sd15-2k for head dims 64 / 40)")
     parser.add_argument("--sweep-deadline", type=float, default=240.0,
                         help="seconds after which the sweep skips its remaining configs")
     args = parser.parse_args(argv)
@@ -592,7 +597,8 @@ def main(argv=None):
             json.dump(result, f, indent=1)
 
     if args.sweep or args.sweep_only:
-        result["sweep"] = sweep(configs={kind: SWEEP_CONFIGS[kind] for kind in args.sweep_kinds},
+        result["sweep"] = sweep(case=next(c for c in CASES if c[0] == args.sweep_case),
+                                configs={kind: SWEEP_CONFIGS[kind] for kind in args.sweep_kinds},
                                 deadline_s=args.sweep_deadline)
         result["sweep_best"] = best_configs(result["sweep"])
         result["sweep_best_overall"] = best_overall(result["sweep"])

@@ -95,8 +95,8 @@ def test_main_sweep_only_writes_json(bench, timed_sweep, tmp_path, monkeypatch):
     records, _ = timed_sweep
     seen = {}
 
-    def fake_sweep(configs, deadline_s):
-        seen["deadline_s"], seen["kinds"] = deadline_s, sorted(configs)
+    def fake_sweep(case, configs, deadline_s):
+        seen["case"], seen["deadline_s"], seen["kinds"] = case[0], deadline_s, sorted(configs)
         return records
 
     monkeypatch.setattr(bench, "sweep", fake_sweep)
@@ -104,12 +104,13 @@ def test_main_sweep_only_writes_json(bench, timed_sweep, tmp_path, monkeypatch):
     out = tmp_path / "sweep.json"
     bench.main(["--sweep-only", "--sweep-deadline", "7", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert seen["deadline_s"] == 7.0 and seen["kinds"] == ["dkdv", "dq", "fwd"]
+    assert seen["deadline_s"] == 7.0 and seen["kinds"] == ["dkdv", "dq", "fwd"] and seen["case"] == "flux-4k"
     assert {"gpu", "torch", "triton"} <= set(result["env"]) and result["rows"] == []
     assert len(result["sweep"]) == len(records)
     assert set(result["sweep_best"]) == {"fwd", "dkdv", "dq"}
     assert set(result["sweep_best_overall"]) == {"fwd", "dkdv", "dq"}
-    bench.main(["--sweep-only", "--sweep-kinds", "fwd", "--out", str(out)])
+    bench.main(["--sweep-only", "--sweep-kinds", "fwd", "--sweep-case", "sdxl-4k", "--out", str(out)])
+    assert seen["case"] == "sdxl-4k"
     assert seen["kinds"] == ["fwd"]
 
 

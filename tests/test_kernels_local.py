@@ -180,7 +180,11 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
         assert local_config("dkdv", bf16, 128, 128, head_dim=head_dim) == {
             "BM": 32, "BN": 128, "num_warps": 8, "num_stages": 3}
         assert local_config("dq", bf16, 128, 128, head_dim=head_dim)["num_stages"] == 2
-    assert local_config("dkdv", bf16, 64, 128, head_dim=64)["BM"] == 64
+    # head dims padded to 64: the sdxl-4k sweep's configs, every kind (one warpgroup)
+    assert local_config("dkdv", bf16, 64, 128, head_dim=64) == {"BM": 32, "BN": 128, "num_warps": 4, "num_stages": 2}
+    assert local_config("dq", bf16, 64, 128, head_dim=40) == {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}
+    assert local_config("fwd", bf16, 64, 128) == {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}
+    assert local_config("fwd", bf16, 128, 128) == {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3}
     assert local_config("dkdv", bf16, 128, 64, head_dim=128)["num_warps"] == 4  # small tiles: one warpgroup
 
 
@@ -412,6 +416,10 @@ GPU_MORE = [
     ("fp32-circle-text", 2, 2, 64, (40, 72), 12, 77, "circle", None, torch.float32, "bhld"),
     ("d40-tile-strided", 2, 2, 40, (37, 50), 9, 0, "tile", None, torch.bfloat16, "blhd"),
     ("d80-ellipse-table", 1, 2, 80, (33, 47), (6.5, 9), 20, "circle", None, torch.bfloat16, "bhld"),
+    # real sizes at the head dims padded to 64 (their own swept blocks): SDXL's 64, SD 1.5's 40
+    ("sdxl-d64-circle-text", 2, 2, 64, (128, 128), 16, 77, "circle", None, torch.bfloat16, "bhld"),
+    ("sdxl-d64-tile", 2, 2, 64, (128, 128), 16, 0, "tile", None, torch.float16, "bhld"),
+    ("sd15-d40-circle", 2, 2, 40, (96, 96), 16, 0, "circle", None, torch.bfloat16, "blhd"),
 ] + [(c[0] + "-bf16", *c[1:9], torch.bfloat16, "bhld") for c in CASES
      if c[0] in ("2d-tile-odd-tile", "3d-tile", "2d-circle-13x21")]
 

@@ -35,7 +35,8 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
     own H200-swept blocks where they were measured (bf16/fp16, head dim 128, whole 128-token tiles,
     no "dkdv" override), else the dK/dV config; any "dkdv_fused" override on top.
     ``head_dim`` (default ``d_pad``): the backward's swept configs apply where they were verified
-    on the H200, head dim 128; head dims padded to 128 (72, 80, 96) keep the earlier ones."""
+    on the H200, head dim 128; head dims padded to 128 (72, 80, 96) keep the earlier ones. Head dims
+    padded to 64 (33..64: SDXL's 64, SD 1.5's 40) have their own swept configs, every kind."""
     head_dim = d_pad if head_dim is None else head_dim
     if kind == "dkdv_fused":
         cfg = local_config("dkdv", dtype, d_pad, tile_volume, head_dim)
@@ -57,15 +58,24 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
     elif dtype == torch.float32:
         cfg = {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2}  # exact fp32 dots (no tensor cores)
     elif kind == "fwd":
-        cfg = {"BM": tile_block, "BN": 128, "num_warps": 8, "num_stages": 3}  # H200 sweep winner at flux-4k
+        if d_pad == 64:  # H200 sweep at sdxl-4k (kernels_local_sweep_sdxl4k.json): 1.15x over the row below
+            cfg = {"BM": tile_block, "BN": 64, "num_warps": 4, "num_stages": 3}
+        else:
+            cfg = {"BM": tile_block, "BN": 128, "num_warps": 8, "num_stages": 3}  # H200 sweep winner at flux-4k
     elif kind == "dkdv":  # BN keys (dK, dV accumulators) × BM-query chunks
-        if head_dim == 128:
+        if d_pad == 64:
+            # H200 sweep at sdxl-4k (2×10×16384×64): one warpgroup on 128 keys × 32-query chunks, backward
+            # 1.20x over 8 warps on 128 keys × 64 queries (both windows), gradients bit-identical
+            cfg = {"BM": 32, "BN": tile_block, "num_warps": 4, "num_stages": 2}
+        elif head_dim == 128:
             # H200 sweep (benchmarks/results/kernels_local_sweep.json, flux-4k, D=128, 8×16 tiles): one
             # warpgroup on 64 keys × 64-query chunks; backward 17.9 ms against 21.0 ms with the earlier
             # 8 warps on 128 keys × 32 queries (circle 21.0 vs 23.9), gradients bit-identical
             cfg = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}
         else:
             cfg = {"BM": 32 if d_pad > 64 else 64, "BN": tile_block, "num_warps": 8, "num_stages": 3}
+    elif d_pad == 64:  # dq; the sdxl-4k sweep: one warpgroup, 3 stages (circle backward 1.14x, tile 1.03x)
+        cfg = {"BM": tile_block, "BN": 64, "num_warps": 4, "num_stages": 3}
     else:  # dq; 3 stages at D=128: 19.0 vs 21.0 ms backward in the same sweep (circle 23.4 vs 23.9)
         cfg = {"BM": tile_block, "BN": 64, "num_warps": 8, "num_stages": 3 if head_dim == 128 else 2}
     if not interp and dtype != torch.float32 and tile_block <= 64:
