@@ -34,7 +34,7 @@ timed calls. Setup: the per-resolution layout (``get_layout``, cache cleared) vs
 
 Block-config sweep (``--sweep``: before the cases, which then run with the best configs;
 ``--sweep-only``: nothing else): at flux-4k (``--sweep-case``: another 2D case, e.g. sdxl-4k for head
-dim 64), both 2D variants, the block configs of each kernel
+dim 64, or the sweep-only pixart-4k, 1×16×65536×72), both 2D variants, the block configs of each kernel
 kind (``local_configs.set_config_override``) listed in ``SWEEP_CONFIGS``: "fwd" (8 configs; Triton's automatic warp
 specialization of the window loop was tried in the 9th session and gave nothing, NOTES_local.md),
 "dkdv" (BM query chunk ∈ {16, 32, 64} × BN key block ∈ {64, 128} × 4/8 warps × 2/3 stages) and
@@ -305,6 +305,8 @@ def _config_grid(**axes) -> list[dict]:
 
 
 SWEEP_CASE = "flux-4k"
+# sweep-only cases (not in the benchmark): PixArt-Σ at 4096² (16 heads of 72 = 1152; no joint text)
+SWEEP_EXTRA_CASES = [("pixart-4k", 1, 16, 72, (256, 256), 0)]
 # overrides per kernel kind (local_configs.set_config_override); keys left out keep their default
 SWEEP_CONFIGS = {
     "fwd": [{"BN": 128, "num_stages": 2}, {"BN": 64, "num_warps": 8, "num_stages": 3}, {"BN": 128, "num_stages": 3},
@@ -579,8 +581,10 @@ def main(argv=None):
     parser.add_argument("--sweep-kinds", nargs="+", choices=SWEEP_ORDER, default=list(DEFAULT_SWEEP_KINDS),
                         help="kernel kinds to sweep (default: dkdv, dq, fwd; dkdv_fused: the dK/dV kernel of "
                              "backward='fused_dq')")
-    parser.add_argument("--sweep-case", default=SWEEP_CASE, choices=[c[0] for c in CASES if len(c[4]) == 2],
-                        help="the 2D case the sweep times (default flux-4k; sdxl-4k / sd15-2k for head dims 64 / 40)")
+    sweep_cases = [c for c in CASES + SWEEP_EXTRA_CASES if len(c[4]) == 2]
+    parser.add_argument("--sweep-case", default=SWEEP_CASE, choices=[c[0] for c in sweep_cases],
+                        help="the 2D case the sweep times (default flux-4k; sdxl-4k / sd15-2k / pixart-4k for head "
+                             "dims 64 / 40 / 72)")
     parser.add_argument("--sweep-deadline", type=float, default=240.0,
                         help="seconds after which the sweep skips its remaining configs")
     args = parser.parse_args(argv)
@@ -597,7 +601,7 @@ def main(argv=None):
             json.dump(result, f, indent=1)
 
     if args.sweep or args.sweep_only:
-        result["sweep"] = sweep(case=next(c for c in CASES if c[0] == args.sweep_case),
+        result["sweep"] = sweep(case=next(c for c in sweep_cases if c[0] == args.sweep_case),
                                 configs={kind: SWEEP_CONFIGS[kind] for kind in args.sweep_kinds},
                                 deadline_s=args.sweep_deadline)
         result["sweep_best"] = best_configs(result["sweep"])

@@ -168,17 +168,22 @@ def test_unknown_backward_variant_raises():
 
 
 def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
-    """The H200 sweep's backward configs (one warpgroup, 64×64 dK/dV blocks; 3-stage dQ) were
-    verified bit-identical at head dim 128 only: head dims padded to 128 keep the earlier blocks."""
+    """Each H200 sweep's configs apply only at the head dims (and tile sizes) it verified: flux-4k's
+    backward blocks at 128, pixart-4k's dK/dV blocks at 72, sdxl-4k's blocks at head dims padded to
+    64; 80 and 96 keep the earlier blocks."""
     from linfusion.kernels.local_configs import local_config
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     bf16 = torch.bfloat16
     assert local_config("dkdv", bf16, 128, 128, head_dim=128) == {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}
     assert local_config("dq", bf16, 128, 128, head_dim=128)["num_stages"] == 3
-    for head_dim in (72, 80, 96):
+    for head_dim in (80, 96):
         assert local_config("dkdv", bf16, 128, 128, head_dim=head_dim) == {
             "BM": 32, "BN": 128, "num_warps": 8, "num_stages": 3}
+    # 72 (PixArt): the pixart-4k sweep's dK/dV blocks, on whole 128-token tiles only
+    assert local_config("dkdv", bf16, 128, 128, head_dim=72) == {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}
+    assert local_config("dkdv", bf16, 128, 64, head_dim=72) == {"BM": 32, "BN": 64, "num_warps": 4, "num_stages": 3}
+    for head_dim in (72, 80, 96):
         assert local_config("dq", bf16, 128, 128, head_dim=head_dim)["num_stages"] == 2
     # head dims padded to 64: the sdxl-4k sweep's configs, every kind (one warpgroup)
     assert local_config("dkdv", bf16, 64, 128, head_dim=64) == {"BM": 32, "BN": 128, "num_warps": 4, "num_stages": 2}

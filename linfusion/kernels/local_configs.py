@@ -35,8 +35,9 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
     own H200-swept blocks where they were measured (bf16/fp16, head dim 128, whole 128-token tiles,
     no "dkdv" override), else the dK/dV config; any "dkdv_fused" override on top.
     ``head_dim`` (default ``d_pad``): the backward's swept configs apply where they were verified
-    on the H200, head dim 128; head dims padded to 128 (72, 80, 96) keep the earlier ones. Head dims
-    padded to 64 (33..64: SDXL's 64, SD 1.5's 40) have their own swept configs, every kind."""
+    on the H200, head dim 128; of the head dims padded to 128, 72 (PixArt) has its own swept dK/dV
+    blocks on whole 128-token tiles, 80 and 96 keep the earlier ones. Head dims padded to 64
+    (33..64: SDXL's 64, SD 1.5's 40) have their own swept configs, every kind."""
     head_dim = d_pad if head_dim is None else head_dim
     if kind == "dkdv_fused":
         cfg = local_config("dkdv", dtype, d_pad, tile_volume, head_dim)
@@ -72,6 +73,10 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             # warpgroup on 64 keys × 64-query chunks; backward 17.9 ms against 21.0 ms with the earlier
             # 8 warps on 128 keys × 32 queries (circle 21.0 vs 23.9), gradients bit-identical
             cfg = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}
+        elif head_dim == 72 and tile_block == 128:
+            # H200 sweep at pixart-4k (1×16×65536×72, kernels_local_sweep_pixart4k.json): backward 1.07x
+            # (circle) / 1.10x (tile) over the row below, gradients bit-identical; 80 and 96 not swept
+            cfg = {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}
         else:
             cfg = {"BM": 32 if d_pad > 64 else 64, "BN": tile_block, "num_warps": 8, "num_stages": 3}
     elif d_pad == 64:  # dq; the sdxl-4k sweep: one warpgroup, 3 stages (circle backward 1.14x, tile 1.03x)
