@@ -425,6 +425,9 @@ GPU_MORE = [
     ("sdxl-d64-circle-text", 2, 2, 64, (128, 128), 16, 77, "circle", None, torch.bfloat16, "bhld"),
     ("sdxl-d64-tile", 2, 2, 64, (128, 128), 16, 0, "tile", None, torch.float16, "bhld"),
     ("sd15-d40-circle", 2, 2, 40, (96, 96), 16, 0, "circle", None, torch.bfloat16, "blhd"),
+    # PixArt's head dim 72 (padded to 128; its own swept dK/dV blocks)
+    ("pixart-d72-circle", 1, 2, 72, (128, 128), 16, 0, "circle", None, torch.bfloat16, "bhld"),
+    ("pixart-d72-tile", 2, 2, 72, (96, 128), 16, 0, "tile", None, torch.float16, "blhd"),
 ] + [(c[0] + "-bf16", *c[1:9], torch.bfloat16, "bhld") for c in CASES
      if c[0] in ("2d-tile-odd-tile", "3d-tile", "2d-circle-13x21")]
 
