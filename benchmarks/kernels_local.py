@@ -396,10 +396,11 @@ class _SweepVariant:
 
     def effective(self, kind: str) -> dict:
         """The launch config of ``kind`` under the current overrides, blocks clamped to the tile."""
-        from linfusion.kernels.local_triton import _blocks, _pow2
+        from linfusion.kernels.local_triton import _blocks, _mask_flags, _pow2
 
         bm, bn, cfg = _blocks(kind, self.q, max(16, _pow2(self.q.shape[-1])), self.layout)
-        return {"BM": bm, "BN": bn, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+        return {"BM": bm, "BN": bn, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                **_mask_flags(cfg, self.layout)}
 
 
 def _run_config(state: _SweepVariant, kind: str, cfg: dict, bench) -> dict:
@@ -587,6 +588,9 @@ def main(argv=None):
                              "dims 64 / 40 / 72)")
     parser.add_argument("--sweep-deadline", type=float, default=240.0,
                         help="seconds after which the sweep skips its remaining configs")
+    parser.add_argument("--sweep-configs", type=json.loads, default=None,
+                        help='JSON {kind: [override, ...]} replacing SWEEP_CONFIGS for the kinds it names, e.g. '
+                             '\'{"fwd": [{"merged": true}, {"mask_dot": true}]}\' (loop flags: local_triton._mask_flags)')
     args = parser.parse_args(argv)
     rows: list[dict] = []
     result = {"env": environment()}
@@ -602,7 +606,8 @@ def main(argv=None):
 
     if args.sweep or args.sweep_only:
         result["sweep"] = sweep(case=next(c for c in sweep_cases if c[0] == args.sweep_case),
-                                configs={kind: SWEEP_CONFIGS[kind] for kind in args.sweep_kinds},
+                                configs={kind: (args.sweep_configs or {}).get(kind, SWEEP_CONFIGS[kind])
+                                         for kind in args.sweep_kinds},
                                 deadline_s=args.sweep_deadline)
         result["sweep_best"] = best_configs(result["sweep"])
         result["sweep_best_overall"] = best_overall(result["sweep"])

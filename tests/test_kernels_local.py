@@ -221,6 +221,69 @@ def test_fused_dkdv_config_and_auto_backward(monkeypatch):
     assert default_backward("circle", bf16, 128, 128) == "split"  # interpreted: the tests pick explicitly
 
 
+# circle cases whose mask the tensor-core test can serve exactly (2D, 3D, interior chunks, bf16, text)
+DOT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-circle-inf-row", "3d-circle", "2d-circle-bf16",
+                                           "3d-circle-interior")]
+
+
+@pytest.mark.parametrize("blocks", [{}, {"BM": 16, "BN": 16}], ids=["tile-blocks", "16-blocks"])
+@pytest.mark.parametrize("case", DOT_CASES, ids=[c[0] for c in DOT_CASES])
+def test_circle_mask_dot_matches_reference(case, blocks, monkeypatch):
+    """The circle test as a tensor-core dot of exact fp16 features (MASK_DOT), forced on every kernel
+    kind: forward and both backward variants against the float64 reference. The launch really uses
+    it (the layout allows it and the config asks for it)."""
+    from linfusion.kernels import local_configs
+
+    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
+    layout = get_layout(grid, window, shape, tile, DEVICE)
+    assert layout.mask_mode == MASK_FORMULA and layout.mask_dot, "case must exercise the dot"
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {**blocks, "mask_dot": True}
+                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused")})
+    q = torch.zeros(B, H, text_len + math.prod(grid), D, dtype=dtype)
+    for kind in ("fwd", "dkdv", "dq", "dkdv_fused"):
+        _, _, cfg = local_triton._blocks(kind, q, max(16, D), layout)
+        assert local_triton._mask_flags(cfg, layout) == {"MASK_DOT": True}
+    for variant in ("split", "fused_dq"):
+        check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=11, variant=variant)
+
+
+def test_mask_dot_exact_only_where_fp16_features_are_exact():
+    """The layout allows the tensor-core circle test only where every feature is an fp16 integer
+    and the sums stay below 2**24; elsewhere (large radii, ellipses with large weights, table
+    mode, tile windows) the formula or the table serves the mask."""
+    from linfusion.kernels.local_layout import mask_dot_exact
+
+    assert get_layout((256, 256), 16, "circle").mask_dot  # FLUX r16, 8×16 tiles: |Δ| ≤ 32
+    assert get_layout((21, 30, 52), (2, 8, 8), "circle").mask_dot  # Wan's 3D ellipse
+    assert not get_layout((40, 40), 30, "circle").mask_dot  # Δ up to 48: 47² = 2209 is not an fp16 integer
+    assert not get_layout((32, 48), (5, 7), "circle").mask_dot  # −W₂ r₂² = −25·15² = −5625 is not either
+    assert not get_layout((64, 64), (3.5, 7), "circle").mask_dot  # table mode
+    assert not get_layout((64, 64), 16, "tile").mask_dot
+    # weights that are fp16 integers but sum past 2**24
+    assert not mask_dot_exact((0.0, 4096.0, 4096.0, 2.0**20), (1, 8, 16), (0, 4, 4), 2)
+    assert mask_dot_exact((0.0, 1.0, 1.0, 256.0), (1, 8, 16), (0, 2, 1), 2)
+
+
+def test_circle_dot_configs_where_measured(monkeypatch):
+    """The dot is the default where the H200 measured it faster: the forward at head dims padded
+    to 64 and 128 (with 64-key chunks at 128), dQ at 128; never in the dK/dV kernels, fp32 or the
+    interpreter, and only for layouts that allow it."""
+    from linfusion.kernels.local_configs import local_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    bf16 = torch.bfloat16
+    assert local_config("fwd", bf16, 128, 128, circle_dot=True) == {
+        "BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "mask_dot": True}
+    assert local_config("fwd", bf16, 64, 128, circle_dot=True)["mask_dot"]
+    assert local_config("dq", torch.float16, 128, 128, circle_dot=True)["mask_dot"]
+    for args in (("dkdv", bf16, 128, 128), ("dkdv_fused", bf16, 128, 128), ("dq", bf16, 64, 128),
+                 ("fwd", torch.float32, 128, 128), ("fwd", bf16, 32, 128)):
+        assert "mask_dot" not in local_config(*args, circle_dot=True), args
+    assert "mask_dot" not in local_config("fwd", bf16, 128, 128)  # the layout does not allow it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "mask_dot" not in local_config("fwd", bf16, 128, 128, circle_dot=True)
+
+
 _SM90_PROBE = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"
@@ -229,10 +292,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from linfusion.kernels import local_triton as lt
 
-mode = int(sys.argv[1])
+mode, mask_dot = int(sys.argv[1]), sys.argv[2] == "1"
 for kern in (lt._fwd_kernel, lt._dkdv_kernel, lt._dq_kernel):
     cx = dict(HEAD_DIM=64, D_PAD=64, BM=64, BN=64, T0=1, T1=8, T2=8, CPT=1, MASK_MODE=mode, IS_3D=False,
-              TILE_ORDER=False, DOT_PREC="tf32", UPCAST=False)
+              TILE_ORDER=False, DOT_PREC="tf32", UPCAST=False, MASK_DOT=mask_dot)
     if "WIN_STAGES" in kern.arg_names:
         cx["WIN_STAGES"] = lt._window_stages(type("L", (), {"mask_mode": mode})())
     sig = {}
@@ -247,17 +310,20 @@ for kern in (lt._fwd_kernel, lt._dkdv_kernel, lt._dq_kernel):
 """
 
 
-@pytest.mark.parametrize("mask_mode", [MASK_FORMULA, MASK_TABLE], ids=["formula", "table"])
-def test_circle_loop_compiles_without_pipelined_table_loads_sm90(mask_mode):
+@pytest.mark.parametrize("mask_mode, mask_dot", [(MASK_FORMULA, False), (MASK_TABLE, False), (MASK_FORMULA, True)],
+                         ids=["formula", "table", "formula-dot"])
+def test_circle_loop_compiles_without_pipelined_table_loads_sm90(mask_mode, mask_dot):
     """Compile-only (no GPU needed): for sm_90 the circle key loops must hold no int32 table load
-    that the software pipeliner turns into cp.async copies (the construct behind the H200 mismatch)."""
+    that the software pipeliner turns into cp.async copies (the construct behind the H200 mismatch),
+    with the formula, the table, and the formula's tensor-core form (MASK_DOT)."""
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _SM90_PROBE, str(mask_mode)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _SM90_PROBE, str(mask_mode), str(int(mask_dot))], env=env,
+                          capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"no usable ptxas for sm_90 here: {proc.stderr.strip().splitlines()[-1:]}")

@@ -28,8 +28,14 @@ def set_config_override(kind: str, config: dict | None) -> None:
         _OVERRIDE[kind] = dict(config)
 
 
-def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None) -> dict:
-    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq", "dkdv_fused").
+def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None,
+                 circle_dot: bool = False) -> dict:
+    """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq", "dkdv_fused"),
+    plus ``"mask_dot": True`` where the circle test runs as a tensor-core dot.
+
+    ``circle_dot``: the layout allows that dot (a circle in formula mode whose features are exact,
+    ``local_layout.mask_dot_exact``); it is used where the H200 measured it faster
+    (``_circle_dot_config``). An override may set ``"mask_dot"`` too (ignored where not allowed).
 
     "dkdv_fused" is the dK/dV kernel of ``backward="fused_dq"`` (it also adds dQ with atomics): its
     own H200-swept blocks where they were measured (bf16/fp16, head dim 128, whole 128-token tiles,
@@ -46,7 +52,7 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             # halve the atomic adds per query row, and need 8 warps for their dK/dV accumulators;
             # fused backward 19.1 ms circle / 17.9 ms tile, against 35.4 / 31.3 ms with dK/dV's blocks
             cfg = {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}
-        return {**cfg, **_OVERRIDE.get(kind, {})}
+        return {**cfg, **_OVERRIDE.get(kind, {})}  # no tensor-core circle test by default (_circle_dot_config)
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     tile_block = max(16, min(128, _pow2(tile_volume)))
     if interp:
@@ -88,8 +94,30 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
         # 64-row block split over 8 warps gave wrong results (13×21 grid, tile 8×8); 4 warps is
         # the standard layout for 64-row wgmma blocks. (Not re-verified on the GPU yet.)
         cfg["num_warps"] = 4
+    if circle_dot and not interp:
+        cfg.update(_circle_dot_config(kind, dtype, d_pad))
     cfg.update(_OVERRIDE.get(kind, {}))
     return cfg
+
+
+def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
+    """The tensor-core circle test where the H200 measured it faster in every call of the 13th
+    session (circle r16 with 8×16 tiles, bit-identical results; ``kernels_local_flags_*_13th_*.json``),
+    and the blocks it needs.
+
+    The forward at head dims padded to 128 (flux-4k: 6.63 → 5.73–5.87 ms, on 64-key chunks: the
+    128-key chunks' three stages plus the features exceed shared memory, and two stages are
+    slower) and to 64 (sdxl-4k: 1.17–1.26×); the dQ kernel at 128 (1.06–1.07× the split backward in
+    three calls). Not the dK/dV kernels (split 0.96–1.06×, fused 0.95–1.04×: within the spread of
+    repeated backward timings) nor dQ at 64 (0.95–1.02×). Interpreted (CPU) and fp32 runs keep the
+    formula unless an override asks for the dot."""
+    if dtype not in (torch.float16, torch.bfloat16) or d_pad not in (64, 128):
+        return {}
+    if kind == "fwd":
+        return {"mask_dot": True, **({"BN": 64} if d_pad == 128 else {})}
+    if kind == "dq" and d_pad == 128:
+        return {"mask_dot": True}
+    return {}
 
 
 def _swept_fused(dtype: torch.dtype, head_dim: int, tile_volume: int) -> bool:

@@ -129,6 +129,8 @@ class LocalLayout:
     cap1: int
     weights: tuple[float, float, float, float]  # formula mode: Σ Δ_d² w_d ≤ w_total
     setup_ms: float
+    # formula mode: the kernel's tensor-core circle test is exact here (``mask_dot_exact``)
+    mask_dot: bool = False
 
     @property
     def tile_volume(self) -> int:
@@ -158,6 +160,31 @@ def _formula_weights(radii3, caps, visible: torch.Tensor) -> tuple[float, float,
     return (float(weights[0]), float(weights[1]), float(weights[2]), float(total))
 
 
+def _fp16_exact(values: torch.Tensor) -> bool:
+    values = values.to(torch.float64)
+    return bool((values.abs() <= 65504).all()) and torch.equal(values.half().double(), values)
+
+
+def mask_dot_exact(weights, tile3, radius3, ndim: int) -> bool:
+    """Whether the kernel's tensor-core circle test is exact for these formula weights and tiles.
+
+    ``local_triton._row_features`` gives a row token ``r`` 16 fp16 features and
+    ``_col_features`` a column token ``c`` 16 more, so that their dot (fp32 accumulation) is
+    ``WT − Σ_d W_d (c_d − r_d)²``, ≥ 0 exactly for visible pairs. Coordinates are relative to the
+    row's tile origin: ``0 ≤ r_d < T_d`` and ``−R_d T_d ≤ c_d < (R_d + 1) T_d`` (R_d: the key-tile
+    radius of the window box). Pairs (row, column): (WT, 1); per dimension (W_d, −c_d²),
+    (2 W_d r_d, c_d), (−W_d r_d², 1). Exact iff every row and column value is an integer exact in
+    fp16 and the terms' magnitudes sum below 2**24 (then no partial sum rounds, in any order)."""
+    *w, wt = weights
+    dims = (0, 1, 2) if ndim == 3 else (1, 2)
+    r = {d: torch.arange(tile3[d], dtype=torch.float64) for d in dims}
+    c = {d: torch.arange(-radius3[d] * tile3[d], (radius3[d] + 1) * tile3[d], dtype=torch.float64) for d in dims}
+    rows = [torch.tensor([wt])] + [t for d in dims for t in (torch.tensor([w[d]]), 2 * w[d] * r[d], -w[d] * r[d] ** 2)]
+    cols = [t for d in dims for t in (-c[d] ** 2, c[d])]
+    bound = wt + sum(2 * w[d] * float(r[d].max() + c[d].abs().max()) ** 2 for d in dims)
+    return all(_fp16_exact(t) for t in rows + cols) and bound < 2**24
+
+
 @functools.lru_cache(maxsize=64)
 def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalLayout:
     start = time.perf_counter()
@@ -166,6 +193,7 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
     radii3 = (math.inf, *radii) if ndim == 2 else tuple(radii)
     n_tiles = tuple(-(-g // t) for g, t in zip(grid3, tile3))
     table, cap0, cap1, weights, mode = None, 0, 0, (0.0, 0.0, 0.0, 0.0), MASK_NONE
+    mask_dot = False
     if shape == "tile":
         rad = tile_radius(radii, tile, grid)
         radius = (0, *rad) if ndim == 2 else rad
@@ -188,6 +216,7 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
         formula = _formula_weights(radii3, caps, visible)
         if formula is not None:
             weights, mode = formula, MASK_FORMULA
+            mask_dot = mask_dot_exact(weights, tile3, radius, ndim)
         else:
             mode = MASK_TABLE
     return LocalLayout(
@@ -203,6 +232,7 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
         cap1=cap1,
         weights=weights,
         setup_ms=(time.perf_counter() - start) * 1e3,
+        mask_dot=mask_dot,
     )
 
 

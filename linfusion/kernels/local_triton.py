@@ -189,20 +189,75 @@ def _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT,
 
 
 @triton.jit
+def _row_features(rp0, rp1, rp2, c0, c1, c2, W0, W1, W2, WT,
+                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, IS_3D: tl.constexpr):
+    """[rows, 16] fp16 row side of the tensor-core circle test (MASK_DOT): with ``_col_features``,
+    ``rowF @ colF = WT − Σ_d W_d (c_d − r_d)²``, ≥ 0 exactly for visible pairs. Coordinates r, c
+    are relative to the program's own tile origin, so every feature is a small integer. Pairs
+    (row, column): (WT, 1) and per dimension (W_d, −c_d²), (2 W_d r_d, c_d), (−W_d r_d², 1);
+    ``local_layout.mask_dot_exact`` checks that every value is exact in fp16 and every partial sum
+    below 2**24 (exact in the fp32 accumulator) before MASK_DOT is allowed."""
+    r1 = (rp1 - c1 * T1).to(tl.float32)[:, None]
+    r2 = (rp2 - c2 * T2).to(tl.float32)[:, None]
+    f = tl.arange(0, 16)[None, :]
+    rf = tl.where(f == 0, WT, 0.0)
+    rf = tl.where(f == 1, W1, rf)
+    rf = tl.where(f == 2, (2.0 * W1) * r1, rf)
+    rf = tl.where(f == 3, -W1 * r1 * r1, rf)
+    rf = tl.where(f == 4, W2, rf)
+    rf = tl.where(f == 5, (2.0 * W2) * r2, rf)
+    rf = tl.where(f == 6, -W2 * r2 * r2, rf)
+    if IS_3D:
+        r0 = (rp0 - c0 * T0).to(tl.float32)[:, None]
+        rf = tl.where(f == 7, W0, rf)
+        rf = tl.where(f == 8, (2.0 * W0) * r0, rf)
+        rf = tl.where(f == 9, -W0 * r0 * r0, rf)
+    return rf.to(tl.float16)
+
+
+@triton.jit
+def _col_features(cp0, cp1, cp2, c0, c1, c2,
+                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, IS_3D: tl.constexpr):
+    """[16, cols] fp16 column side of the tensor-core circle test (see ``_row_features``)."""
+    x1 = (cp1 - c1 * T1).to(tl.float32)[None, :]
+    x2 = (cp2 - c2 * T2).to(tl.float32)[None, :]
+    f = tl.arange(0, 16)[:, None]
+    cf = tl.where((f == 0) | (f == 3) | (f == 6) | (f == 9), 1.0, 0.0)
+    cf = tl.where(f == 1, -x1 * x1, cf)
+    cf = tl.where(f == 2, x1, cf)
+    cf = tl.where(f == 4, -x2 * x2, cf)
+    cf = tl.where(f == 5, x2, cf)
+    if IS_3D:
+        x0 = (cp0 - c0 * T0).to(tl.float32)[None, :]
+        cf = tl.where(f == 7, -x0 * x0, cf)
+        cf = tl.where(f == 8, x0, cf)
+    return cf.to(tl.float16)
+
+
+@triton.jit
 def _mask_chunk(x, fill, full, cvalid, rp0, rp1, rp2, cp0, cp1, cp2, c0, c1, c2, oc0, oc1, oc2,
-                TAB, CAP0, CAP1, W0, W1, W2, WT,
+                rf, TAB, CAP0, CAP1, W0, W1, W2, WT,
                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-                MASK_MODE: tl.constexpr, IS_3D: tl.constexpr):
+                MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, MASK_DOT: tl.constexpr):
     """``x`` [rows, cols] (scores or probabilities) of one window chunk with invisible pairs set to
     ``fill``. Rows are the program's own tokens (tile c, coordinates rp), columns the chunk's
     (tile oc, coordinates cp, validity ``cvalid``; ``full``: no invalid column). Tile windows and
-    interior chunks of a circle need only the validity; edge chunks of a circle the window too."""
+    interior chunks of a circle need only the validity; edge chunks of a circle the window too,
+    with MASK_DOT by one K=16 tensor-core dot of exact integer features (``_row_features`` ``rf``,
+    ``_col_features``) and one compare per score, else by the formula (~7 fp32 operations per
+    score) or the table."""
     window = False
     if MASK_MODE != 0:
         window = not _tiles_all_visible(c0, c1, c2, oc0, oc1, oc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
     if window:
-        vis = _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT, MASK_MODE, IS_3D)
-        x = tl.where(vis & cvalid[None, :], x, fill)
+        if MASK_DOT:
+            cf = _col_features(cp0, cp1, cp2, c0, c1, c2, T0, T1, T2, IS_3D)
+            x = tl.where(tl.dot(rf, cf, out_dtype=tl.float32) >= 0.0, x, fill)
+            if not full:
+                x = tl.where(cvalid[None, :], x, fill)
+        else:
+            vis = _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT, MASK_MODE, IS_3D)
+            x = tl.where(vis & cvalid[None, :], x, fill)
     elif not full:
         x = tl.where(cvalid[None, :], x, fill)
     return x
@@ -271,7 +326,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time."""
     pid = tl.program_id(0)
@@ -289,6 +344,11 @@ def _fwd_kernel(
     m_i = tl.full([BM], -1.0e30, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D_PAD], tl.float32)
+    rf = 0
+    if MASK_DOT:
+        rf = _row_features(qp0, qp1, qp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
     # 1) dense keys: the text keys (image queries) or every key (text queries)
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
@@ -301,8 +361,6 @@ def _fwd_kernel(
             s = tl.where(kvalid[None, :], s, float("-inf"))
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     # 2) the window: key tiles around the query tile (none for text queries)
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
@@ -311,7 +369,7 @@ def _fwd_kernel(
         v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         s = _mask_chunk(s, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
-                        TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
+                        rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -358,7 +416,8 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, FUSE_DQ: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -383,6 +442,11 @@ def _dkdv_kernel(
                 mask=kmask, other=0.0)
     dk = tl.zeros([BN, D_PAD], tl.float32)
     dv = tl.zeros([BN, D_PAD], tl.float32)
+    rf = 0
+    if MASK_DOT:
+        rf = _row_features(kp0, kp1, kp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
     # 1) dense queries: the text queries (image keys) or every query (text keys)
     for start in range(0, dense_end, BM):
         qpos = start + tl.arange(0, BM)
@@ -401,8 +465,6 @@ def _dkdv_kernel(
         if FUSE_DQ:
             _add_dq(dq_base + qpos[:, None] * sgn + offs_d[None, :], dsT, k, sm_scale, lmask, DOT_PREC, UPCAST)
     # 2) the window (symmetric): query tiles around the key tile (none for text keys)
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         qpos, qvalid, qp0, qp1, qp2, full, qc0, qc1, qc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
@@ -415,7 +477,7 @@ def _dkdv_kernel(
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
         pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
-                         TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
+                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
@@ -437,7 +499,7 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
 ):
     """dQ of one query block: the forward's loop with P recomputed from the saved LSE."""
     pid = tl.program_id(0)
@@ -457,6 +519,11 @@ def _dq_kernel(
     lse = tl.load(LSE + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
     dq = tl.zeros([BM, D_PAD], tl.float32)
+    rf = 0
+    if MASK_DOT:
+        rf = _row_features(qp0, qp1, qp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
     # 1) dense keys
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
@@ -472,8 +539,6 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     # 2) the window
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
@@ -483,7 +548,7 @@ def _dq_kernel(
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         p = _mask_chunk(p, 0.0, full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
-                        TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
+                        rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
@@ -542,7 +607,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _blocks(kind: str, q: torch.Tensor, d_pad: int, layout: LocalLayout):
     """(BM, BN, config): blocks no larger than the tile (rounded up to a power of two)."""
-    cfg = local_config(kind, q.dtype, d_pad, layout.tile_volume, head_dim=q.shape[-1])
+    cfg = local_config(kind, q.dtype, d_pad, layout.tile_volume, head_dim=q.shape[-1], circle_dot=layout.mask_dot)
     cap = max(16, _pow2(layout.tile_volume))
     return min(cfg["BM"], cap), min(cfg["BN"], cap), cfg
 
@@ -559,6 +624,11 @@ def _kernel_args(layout: LocalLayout):
     r0, r1, r2 = layout.radius
     w0, w1, w2, wt = layout.weights
     return [g0, g1, g2, n0, n1, n2, r0, r1, r2, layout.cap0, layout.cap1, w0, w1, w2, wt]
+
+
+def _mask_flags(cfg: dict, layout: LocalLayout) -> dict:
+    """MASK_DOT of a launch: the config asks for the tensor-core circle test and the layout allows it."""
+    return {"MASK_DOT": bool(cfg.get("mask_dot", False)) and layout.mask_dot}
 
 
 def _table(layout: LocalLayout, device) -> torch.Tensor:
@@ -601,7 +671,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
-        WIN_STAGES=_window_stages(layout),
+        WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
@@ -646,7 +716,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        FUSE_DQ=fused, **common,
+        FUSE_DQ=fused, **_mask_flags(cfg, layout), **common,
     )
     if fused:
         dq.copy_(dq_acc)
@@ -664,7 +734,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BN), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **common,
+        **_mask_flags(cfg, layout), **common,
     )
     return dq, dk, dv
 
