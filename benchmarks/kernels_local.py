@@ -39,7 +39,8 @@ kind (``local_configs.set_config_override``) listed in ``SWEEP_CONFIGS``: "fwd" 
 specialization of the window loop was tried in the 9th session and gave nothing, NOTES_local.md),
 "dkdv" (BM query chunk ∈ {16, 32, 64} × BN key block ∈ {64, 128} × 4/8 warps × 2/3 stages) and
 "dq" (BM query block ∈ {64, 128} × BN key chunk ∈ {32, 64, 128} × warps × stages); on request
-(``--sweep-kinds dkdv_fused``) the dK/dV kernel of ``backward="fused_dq"``. A "fwd"
+(``--sweep-kinds dkdv_fused``) the dK/dV kernel of ``backward="fused_dq"``; ``--sweep-configs JSON``
+replaces a kind's list (e.g. the tensor-core circle test on and off, ``{"mask_dot": true}``). A "fwd"
 config times the forward; a "dkdv" or "dq" config the whole backward with only that kernel
 overridden, a "dkdv_fused" config the whole fused backward. Each record (JSON ``sweep``) holds the pass's time with the default configs measured
 at the start of the same call (``default_ms``, ``speedup``) and ``max_rel_err`` = max |a − b| /
@@ -590,7 +591,8 @@ def main(argv=None):
                         help="seconds after which the sweep skips its remaining configs")
     parser.add_argument("--sweep-configs", type=json.loads, default=None,
                         help='JSON {kind: [override, ...]} replacing SWEEP_CONFIGS for the kinds it names, e.g. '
-                             '\'{"fwd": [{"merged": true}, {"mask_dot": true}]}\' (loop flags: local_triton._mask_flags)')
+                             '\'{"fwd": [{"mask_dot": true, "BN": 64}], "dq": [{"mask_dot": false}]}\' (keys: BM, BN, '
+                             'num_warps, num_stages, mask_dot)')
     args = parser.parse_args(argv)
     rows: list[dict] = []
     result = {"env": environment()}

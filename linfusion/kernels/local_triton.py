@@ -23,7 +23,8 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   it (``local_configs._circle_dot_config``: the forward, and dQ at head dim 128), the formula runs
   on the tensor cores instead: one K=16 dot of small-integer fp16 features of the rows and the
   chunk's columns gives ``WT − Σ W_d Δ_d²`` exactly, and one compare per score replaces ~7 fp32
-  operations (flux-4k circle forward 6.6 → 5.9 ms). The key loop holds no memory load besides the K/V (Q/dO) tiles: the first version
+  operations (flux-4k circle forward 6.6 → 5.9 ms). The key loop holds no memory load besides
+  the K/V (Q/dO) tiles: the first version
   read the shortcut from the table inside the loop, which Triton pipelines into shared-memory
   copies, and table mode runs its per-token gather unpipelined (``num_stages=1``). (The
   interior shortcut pays for radii well above the tile size; at r = 16 with 8×16 tiles even a
@@ -351,8 +352,6 @@ def _fwd_kernel(
     rf = 0
     if MASK_DOT:
         rf = _row_features(qp0, qp1, qp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
     # 1) dense keys: the text keys (image queries) or every key (text queries)
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
@@ -365,6 +364,8 @@ def _fwd_kernel(
             s = tl.where(kvalid[None, :], s, float("-inf"))
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     # 2) the window: key tiles around the query tile (none for text queries)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
@@ -449,8 +450,6 @@ def _dkdv_kernel(
     rf = 0
     if MASK_DOT:
         rf = _row_features(kp0, kp1, kp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
     # 1) dense queries: the text queries (image keys) or every query (text keys)
     for start in range(0, dense_end, BM):
         qpos = start + tl.arange(0, BM)
@@ -469,6 +468,8 @@ def _dkdv_kernel(
         if FUSE_DQ:
             _add_dq(dq_base + qpos[:, None] * sgn + offs_d[None, :], dsT, k, sm_scale, lmask, DOT_PREC, UPCAST)
     # 2) the window (symmetric): query tiles around the key tile (none for text keys)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         qpos, qvalid, qp0, qp1, qp2, full, qc0, qc1, qc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
@@ -526,8 +527,6 @@ def _dq_kernel(
     rf = 0
     if MASK_DOT:
         rf = _row_features(qp0, qp1, qp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
     # 1) dense keys
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
@@ -543,6 +542,8 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     # 2) the window
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
