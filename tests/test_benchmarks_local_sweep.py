@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CASE = ("tiny", 1, 1, 16, (8, 16), 8)  # name, B, H, D, grid, text_len
 VARIANTS = [("circle-r3", "circle", 3, (4, 8)), ("tile-4x8-r1x1", "tile", 8, (4, 8))]
 # {} is the default; with 4×8 tiles every block is clamped to 32, so 16 splits tiles into 2 slices/chunks
-CONFIGS = {"fwd": [{}, {"BN": 16}], "dkdv": [{}, {"BM": 16}], "dq": [{}, {"BM": 16, "BN": 16}]}
+# {"mask_dot": True}: the tensor-core circle test (the interpreter's default is the formula)
+CONFIGS = {"fwd": [{}, {"BN": 16}, {"mask_dot": True}], "dkdv": [{}, {"BM": 16}], "dq": [{}, {"BM": 16, "BN": 16}]}
 
 
 def _load():
@@ -70,9 +71,13 @@ def test_sweep_records_and_default_error(bench, timed_sweep):
         assert r["status"] == "ok" and r["ok"] and r["error"] is None, r
         assert r["ms"] == 2.0 and r["default_ms"] == 2.0 and r["speedup"] == 1.0
         assert r["pass"] == ("fwd" if r["kernel"] == "fwd" else "bwd")
-        assert set(r["effective"]) == {"BM", "BN", "num_warps", "num_stages"}
+        assert set(r["effective"]) == {"BM", "BN", "num_warps", "num_stages", "MASK_DOT"}
+        # the dot runs only where asked and where the layout allows it (circles, not tile windows)
+        assert r["effective"]["MASK_DOT"] == (r["config"] == {"mask_dot": True} and r["variant"].startswith("circle"))
         assert max(r["effective"]["BM"], r["effective"]["BN"]) <= 32  # clamped to the 4×8 tile
-        assert r["is_default"] == (r["config"] == {}), r
+        # a tile window has no circle test: asking for the dot there launches the default kernel
+        no_op = r["config"] == {"mask_dot": True} and not r["variant"].startswith("circle")
+        assert r["is_default"] == (r["config"] == {} or no_op), r
         assert 0.0 <= r["max_rel_err"] < bench.SWEEP_TOL
         if r["is_default"]:
             assert r["max_rel_err"] < 1e-6, r
@@ -96,7 +101,7 @@ def test_main_sweep_only_writes_json(bench, timed_sweep, tmp_path, monkeypatch):
     seen = {}
 
     def fake_sweep(case, configs, deadline_s):
-        seen["case"], seen["deadline_s"], seen["kinds"] = case[0], deadline_s, sorted(configs)
+        seen["case"], seen["deadline_s"], seen["kinds"], seen["configs"] = case[0], deadline_s, sorted(configs), configs
         return records
 
     monkeypatch.setattr(bench, "sweep", fake_sweep)
@@ -112,6 +117,10 @@ def test_main_sweep_only_writes_json(bench, timed_sweep, tmp_path, monkeypatch):
     bench.main(["--sweep-only", "--sweep-kinds", "fwd", "--sweep-case", "sdxl-4k", "--out", str(out)])
     assert seen["case"] == "sdxl-4k"
     assert seen["kinds"] == ["fwd"]
+    # --sweep-configs replaces the lists of the kinds it names; the others keep SWEEP_CONFIGS
+    bench.main(["--sweep-only", "--sweep-kinds", "fwd", "dq", "--sweep-configs", '{"fwd": [{"mask_dot": true}]}',
+                "--out", str(out)])
+    assert seen["configs"] == {"fwd": [{"mask_dot": True}], "dq": bench.SWEEP_CONFIGS["dq"]}
 
 
 def test_sweep_failing_timer_is_recorded_and_sweep_goes_on(bench):
