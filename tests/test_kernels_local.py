@@ -240,8 +240,9 @@ def test_circle_mask_dot_matches_reference(case, blocks, monkeypatch):
     monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {**blocks, "mask_dot": True}
                                                      for k in ("fwd", "dkdv", "dq", "dkdv_fused")})
     q = torch.zeros(B, H, text_len + math.prod(grid), D, dtype=dtype)
+    d_pad = max(16, local_triton._pow2(D))  # the launch's padded head dim
     for kind in ("fwd", "dkdv", "dq", "dkdv_fused"):
-        _, _, cfg = local_triton._blocks(kind, q, max(16, D), layout)
+        _, _, cfg = local_triton._blocks(kind, q, d_pad, layout)
         assert local_triton._mask_flags(cfg, layout) == {"MASK_DOT": True}
     for variant in ("split", "fused_dq"):
         check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=11, variant=variant)

@@ -18,7 +18,8 @@ last dimension is one contiguous range of tokens; the kernel iterates over such 
 The per-resolution state (``LocalLayout``) is a handful of integers plus, for
 ``shape="circle"``, a table of at most a few thousand int32 entries giving, for each
 ``(|Δ0|, |Δ1|)``, the largest visible ``|Δ2|``. The table is computed in float64 exactly
-as the reference computes its mask, so the kernel's mask is bit-for-bit the reference's.
+as the reference computes its mask, so the kernel's mask is bit-for-bit the reference's; and
+whether the kernel's tensor-core form of the circle test is exact here (``mask_dot_exact``).
 Both are cached (``functools.lru_cache``) per (grid, radii, shape, tile, device).
 """
 
