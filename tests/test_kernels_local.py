@@ -293,44 +293,57 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from linfusion.kernels import local_triton as lt
 
-mode, mask_dot = int(sys.argv[1]), sys.argv[2] == "1"
-for kern in (lt._fwd_kernel, lt._dkdv_kernel, lt._dq_kernel):
+mode, mask_dot, dq_tma = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+kernels = (lt._dkdv_kernel,) if dq_tma else (lt._fwd_kernel, lt._dkdv_kernel, lt._dq_kernel)
+for kern in kernels:
     cx = dict(HEAD_DIM=64, D_PAD=64, BM=64, BN=64, T0=1, T1=8, T2=8, CPT=1, MASK_MODE=mode, IS_3D=False,
               TILE_ORDER=False, DOT_PREC="tf32", UPCAST=False, MASK_DOT=mask_dot)
     if "WIN_STAGES" in kern.arg_names:
         cx["WIN_STAGES"] = lt._window_stages(type("L", (), {"mask_mode": mode})())
+    if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
+        cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma)
+        if not dq_tma:
+            cx.update(DQ_TEXT=None, DQ_GRID=None)
     sig = {}
     for n in kern.arg_names:
         sig[n] = ("constexpr" if n in cx else "*i32" if n == "TAB" else "*fp32" if n in ("LSE", "DELTA")
+                  else "tensordesc<fp32[1,64,64]>" if n == "DQ_TEXT" else "tensordesc<fp32[1,1,8,8,64]>" if n == "DQ_GRID"
+                  else "*fp32" if n == "DQ" and dq_tma
                   else "*bf16" if n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV") else
                   "fp32" if n in ("W0", "W1", "W2", "WT", "qk_scale", "sm_scale") else "i32")
     src = ASTSource(kern, sig, constexprs={(kern.arg_names.index(k),): v for k, v in cx.items()})
     ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ttgir"]
     bad = [l.strip()[:160] for l in ttgir.splitlines() if "async_copy_global_to_local" in l and "i32>" in l]
     print(kern.__name__, "OK" if not bad else "PIPELINED-TABLE-LOAD " + " | ".join(bad))
+print("tma-reduce", "OK" if not dq_tma or "async_tma_reduce" in ttgir else "MISSING")
 """
 
 
-@pytest.mark.parametrize("mask_mode, mask_dot", [(MASK_FORMULA, False), (MASK_TABLE, False), (MASK_FORMULA, True)],
-                         ids=["formula", "table", "formula-dot"])
-def test_circle_loop_compiles_without_pipelined_table_loads_sm90(mask_mode, mask_dot):
+@pytest.mark.parametrize("mask_mode, mask_dot, dq_tma", [(MASK_FORMULA, False, False), (MASK_TABLE, False, False),
+                                                          (MASK_FORMULA, True, False), (MASK_FORMULA, False, True)],
+                         ids=["formula", "table", "formula-dot", "fused-dq-tma"])
+def test_circle_loop_compiles_without_pipelined_table_loads_sm90(mask_mode, mask_dot, dq_tma):
     """Compile-only (no GPU needed): for sm_90 the circle key loops must hold no int32 table load
     that the software pipeliner turns into cp.async copies (the construct behind the H200 mismatch),
-    with the formula, the table, and the formula's tensor-core form (MASK_DOT)."""
+    with the formula, the table, and the formula's tensor-core form (MASK_DOT); and the fused
+    backward's dQ reductions compile to TMA reductions (which the CPU interpreter cannot run)."""
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _SM90_PROBE, str(mask_mode), str(int(mask_dot))], env=env,
+    proc = subprocess.run([sys.executable, "-c", _SM90_PROBE, str(mask_mode), str(int(mask_dot)), str(int(dq_tma))],
+                          env=env,
                           capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr:
         pytest.skip(f"no usable ptxas for sm_90 here: {proc.stderr.strip().splitlines()[-1:]}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 3 and all(line.endswith("OK") for line in lines), proc.stdout
+    assert len(lines) == (2 if dq_tma else 4) and all(line.endswith("OK") for line in lines), proc.stdout
+    if dq_tma:
+        assert lines[-1] == "tma-reduce OK", proc.stdout
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -342,8 +355,10 @@ def test_strided_inputs():
     check(1, 2, 40, (6, 11), (2, 5), 2, "tile", (4, 8), torch.float32, layout="blhd")
 
 
-def test_tile_order_entry_point():
-    """local_attention_tiled on to_tile_order'ed tokens equals the row-major call."""
+@pytest.mark.parametrize("backward", ["split", "fused_dq"])
+def test_tile_order_entry_point(backward):
+    """local_attention_tiled on to_tile_order'ed tokens equals the row-major call, with either backward
+    (the fused one accumulates dQ in row-major order and permutes it back to tile order)."""
     grid, tile, text_len, window = (7, 13), (4, 8), 3, 4
     gen = torch.Generator(device=DEVICE).manual_seed(7)
     L = text_len + math.prod(grid)
@@ -351,7 +366,7 @@ def test_tile_order_entry_point():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     ref = local_attention_reference(*(t.double() for t in (q, k, v)), grid, window, text_len)
     tiled_in = [to_tile_order(t, grid, tile, text_len) for t in (q, k, v)]
-    out_t = local_attention_tiled(*tiled_in, grid, window, text_len, "circle", tile)
+    out_t = local_attention_tiled(*tiled_in, grid, window, text_len, "circle", tile, backward=backward)
     out = from_tile_order(out_t, grid, tile, text_len)
     assert rel_err(out, ref) < TOL[torch.float32]
     g = torch.randn_like(out)
@@ -474,6 +489,49 @@ def test_gpu_flux_2k_bf16(shape):
 def test_gpu_flux_2k_fused_dq(shape):
     """The fused-dQ backward at a real size: many key blocks add into each query's dQ row."""
     check(1, 2, 128, (128, 128), 16, 512, shape, None, torch.bfloat16, seed=1, variant="fused_dq")
+
+
+# the fused backward with dQ added by TMA reductions ("dq_tma"): FLUX-2K circle and tile, a partial
+# 3D grid with text (Wan's tiles), head dim 64 on 32-query chunks (boxes of 2 tile rows), tile order
+DQ_TMA_CASES = [
+    ("flux2k-circle", 1, 2, 128, (128, 128), 16, 512, "circle", None, {}, False),
+    ("flux2k-tile", 1, 2, 128, (128, 128), 16, 512, "tile", None, {}, False),
+    ("3d-partial-text", 1, 2, 128, (5, 30, 21), (2, 8, 8), 33, "circle", None, {}, False),
+    ("d64-bm32-text", 2, 2, 64, (45, 70), 16, 77, "circle", None, {"BM": 32}, False),
+    ("tile-order-fp16", 1, 2, 128, (40, 56), 16, 20, "tile", None, {}, True),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", DQ_TMA_CASES, ids=[c[0] for c in DQ_TMA_CASES])
+def test_gpu_fused_dq_tma(case, monkeypatch):
+    """dQ by TMA reductions into the row-major fp32 accumulator (boxes clipped at the grid's edges)
+    equals the reference, forced on through the "dkdv_fused" config."""
+    from linfusion.kernels import local_configs
+
+    name, B, H, D, grid, window, text_len, shape, tile, extra, tiled = case
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {"dkdv_fused": {"dq_tma": True, **extra}})
+    dtype = torch.float16 if name.endswith("fp16") else torch.bfloat16
+    probe = torch.empty(B, H, text_len + math.prod(grid), D, dtype=dtype, device=DEVICE)
+    layout, _ = local_triton._prepare(probe, probe, probe, grid, window, text_len, shape, tile)
+    block_m, _, cfg = local_triton._blocks("dkdv_fused", probe, 128 if D > 64 else 64, layout)
+    assert local_triton._dq_tma_allowed(cfg, layout, block_m, probe.device), "the TMA path must be the one tested"
+    if not tiled:
+        check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=4, variant="fused_dq")
+        return
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    q, k, v = (torch.randn(probe.shape, generator=gen, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
+    tiled_in = [to_tile_order(t, grid, tile, text_len) for t in (q, k, v)]
+    out = from_tile_order(local_attention_tiled(*tiled_in, grid, window, text_len, shape, tile, backward="fused_dq"),
+                          grid, tile, text_len)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = local_attention_reference(q64, k64, v64, grid, window, text_len, shape, tile)
+    g = torch.randn(out.shape, generator=gen, device=DEVICE).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    refs = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    assert rel_err(out, ref) < TOL[dtype]
+    for a, b in zip(grads, refs):
+        assert rel_err(a, b) < TOL[dtype]
 
 
 @needs_cuda
