@@ -51,7 +51,6 @@ from .local_configs import default_backward, local_config
 from .local_layout import (
     MASK_TABLE,
     LocalLayout,
-    _permutations,
     from_tile_order,
     get_layout,
     to_tile_order,
@@ -244,19 +243,17 @@ def _col_features(cp0, cp1, cp2, c0, c1, c2,
 def _mask_chunk(x, fill, full, cvalid, rp0, rp1, rp2, cp0, cp1, cp2, c0, c1, c2, oc0, oc1, oc2,
                 rf, TAB, CAP0, CAP1, W0, W1, W2, WT,
                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-                MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, MASK_DOT: tl.constexpr, no_window=False):
+                MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, MASK_DOT: tl.constexpr):
     """``x`` [rows, cols] (scores or probabilities) of one window chunk with invisible pairs set to
     ``fill``. Rows are the program's own tokens (tile c, coordinates rp), columns the chunk's
     (tile oc, coordinates cp, validity ``cvalid``; ``full``: no invalid column). Tile windows and
     interior chunks of a circle need only the validity; edge chunks of a circle the window too,
     with MASK_DOT by one K=16 tensor-core dot of exact integer features (``_row_features`` ``rf``,
     ``_col_features``) and one compare per score, else by the formula (~7 fp32 operations per
-    score) or the table. ``no_window`` (scalar): the rows see every column (text keys), only the
-    validity applies."""
+    score) or the table."""
     window = False
     if MASK_MODE != 0:
         window = not _tiles_all_visible(c0, c1, c2, oc0, oc1, oc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
-        window = window & (no_window == 0)
     if window:
         if MASK_DOT:
             cf = _col_features(cp0, cp1, cp2, c0, c1, c2, T0, T1, T2, IS_3D)
@@ -415,7 +412,7 @@ def _dq_share(dsT, k, sm_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_TEXT, DQ_GRID, TAB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
@@ -427,18 +424,19 @@ def _dkdv_kernel(
     FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
-    that see it: the text queries, then the window (symmetric) around the key tile; text keys
-    are seen by every query and walk the whole grid, tile chunk by tile chunk, unmasked.
+    that see it: text keys are seen by every query, image keys by the text queries and by the
+    window (symmetric) around their tile.
 
     FUSE_DQ: also add this block's share of dQ (dS·K · scale) into DQ, an fp32 [B·H, L, D_PAD]
-    buffer in row-major token order whatever the inputs' order, so that every query chunk is a
-    box of it: with DQ_TMA by TMA reductions through the descriptors DQ_TEXT ([B·H, TEXT, D_PAD],
-    box [1, BM, D_PAD]) and DQ_GRID ([B·H, G0, G1, G2, D_PAD], box [1, 1, BM/T2, T2, D_PAD]: a chunk
-    is BM/T2 full tile rows), issued asynchronously by the TMA unit; else by per-element atomics."""
+    buffer in the inputs' token order: by per-element atomics, or with DQ_TMA (row-major tokens
+    only) by TMA reductions, issued asynchronously by the TMA unit, through the descriptors
+    DQ_ROWS ([B·H, L, D_PAD], box [1, BM, D_PAD]: the dense loop's contiguous query rows) and
+    DQ_GRID (the grid after the text, [B·H, G0, G1, G2, D_PAD], box [1, 1, BM/T2, T2, D_PAD]: a
+    window chunk is BM/T2 full rows of its tile)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
-    is_text, bh, c0, c1, c2, kp0, kp1, kp2, kpos, kvalid, _ = _own_block(
+    is_text, bh, c0, c1, c2, kp0, kp1, kp2, kpos, kvalid, dense_end = _own_block(
         pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BN, T0, T1, T2, TILE_ORDER)
     b = bh // H
     h = bh - b * H
@@ -457,10 +455,10 @@ def _dkdv_kernel(
     rf = 0
     if MASK_DOT:
         rf = _row_features(kp0, kp1, kp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    # 1) the text queries
-    for start in range(0, TEXT, BM):
+    # 1) dense queries: the text queries (image keys) or every query (text keys)
+    for start in range(0, dense_end, BM):
         qpos = start + tl.arange(0, BM)
-        qvalid = qpos < TEXT
+        qvalid = qpos < dense_end
         lmask = qvalid[:, None] & dmask[None, :]
         q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
         do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
@@ -475,16 +473,12 @@ def _dkdv_kernel(
         if FUSE_DQ:
             share = _dq_share(dsT, k, sm_scale, DOT_PREC, UPCAST)
             if DQ_TMA:
-                DQ_TEXT.atomic_add([bh, start, 0], tl.reshape(share, [1, BM, D_PAD]))
+                DQ_ROWS.atomic_add([bh, start, 0], tl.reshape(share, [1, BM, D_PAD]))
             else:
                 tl.atomic_add(dq_bh + qpos[:, None] * D_PAD + offs_d[None, :], share, mask=lmask, sem="relaxed")
-    # 2) the window (symmetric): query tiles around the key tile; for text keys the whole grid
-    #    (tile 0's box with radii of the whole grid)
-    r0 = tl.where(is_text, N0, R0)
-    r1 = tl.where(is_text, N1, R1)
-    r2 = tl.where(is_text, N2, R2)
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, r0, r1, r2, N0, N1, N2, CPT)
-# 2) the window (symmetric): query tiles around the key tile (none for text keys)
+    # 2) the window (symmetric): query tiles around the key tile (none for text keys)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_win = tl.where(is_text, 0, n_win)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         qpos, qvalid, qp0, qp1, qp2, full, qc0, qc1, qc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
@@ -497,8 +491,7 @@ def _dkdv_kernel(
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
         pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
-                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT,
-                         no_window=is_text)
+                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
         dsT = pT * (dpT - delta[None, :])
@@ -510,8 +503,7 @@ def _dkdv_kernel(
                 DQ_GRID.atomic_add([bh, qc0 * T0 + first // (T1 * T2), qc1 * T1 + (first // T2) % T1, qc2 * T2, 0],
                                    tl.reshape(share, [1, 1, BM // T2, T2, D_PAD]))
             else:
-                rows = TEXT + (qp0 * G1 + qp1) * G2 + qp2  # row-major position
-                tl.atomic_add(dq_bh + rows[:, None] * D_PAD + offs_d[None, :], share, mask=lmask, sem="relaxed")
+                tl.atomic_add(dq_bh + qpos[:, None] * D_PAD + offs_d[None, :], share, mask=lmask, sem="relaxed")
     g_off = b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + kpos[:, None] * sgn + offs_d[None, :]
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kmask)
@@ -707,8 +699,9 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
 
 def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.device) -> bool:
     """The fused backward adds dQ by TMA reductions: the config asks for it (``"dq_tma"``), the
-    device is a compiled Hopper-or-later GPU, and every query chunk is whole rows of one tile plane
-    (BM/T2 rows of T2 tokens, powers of two: Triton's block shapes) so that it is one TMA box."""
+    device is a compiled Hopper-or-later GPU, and every window chunk of queries is whole rows of one
+    tile plane (BM/T2 rows of T2 tokens, powers of two: Triton's block shapes), so one TMA box of
+    the row-major grid. (The caller also requires row-major tokens.)"""
     t0, t1, t2 = layout.tile
     rows = block_m // t2
     return (
@@ -721,18 +714,18 @@ def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.
 
 
 def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block_m: int):
-    """TMA descriptors of the fused backward's fp32 dQ accumulator ``acc`` [B·H, L, D_PAD]: its text
-    rows [B·H, TEXT, D_PAD] and its grid [B·H, G0, G1, G2, D_PAD] (row-major, after the text)."""
+    """TMA descriptors of the fused backward's fp32 dQ accumulator ``acc`` [B·H, L, D_PAD] (row-major
+    tokens): its rows [B·H, L, D_PAD] and its grid after the text [B·H, G0, G1, G2, D_PAD]."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bh, length, d_pad = acc.shape
     g0, g1, g2 = layout.grid
     t2 = layout.tile[2]
-    text = TensorDescriptor(acc, [bh, max(text_len, 1), d_pad], [length * d_pad, d_pad, 1], [1, block_m, d_pad])
+    rows = TensorDescriptor(acc, [bh, length, d_pad], [length * d_pad, d_pad, 1], [1, block_m, d_pad])
     grid = TensorDescriptor(acc[:, text_len:], [bh, g0, g1, g2, d_pad],
                             [length * d_pad, g1 * g2 * d_pad, g2 * d_pad, d_pad, 1],
                             [1, 1, block_m // t2, t2, d_pad])
-    return text, grid
+    return rows, grid
 
 
 #: backward variants: "split" (a dK/dV kernel, then a dQ kernel that recomputes P and dP: 7 matmuls
@@ -766,12 +759,12 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
-    dq_tma = fused and _dq_tma_allowed(cfg, layout, BM, q.device)
-    # the fused backward's dQ accumulator: fp32, zeroed, row-major token order (see _dkdv_kernel)
+    dq_tma = fused and not tile_order and _dq_tma_allowed(cfg, layout, BM, q.device)
+    # the fused backward's dQ accumulator: fp32, zeroed, the inputs' token order (see _dkdv_kernel)
     dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
-    dq_text, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
+    dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_text, dq_grid, table,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
@@ -779,10 +772,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         FUSE_DQ=fused, DQ_TMA=dq_tma, **_mask_flags(cfg, layout), **common,
     )
     if fused:
-        acc = dq_acc.view(B, H, L, d_pad)[..., :D]
-        if tile_order:
-            acc = acc.index_select(2, _permutations(layout.grid, layout.tile, text_len, acc.device)[0])
-        dq.copy_(acc)
+        dq.copy_(dq_acc.view(B, H, L, d_pad)[..., :D])
         return dq, dk, dv
 
     BM, BN, cfg = _blocks("dq", q, d_pad, layout)

@@ -1,0 +1,152 @@
+"""A/B timing of the Triton local-attention kernels: an earlier revision against the working tree,
+in one process on one GPU, interleaved repeats (single backward timings differ by up to 7% between
+calls, so only same-call, interleaved comparisons decide small changes).
+
+    git archive REV linfusion/kernels | tar -x -C /tmp/old        # the earlier kernels, plain files
+    python benchmarks/ab_local.py --old /tmp/old/linfusion/kernels --out ab.json \
+        --impls old:fwd new:fwd old:fused_dq new:fused_dq new:fused_dq+dq_tma old:split new:split
+
+An impl is ``{old|new}:{fwd|split|fused_dq}`` with optional ``+key`` flags that set a boolean config
+key of the backward's dK/dV kernel ("dkdv_fused" for fused_dq, "dkdv" for split) or of the forward.
+Records: per case, window and impl the median of the repeats' times, every repeat, the kernels'
+registers / spills / shared memory, and the largest relative error against the first impl of the
+same pass (outputs for fwd, dq/dk/dv for the backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import bench_ms, cpu_ms, environment  # noqa: E402
+
+CASES = {  # name: (B, H, D, grid, text)
+    "flux-4k": (1, 24, 128, (256, 256), 512),
+    "flux-2k": (1, 24, 128, (128, 128), 512),
+    "sdxl-4k": (2, 10, 64, (128, 128), 0),
+    "wan-480p": (1, 12, 128, (21, 30, 52), 0),
+    "tiny": (1, 2, 64, (16, 24), 8),  # a CPU check of this script under TRITON_INTERPRET=1
+}
+WINDOWS = {  # variant name: (2D window, 3D window, shape): benchmarks/kernels_local.py's variants
+    "circle": (16, (2, 8, 8), "circle"),  # circle-r16 / circle-r2x8x8
+    "tile": (16, (2, 8, 8), "tile"),  # tile-8x16-r2x1 / tile-2x8x8-r1x1x1
+}
+
+
+def load_kernels(path: str, name: str = "old_kernels"):
+    """The ``linfusion/kernels`` package at ``path`` imported as ``name`` (its imports are relative)."""
+    spec = importlib.util.spec_from_file_location(name, f"{path}/__init__.py", submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.local_triton"), importlib.import_module(f"{name}.local_configs")
+
+
+class KernelStats:
+    """Registers, spills and shared memory of every kernel launched through the wrapped JIT functions."""
+
+    def __init__(self):
+        self.seen: dict[str, dict] = {}
+        self.impl = ""  # the impl being launched: the record's key
+
+    def wrap(self, jit_fn, tag: str):
+        run = jit_fn.run
+
+        def recording_run(*args, **kwargs):
+            kernel = run(*args, **kwargs)
+            if kernel is not None and hasattr(kernel, "n_regs"):
+                self.seen[f"{self.impl} {tag}"] = {"regs": kernel.n_regs, "spills": kernel.n_spills,
+                                  "shared": getattr(kernel.metadata, "shared", None)}
+            return kernel
+
+        jit_fn.run = recording_run
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", required=True, help="path of the earlier linfusion/kernels package")
+    parser.add_argument("--impls", nargs="+", required=True)
+    parser.add_argument("--cases", nargs="+", default=["flux-4k"], choices=sorted(CASES))
+    parser.add_argument("--windows", nargs="+", default=["circle", "tile"], choices=sorted(WINDOWS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    import linfusion.kernels.local_configs as new_cfg
+    import linfusion.kernels.local_triton as new_lt
+
+    old_lt, old_cfg = load_kernels(args.old)
+    trees = {"old": (old_lt, old_cfg), "new": (new_lt, new_cfg)}
+    stats = KernelStats()
+    for lt, _ in trees.values():
+        for kern in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
+            stats.wrap(getattr(lt, kern), kern)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    timer = bench_ms if device == "cuda" else cpu_ms
+
+    records = []
+    for case in args.cases:
+        B, H, D, grid, text = CASES[case]
+        L = text + math.prod(grid)
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v, do = (torch.randn(B, H, L, D, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(4))
+        for wname in args.windows:
+            w2, w3, shape = WINDOWS[wname]
+            window = w3 if len(grid) == 3 else w2
+            fns, outs = {}, {}
+            for impl in args.impls:
+                tree, _, rest = impl.partition(":")
+                kind, *flags = rest.split("+")
+                lt, cfg_mod = trees[tree]
+                layout, _ = lt._prepare(q, k, v, grid, window, text, shape, None)
+                o, lse = lt._forward(q, k, v, layout, text, False)
+                cfg_kind = {"fwd": "fwd", "split": "dkdv", "fused_dq": "dkdv_fused"}[kind]
+
+                def call(lt=lt, layout=layout, o=o, lse=lse, kind=kind, cfg_mod=cfg_mod, cfg_kind=cfg_kind,
+                         flags=tuple(flags)):
+                    cfg_mod.set_config_override(cfg_kind, {f: True for f in flags} or None)
+                    stats.impl = impl
+                    try:
+                        if kind == "fwd":
+                            return lt._forward(q, k, v, layout, text, False)[:1]
+                        return lt._backward(do, q, k, v, o, lse, layout, text, False, kind)
+                    finally:
+                        cfg_mod.set_config_override(cfg_kind, None)
+
+                outs[impl] = [t.clone() for t in call()]
+                fns[impl] = call
+            times = {impl: [] for impl in args.impls}
+            for _ in range(args.repeats):
+                for impl in args.impls:
+                    times[impl].append(timer(fns[impl]))
+            first = {}
+            for impl in args.impls:
+                kind = impl.partition(":")[2].split("+")[0]
+                pss = "fwd" if kind == "fwd" else "bwd"
+                first.setdefault(pss, impl)
+                err = max(rel(a, b) for a, b in zip(outs[impl], outs[first[pss]]))
+                ms = sorted(times[impl])[len(times[impl]) // 2]
+                records.append({"case": case, "window": wname, "impl": impl, "pass": pss, "ms": ms,
+                                "repeats": times[impl], "max_rel_err_vs": first[pss], "max_rel_err": err})
+                print(f"{case:9s} {wname:7s} {impl:28s} {ms:8.3f} ms  {['%.3f' % t for t in times[impl]]}"
+                      f"  err {err:.1e} vs {first[pss]}", flush=True)
+    Path(args.out).write_text(json.dumps({"env": environment(), "kernels": stats.seen, "records": records}, indent=1))
+    for tag, s in sorted(stats.seen.items()):
+        print(f"{tag:40s} {s}")
+
+
+if __name__ == "__main__":
+    main()
