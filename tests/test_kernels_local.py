@@ -195,16 +195,19 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
 
 def test_fused_dkdv_config_and_auto_backward(monkeypatch):
     """backward="fused_dq" launches its dK/dV kernel with the "dkdv_fused" config: the H200-swept
-    blocks at head dim 128 (bf16/fp16, whole 128-token tiles), else the dK/dV one; a "dkdv" override
-    (the small-block tests) applies to both, a "dkdv_fused" override on top. "auto" picks the fused
-    backward exactly there, for circles."""
+    blocks at head dim 128 (bf16/fp16, whole 128-token tiles), else the dK/dV one, with dQ by TMA
+    reductions at head dims 64 and 128; a "dkdv" override (the small-block tests) applies to both, a
+    "dkdv_fused" override on top. "auto" picks the fused backward for circles at head dim 128, and
+    at 64 where the launch can use TMA reductions."""
     from linfusion.kernels import local_configs
     from linfusion.kernels.local_configs import default_backward, local_config, set_config_override
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(local_configs, "_OVERRIDE", {})
     bf16, fp16 = torch.bfloat16, torch.float16
-    assert local_config("dkdv_fused", bf16, 128, 128) == {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}
+    assert local_config("dkdv_fused", bf16, 128, 128) == {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2,
+                                                          "dq_tma": True}
+    assert local_config("dkdv_fused", bf16, 64, 128) == {**local_config("dkdv", bf16, 64, 128), "dq_tma": True}
     assert local_config("dkdv_fused", bf16, 128, 128, head_dim=96) == local_config("dkdv", bf16, 128, 128, head_dim=96)
     assert local_config("dkdv_fused", torch.float32, 128, 128) == local_config("dkdv", torch.float32, 128, 128)
     set_config_override("dkdv", {"BM": 16})
@@ -214,8 +217,9 @@ def test_fused_dkdv_config_and_auto_backward(monkeypatch):
     assert local_config("dkdv", bf16, 128, 128)["num_stages"] == 2  # the split backward's kernel keeps its own
 
     assert default_backward("circle", bf16, 128, 128) == "fused_dq" == default_backward("circle", fp16, 128, 128)
-    for args in (("tile", bf16, 128, 128), ("circle", bf16, 64, 128), ("circle", torch.float32, 128, 128),
-                 ("circle", bf16, 128, 64)):
+    assert default_backward("circle", bf16, 64, 128, dq_tma=True) == "fused_dq"  # head dim 64: only with TMA
+    for args in (("tile", bf16, 128, 128, True), ("circle", bf16, 64, 128, False), ("circle", torch.float32, 128, 128),
+                 ("circle", bf16, 128, 64), ("circle", bf16, 96, 128, True), ("circle", bf16, 40, 128, True)):
         assert default_backward(*args) == "split", args
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert default_backward("circle", bf16, 128, 128) == "split"  # interpreted: the tests pick explicitly
@@ -492,13 +496,15 @@ def test_gpu_flux_2k_fused_dq(shape):
 
 
 # the fused backward with dQ added by TMA reductions ("dq_tma"): FLUX-2K circle and tile, a partial
-# 3D grid with text (Wan's tiles), head dim 64 on 32-query chunks (boxes of 2 tile rows), fp16
+# 3D grid with text (Wan's tiles), head dim 64 on 32-query chunks (boxes of 2 tile rows), fp16, head
+# dim 80 padded to 128
 DQ_TMA_CASES = [
     ("flux2k-circle", 1, 2, 128, (128, 128), 16, 512, "circle", {}, torch.bfloat16),
     ("flux2k-tile", 1, 2, 128, (128, 128), 16, 512, "tile", {}, torch.bfloat16),
     ("3d-partial-text", 1, 2, 128, (5, 30, 21), (2, 8, 8), 33, "circle", {}, torch.bfloat16),
     ("d64-bm32-text", 2, 2, 64, (45, 70), 16, 77, "circle", {"BM": 32}, torch.bfloat16),
     ("partial-fp16", 1, 2, 128, (40, 57), 16, 20, "tile", {}, torch.float16),
+    ("d80-padded", 1, 2, 80, (48, 64), 16, 40, "circle", {}, torch.bfloat16),
 ]
 
 

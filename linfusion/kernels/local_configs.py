@@ -47,12 +47,18 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
     head_dim = d_pad if head_dim is None else head_dim
     if kind == "dkdv_fused":
         cfg = local_config("dkdv", dtype, d_pad, tile_volume, head_dim)
-        if _swept_fused(dtype, head_dim, tile_volume) and "dkdv" not in _OVERRIDE:
+        if _swept_fused(dtype, head_dim, tile_volume) and head_dim == 128 and "dkdv" not in _OVERRIDE:
             # H200 sweeps (benchmarks/results/kernels_local_sweep_dkdv_fused_{1,2}.json, flux-4k): 128-key blocks
             # halve the atomic adds per query row, and need 8 warps for their dK/dV accumulators;
             # fused backward 19.1 ms circle / 17.9 ms tile, against 35.4 / 31.3 ms with dK/dV's blocks
             cfg = {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}
-        return {**cfg, **_OVERRIDE.get(kind, {})}  # no tensor-core circle test by default (_circle_dot_config)
+        if _swept_fused(dtype, head_dim, tile_volume):
+            # dQ by TMA reductions where the kernel can (local_triton._dq_tma_allowed): 14th session,
+            # interleaved in one call (benchmarks/results/ab_local_dq_tma_14th.json), against the
+            # per-element atomics: circle backward flux-4k 19.16 -> 18.73 ms, sdxl-4k 1.785 -> 1.576,
+            # Wan 5.30 -> 4.94; tile windows 1.5-3.6% too. (no tensor-core circle test: _circle_dot_config)
+            cfg = {**cfg, "dq_tma": True}
+        return {**cfg, **_OVERRIDE.get(kind, {})}
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     tile_block = max(16, min(128, _pow2(tile_volume)))
     if interp:
@@ -121,16 +127,21 @@ def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
 
 
 def _swept_fused(dtype: torch.dtype, head_dim: int, tile_volume: int) -> bool:
-    """The fused backward's swept blocks apply: compiled (not interpreted) bf16/fp16, head dim 128,
-    whole 128-token tiles."""
+    """The fused backward was measured on the H200 here: compiled (not interpreted) bf16/fp16, head
+    dims 128 (flux-4k, Wan) and 64 (sdxl-4k), whole 128-token tiles."""
     compiled = os.environ.get("TRITON_INTERPRET", "0") != "1"
-    return compiled and dtype in (torch.float16, torch.bfloat16) and head_dim == 128 and tile_volume >= 128
+    return compiled and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and tile_volume >= 128
 
 
-def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume: int) -> str:
+def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume: int, dq_tma: bool = False) -> str:
     """The backward variant ``backward="auto"`` runs (see ``local_triton.BACKWARDS``).
 
-    "fused_dq" where the H200 measured it faster: circles at the swept blocks (flux-4k circle r16:
-    19.1 ms against 20.2 ms split; a circle's dQ pass re-evaluates the edge masks, which the fused
-    pass does once). Tile windows keep "split" (17.2 ms against 17.9 ms fused)."""
-    return "fused_dq" if shape == "circle" and _swept_fused(dtype, head_dim, tile_volume) else "split"
+    "fused_dq" for circles where the H200 measured it faster than "split" (14th session, same call,
+    benchmarks/results/ab_local_dq_tma_14th.json): at head dim 128 (flux-4k 18.73 ms with dQ by TMA
+    reductions, 19.16 with per-element atomics, against 19.24 split; Wan 4.94 against 6.36: a
+    circle's dQ pass re-evaluates the edge masks, the fused pass does it once), and at head dim 64
+    only with TMA reductions (``dq_tma``: the launch can use them; sdxl-4k 1.576 ms against 1.657
+    split, 1.785 with atomics). Tile windows keep "split" (flux-4k 17.47 against 17.76 ms fused)."""
+    if shape != "circle" or not _swept_fused(dtype, head_dim, tile_volume):
+        return "split"
+    return "fused_dq" if head_dim == 128 or dq_tma else "split"

@@ -808,7 +808,8 @@ class _LocalAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto") -> tuple[LocalLayout, str]:
+def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto",
+             tile_order: bool = False) -> tuple[LocalLayout, str]:
     """The layout of the arguments (validated) and the backward variant to run."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
@@ -816,7 +817,9 @@ def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto
     grid, radii, tile = validate_local_args(grid, window, int(text_len), shape, tile, q.shape[2])
     layout = get_layout(grid, radii, shape, tile, q.device)
     if backward == "auto":
-        backward = default_backward(shape, q.dtype, q.shape[-1], layout.tile_volume)
+        block_m, _, cfg = _blocks("dkdv_fused", q, max(16, _pow2(q.shape[-1])), layout)
+        dq_tma = _dq_tma_allowed(cfg, layout, block_m, q.device) and not tile_order
+        backward = default_backward(shape, q.dtype, q.shape[-1], layout.tile_volume, dq_tma)
     return layout, backward
 
 
@@ -828,7 +831,7 @@ def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str =
     tile order (text first). Keeping tokens in tile order across layers makes every key range
     of the kernel one contiguous run of memory.
     """
-    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
+    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward, tile_order=True)
     return _LocalAttention.apply(q, k, v, layout, int(text_len), True, backward)
 
 
@@ -851,5 +854,5 @@ def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str 
         (B, H, L, D) in q's dtype (a heads-first view of token-major memory), in the same token
         order as the inputs.
     """
-    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
+    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward, tile_order=bool(tile_order))
     return _LocalAttention.apply(q, k, v, layout, int(text_len), bool(tile_order), backward)
