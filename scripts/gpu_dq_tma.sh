@@ -9,11 +9,7 @@ set -o pipefail
 OUT=${OUT:-/tmp/gpu-out}
 DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # carry=[".whl"]
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+source scripts/gpu_env.sh  # diffusers from carry=[".whl"], PYTHONPATH
 nvidia-smi -L | tee "$OUT/dq_tma.log"
 left() { echo $(( DEADLINE - SECONDS )); }
 timeout -k 10 200 python3 -m pytest -q -x tests/test_kernels_local.py -k "fused_dq" 2>&1 | tail -15 | tee -a "$OUT/dq_tma.log"

@@ -6,11 +6,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # carry=[".whl"]
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+source scripts/gpu_env.sh  # diffusers from carry=[".whl"], PYTHONPATH
 nvidia-smi -L | tee "$OUT/gpu_tests.txt"
 timeout -k 10 ${TEST_TIMEOUT:-230} python3 -m pytest -q tests/test_kernels_local.py -k "gpu or fused_dq" -rs 2>&1 \
   | tail -25 | tee -a "$OUT/gpu_tests.txt"

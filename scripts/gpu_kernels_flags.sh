@@ -12,11 +12,7 @@ set -o pipefail
 OUT=${OUT:-/tmp/gpu-out}
 DEADLINE=${DEADLINE:-570}
 mkdir -p "$OUT"
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # carry=[".whl"]
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+source scripts/gpu_env.sh  # diffusers from carry=[".whl"], PYTHONPATH
 nvidia-smi -L | tee "$OUT/flags.log"
 left() { echo $(( DEADLINE - SECONDS )); }
 FWD='[{"mask_dot": false}, {"num_stages": 4}, {"num_stages": 2}, {"BN": 32, "num_stages": 4},
