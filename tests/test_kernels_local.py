@@ -225,6 +225,24 @@ def test_fused_dkdv_config_and_auto_backward(monkeypatch):
     assert default_backward("circle", bf16, 128, 128) == "split"  # interpreted: the tests pick explicitly
 
 
+def test_dq_tma_only_where_a_query_chunk_is_one_box(monkeypatch):
+    """TMA reductions of dQ need a Hopper GPU, row-major tokens and query chunks of whole tile rows
+    (powers of two); everything else keeps the per-element atomics."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    allowed, cuda, on = local_triton._dq_tma_allowed, torch.device("cuda", 0), {"dq_tma": True}
+    flux = get_layout((64, 64), 16, "circle", (8, 16))
+    assert allowed(on, flux, 64, cuda, False) and allowed(on, flux, 32, cuda, False)  # 4 / 2 tile rows
+    assert allowed(on, get_layout((5, 30, 21), (2, 8, 8), "circle", (2, 8, 8)), 64, cuda, False)  # one 8×8 plane
+    assert not allowed(on, flux, 64, cuda, True)  # tokens in tile order
+    assert not allowed({}, flux, 64, cuda, False)  # not asked for
+    assert not allowed(on, flux, 64, torch.device("cpu"), False)
+    assert not allowed(on, flux, 8, cuda, False)  # half a tile row
+    assert not allowed(on, get_layout((5, 30, 21), (2, 8, 8), "circle", (2, 8, 8)), 128, cuda, False)  # two planes
+    assert not allowed(on, get_layout((20, 30), 4, "tile", (3, 5)), 16, cuda, False)  # rows of 5 tokens
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not allowed(on, flux, 64, cuda, False)  # no TMA before Hopper
+
+
 # circle cases whose mask the tensor-core test can serve exactly (2D, 3D, interior chunks, bf16, text)
 DOT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-circle-inf-row", "3d-circle", "2d-circle-bf16",
                                            "3d-circle-interior")]
@@ -520,7 +538,7 @@ def test_gpu_fused_dq_tma(case, monkeypatch):
     probe = torch.empty(B, H, text_len + math.prod(grid), D, dtype=dtype, device=DEVICE)
     layout, _ = local_triton._prepare(probe, probe, probe, grid, window, text_len, shape, None)
     block_m, _, cfg = local_triton._blocks("dkdv_fused", probe, 128 if D > 64 else 64, layout)
-    assert local_triton._dq_tma_allowed(cfg, layout, block_m, probe.device), "the TMA path must be the one tested"
+    assert local_triton._dq_tma_allowed(cfg, layout, block_m, probe.device, False), "the TMA path must be tested"
     check(B, H, D, grid, window, text_len, shape, None, dtype, seed=4, variant="fused_dq")
 
 

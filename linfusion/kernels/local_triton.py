@@ -34,9 +34,10 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
 * Backward: flash-attention backward over the same tile pairs with the LSE saved by the
   forward: one kernel for dK/dV (key tile, loop over query chunks, symmetric window), one for
   dQ. Softmax statistics are fp32; fp32 inputs use exact fp32 dots. ``backward="fused_dq"``
-  drops the dQ kernel: the dK/dV kernel adds each block pair's dS·K into an fp32 dQ buffer with
-  atomics (FA3's scheme: 5 matmuls per pair instead of 7, plus the atomic traffic).
-  ``backward="auto"`` (default) runs it where the H200 measured it faster (circles, head dim 128).
+  drops the dQ kernel: the dK/dV kernel adds each block pair's dS·K into an fp32 dQ buffer (FA3's
+  scheme: 5 matmuls per pair instead of 7, plus the reduction traffic), by TMA reductions on
+  Hopper with row-major tokens, else by per-element atomics. ``backward="auto"`` (default) runs
+  it where the H200 measured it faster (circles at head dims 128 and 64).
 """
 
 from __future__ import annotations
@@ -697,15 +698,16 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     return o, lse
 
 
-def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.device) -> bool:
+def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.device, tile_order: bool) -> bool:
     """The fused backward adds dQ by TMA reductions: the config asks for it (``"dq_tma"``), the
-    device is a compiled Hopper-or-later GPU, and every window chunk of queries is whole rows of one
-    tile plane (BM/T2 rows of T2 tokens, powers of two: Triton's block shapes), so one TMA box of
-    the row-major grid. (The caller also requires row-major tokens.)"""
+    device is a compiled Hopper-or-later GPU, the tokens are row-major (a partial edge tile in tile
+    order is compact, not a box), and every window chunk of queries is whole rows of one tile plane
+    (BM/T2 rows of T2 tokens, powers of two: Triton's block shapes), so one TMA box of the grid."""
     t0, t1, t2 = layout.tile
     rows = block_m // t2
     return (
         bool(cfg.get("dq_tma", False))
+        and not tile_order
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] >= 9
         and block_m % t2 == 0 and rows <= t1 and t1 % rows == 0
@@ -729,8 +731,8 @@ def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block
 
 
 #: backward variants: "split" (a dK/dV kernel, then a dQ kernel that recomputes P and dP: 7 matmuls
-#: per block pair), "fused_dq" (the dK/dV kernel also adds dQ with fp32 atomics: 5 matmuls, plus
-#: the atomic traffic; FA3's scheme) or "auto" (the default: whichever the H200 measured faster for
+#: per block pair), "fused_dq" (the dK/dV kernel also adds dQ into an fp32 buffer, by TMA reductions
+#: or per-element atomics: 5 matmuls, plus the reduction traffic; FA3's scheme) or "auto" (the default: whichever the H200 measured faster for
 #: the window shape, dtype and head dim, ``local_configs.default_backward``).
 BACKWARDS = ("auto", "split", "fused_dq")
 
@@ -759,7 +761,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
-    dq_tma = fused and not tile_order and _dq_tma_allowed(cfg, layout, BM, q.device)
+    dq_tma = fused and _dq_tma_allowed(cfg, layout, BM, q.device, tile_order)
     # the fused backward's dQ accumulator: fp32, zeroed, the inputs' token order (see _dkdv_kernel)
     dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
     dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
@@ -818,7 +820,7 @@ def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto
     layout = get_layout(grid, radii, shape, tile, q.device)
     if backward == "auto":
         block_m, _, cfg = _blocks("dkdv_fused", q, max(16, _pow2(q.shape[-1])), layout)
-        dq_tma = _dq_tma_allowed(cfg, layout, block_m, q.device) and not tile_order
+        dq_tma = _dq_tma_allowed(cfg, layout, block_m, q.device, tile_order)
         backward = default_backward(shape, q.dtype, q.shape[-1], layout.tile_volume, dq_tma)
     return layout, backward
 
