@@ -10,6 +10,7 @@
 # PHASE=gaps:    local_circle_auto for SDXL (settles the auto_unverified row), Wan 720p circle vs FlexAttention,
 #                FLUX 1K / 2K tile-ordered FlexAttention.
 # PHASE=flex:    only the FlexAttention (tile-ordered) rows for SD3.5-m / PixArt-Σ / SDXL (E2E_DEADLINE caps it).
+# PHASE=circles: FLUX 4K / 8K circle rows with the current circle kernel, beside dense and FlexAttention.
 # PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py), with the
 #                latent upscale (no VAE pass between stages) and then the pixel-space one.
 # Earlier phases (circle diagnosis, FLUX overhead work, auto rows, first 16K run) are in git history.
@@ -78,6 +79,15 @@ gaps)
   say "FLUX 1K / 2K: FlexAttention on tile-ordered tokens"
   e2e 10 --models flux --resolutions 1024 2048 --impls cudnn_fused local_circle local_flex_tiled
   ;;
+circles)
+  # the 14th session: FLUX's circle rows again with the 13th session's tensor-core circle test (the
+  # committed rows came from an earlier circle kernel), beside the same call's dense and FlexAttention rows
+  cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
+  say "FLUX 4K: dense (LinFusion's processor), circle, tile window, FlexAttention on tile-ordered tokens"
+  e2e 90 --models flux --resolutions 4096 --impls cudnn_fused local_circle local_tile local_flex_tiled
+  say "FLUX 8K: circle beside FlexAttention on tile-ordered tokens"
+  e2e 5 --models flux --resolutions 8192 --impls local_circle local_flex_tiled
+  ;;
 highres)
   # the latent upscale first (no VAE encode/decode between stages: where the pixel run's time is
   # expected to go), then the pixel-space run with its per-pass timer, each under the call's deadline
@@ -89,6 +99,6 @@ highres)
     --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
   ;;
 *)
-  say "unknown PHASE=$PHASE (tests, matrix, gaps, flex or highres)"; exit 2 ;;
+  say "unknown PHASE=$PHASE (tests, matrix, gaps, flex, circles or highres)"; exit 2 ;;
 esac
 say "done; \$OUT: $(ls "$OUT" | tr '\n' ' ')"
