@@ -6,8 +6,9 @@ calls, so only same-call, interleaved comparisons decide small changes).
     python benchmarks/ab_local.py --old /tmp/old/linfusion/kernels --out ab.json \
         --impls old:fwd new:fwd old:fused_dq new:fused_dq new:fused_dq+dq_tma old:split new:split
 
-An impl is ``{old|new}:{fwd|split|fused_dq}`` with optional ``+key`` flags that set a boolean config
-key of the backward's dK/dV kernel ("dkdv_fused" for fused_dq, "dkdv" for split) or of the forward.
+An impl is ``{old|new}:{fwd|split|fused_dq}`` with optional ``+key`` / ``+key=int`` flags that set a
+config key of the backward's dK/dV kernel ("dkdv_fused" for fused_dq, "dkdv" for split) or of the
+forward (``new:fused_dq+dq_t+BM=32``).
 Records: per case, window and impl the median of the repeats' times, every repeat, the kernels'
 registers / spills / shared memory, and the largest relative error against the first impl of the
 same pass (outputs for fwd, dq/dk/dv for the backward).
@@ -70,6 +71,15 @@ class KernelStats:
         jit_fn.run = recording_run
 
 
+def parse_flags(flags) -> dict:
+    """``("dq_t", "BM=32")`` → ``{"dq_t": True, "BM": 32}``."""
+    out = {}
+    for flag in flags:
+        key, eq, value = flag.partition("=")
+        out[key] = int(value) if eq else True
+    return out
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -117,7 +127,7 @@ def main(argv=None) -> None:
 
                 def call(lt=lt, layout=layout, o=o, lse=lse, kind=kind, cfg_mod=cfg_mod, cfg_kind=cfg_kind,
                          flags=tuple(flags)):
-                    cfg_mod.set_config_override(cfg_kind, {f: True for f in flags} or None)
+                    cfg_mod.set_config_override(cfg_kind, parse_flags(flags) or None)
                     stats.impl = impl
                     try:
                         if kind == "fwd":
