@@ -285,3 +285,19 @@ def test_the_unbound_name_check_can_fail(tmp_path):
     script = tmp_path / "broken.py"
     script.write_text("import os\n\ndef f(x):\n    y = os.sep\n    return helper(x) + y\n")
     assert _unbound_globals(script) == {"helper"}
+
+
+def test_ab_local_tiny_compares_two_kernel_trees(tmp_path):
+    """benchmarks/ab_local.py on CPU (interpreted kernels): the working tree's kernels loaded a second
+    time as the "old" tree, so old and new agree exactly; an impl with config flags runs its pass."""
+    pytest.importorskip("triton")
+    ab = _load("ab_local")
+    assert ab.parse_flags(["dq_tma", "BM=32"]) == {"dq_tma": True, "BM": 32}
+    out = tmp_path / "ab.json"
+    ab.main(["--old", str(ROOT / "linfusion" / "kernels"), "--cases", "tiny", "--windows", "tile", "--repeats", "1",
+             "--out", str(out), "--impls", "old:fwd", "new:fwd", "new:split+BM=16"])
+    data = json.loads(out.read_text())
+    records = {r["impl"]: r for r in data["records"]}
+    assert set(records) == {"old:fwd", "new:fwd", "new:split+BM=16"}
+    assert records["new:fwd"]["max_rel_err"] == 0.0 and records["new:fwd"]["ms"] > 0
+    assert records["new:split+BM=16"]["pass"] == "bwd"
