@@ -225,6 +225,23 @@ def test_fused_dkdv_config_and_auto_backward(monkeypatch):
     assert default_backward("circle", bf16, 128, 128) == "split"  # interpreted: the tests pick explicitly
 
 
+def test_auto_backward_is_chosen_by_the_backward_pass(monkeypatch):
+    """backward="auto" costs inference nothing: the forward keeps "auto", the backward pass resolves
+    it (``local_configs.default_backward``) and runs that variant."""
+    seen = []
+    run_backward = local_triton._backward
+    monkeypatch.setattr(local_triton, "_backward", lambda *args: seen.append(args[-1]) or run_backward(*args))
+    q, k, v = (torch.randn(1, 1, 3 + 6 * 8, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = local_attention_triton(q, k, v, (6, 8), 2, 3, "circle", (2, 4))
+    assert seen == []
+    out.sum().backward()
+    expected = local_triton._auto_backward(q, local_triton._prepare(q, k, v, (6, 8), 2, 3, "circle", (2, 4))[0], False)
+    assert seen == [expected]
+    monkeypatch.setattr(local_triton, "default_backward", lambda *args: "fused_dq")
+    local_attention_triton(q, k, v, (6, 8), 2, 3, "circle", (2, 4)).sum().backward()
+    assert seen[-1] == "fused_dq"
+
+
 def test_dq_tma_only_where_a_query_chunk_is_one_box(monkeypatch):
     """TMA reductions of dQ need a Hopper GPU, row-major tokens and query chunks of whole tile rows
     (powers of two); everything else keeps the per-element atomics."""

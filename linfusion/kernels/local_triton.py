@@ -806,23 +806,27 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.layout, ctx.text_len, ctx.tile_order, ctx.backward)
+        variant = _auto_backward(q, ctx.layout, ctx.tile_order) if ctx.backward == "auto" else ctx.backward
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.layout, ctx.text_len, ctx.tile_order, variant)
         return dq, dk, dv, None, None, None, None
 
 
-def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto",
-             tile_order: bool = False) -> tuple[LocalLayout, str]:
-    """The layout of the arguments (validated) and the backward variant to run."""
+def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto") -> tuple[LocalLayout, str]:
+    """The layout of the arguments (validated) and the backward variant asked for ("auto" is
+    resolved by the backward pass itself, so inference never pays for the choice)."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     _check_inputs(q, k, v)
     grid, radii, tile = validate_local_args(grid, window, int(text_len), shape, tile, q.shape[2])
-    layout = get_layout(grid, radii, shape, tile, q.device)
-    if backward == "auto":
-        block_m, _, cfg = _blocks("dkdv_fused", q, max(16, _pow2(q.shape[-1])), layout)
-        dq_tma = _dq_tma_allowed(cfg, layout, block_m, q.device, tile_order)
-        backward = default_backward(shape, q.dtype, q.shape[-1], layout.tile_volume, dq_tma)
-    return layout, backward
+    return get_layout(grid, radii, shape, tile, q.device), backward
+
+
+def _auto_backward(q: torch.Tensor, layout: LocalLayout, tile_order: bool) -> str:
+    """The variant ``backward="auto"`` runs (``local_configs.default_backward``): whether the fused
+    backward could add dQ by TMA reductions here is part of the choice."""
+    block_m, _, cfg = _blocks("dkdv_fused", q, max(16, _pow2(q.shape[-1])), layout)
+    dq_tma = _dq_tma_allowed(cfg, layout, block_m, q.device, tile_order)
+    return default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume, dq_tma)
 
 
 def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
@@ -833,7 +837,7 @@ def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str =
     tile order (text first). Keeping tokens in tile order across layers makes every key range
     of the kernel one contiguous run of memory.
     """
-    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward, tile_order=True)
+    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
     return _LocalAttention.apply(q, k, v, layout, int(text_len), True, backward)
 
 
@@ -856,5 +860,5 @@ def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str 
         (B, H, L, D) in q's dtype (a heads-first view of token-major memory), in the same token
         order as the inputs.
     """
-    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward, tile_order=bool(tile_order))
+    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
     return _LocalAttention.apply(q, k, v, layout, int(text_len), bool(tile_order), backward)
