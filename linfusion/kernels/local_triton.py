@@ -703,7 +703,7 @@ def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.
     device is a compiled Hopper-or-later GPU, the tokens are row-major (a partial edge tile in tile
     order is compact, not a box), and every window chunk of queries is whole rows of one tile plane
     (BM/T2 rows of T2 tokens, powers of two: Triton's block shapes), so one TMA box of the grid."""
-    t0, t1, t2 = layout.tile
+    _, t1, t2 = layout.tile
     rows = block_m // t2
     return (
         bool(cfg.get("dq_tma", False))
@@ -732,8 +732,9 @@ def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block
 
 #: backward variants: "split" (a dK/dV kernel, then a dQ kernel that recomputes P and dP: 7 matmuls
 #: per block pair), "fused_dq" (the dK/dV kernel also adds dQ into an fp32 buffer, by TMA reductions
-#: or per-element atomics: 5 matmuls, plus the reduction traffic; FA3's scheme) or "auto" (the default: whichever the H200 measured faster for
-#: the window shape, dtype and head dim, ``local_configs.default_backward``).
+#: or per-element atomics: 5 matmuls, plus the reduction traffic; FA3's scheme) or "auto" (the
+#: default: whichever the H200 measured faster for the window shape, dtype and head dim,
+#: ``local_configs.default_backward``, chosen when the backward runs).
 BACKWARDS = ("auto", "split", "fused_dq")
 
 
