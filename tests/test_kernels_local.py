@@ -554,8 +554,7 @@ def test_gpu_fused_dq_tma(case, monkeypatch):
     monkeypatch.setattr(local_configs, "_OVERRIDE", {"dkdv_fused": {"dq_tma": True, **extra}})
     probe = torch.empty(B, H, text_len + math.prod(grid), D, dtype=dtype, device=DEVICE)
     layout, _ = local_triton._prepare(probe, probe, probe, grid, window, text_len, shape, None)
-    block_m, _, cfg = local_triton._blocks("dkdv_fused", probe, 128 if D > 64 else 64, layout)
-    assert local_triton._dq_tma_allowed(cfg, layout, block_m, probe.device, False), "the TMA path must be tested"
+    assert local_triton._fused_uses_tma(probe, layout, False), "the TMA path must be the one tested"
     check(B, H, D, grid, window, text_len, shape, None, dtype, seed=4, variant="fused_dq")
 
 

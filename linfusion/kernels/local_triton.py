@@ -715,6 +715,13 @@ def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.
     )
 
 
+def _fused_uses_tma(q: torch.Tensor, layout: LocalLayout, tile_order: bool) -> bool:
+    """Whether ``backward="fused_dq"`` adds dQ by TMA reductions for these inputs (its "dkdv_fused"
+    launch config and blocks, ``_dq_tma_allowed``)."""
+    block_m, _, cfg = _blocks("dkdv_fused", q, max(16, _pow2(q.shape[-1])), layout)
+    return _dq_tma_allowed(cfg, layout, block_m, q.device, tile_order)
+
+
 def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block_m: int):
     """TMA descriptors of the fused backward's fp32 dQ accumulator ``acc`` [B·H, L, D_PAD] (row-major
     tokens): its rows [B·H, L, D_PAD] and its grid after the text [B·H, G0, G1, G2, D_PAD]."""
@@ -762,7 +769,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
-    dq_tma = fused and _dq_tma_allowed(cfg, layout, BM, q.device, tile_order)
+    dq_tma = fused and _dq_tma_allowed(cfg, layout, BM, q.device, tile_order)  # as _fused_uses_tma decides
     # the fused backward's dQ accumulator: fp32, zeroed, the inputs' token order (see _dkdv_kernel)
     dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
     dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
@@ -825,8 +832,7 @@ def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto
 def _auto_backward(q: torch.Tensor, layout: LocalLayout, tile_order: bool) -> str:
     """The variant ``backward="auto"`` runs (``local_configs.default_backward``): whether the fused
     backward could add dQ by TMA reductions here is part of the choice."""
-    block_m, _, cfg = _blocks("dkdv_fused", q, max(16, _pow2(q.shape[-1])), layout)
-    dq_tma = _dq_tma_allowed(cfg, layout, block_m, q.device, tile_order)
+    dq_tma = _fused_uses_tma(q, layout, tile_order)
     return default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume, dq_tma)
 
 
