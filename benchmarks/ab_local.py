@@ -64,8 +64,11 @@ class KernelStats:
         def recording_run(*args, **kwargs):
             kernel = run(*args, **kwargs)
             if kernel is not None and hasattr(kernel, "n_regs"):
+                ttgir = getattr(kernel, "asm", {}).get("ttgir", "")
                 self.seen[f"{self.impl} {tag}"] = {"regs": kernel.n_regs, "spills": kernel.n_spills,
-                                  "shared": getattr(kernel.metadata, "shared", None)}
+                                  "shared": getattr(kernel.metadata, "shared", None),
+                                  "tma_loads": "async_tma_copy_global_to_local" in ttgir,
+                                  "warp_specialized": "ttg.warp_specialize" in ttgir}
             return kernel
 
         jit_fn.run = recording_run
@@ -153,7 +156,9 @@ def main(argv=None) -> None:
                                 "repeats": times[impl], "max_rel_err_vs": first[pss], "max_rel_err": err})
                 print(f"{case:9s} {wname:7s} {impl:28s} {ms:8.3f} ms  {['%.3f' % t for t in times[impl]]}"
                       f"  err {err:.1e} vs {first[pss]}", flush=True)
-    Path(args.out).write_text(json.dumps({"env": environment(), "kernels": stats.seen, "records": records}, indent=1))
+            # after every window: a call cut short by its time limit keeps what it measured
+            Path(args.out).write_text(json.dumps({"env": environment(), "kernels": stats.seen, "records": records},
+                                                 indent=1))
     for tag, s in sorted(stats.seen.items()):
         print(f"{tag:40s} {s}")
 

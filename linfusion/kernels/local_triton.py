@@ -43,6 +43,7 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -324,7 +325,7 @@ def _own_block(pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TE
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(
-    Q, K, V, O, LSE, TAB,
+    Q, K, V, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
@@ -332,9 +333,17 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, KV_TMA: tl.constexpr,
+    WS: tl.constexpr = False,
 ):
-    """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time."""
+    """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
+
+    KV_TMA (row-major tokens only): K and V chunks arrive by TMA loads through descriptors instead
+    of per-token address arithmetic: K_ROWS / V_ROWS over [B, H, L, D] (box [1, 1, BN, D_PAD]: the
+    dense loop's contiguous keys) and K_GRID / V_GRID over the grid after the text seen as
+    [B, H, G0·G1, G2, D] (box [1, 1, BN/T2, T2, D_PAD]: a window chunk is BN/T2 whole rows of one
+    tile plane). Rows past a partial tile's edge load other tokens or zeros (TMA fills what lies
+    outside the tensor); the chunk's validity mask removes them as it does on the pointer path."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -357,9 +366,13 @@ def _fwd_kernel(
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
         kvalid = kpos < dense_end
-        lmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        if KV_TMA:
+            k = tl.reshape(K_ROWS.load([b, h, start, 0]), [BN, D_PAD])
+            v = tl.reshape(V_ROWS.load([b, h, start, 0]), [BN, D_PAD])
+        else:
+            lmask = kvalid[:, None] & dmask[None, :]
+            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         if start + BN > dense_end:
             s = tl.where(kvalid[None, :], s, float("-inf"))
@@ -367,12 +380,18 @@ def _fwd_kernel(
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
-    for it in tl.range(0, n_win, num_stages=WIN_STAGES):
+    for it in tl.range(0, n_win, num_stages=WIN_STAGES, warp_specialize=WS):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        lmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        if KV_TMA:  # the chunk's first token: whole tile rows, so the box starts at column kc2·T2
+            first = (it % CPT) * BN
+            row = (kc0 * T0 + first // (T1 * T2)) * G1 + kc1 * T1 + (first // T2) % T1
+            k = tl.reshape(K_GRID.load([b, h, row, kc2 * T2, 0]), [BN, D_PAD])
+            v = tl.reshape(V_GRID.load([b, h, row, kc2 * T2, 0]), [BN, D_PAD])
+        else:
+            lmask = kvalid[:, None] & dmask[None, :]
+            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         s = _mask_chunk(s, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
@@ -606,8 +625,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.device.type != "cuda":
-        import os
-
         if not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
             raise RuntimeError(
                 f"local_attention_triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
@@ -683,8 +700,10 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
     grid = (n_text_progs + n_img * B * H,)
+    kv_tma = _kv_tma_allowed(cfg, k, v, layout, BN, tile_order)
+    kv_descs = _kv_descriptors(k, v, text_len, layout, BN) if kv_tma else (None,) * 4
     _fwd_kernel[grid](
-        q, k, v, o, lse, _table(layout, q.device),
+        q, k, v, o, lse, _table(layout, q.device), *kv_descs,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), LOG2E / math.sqrt(D),
@@ -692,10 +711,53 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
-        WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), KV_TMA=kv_tma,
+        WS=bool(cfg.get("ws", False)) and kv_tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
+
+
+def _chunk_is_box(layout: LocalLayout, block: int) -> bool:
+    """Every window chunk of ``block`` tokens is whole rows of one tile plane (BN/T2 rows of T2
+    tokens, powers of two: Triton's block shapes), so one box of the grid seen as [G0·G1, G2]."""
+    _, t1, t2 = layout.tile
+    rows = block // t2
+    return block % t2 == 0 and rows <= t1 and t1 % rows == 0 and _pow2(rows) == rows and _pow2(t2) == t2
+
+
+def _kv_tma_allowed(cfg: dict, k: torch.Tensor, v: torch.Tensor, layout: LocalLayout, block_n: int,
+                    tile_order: bool) -> bool:
+    """The forward loads K and V by TMA: the config asks for it (``"kv_tma"``), the launch is
+    compiled for Hopper or later with 16-bit inputs whose strides and base addresses are 16-byte
+    aligned (TMA's rules), the tokens are row-major and every window chunk is one box."""
+    if not (cfg.get("kv_tma", False) and not tile_order and _chunk_is_box(layout, block_n)):
+        return False
+    if k.device.type == "cpu":  # the interpreter runs descriptor loads as masked gathers (the CPU tests)
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    aligned = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
+                  for t in (k, v))
+    return (aligned and k.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(k.device)[0] >= 9)
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, text_len: int, layout: LocalLayout, block_n: int):
+    """TMA descriptors of K and V for the forward (``KV_TMA``): rows [B, H, L, D], box [1, 1, BN, D_PAD],
+    and the grid after the text [B, H, G0·G1, G2, D], box [1, 1, BN/T2, T2, D_PAD]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, H, L, D = k.shape
+    d_pad = max(16, _pow2(D))
+    g0, g1, g2 = layout.grid
+    t2 = layout.tile[2]
+    out = []
+    for t in (k, v):
+        sb, sh, sn, _ = t.stride()
+        out.append(TensorDescriptor(t, [B, H, L, D], [sb, sh, sn, 1], [1, 1, block_n, d_pad]))
+    for t in (k, v):
+        sb, sh, sn, _ = t.stride()
+        out.append(TensorDescriptor(t[:, :, text_len:], [B, H, g0 * g1, g2, D], [sb, sh, g2 * sn, sn, 1],
+                                    [1, 1, block_n // t2, t2, d_pad]))
+    return out
 
 
 def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.device, tile_order: bool) -> bool:
