@@ -139,14 +139,20 @@ def main(argv=None) -> None:
                     finally:
                         cfg_mod.set_config_override(cfg_kind, None)
 
-                outs[impl] = [t.clone() for t in call()]
+                try:
+                    outs[impl] = [t.clone() for t in call()]
+                except Exception as exc:  # noqa: BLE001  (e.g. a config out of shared memory: skip it)
+                    records.append({"case": case, "window": wname, "impl": impl,
+                                    "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                    print(f"{case:9s} {wname:7s} {impl:28s} FAILED {records[-1]['error']}", flush=True)
+                    continue
                 fns[impl] = call
-            times = {impl: [] for impl in args.impls}
+            times = {impl: [] for impl in fns}
             for _ in range(args.repeats):
-                for impl in args.impls:
+                for impl in fns:
                     times[impl].append(timer(fns[impl]))
             first = {}
-            for impl in args.impls:
+            for impl in fns:
                 kind = impl.partition(":")[2].split("+")[0]
                 pss = "fwd" if kind == "fwd" else "bwd"
                 first.setdefault(pss, impl)
