@@ -8,7 +8,8 @@ calls, so only same-call, interleaved comparisons decide small changes).
 
 An impl is ``{old|new}:{fwd|split|fused_dq}`` with optional ``+key`` / ``+key=int`` flags that set a
 config key of the backward's dK/dV kernel ("dkdv_fused" for fused_dq, "dkdv" for split) or of the
-forward (``new:fused_dq+dq_t+BM=32``).
+forward (``new:fused_dq+dq_t+BM=32``); ``+kind.key`` sets one of another kernel kind
+(``new:split+tma_loads+dq.tma_loads``: the split backward's dQ kernel too).
 Records: per case, window and impl the median of the repeats' times, every repeat, the kernels'
 registers / spills / shared memory, and the largest relative error against the first impl of the
 same pass (outputs for fwd, dq/dk/dv for the backward).
@@ -36,9 +37,10 @@ CASES = {  # name: (B, H, D, grid, text)
     "wan-480p": (1, 12, 128, (21, 30, 52), 0),
     "tiny": (1, 2, 64, (16, 24), 8),  # a CPU check of this script under TRITON_INTERPRET=1
 }
-WINDOWS = {  # variant name: (2D window, 3D window, shape): benchmarks/kernels_local.py's variants
-    "circle": (16, (2, 8, 8), "circle"),  # circle-r16 / circle-r2x8x8
-    "tile": (16, (2, 8, 8), "tile"),  # tile-8x16-r2x1 / tile-2x8x8-r1x1x1
+WINDOWS = {  # variant name: (2D window, 3D window, shape, kernel tile (2D, 3D); None: the default)
+    "circle": (16, (2, 8, 8), "circle", None),  # circle-r16 / circle-r2x8x8: kernels_local.py's variants
+    "tile": (16, (2, 8, 8), "tile", None),  # tile-8x16-r2x1 / tile-2x8x8-r1x1x1
+    "circle-t8": (16, (2, 8, 8), "circle", ((8, 8), (1, 8, 8))),  # the same circles on 64-token tiles
 }
 
 
@@ -74,12 +76,14 @@ class KernelStats:
         jit_fn.run = recording_run
 
 
-def parse_flags(flags) -> dict:
-    """``("dq_t", "BM=32")`` → ``{"dq_t": True, "BM": 32}``."""
-    out = {}
+def parse_flags(flags, kind: str) -> dict:
+    """Config overrides per kernel kind: ``("dq_t", "BM=32", "dq.tma_loads")`` with kind "dkdv" →
+    ``{"dkdv": {"dq_t": True, "BM": 32}, "dq": {"tma_loads": True}}``."""
+    out: dict[str, dict] = {}
     for flag in flags:
         key, eq, value = flag.partition("=")
-        out[key] = int(value) if eq else True
+        target, dot, name = key.rpartition(".")
+        out.setdefault(target if dot else kind, {})[name] = int(value) if eq else True
     return out
 
 
@@ -117,27 +121,31 @@ def main(argv=None) -> None:
         gen = torch.Generator(device=device).manual_seed(0)
         q, k, v, do = (torch.randn(B, H, L, D, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(4))
         for wname in args.windows:
-            w2, w3, shape = WINDOWS[wname]
+            w2, w3, shape, tiles = WINDOWS[wname]
             window = w3 if len(grid) == 3 else w2
+            tile = None if tiles is None else tiles[len(grid) == 3]
             fns, outs = {}, {}
             for impl in args.impls:
                 tree, _, rest = impl.partition(":")
                 kind, *flags = rest.split("+")
                 lt, cfg_mod = trees[tree]
-                layout, _ = lt._prepare(q, k, v, grid, window, text, shape, None)
+                layout, _ = lt._prepare(q, k, v, grid, window, text, shape, tile)
                 o, lse = lt._forward(q, k, v, layout, text, False)
                 cfg_kind = {"fwd": "fwd", "split": "dkdv", "fused_dq": "dkdv_fused"}[kind]
 
                 def call(lt=lt, layout=layout, o=o, lse=lse, kind=kind, cfg_mod=cfg_mod, cfg_kind=cfg_kind,
                          flags=tuple(flags)):
-                    cfg_mod.set_config_override(cfg_kind, parse_flags(flags) or None)
+                    overrides = parse_flags(flags, cfg_kind)
+                    for name, cfg in overrides.items():
+                        cfg_mod.set_config_override(name, cfg)
                     stats.impl = impl
                     try:
                         if kind == "fwd":
                             return lt._forward(q, k, v, layout, text, False)[:1]
                         return lt._backward(do, q, k, v, o, lse, layout, text, False, kind)
                     finally:
-                        cfg_mod.set_config_override(cfg_kind, None)
+                        for name in overrides:
+                            cfg_mod.set_config_override(name, None)
 
                 try:
                     outs[impl] = [t.clone() for t in call()]

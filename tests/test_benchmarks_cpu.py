@@ -292,7 +292,8 @@ def test_ab_local_tiny_compares_two_kernel_trees(tmp_path):
     time as the "old" tree, so old and new agree exactly; an impl with config flags runs its pass."""
     pytest.importorskip("triton")
     ab = _load("ab_local")
-    assert ab.parse_flags(["dq_tma", "BM=32"]) == {"dq_tma": True, "BM": 32}
+    assert ab.parse_flags(["dq_tma", "BM=32", "dq.tma_loads"], "dkdv") == {"dkdv": {"dq_tma": True, "BM": 32},
+                                                                          "dq": {"tma_loads": True}}
     out = tmp_path / "ab.json"
     ab.main(["--old", str(ROOT / "linfusion" / "kernels"), "--cases", "tiny", "--windows", "tile", "--repeats", "1",
              "--out", str(out), "--impls", "old:fwd", "new:fwd", "new:split+BM=16"])

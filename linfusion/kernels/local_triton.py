@@ -149,6 +149,25 @@ def _chunk(it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT,
 
 
 @triton.jit
+def _load_rows_tma(desc, b, h, start, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """[BLOCK, D_PAD] tokens start.. of head (b, h) by one TMA load (``desc``: [B, H, L, D], box
+    [1, 1, BLOCK, D_PAD]; rows past L arrive as zeros)."""
+    return tl.reshape(desc.load([b, h, start, 0]), [BLOCK, D_PAD])
+
+
+@triton.jit
+def _load_chunk_tma(desc, b, h, it, kc0, kc1, kc2, G1, BLOCK: tl.constexpr, CPT: tl.constexpr,
+                    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, D_PAD: tl.constexpr):
+    """[BLOCK, D_PAD] tokens of window chunk ``it`` (tile kc, slice it % CPT) by one TMA load
+    (``desc``: the grid [B, H, G0·G1, G2, D], box [1, 1, BLOCK/T2, T2, D_PAD]). The chunk is
+    BLOCK/T2 whole rows of one tile plane, so the box starts at its first token, column kc2·T2.
+    Rows past a partial tile's edge arrive as other tokens or zeros; callers mask them."""
+    first = (it % CPT) * BLOCK
+    row = (kc0 * T0 + first // (T1 * T2)) * G1 + kc1 * T1 + (first // T2) % T1
+    return tl.reshape(desc.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
+
+
+@triton.jit
 def _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT,
                        T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
                        MASK_MODE: tl.constexpr, IS_3D: tl.constexpr):
@@ -333,17 +352,15 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, KV_TMA: tl.constexpr,
-    WS: tl.constexpr = False,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
-    KV_TMA (row-major tokens only): K and V chunks arrive by TMA loads through descriptors instead
-    of per-token address arithmetic: K_ROWS / V_ROWS over [B, H, L, D] (box [1, 1, BN, D_PAD]: the
-    dense loop's contiguous keys) and K_GRID / V_GRID over the grid after the text seen as
-    [B, H, G0·G1, G2, D] (box [1, 1, BN/T2, T2, D_PAD]: a window chunk is BN/T2 whole rows of one
-    tile plane). Rows past a partial tile's edge load other tokens or zeros (TMA fills what lies
-    outside the tensor); the chunk's validity mask removes them as it does on the pointer path."""
+    TMA_LOADS (row-major tokens only): K and V chunks arrive by TMA loads (``_load_rows_tma``,
+    ``_load_chunk_tma``) through the descriptors K_ROWS / V_ROWS and K_GRID / V_GRID
+    (``_load_descriptors``) instead of per-token address arithmetic. Rows past a partial tile's
+    edge load other tokens or zeros; the chunk's validity mask removes them as it does on the
+    pointer path."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -366,9 +383,9 @@ def _fwd_kernel(
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
         kvalid = kpos < dense_end
-        if KV_TMA:
-            k = tl.reshape(K_ROWS.load([b, h, start, 0]), [BN, D_PAD])
-            v = tl.reshape(V_ROWS.load([b, h, start, 0]), [BN, D_PAD])
+        if TMA_LOADS:
+            k = _load_rows_tma(K_ROWS, b, h, start, BN, D_PAD)
+            v = _load_rows_tma(V_ROWS, b, h, start, BN, D_PAD)
         else:
             lmask = kvalid[:, None] & dmask[None, :]
             k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
@@ -380,14 +397,12 @@ def _fwd_kernel(
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
-    for it in tl.range(0, n_win, num_stages=WIN_STAGES, warp_specialize=WS):
+    for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        if KV_TMA:  # the chunk's first token: whole tile rows, so the box starts at column kc2·T2
-            first = (it % CPT) * BN
-            row = (kc0 * T0 + first // (T1 * T2)) * G1 + kc1 * T1 + (first // T2) % T1
-            k = tl.reshape(K_GRID.load([b, h, row, kc2 * T2, 0]), [BN, D_PAD])
-            v = tl.reshape(V_GRID.load([b, h, row, kc2 * T2, 0]), [BN, D_PAD])
+        if TMA_LOADS:
+            k = _load_chunk_tma(K_GRID, b, h, it, kc0, kc1, kc2, G1, BN, CPT, T0, T1, T2, D_PAD)
+            v = _load_chunk_tma(V_GRID, b, h, it, kc0, kc1, kc2, G1, BN, CPT, T0, T1, T2, D_PAD)
         else:
             lmask = kvalid[:, None] & dmask[None, :]
             k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
@@ -432,7 +447,7 @@ def _dq_share(dsT, k, sm_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB, Q_ROWS, DO_ROWS, Q_GRID, DO_GRID,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
@@ -441,7 +456,7 @@ def _dkdv_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
-    FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -452,7 +467,9 @@ def _dkdv_kernel(
     only) by TMA reductions, issued asynchronously by the TMA unit, through the descriptors
     DQ_ROWS ([B·H, L, D_PAD], box [1, BM, D_PAD]: the dense loop's contiguous query rows) and
     DQ_GRID (the grid after the text, [B·H, G0, G1, G2, D_PAD], box [1, 1, BM/T2, T2, D_PAD]: a
-    window chunk is BM/T2 full rows of its tile)."""
+    window chunk is BM/T2 full rows of its tile).
+
+    TMA_LOADS: Q and dO chunks arrive by TMA loads, as K and V do in the forward."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -480,8 +497,12 @@ def _dkdv_kernel(
         qpos = start + tl.arange(0, BM)
         qvalid = qpos < dense_end
         lmask = qvalid[:, None] & dmask[None, :]
-        q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
-        do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
+        if TMA_LOADS:  # rows past dense_end: other tokens or zeros, with LSE +inf below (P = 0)
+            q = _load_rows_tma(Q_ROWS, b, h, start, BM, D_PAD)
+            do = _load_rows_tma(DO_ROWS, b, h, start, BM, D_PAD)
+        else:
+            q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
+            do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
@@ -503,8 +524,12 @@ def _dkdv_kernel(
         qpos, qvalid, qp0, qp1, qp2, full, qc0, qc1, qc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
         lmask = qvalid[:, None] & dmask[None, :]
-        q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
-        do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
+        if TMA_LOADS:
+            q = _load_chunk_tma(Q_GRID, b, h, it, qc0, qc1, qc2, G1, BM, CPT, T0, T1, T2, D_PAD)
+            do = _load_chunk_tma(DO_GRID, b, h, it, qc0, qc1, qc2, G1, BM, CPT, T0, T1, T2, D_PAD)
+        else:
+            q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
+            do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
@@ -531,7 +556,7 @@ def _dkdv_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, TAB,
+    Q, K, V, DO, LSE, DELTA, DQ, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
@@ -539,9 +564,10 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
+    UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
 ):
-    """dQ of one query block: the forward's loop with P recomputed from the saved LSE."""
+    """dQ of one query block: the forward's loop with P recomputed from the saved LSE (and, with
+    TMA_LOADS, the forward's TMA loads of K and V)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -566,9 +592,13 @@ def _dq_kernel(
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
         kvalid = kpos < dense_end
-        lmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        if TMA_LOADS:
+            k = _load_rows_tma(K_ROWS, b, h, start, BN, D_PAD)
+            v = _load_rows_tma(V_ROWS, b, h, start, BN, D_PAD)
+        else:
+            lmask = kvalid[:, None] & dmask[None, :]
+            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if start + BN > dense_end:
@@ -582,9 +612,13 @@ def _dq_kernel(
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        lmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-        v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        if TMA_LOADS:
+            k = _load_chunk_tma(K_GRID, b, h, it, kc0, kc1, kc2, G1, BN, CPT, T0, T1, T2, D_PAD)
+            v = _load_chunk_tma(V_GRID, b, h, it, kc0, kc1, kc2, G1, BN, CPT, T0, T1, T2, D_PAD)
+        else:
+            lmask = kvalid[:, None] & dmask[None, :]
+            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
+            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         p = _mask_chunk(p, 0.0, full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
@@ -700,10 +734,10 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
     grid = (n_text_progs + n_img * B * H,)
-    kv_tma = _kv_tma_allowed(cfg, k, v, layout, BN, tile_order)
-    kv_descs = _kv_descriptors(k, v, text_len, layout, BN) if kv_tma else (None,) * 4
+    tma_loads = _tma_loads_allowed(cfg, (k, v), layout, BN, tile_order)
+    descriptors = _load_descriptors((k, v), text_len, layout, BN) if tma_loads else (None,) * 4
     _fwd_kernel[grid](
-        q, k, v, o, lse, _table(layout, q.device), *kv_descs,
+        q, k, v, o, lse, _table(layout, q.device), *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), LOG2E / math.sqrt(D),
@@ -711,53 +745,53 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
-        WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), KV_TMA=kv_tma,
-        WS=bool(cfg.get("ws", False)) and kv_tma, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
 
 
 def _chunk_is_box(layout: LocalLayout, block: int) -> bool:
-    """Every window chunk of ``block`` tokens is whole rows of one tile plane (BN/T2 rows of T2
-    tokens, powers of two: Triton's block shapes), so one box of the grid seen as [G0·G1, G2]."""
+    """Every window chunk of ``block`` tokens is whole rows of one tile plane (block/T2 rows of T2
+    tokens, powers of two: Triton's block shapes), so one box of the grid."""
     _, t1, t2 = layout.tile
     rows = block // t2
     return block % t2 == 0 and rows <= t1 and t1 % rows == 0 and _pow2(rows) == rows and _pow2(t2) == t2
 
 
-def _kv_tma_allowed(cfg: dict, k: torch.Tensor, v: torch.Tensor, layout: LocalLayout, block_n: int,
-                    tile_order: bool) -> bool:
-    """The forward loads K and V by TMA: the config asks for it (``"kv_tma"``), the launch is
-    compiled for Hopper or later with 16-bit inputs whose strides and base addresses are 16-byte
-    aligned (TMA's rules), the tokens are row-major and every window chunk is one box."""
-    if not (cfg.get("kv_tma", False) and not tile_order and _chunk_is_box(layout, block_n)):
+def _tma_loads_allowed(cfg: dict, tensors, layout: LocalLayout, block: int, tile_order: bool) -> bool:
+    """A kernel loads the ``tensors`` its loops walk (K, V; or Q, dO) by TMA: the config asks for
+    it (``"tma_loads"``), the tokens are row-major, every window chunk of ``block`` tokens is one
+    box, and the launch is compiled for Hopper or later with 16-bit inputs whose strides and base
+    addresses are 16-byte aligned (TMA's rules), or runs in the CPU interpreter (the tests)."""
+    if not (cfg.get("tma_loads", False) and not tile_order and _chunk_is_box(layout, block)):
         return False
-    if k.device.type == "cpu":  # the interpreter runs descriptor loads as masked gathers (the CPU tests)
+    first = tensors[0]
+    if first.device.type == "cpu":  # the interpreter runs descriptor loads as masked gathers
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
     aligned = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
-                  for t in (k, v))
-    return (aligned and k.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(k.device)[0] >= 9)
+                  for t in tensors)
+    return (aligned and first.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(first.device)[0] >= 9)
 
 
-def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, text_len: int, layout: LocalLayout, block_n: int):
-    """TMA descriptors of K and V for the forward (``KV_TMA``): rows [B, H, L, D], box [1, 1, BN, D_PAD],
-    and the grid after the text [B, H, G0·G1, G2, D], box [1, 1, BN/T2, T2, D_PAD]."""
+def _load_descriptors(tensors, text_len: int, layout: LocalLayout, block: int) -> list:
+    """TMA load descriptors of each (B, H, L, D) tensor: first its rows [B, H, L, D] (box
+    [1, 1, block, D_PAD]), then its grid after the text [B, H, G0·G1, G2, D] (box
+    [1, 1, block/T2, T2, D_PAD]). Padded head-dim columns arrive as zeros."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    B, H, L, D = k.shape
+    B, H, L, D = tensors[0].shape
     d_pad = max(16, _pow2(D))
     g0, g1, g2 = layout.grid
     t2 = layout.tile[2]
-    out = []
-    for t in (k, v):
+    rows, grids = [], []
+    for t in tensors:
         sb, sh, sn, _ = t.stride()
-        out.append(TensorDescriptor(t, [B, H, L, D], [sb, sh, sn, 1], [1, 1, block_n, d_pad]))
-    for t in (k, v):
-        sb, sh, sn, _ = t.stride()
-        out.append(TensorDescriptor(t[:, :, text_len:], [B, H, g0 * g1, g2, D], [sb, sh, g2 * sn, sn, 1],
-                                    [1, 1, block_n // t2, t2, d_pad]))
-    return out
+        rows.append(TensorDescriptor(t, [B, H, L, D], [sb, sh, sn, 1], [1, 1, block, d_pad]))
+        grids.append(TensorDescriptor(t[:, :, text_len:], [B, H, g0 * g1, g2, D], [sb, sh, g2 * sn, sn, 1],
+                                      [1, 1, block // t2, t2, d_pad]))
+    return rows + grids
 
 
 def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.device, tile_order: bool) -> bool:
@@ -765,15 +799,12 @@ def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.
     device is a compiled Hopper-or-later GPU, the tokens are row-major (a partial edge tile in tile
     order is compact, not a box), and every window chunk of queries is whole rows of one tile plane
     (BM/T2 rows of T2 tokens, powers of two: Triton's block shapes), so one TMA box of the grid."""
-    _, t1, t2 = layout.tile
-    rows = block_m // t2
     return (
         bool(cfg.get("dq_tma", False))
         and not tile_order
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] >= 9
-        and block_m % t2 == 0 and rows <= t1 and t1 % rows == 0
-        and _pow2(rows) == rows and _pow2(t2) == t2
+        and _chunk_is_box(layout, block_m)
     )
 
 
@@ -835,13 +866,15 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     # the fused backward's dQ accumulator: fp32, zeroed, the inputs' token order (see _dkdv_kernel)
     dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
     dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
+    tma_loads = _tma_loads_allowed(cfg, (q, do), layout, BM, tile_order)
+    descriptors = _load_descriptors((q, do), text_len, layout, BM) if tma_loads else (None,) * 4
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        FUSE_DQ=fused, DQ_TMA=dq_tma, **_mask_flags(cfg, layout), **common,
+        FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, **_mask_flags(cfg, layout), **common,
     )
     if fused:
         dq.copy_(dq_acc.view(B, H, L, d_pad)[..., :D])
@@ -853,13 +886,15 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
+    tma_loads = _tma_loads_allowed(cfg, (k, v), layout, BN, tile_order)
+    descriptors = _load_descriptors((k, v), text_len, layout, BN) if tma_loads else (None,) * 4
     _dq_kernel[(n_text_progs + n_img * B * H,)](
-        q, k, v, do, lse, delta, dq, table,
+        q, k, v, do, lse, delta, dq, table, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BN), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_mask_flags(cfg, layout), **common,
+        TMA_LOADS=tma_loads, **_mask_flags(cfg, layout), **common,
     )
     return dq, dk, dv
 
