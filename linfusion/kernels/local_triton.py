@@ -689,6 +689,15 @@ def _tile_constexprs(layout: LocalLayout, window_block: int) -> dict:
     return {"T0": t0, "T1": t1, "T2": t2, "CPT": -(-layout.tile_volume // window_block)}
 
 
+def _launch_options(cfg: dict) -> dict:
+    """Triton launch options of a config: warps, pipeline stages and, where set, a register cap
+    (``maxnreg``: fewer registers per thread let more programs share an SM)."""
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg"):
+        opts["maxnreg"] = cfg["maxnreg"]
+    return opts
+
+
 def _kernel_args(layout: LocalLayout):
     g0, g1, g2 = layout.grid
     t0, t1, t2 = layout.tile
@@ -746,7 +755,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_launch_options(cfg),
     )
     return o, lse
 
@@ -873,7 +882,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
-        BM=BM, BN=BN, **_tile_constexprs(layout, BM), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
         FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, **_mask_flags(cfg, layout), **common,
     )
     if fused:
@@ -893,7 +902,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
-        BM=BM, BN=BN, **_tile_constexprs(layout, BN), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
         TMA_LOADS=tma_loads, **_mask_flags(cfg, layout), **common,
     )
     return dq, dk, dv
