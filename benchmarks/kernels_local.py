@@ -21,9 +21,12 @@ Shapes (B × H × L × D, bf16; L = text + image tokens):
 * ``sd15-2k``: 2 × 8 × 65536 × 40, grid 256², no text.
 * ``wan-480p``: 1 × 12 × 32760 × 128, grid 21 × 30 × 52 (3D), no text.
 
-Variants (2D): ``circle-r16`` (exact disc of radius 16 tokens, 8×16 tiles) and
-``tile-8x16-r2x1`` (tile window: ±2 tile rows × ±1 tile column = 40 × 48 keys, 1,920 keys).
-3D: ``circle-r2x8x8`` and ``tile-2x8x8-r1x1x1`` (±1 tile in every dimension, 3,456 keys).
+Variants (2D): ``circle-r16`` (exact disc of radius 16 tokens) and ``tile-8x16-r2x1`` (tile window:
+±2 tile rows × ±1 tile column = 40 × 48 keys, 1,920 keys). 3D: ``circle-r2x8x8`` and
+``tile-2x8x8-r1x1x1`` (±1 tile in every dimension, 3,456 keys). Circles on row-major tokens run on
+the kernel's own tile, as the API does without a tile (``local_configs.circle_tile``: 8×8 / 1×8×8
+at head dims 64 and 128; record key ``kernel_tile``); tile-ordered tokens (``triton_tiled``) and
+FlexAttention use the variant's tile order (8×16 / 2×8×8).
 
 Effective TFLOP/s count useful work only: fwd 4·B·H·D·Σ_queries(visible keys), bwd 2.5×
 that (FlashAttention convention); dense: L² pairs. TB/s: q, k, v read + o written once (fwd),
@@ -140,6 +143,7 @@ def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, den
 
     ``cases``: names to run, in that order (default: all, in CASES order).
     """
+    from linfusion.kernels.local_configs import circle_tile
     from linfusion.kernels.local_layout import clear_layout_cache, get_layout, to_tile_order
     from linfusion.kernels.local_triton import local_attention_tiled, local_attention_triton
 
@@ -156,12 +160,16 @@ def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, den
         for vname, vshape, window, tile in variants:
             pairs = visible_pairs(grid, window, vshape, tile, text)
             fl_f, fl_b = 4 * B * H * D * pairs, 10 * B * H * D * pairs
-            extra = {"keys_per_query": pairs / L, "grid": list(grid), "text_len": text, "tile": list(tile)}
+            # circles on row-major tokens run on the kernel's own tile (the API default, tile=None);
+            # tile-ordered tokens and FlexAttention keep the variant's tile order
+            kernel_tile = (circle_tile(len(grid), q.dtype, D) if vshape == "circle" else None) or tile
+            extra = {"keys_per_query": pairs / L, "grid": list(grid), "text_len": text, "tile": list(tile),
+                     "kernel_tile": list(kernel_tile)}
             # per-resolution setup: layout (cache cleared) — what a new resolution costs
             clear_layout_cache()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            get_layout(grid, window, vshape, tile, q.device)
+            get_layout(grid, window, vshape, kernel_tile, q.device)
             torch.cuda.synchronize()
             setup_ms = (time.perf_counter() - t0) * 1e3
             impls = {"triton": (local_attention_triton, (q, k, v))}  # backward="auto"
@@ -174,13 +182,14 @@ def run_local_cases(out_rows: list[dict], cases=None, flex_cases=FLEX_CASES, den
                 impls["triton_tiled"] = (local_attention_tiled, (qt, kt, vt))
             for impl_name, (fn, args) in impls.items():
                 t_start = time.time()
+                impl_tile = tile if impl_name == "triton_tiled" else kernel_tile
                 try:
-                    def fwd(fn=fn, args=args):
-                        return fn(*(a.detach() for a in args), grid, window, text, vshape, tile)
+                    def fwd(fn=fn, args=args, impl_tile=impl_tile):
+                        return fn(*(a.detach() for a in args), grid, window, text, vshape, impl_tile)
                     fwd()
                     torch.cuda.synchronize()
                     ms_f = bench_ms(fwd)
-                    out = fn(*args, grid, window, text, vshape, tile)
+                    out = fn(*args, grid, window, text, vshape, impl_tile)
                     def bwd(out=out, args=args, do=do):  # defaults: the names are del'd later
                         return torch.autograd.grad(out, args, do, retain_graph=True)
                     bwd()

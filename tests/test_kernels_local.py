@@ -171,7 +171,10 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
     """Each H200 sweep's configs apply only at the head dims (and tile sizes) it verified: flux-4k's
     backward blocks at 128, pixart-4k's dK/dV blocks at 72, sdxl-4k's blocks at head dims padded to
     64; 80 and 96 keep the earlier blocks."""
-    from linfusion.kernels.local_configs import local_config
+    from linfusion.kernels.local_configs import local_config as with_tma
+
+    def local_config(*args, **kwargs):  # the blocks only (TMA loads: test_tma_loads_configs_where_measured)
+        return {k: v for k, v in with_tma(*args, **kwargs).items() if k != "tma_loads"}
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     bf16 = torch.bfloat16
@@ -191,6 +194,7 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
     assert local_config("fwd", bf16, 64, 128) == {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}
     assert local_config("fwd", bf16, 128, 128) == {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3}
     assert local_config("dkdv", bf16, 128, 64, head_dim=128)["num_warps"] == 4  # small tiles: one warpgroup
+    assert local_config("fwd", bf16, 128, 64) == {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 2}
 
 
 def test_fused_dkdv_config_and_auto_backward(monkeypatch):
@@ -313,7 +317,7 @@ def test_circle_dot_configs_where_measured(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     bf16 = torch.bfloat16
     assert local_config("fwd", bf16, 128, 128, circle_dot=True) == {
-        "BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "mask_dot": True}
+        "BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "mask_dot": True, "tma_loads": True}
     assert local_config("fwd", bf16, 64, 128, circle_dot=True)["mask_dot"]
     assert local_config("dq", torch.float16, 128, 128, circle_dot=True)["mask_dot"]
     for args in (("dkdv", bf16, 128, 128), ("dkdv_fused", bf16, 128, 128), ("dq", bf16, 64, 128),
@@ -324,6 +328,103 @@ def test_circle_dot_configs_where_measured(monkeypatch):
     assert "mask_dot" not in local_config("fwd", bf16, 128, 128, circle_dot=True)
 
 
+def test_tma_loads_configs_where_measured(monkeypatch):
+    """TMA loads are the default where the H200 measured them faster (15th session): the forward and
+    the split backward's kernels at head dims 64 and 128, with 2 stages on 64-token tiles at 128
+    (dK/dV keeps its blocks); not the fused backward's dK/dV kernel, circles' forward at 64, other
+    head dims, fp32 or the interpreter."""
+    from linfusion.kernels import local_configs
+    from linfusion.kernels.local_configs import local_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {})
+    bf16 = torch.bfloat16
+    for kind in ("fwd", "dkdv", "dq"):
+        for d_pad, head_dim in ((128, 128), (64, 64)):
+            assert local_config(kind, bf16, d_pad, 128, head_dim=head_dim)["tma_loads"], (kind, head_dim)
+    small = {kind: local_config(kind, bf16, 128, 64, head_dim=128) for kind in ("fwd", "dkdv", "dq")}
+    assert small["fwd"]["num_stages"] == small["dq"]["num_stages"] == 2 and small["dkdv"]["num_stages"] == 2
+    assert local_config("fwd", bf16, 128, 64, circle_dot=True) == {
+        "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "tma_loads": True, "mask_dot": True}
+    assert not local_config("fwd", bf16, 64, 128, circle_dot=True)["tma_loads"]  # sdxl-4k circle: slower
+    for args, kwargs in ((("dkdv_fused", bf16, 128, 128), {}), (("fwd", bf16, 128, 128), {"head_dim": 96}),
+                         (("dq", bf16, 64, 128), {"head_dim": 40}), (("fwd", torch.float32, 128, 128), {})):
+        assert not local_config(*args, **kwargs).get("tma_loads"), args
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "tma_loads" not in local_config("fwd", bf16, 128, 128)
+
+
+def test_tma_loads_only_where_every_chunk_is_one_box(monkeypatch):
+    """A launch uses TMA loads where its config asks for them, the tokens are row-major and every
+    chunk of its loop is whole rows of one tile plane; on a GPU also Hopper or later, 16-bit inputs
+    and 16-byte aligned strides; on CPU only under the interpreter (the tests)."""
+    allowed, on = local_triton._tma_loads_allowed, {"tma_loads": True}
+    x = torch.zeros(1, 2, 8 + 64 * 64, 64, dtype=torch.bfloat16)
+    flux = get_layout((64, 64), 16, "circle", (8, 16))
+    assert allowed(on, (x, x), flux, 64, False) and allowed(on, (x, x), flux, 128, False)
+    assert not allowed(on, (x, x), flux, 64, True)  # tokens in tile order
+    assert not allowed({}, (x, x), flux, 64, False)  # not asked for
+    assert not allowed(on, (x, x), flux, 8, False)  # half a tile row
+    assert not allowed(on, (x, x), get_layout((5, 30, 21), (2, 8, 8), "circle", (2, 8, 8)), 128, False)  # 2 planes
+    assert allowed(on, (x, x), get_layout((5, 30, 21), (2, 8, 8), "circle", (1, 8, 8)), 64, False)
+    assert not allowed(on, (x, x), get_layout((20, 30), 4, "tile", (3, 5)), 16, False)  # rows of 5 tokens
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not allowed(on, (x, x), flux, 64, False)  # CPU, compiled: no TMA
+
+
+def test_circle_runs_on_the_kernels_own_tile_without_one(monkeypatch):
+    """A circle on row-major tokens without a tile runs on ``local_configs.circle_tile`` (8×8 / 1×8×8
+    compiled at head dims 64 and 128, else the reference's default); tile-ordered tokens keep the
+    tile their order was made with, and a given tile is kept."""
+    from linfusion.kernels.local_configs import circle_tile
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert circle_tile(2, torch.bfloat16, 128) == (8, 8) and circle_tile(3, torch.float16, 64) == (1, 8, 8)
+    for args in ((2, torch.float32, 128), (2, torch.bfloat16, 80), (3, torch.bfloat16, 40)):
+        assert circle_tile(*args) is None, args
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert circle_tile(2, torch.bfloat16, 128) is None
+    monkeypatch.setattr(local_triton, "circle_tile", lambda ndim, dtype, head_dim: (2, 4))
+    q = torch.randn(1, 1, 3 + 6 * 8, 16, device=DEVICE)
+    tile_of = lambda *args, **kw: local_triton._prepare(q, q, q, (6, 8), 2, 3, *args, **kw)[0].tile  # noqa: E731
+    assert tile_of("circle", None) == (1, 2, 4)
+    assert tile_of("circle", None, tile_order=True) == (1, 8, 16)  # the default tile order
+    assert tile_of("circle", (4, 4)) == (1, 4, 4) and tile_of("tile", None) == (1, 8, 16)
+    out = local_attention_triton(q, q, q, (6, 8), 2, 3, "circle")
+    ref = local_attention_reference(q.double(), q.double(), q.double(), (6, 8), 2, 3, "circle")
+    assert rel_err(out, ref) < 1e-4
+
+
+# TMA loads (forced) on: text + circle, table-mode ellipse, 3D on 16-token chunks, bf16 with strided
+# (heads-interleaved) inputs and a padded head dim, fp16 tiles with partial edge tiles
+TMA_CASES = [
+    ("2d-circle-text", 1, 2, 64, (9, 13), 5, 6, "circle", (4, 8), torch.float32, {}),
+    ("2d-ellipse-table", 1, 1, 64, (11, 17), (2.5, 6.0), 3, "circle", (4, 8), torch.float32, {}),
+    ("3d-circle-16", 1, 1, 64, (5, 6, 7), (2, 3, 3), 4, "circle", (2, 4, 4), torch.float32, {"BM": 16, "BN": 16}),
+    ("2d-circle-bf16-d40-blhd", 2, 3, 40, (9, 13), 5, 5, "circle", (4, 8), torch.bfloat16, {}),
+    ("2d-tile-fp16-d80", 1, 1, 80, (9, 13), 6, 3, "tile", (4, 8), torch.float16, {"BM": 16, "BN": 16}),
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+def test_tma_loads_match_reference(case, monkeypatch):
+    """K/V (forward, dQ) and Q/dO (dK/dV) chunks by TMA loads, forced on every kernel kind: forward and
+    both backward variants against the float64 reference. Rows past a partial tile's edge arrive as
+    other tokens or zeros; the kernels' masks must remove them. The launches really use TMA loads."""
+    from linfusion.kernels import local_configs
+
+    _, B, H, D, grid, window, text_len, shape, tile, dtype, blocks = case
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {**blocks, "tma_loads": True}
+                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused")})
+    used = []
+    decide = local_triton._tma_loads_allowed
+    monkeypatch.setattr(local_triton, "_tma_loads_allowed", lambda *args: used.append(decide(*args)) or used[-1])
+    layout = "blhd" if "blhd" in case[0] else "bhld"
+    for variant in ("split", "fused_dq"):
+        check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=13, variant=variant, layout=layout)
+    assert used and all(used), used
+
+
 _SM90_PROBE = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "0"
@@ -332,7 +433,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from linfusion.kernels import local_triton as lt
 
-mode, mask_dot, dq_tma = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+mode, mask_dot, dq_tma, tma_loads = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[4] == "1"
+LOADED = ("K_ROWS", "V_ROWS", "K_GRID", "V_GRID", "Q_ROWS", "DO_ROWS", "Q_GRID", "DO_GRID")
 kernels = (lt._dkdv_kernel,) if dq_tma else (lt._fwd_kernel, lt._dkdv_kernel, lt._dq_kernel)
 for kern in kernels:
     cx = dict(HEAD_DIM=64, D_PAD=64, BM=64, BN=64, T0=1, T1=8, T2=8, CPT=1, MASK_MODE=mode, IS_3D=False,
@@ -343,10 +445,15 @@ for kern in kernels:
         cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma)
         if not dq_tma:
             cx.update(DQ_ROWS=None, DQ_GRID=None)
+    cx["TMA_LOADS"] = tma_loads  # K/V (forward, dQ) or Q/dO (dK/dV) by TMA loads
+    if not tma_loads:
+        cx.update({n: None for n in LOADED if n in kern.arg_names})
     sig = {}
     for n in kern.arg_names:
         sig[n] = ("constexpr" if n in cx else "*i32" if n == "TAB" else "*fp32" if n in ("LSE", "DELTA")
                   else "tensordesc<fp32[1,64,64]>" if n == "DQ_ROWS" else "tensordesc<fp32[1,1,8,8,64]>" if n == "DQ_GRID"
+                  else "tensordesc<bf16[1,1,64,64]>" if n in LOADED and n.endswith("ROWS")
+                  else "tensordesc<bf16[1,1,8,8,64]>" if n in LOADED
                   else "*fp32" if n == "DQ" and dq_tma
                   else "*bf16" if n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV") else
                   "fp32" if n in ("W0", "W1", "W2", "WT", "qk_scale", "sm_scale") else "i32")
@@ -354,25 +461,31 @@ for kern in kernels:
     ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ttgir"]
     bad = [l.strip()[:160] for l in ttgir.splitlines() if "async_copy_global_to_local" in l and "i32>" in l]
     print(kern.__name__, "OK" if not bad else "PIPELINED-TABLE-LOAD " + " | ".join(bad))
+    if tma_loads:
+        print(kern.__name__, "tma-loads", "OK" if "async_tma_copy_global_to_local" in ttgir else "MISSING")
 print("tma-reduce", "OK" if not dq_tma or "async_tma_reduce" in ttgir else "MISSING")
 """
 
 
-@pytest.mark.parametrize("mask_mode, mask_dot, dq_tma", [(MASK_FORMULA, False, False), (MASK_TABLE, False, False),
-                                                          (MASK_FORMULA, True, False), (MASK_FORMULA, False, True)],
-                         ids=["formula", "table", "formula-dot", "fused-dq-tma"])
-def test_circle_loop_compiles_without_pipelined_table_loads_sm90(mask_mode, mask_dot, dq_tma):
+@pytest.mark.parametrize("mask_mode, mask_dot, dq_tma, tma_loads",
+                         [(MASK_FORMULA, False, False, False), (MASK_TABLE, False, False, False),
+                          (MASK_FORMULA, True, False, False), (MASK_FORMULA, False, True, False),
+                          (MASK_FORMULA, True, False, True)],
+                         ids=["formula", "table", "formula-dot", "fused-dq-tma", "formula-dot-tma-loads"])
+def test_circle_loop_compiles_without_pipelined_table_loads_sm90(mask_mode, mask_dot, dq_tma, tma_loads):
     """Compile-only (no GPU needed): for sm_90 the circle key loops must hold no int32 table load
     that the software pipeliner turns into cp.async copies (the construct behind the H200 mismatch),
     with the formula, the table, and the formula's tensor-core form (MASK_DOT); and the fused
-    backward's dQ reductions compile to TMA reductions (which the CPU interpreter cannot run)."""
+    backward's dQ reductions compile to TMA reductions (which the CPU interpreter cannot run), and
+    the TMA loads of every kernel to TMA copies (the interpreter runs them as masked gathers)."""
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _SM90_PROBE, str(mask_mode), str(int(mask_dot)), str(int(dq_tma))],
+    proc = subprocess.run([sys.executable, "-c", _SM90_PROBE, str(mask_mode), str(int(mask_dot)), str(int(dq_tma)),
+                           str(int(tma_loads))],
                           env=env,
                           capture_output=True,
                           text=True, timeout=600)
@@ -380,7 +493,8 @@ def test_circle_loop_compiles_without_pipelined_table_loads_sm90(mask_mode, mask
         pytest.skip(f"no usable ptxas for sm_90 here: {proc.stderr.strip().splitlines()[-1:]}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == (2 if dq_tma else 4) and all(line.endswith("OK") for line in lines), proc.stdout
+    assert len(lines) == (2 if dq_tma else 7 if tma_loads else 4) and all(line.endswith("OK") for line in lines), \
+        proc.stdout
     if dq_tma:
         assert lines[-1] == "tma-reduce OK", proc.stdout
 

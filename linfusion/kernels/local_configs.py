@@ -100,10 +100,36 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
         # 64-row block split over 8 warps gave wrong results (13×21 grid, tile 8×8); 4 warps is
         # the standard layout for 64-row wgmma blocks. (Not re-verified on the GPU yet.)
         cfg["num_warps"] = 4
+    if not interp and dtype != torch.float32:
+        cfg.update(_tma_loads_config(kind, head_dim, tile_block))
     if circle_dot and not interp:
         cfg.update(_circle_dot_config(kind, dtype, d_pad))
     cfg.update(_OVERRIDE.get(kind, {}))
     return cfg
+
+
+def _tma_loads_config(kind: str, head_dim: int, tile_block: int) -> dict:
+    """TMA loads of the tiles each kernel's loops walk (``local_triton._tma_loads_allowed`` decides
+    where a launch can use them), where the H200 measured them faster in the 15th session
+    (``benchmarks/results/ab_local_tma_15th.json``, ``ab_local_t8_15th.json``: interleaved in one
+    call each), at head dims 64 and 128:
+
+    * forward on 128-token tiles: flux-4k tile window 5.35 -> 4.74 ms, circle 5.91 -> 5.80; sdxl-4k
+      tile 0.432 -> 0.410 (its circle is slower, 0.500 -> 0.524: ``_circle_dot_config`` turns them off);
+    * forward on 64-token tiles at head dim 128, with 2 stages (two programs share an SM: 104 KB of
+      shared memory each): flux-4k circle on 8×8 tiles 7.86 -> 5.65 ms, Wan's circle on 1×8×8 tiles
+      2.22 -> 1.50 ms (3 stages 7.14 / 1.98, 4 stages 7.25 / 2.08);
+    * the split backward's dK/dV and dQ kernels: flux-4k circle 19.19 -> 18.86 ms, tile 17.49 ->
+      17.64 (within the spread of repeats), sdxl-4k tile 1.396 -> 1.345, Wan tile 4.82 -> 4.48; on
+      64-token tiles at head dim 128 with a 2-stage dQ kernel: flux-4k circle 20.28 -> 16.93 ms
+      (3 stages 18.61), Wan circle 5.71 -> 4.61.
+
+    Not the fused backward's dK/dV kernel (flux-4k circle 18.91 -> 20.32 ms: it spills already)."""
+    if head_dim not in (64, 128) or kind not in ("fwd", "dkdv", "dq"):
+        return {}
+    if kind != "dkdv" and head_dim == 128 and tile_block <= 64:
+        return {"tma_loads": True, "num_stages": 2}
+    return {"tma_loads": True}
 
 
 def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
@@ -120,7 +146,8 @@ def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
     if dtype not in (torch.float16, torch.bfloat16) or d_pad not in (64, 128):
         return {}
     if kind == "fwd":
-        return {"mask_dot": True, **({"BN": 64} if d_pad == 128 else {})}
+        # at 64 no TMA loads for circles (sdxl-4k: 0.500 -> 0.524 ms with them, 15th session)
+        return {"mask_dot": True, **({"BN": 64} if d_pad == 128 else {"tma_loads": False})}
     if kind == "dq" and d_pad == 128:
         return {"mask_dot": True}
     return {}
@@ -131,6 +158,24 @@ def _swept_fused(dtype: torch.dtype, head_dim: int, tile_volume: int) -> bool:
     dims 128 (flux-4k, Wan) and 64 (sdxl-4k), whole 128-token tiles."""
     compiled = os.environ.get("TRITON_INTERPRET", "0") != "1"
     return compiled and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and tile_volume >= 128
+
+
+def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...] | None:
+    """The kernel tile of a circle window on row-major tokens when the caller gives none (None: the
+    reference's default tile, ``local_reference.default_tile``).
+
+    For a circle the tile is only the kernel's unit of work: the window is exact whatever the tile.
+    Smaller query tiles visit fewer keys: at r = 16, 8×8 tiles visit the 5×5 key tiles whose nearest
+    pair is within the radius, 1,600 image keys per query, against 1,920 for 8×16 tiles. On the H200
+    (15th session, ``benchmarks/results/ab_local_t8_15th.json``, with the 64-token configs of
+    ``_tma_loads_config``) at head dim 128: flux-4k circle forward 5.87 -> 5.65 ms, backward 18.9
+    (fused) -> 16.9 ms; Wan's circle (2, 8, 8) on 1×8×8 tiles forward 1.79 -> 1.50 ms, backward
+    4.96 -> 4.61 ms; at head dim 64, sdxl-4k forward 0.499 -> 0.447 ms, backward 1.576 -> 1.49 ms.
+    Compiled bf16/fp16 at head dims 64 and 128 (where it was measured)."""
+    compiled = os.environ.get("TRITON_INTERPRET", "0") != "1"
+    if not compiled or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+        return None
+    return (8, 8) if ndim == 2 else (1, 8, 8)
 
 
 def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume: int, dq_tma: bool = False) -> str:

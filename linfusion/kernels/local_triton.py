@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_configs import default_backward, local_config
+from .local_configs import circle_tile, default_backward, local_config
 from .local_layout import (
     MASK_TABLE,
     LocalLayout,
@@ -925,12 +925,17 @@ class _LocalAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto") -> tuple[LocalLayout, str]:
+def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto",
+             tile_order: bool = False) -> tuple[LocalLayout, str]:
     """The layout of the arguments (validated) and the backward variant asked for ("auto" is
-    resolved by the backward pass itself, so inference never pays for the choice)."""
+    resolved by the backward pass itself, so inference never pays for the choice). A circle on
+    row-major tokens without a tile runs on the kernel's own tile (``local_configs.circle_tile``);
+    tile-ordered tokens keep the tile their order was made with."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     _check_inputs(q, k, v)
+    if tile is None and shape == "circle" and not tile_order:
+        tile = circle_tile(len(tuple(grid)), q.dtype, q.shape[-1])
     grid, radii, tile = validate_local_args(grid, window, int(text_len), shape, tile, q.shape[2])
     return get_layout(grid, radii, shape, tile, q.device), backward
 
@@ -950,7 +955,7 @@ def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str =
     tile order (text first). Keeping tokens in tile order across layers makes every key range
     of the kernel one contiguous run of memory.
     """
-    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
+    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward, tile_order=True)
     return _LocalAttention.apply(q, k, v, layout, int(text_len), True, backward)
 
 
@@ -965,7 +970,9 @@ def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str 
         window: radius or per-dimension radii.
         text_len: leading text tokens (global: seen by and seeing every token).
         shape: "circle" (exact ellipse) or "tile" (tile-aligned window).
-        tile: tile size per dimension (default (8, 16) / (2, 8, 8)).
+        tile: tile size per dimension (default (8, 16) / (2, 8, 8); a circle on row-major tokens
+            runs on the kernel's own tile when none is given, ``local_configs.circle_tile``: the
+            window is exact whatever the tile).
         tile_order: tokens are in tile order (``to_tile_order``) rather than row-major.
         backward: "auto" (default), "split" or "fused_dq" (see :data:`BACKWARDS`).
 
@@ -973,5 +980,5 @@ def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str 
         (B, H, L, D) in q's dtype (a heads-first view of token-major memory), in the same token
         order as the inputs.
     """
-    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward)
+    layout, backward = _prepare(q, k, v, grid, window, text_len, shape, tile, backward, tile_order=bool(tile_order))
     return _LocalAttention.apply(q, k, v, layout, int(text_len), bool(tile_order), backward)
