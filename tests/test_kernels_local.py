@@ -422,7 +422,8 @@ def test_tma_loads_match_reference(case, monkeypatch):
     layout = "blhd" if "blhd" in case[0] else "bhld"
     for variant in ("split", "fused_dq"):
         check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=13, variant=variant, layout=layout)
-    assert used and all(used), used
+    expect = not ON_GPU or dtype != torch.float32  # a GPU loads fp32 by pointers (TMA: 16-bit inputs only)
+    assert used and all(u == expect for u in used), used
 
 
 _SM90_PROBE = r"""
