@@ -358,6 +358,7 @@ def test_tma_loads_only_where_every_chunk_is_one_box(monkeypatch):
     """A launch uses TMA loads where its config asks for them, the tokens are row-major and every
     chunk of its loop is whole rows of one tile plane; on a GPU also Hopper or later, 16-bit inputs
     and 16-byte aligned strides; on CPU only under the interpreter (the tests)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors: the interpreter's rules (on a GPU machine too)
     allowed, on = local_triton._tma_loads_allowed, {"tma_loads": True}
     x = torch.zeros(1, 2, 8 + 64 * 64, 64, dtype=torch.bfloat16)
     flux = get_layout((64, 64), 16, "circle", (8, 16))
