@@ -149,22 +149,48 @@ def _chunk(it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT,
 
 
 @triton.jit
-def _load_rows_tma(desc, b, h, start, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
-    """[BLOCK, D_PAD] tokens start.. of head (b, h) by one TMA load (``desc``: [B, H, L, D], box
-    [1, 1, BLOCK, D_PAD]; rows past L arrive as zeros)."""
-    return tl.reshape(desc.load([b, h, start, 0]), [BLOCK, D_PAD])
+def _load_tokens(x_base, y_base, sxn, syn, pos, valid, offs_d, dmask):
+    """Two [len(pos), D_PAD] tiles of the tokens ``pos`` by per-token pointers (token strides sxn,
+    syn), zeros where not ``valid`` and in the padded head dims."""
+    mask = valid[:, None] & dmask[None, :]
+    x = tl.load(x_base + pos[:, None] * sxn + offs_d[None, :], mask=mask, other=0.0)
+    y = tl.load(y_base + pos[:, None] * syn + offs_d[None, :], mask=mask, other=0.0)
+    return x, y
 
 
 @triton.jit
-def _load_chunk_tma(desc, b, h, it, kc0, kc1, kc2, G1, BLOCK: tl.constexpr, CPT: tl.constexpr,
-                    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, D_PAD: tl.constexpr):
-    """[BLOCK, D_PAD] tokens of window chunk ``it`` (tile kc, slice it % CPT) by one TMA load
-    (``desc``: the grid [B, H, G0·G1, G2, D], box [1, 1, BLOCK/T2, T2, D_PAD]). The chunk is
-    BLOCK/T2 whole rows of one tile plane, so the box starts at its first token, column kc2·T2.
-    Rows past a partial tile's edge arrive as other tokens or zeros; callers mask them."""
-    first = (it % CPT) * BLOCK
-    row = (kc0 * T0 + first // (T1 * T2)) * G1 + kc1 * T1 + (first // T2) % T1
-    return tl.reshape(desc.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
+def _load_rows(X_ROWS, Y_ROWS, x_base, y_base, sxn, syn, b, h, start, pos, valid, offs_d, dmask,
+               BLOCK: tl.constexpr, D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr):
+    """Two [BLOCK, D_PAD] tiles (K and V, or Q and dO) of the contiguous tokens ``pos`` = start.. of
+    head (b, h). TMA_LOADS: one TMA load each (``X_ROWS``/``Y_ROWS``: [B, H, L, D], box
+    [1, 1, BLOCK, D_PAD]); rows past the valid ones arrive as other tokens (zeros past L), which the
+    callers mask. Else per-token pointers from ``x_base``/``y_base`` (token strides sxn, syn), zeros
+    where not ``valid``."""
+    if TMA_LOADS:
+        x = tl.reshape(X_ROWS.load([b, h, start, 0]), [BLOCK, D_PAD])
+        y = tl.reshape(Y_ROWS.load([b, h, start, 0]), [BLOCK, D_PAD])
+    else:
+        x, y = _load_tokens(x_base, y_base, sxn, syn, pos, valid, offs_d, dmask)
+    return x, y
+
+
+@triton.jit
+def _load_chunk(X_GRID, Y_GRID, x_base, y_base, sxn, syn, b, h, it, kc0, kc1, kc2, G1, pos, valid, offs_d, dmask,
+                BLOCK: tl.constexpr, CPT: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+                D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr):
+    """Two [BLOCK, D_PAD] tiles of window chunk ``it`` (tile kc, slice it % CPT; tokens ``pos``).
+    TMA_LOADS: one TMA load each (``X_GRID``/``Y_GRID``: the grid [B, H, G0·G1, G2, D], box
+    [1, 1, BLOCK/T2, T2, D_PAD]): the chunk is BLOCK/T2 whole rows of one tile plane, so the box starts
+    at its first token, column kc2·T2; rows past a partial tile's edge arrive as other tokens or
+    zeros, which the callers mask. Else per-token pointers, zeros where not ``valid``."""
+    if TMA_LOADS:
+        first = (it % CPT) * BLOCK
+        row = (kc0 * T0 + first // (T1 * T2)) * G1 + kc1 * T1 + (first // T2) % T1
+        x = tl.reshape(X_GRID.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
+        y = tl.reshape(Y_GRID.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
+    else:
+        x, y = _load_tokens(x_base, y_base, sxn, syn, pos, valid, offs_d, dmask)
+    return x, y
 
 
 @triton.jit
@@ -356,8 +382,8 @@ def _fwd_kernel(
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
-    TMA_LOADS (row-major tokens only): K and V chunks arrive by TMA loads (``_load_rows_tma``,
-    ``_load_chunk_tma``) through the descriptors K_ROWS / V_ROWS and K_GRID / V_GRID
+    TMA_LOADS (row-major tokens only): K and V chunks arrive by TMA loads (``_load_rows``,
+    ``_load_chunk``) through the descriptors K_ROWS / V_ROWS and K_GRID / V_GRID
     (``_load_descriptors``) instead of per-token address arithmetic. Rows past a partial tile's
     edge load other tokens or zeros; the chunk's validity mask removes them as it does on the
     pointer path."""
@@ -383,13 +409,8 @@ def _fwd_kernel(
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
         kvalid = kpos < dense_end
-        if TMA_LOADS:
-            k = _load_rows_tma(K_ROWS, b, h, start, BN, D_PAD)
-            v = _load_rows_tma(V_ROWS, b, h, start, BN, D_PAD)
-        else:
-            lmask = kvalid[:, None] & dmask[None, :]
-            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, start, kpos, kvalid, offs_d, dmask,
+                          BN, D_PAD, TMA_LOADS)
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         if start + BN > dense_end:
             s = tl.where(kvalid[None, :], s, float("-inf"))
@@ -400,13 +421,8 @@ def _fwd_kernel(
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        if TMA_LOADS:
-            k = _load_chunk_tma(K_GRID, b, h, it, kc0, kc1, kc2, G1, BN, CPT, T0, T1, T2, D_PAD)
-            v = _load_chunk_tma(V_GRID, b, h, it, kc0, kc1, kc2, G1, BN, CPT, T0, T1, T2, D_PAD)
-        else:
-            lmask = kvalid[:, None] & dmask[None, :]
-            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         s = _mask_chunk(s, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
@@ -497,12 +513,9 @@ def _dkdv_kernel(
         qpos = start + tl.arange(0, BM)
         qvalid = qpos < dense_end
         lmask = qvalid[:, None] & dmask[None, :]
-        if TMA_LOADS:  # rows past dense_end: other tokens or zeros, with LSE +inf below (P = 0)
-            q = _load_rows_tma(Q_ROWS, b, h, start, BM, D_PAD)
-            do = _load_rows_tma(DO_ROWS, b, h, start, BM, D_PAD)
-        else:
-            q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
-            do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
+        # with TMA, rows past dense_end hold other tokens or zeros: their LSE loads as +inf (P = 0)
+        q, do = _load_rows(Q_ROWS, DO_ROWS, q_base, do_base, sqn, sdn, b, h, start, qpos, qvalid, offs_d, dmask,
+                           BM, D_PAD, TMA_LOADS)
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
@@ -524,12 +537,8 @@ def _dkdv_kernel(
         qpos, qvalid, qp0, qp1, qp2, full, qc0, qc1, qc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
         lmask = qvalid[:, None] & dmask[None, :]
-        if TMA_LOADS:
-            q = _load_chunk_tma(Q_GRID, b, h, it, qc0, qc1, qc2, G1, BM, CPT, T0, T1, T2, D_PAD)
-            do = _load_chunk_tma(DO_GRID, b, h, it, qc0, qc1, qc2, G1, BM, CPT, T0, T1, T2, D_PAD)
-        else:
-            q = tl.load(q_base + qpos[:, None] * sqn + offs_d[None, :], mask=lmask, other=0.0)
-            do = tl.load(do_base + qpos[:, None] * sdn + offs_d[None, :], mask=lmask, other=0.0)
+        q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, it, qc0, qc1, qc2, G1, qpos, qvalid,
+                            offs_d, dmask, BM, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
@@ -592,13 +601,8 @@ def _dq_kernel(
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
         kvalid = kpos < dense_end
-        if TMA_LOADS:
-            k = _load_rows_tma(K_ROWS, b, h, start, BN, D_PAD)
-            v = _load_rows_tma(V_ROWS, b, h, start, BN, D_PAD)
-        else:
-            lmask = kvalid[:, None] & dmask[None, :]
-            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, start, kpos, kvalid, offs_d, dmask,
+                          BN, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if start + BN > dense_end:
@@ -612,13 +616,8 @@ def _dq_kernel(
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        if TMA_LOADS:
-            k = _load_chunk_tma(K_GRID, b, h, it, kc0, kc1, kc2, G1, BN, CPT, T0, T1, T2, D_PAD)
-            v = _load_chunk_tma(V_GRID, b, h, it, kc0, kc1, kc2, G1, BN, CPT, T0, T1, T2, D_PAD)
-        else:
-            lmask = kvalid[:, None] & dmask[None, :]
-            k = tl.load(k_base + kpos[:, None] * skn + offs_d[None, :], mask=lmask, other=0.0)
-            v = tl.load(v_base + kpos[:, None] * svn + offs_d[None, :], mask=lmask, other=0.0)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         p = _mask_chunk(p, 0.0, full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
