@@ -133,7 +133,9 @@ def local_attention(
         window: radius or per-dimension radii.
         text_len: leading global text tokens.
         shape: "circle" (exact ellipse) or "tile" (tile-aligned window).
-        tile: tile size per dimension (default (8, 16) in 2D, (2, 8, 8) in 3D).
+        tile: tile size per dimension (default (8, 16) in 2D, (2, 8, 8) in 3D). It defines a tile
+            window; for a circle it is only the kernel's unit of work (the window is exact), and the
+            Triton kernel picks its own when none is given (``local_configs.circle_tile``).
         backend: None, "triton" or "torch".
 
     Returns:
