@@ -5,13 +5,8 @@
 # backward's config at flux-4k (head dim 128) and sdxl-4k (head dim 64), both windows; every record
 # compares its gradients with the default configs' of the same call.
 #   run(command="bash scripts/gpu_dq_tma.sh", carry=[".whl"], timeout_s=600)
-set -o pipefail
-OUT=${OUT:-/tmp/gpu-out}
-DEADLINE=${DEADLINE:-570}
-mkdir -p "$OUT"
-source scripts/gpu_env.sh  # diffusers from carry=[".whl"], PYTHONPATH
+source scripts/gpu_env.sh  # pipefail, $OUT, left(); diffusers from carry=[".whl"], PYTHONPATH
 nvidia-smi -L | tee "$OUT/dq_tma.log"
-left() { echo $(( DEADLINE - SECONDS )); }
 timeout -k 10 200 python3 -m pytest -q -x tests/test_kernels_local.py -k "fused_dq" 2>&1 | tail -15 | tee -a "$OUT/dq_tma.log"
 FUSED='[{"dq_tma": false}, {"dq_tma": true}, {"dq_tma": true, "num_stages": 3}, {"dq_tma": true, "BM": 32},
         {"dq_tma": true, "BM": 128, "BN": 64}, {"dq_tma": true, "BN": 64, "num_warps": 4}, {"dq_tma": true, "mask_dot": true}]'

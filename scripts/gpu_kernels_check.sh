@@ -15,13 +15,8 @@
 # they get all the time but the benchmark's 200 s; the sweep usually does not fit.
 #   run(command="bash scripts/gpu_kernels_check.sh", carry=[".whl"], timeout_s=600)
 # Results under $OUT: gpu_tests.log, kernels_local_check.json (+ log), kernels_local_sweep_<kinds>.json.
-set -o pipefail
-OUT=${OUT:-/tmp/gpu-out}
-DEADLINE=${DEADLINE:-570}
-mkdir -p "$OUT"
-source scripts/gpu_env.sh  # diffusers from carry=[".whl"], PYTHONPATH
+source scripts/gpu_env.sh  # pipefail, $OUT, left(); diffusers from carry=[".whl"], PYTHONPATH
 nvidia-smi -L | tee "$OUT/gpu_tests.log"
-left() { echo $(( DEADLINE - SECONDS )); }
 
 echo "== CUDA kernel tests (at ${SECONDS} s)"
 TEST_FILES=${GPU_TEST_FILES:-tests/test_kernels_local.py tests/test_kernels_linear.py}

@@ -3,10 +3,7 @@
 # (dQ by TMA reductions in the fused backward, "auto" fused for circles at head dims 64 and 128),
 # then the one-call benchmark (benchmarks/kernels.py: every case and baseline in one process).
 #   run(command="bash scripts/gpu_kernels_final.sh", carry=[".whl"], timeout_s=600)
-set -o pipefail
-OUT=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUT"
-source scripts/gpu_env.sh  # diffusers from carry=[".whl"], PYTHONPATH
+source scripts/gpu_env.sh  # pipefail, $OUT, left(); diffusers from carry=[".whl"], PYTHONPATH
 nvidia-smi -L | tee "$OUT/gpu_tests.txt"
 timeout -k 10 ${TEST_TIMEOUT:-230} python3 -m pytest -q tests/test_kernels_local.py -k "gpu or fused_dq" -rs 2>&1 \
   | tail -25 | tee -a "$OUT/gpu_tests.txt"

@@ -8,13 +8,8 @@
 # over text and window chunks, 0.80-0.96x, removed) and the dot's column features loaded from a
 # table (Triton 3.6's pipeliner failed to compile it, removed).
 #   run(command="bash scripts/gpu_kernels_flags.sh", carry=[".whl"], timeout_s=600)
-set -o pipefail
-OUT=${OUT:-/tmp/gpu-out}
-DEADLINE=${DEADLINE:-570}
-mkdir -p "$OUT"
-source scripts/gpu_env.sh  # diffusers from carry=[".whl"], PYTHONPATH
+source scripts/gpu_env.sh  # pipefail, $OUT, left(); diffusers from carry=[".whl"], PYTHONPATH
 nvidia-smi -L | tee "$OUT/flags.log"
-left() { echo $(( DEADLINE - SECONDS )); }
 FWD='[{"mask_dot": false}, {"num_stages": 4}, {"num_stages": 2}, {"BN": 32, "num_stages": 4},
       {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}, {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 4},
       {"num_warps": 4}, {"num_warps": 8}]'

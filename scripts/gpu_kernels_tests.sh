@@ -2,10 +2,7 @@
 # One device call: the CUDA tests of the local kernels (real sizes with the defaults, the fused and
 # TMA paths forced on small cases), then the linear kernels' tests if time is left.
 #   run(command="bash scripts/gpu_kernels_tests.sh", carry=[".whl"], timeout_s=600)
-set -o pipefail
-OUT=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUT"
-source scripts/gpu_env.sh  # diffusers from carry=[".whl"], PYTHONPATH
+source scripts/gpu_env.sh  # pipefail, $OUT, left(); diffusers from carry=[".whl"], PYTHONPATH
 nvidia-smi -L | tee "$OUT/gpu_tests.txt"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null)" | tee -a "$OUT/gpu_tests.txt"
 timeout -k 10 ${TEST_TIMEOUT:-420} python3 -m pytest -q tests/test_kernels_local.py \
