@@ -346,7 +346,7 @@ def test_tma_loads_configs_where_measured(monkeypatch):
     assert small["fwd"]["num_stages"] == small["dq"]["num_stages"] == 2 and small["dkdv"]["num_stages"] == 2
     assert local_config("fwd", bf16, 128, 64, circle_dot=True) == {
         "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "tma_loads": True, "mask_dot": True}
-    assert not local_config("fwd", bf16, 64, 128, circle_dot=True)["tma_loads"]  # sdxl-4k circle: slower
+    assert not local_config("fwd", bf16, 64, 128, circle_dot=True).get("tma_loads")  # sdxl-4k circle: slower
     for args, kwargs in ((("dkdv_fused", bf16, 128, 128), {}), (("fwd", bf16, 128, 128), {"head_dim": 96}),
                          (("dq", bf16, 64, 128), {"head_dim": 40}), (("fwd", torch.float32, 128, 128), {})):
         assert not local_config(*args, **kwargs).get("tma_loads"), args

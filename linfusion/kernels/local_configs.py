@@ -20,6 +20,11 @@ def _pow2(n: int) -> int:
 _OVERRIDE: dict[str, dict] = {}
 
 
+def _interpreted() -> bool:
+    """Kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``): no GPU-measured choice applies."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def set_config_override(kind: str, config: dict | None) -> None:
     """Force the config of one kernel kind ("fwd", "dkdv", "dq", "dkdv_fused"), or clear it with None."""
     if config is None:
@@ -59,7 +64,7 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             # Wan 5.30 -> 4.94; tile windows 1.5-3.6% too. (no tensor-core circle test: _circle_dot_config)
             cfg = {**cfg, "dq_tma": True}
         return {**cfg, **_OVERRIDE.get(kind, {})}
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = _interpreted()
     tile_block = max(16, min(128, _pow2(tile_volume)))
     if interp:
         # the interpreter's cost is per operation, not per element: large blocks (the caller
@@ -101,21 +106,21 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
         # the standard layout for 64-row wgmma blocks. (Not re-verified on the GPU yet.)
         cfg["num_warps"] = 4
     if not interp and dtype != torch.float32:
-        cfg.update(_tma_loads_config(kind, head_dim, tile_block))
+        cfg.update(_tma_loads_config(kind, head_dim, tile_block, circle_dot))
     if circle_dot and not interp:
         cfg.update(_circle_dot_config(kind, dtype, d_pad))
     cfg.update(_OVERRIDE.get(kind, {}))
     return cfg
 
 
-def _tma_loads_config(kind: str, head_dim: int, tile_block: int) -> dict:
+def _tma_loads_config(kind: str, head_dim: int, tile_block: int, circle_dot: bool = False) -> dict:
     """TMA loads of the tiles each kernel's loops walk (``local_triton._tma_loads_allowed`` decides
     where a launch can use them), where the H200 measured them faster in the 15th session
     (``benchmarks/results/ab_local_tma_15th.json``, ``ab_local_t8_15th.json``: interleaved in one
     call each), at head dims 64 and 128:
 
     * forward on 128-token tiles: flux-4k tile window 5.35 -> 4.74 ms, circle 5.91 -> 5.80; sdxl-4k
-      tile 0.432 -> 0.410 (its circle is slower, 0.500 -> 0.524: ``_circle_dot_config`` turns them off);
+      tile 0.432 -> 0.410 (its circle, ``circle_dot``, is slower: 0.500 -> 0.524, so no TMA loads there);
     * forward on 64-token tiles at head dim 128, with 2 stages (two programs share an SM: 104 KB of
       shared memory each): flux-4k circle on 8×8 tiles 7.86 -> 5.65 ms, Wan's circle on 1×8×8 tiles
       2.22 -> 1.50 ms (3 stages 7.14 / 1.98, 4 stages 7.25 / 2.08);
@@ -126,6 +131,8 @@ def _tma_loads_config(kind: str, head_dim: int, tile_block: int) -> dict:
 
     Not the fused backward's dK/dV kernel (flux-4k circle 18.91 -> 20.32 ms: it spills already)."""
     if head_dim not in (64, 128) or kind not in ("fwd", "dkdv", "dq"):
+        return {}
+    if kind == "fwd" and head_dim == 64 and circle_dot:
         return {}
     if kind != "dkdv" and head_dim == 128 and tile_block <= 64:
         return {"tma_loads": True, "num_stages": 2}
@@ -146,8 +153,7 @@ def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
     if dtype not in (torch.float16, torch.bfloat16) or d_pad not in (64, 128):
         return {}
     if kind == "fwd":
-        # at 64 no TMA loads for circles (sdxl-4k: 0.500 -> 0.524 ms with them, 15th session)
-        return {"mask_dot": True, **({"BN": 64} if d_pad == 128 else {"tma_loads": False})}
+        return {"mask_dot": True, **({"BN": 64} if d_pad == 128 else {})}
     if kind == "dq" and d_pad == 128:
         return {"mask_dot": True}
     return {}
@@ -156,8 +162,7 @@ def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
 def _swept_fused(dtype: torch.dtype, head_dim: int, tile_volume: int) -> bool:
     """The fused backward was measured on the H200 here: compiled (not interpreted) bf16/fp16, head
     dims 128 (flux-4k, Wan) and 64 (sdxl-4k), whole 128-token tiles."""
-    compiled = os.environ.get("TRITON_INTERPRET", "0") != "1"
-    return compiled and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and tile_volume >= 128
+    return not _interpreted() and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and tile_volume >= 128
 
 
 def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...] | None:
@@ -172,8 +177,7 @@ def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]
     (fused) -> 16.9 ms; Wan's circle (2, 8, 8) on 1×8×8 tiles forward 1.79 -> 1.50 ms, backward
     4.96 -> 4.61 ms; at head dim 64, sdxl-4k forward 0.499 -> 0.447 ms, backward 1.576 -> 1.49 ms.
     Compiled bf16/fp16 at head dims 64 and 128 (where it was measured)."""
-    compiled = os.environ.get("TRITON_INTERPRET", "0") != "1"
-    if not compiled or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+    if _interpreted() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
         return None
     return (8, 8) if ndim == 2 else (1, 8, 8)
 
