@@ -29,13 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from timing import bench_ms, cpu_ms, environment  # noqa: E402
 
-CASES = {  # name: (B, H, D, grid, window, text)
-    "flux-4k": (1, 24, 128, (256, 256), 16, 512),
-    "flux-2k": (1, 24, 128, (128, 128), 16, 512),
-    "sdxl-4k": (2, 10, 64, (128, 128), 16, 0),
-    "wan-480p": (1, 12, 128, (21, 30, 52), (2, 8, 8), 0),
-    "tiny": (1, 2, 64, (24, 40), 5, 8),  # a CPU check of this script under TRITON_INTERPRET=1
-}
+from ab_local import CASES, WINDOWS  # noqa: E402  (the A/B tool's cases; its circle windows)
+
 TILES = {"2d": [(8, 16), (8, 8), (4, 16)], "3d": [(2, 8, 8), (1, 8, 8), (2, 4, 8)]}
 FWD_CONFIGS = [  # overrides of the "fwd" kind; {} = the defaults
     {},
@@ -89,7 +84,8 @@ def main(argv=None) -> None:
             json.dump({"env": environment(), "records": records}, f, indent=1)
 
     for case in args.cases:
-        B, H, D, grid, window, text = CASES[case]
+        B, H, D, grid, text = CASES[case]
+        window = WINDOWS["circle"][len(grid) == 3]
         tiles = TILES["3d" if len(grid) == 3 else "2d"]
         L = text + math.prod(grid)
         gen = torch.Generator(device=device).manual_seed(0)
