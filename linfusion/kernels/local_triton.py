@@ -742,8 +742,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
     grid = (n_text_progs + n_img * B * H,)
-    tma_loads = _tma_loads_allowed(cfg, (k, v), layout, BN, tile_order)
-    descriptors = _load_descriptors((k, v), text_len, layout, BN) if tma_loads else (None,) * 4
+    tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
     _fwd_kernel[grid](
         q, k, v, o, lse, _table(layout, q.device), *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -781,6 +780,14 @@ def _tma_loads_allowed(cfg: dict, tensors, layout: LocalLayout, block: int, tile
                   for t in tensors)
     return (aligned and first.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(first.device)[0] >= 9)
+
+
+def _tma_loads(cfg: dict, tensors, text_len: int, layout: LocalLayout, block: int, tile_order: bool):
+    """(TMA_LOADS, its four descriptor arguments) of a launch: ``_load_descriptors`` where
+    ``_tma_loads_allowed``, else None placeholders (the kernel's pointer path)."""
+    if not _tma_loads_allowed(cfg, tensors, layout, block, tile_order):
+        return False, (None,) * 4
+    return True, _load_descriptors(tensors, text_len, layout, block)
 
 
 def _load_descriptors(tensors, text_len: int, layout: LocalLayout, block: int) -> list:
@@ -874,8 +881,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     # the fused backward's dQ accumulator: fp32, zeroed, the inputs' token order (see _dkdv_kernel)
     dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
     dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
-    tma_loads = _tma_loads_allowed(cfg, (q, do), layout, BM, tile_order)
-    descriptors = _load_descriptors((q, do), text_len, layout, BM) if tma_loads else (None,) * 4
+    tma_loads, descriptors = _tma_loads(cfg, (q, do), text_len, layout, BM, tile_order)
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
@@ -894,8 +900,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
-    tma_loads = _tma_loads_allowed(cfg, (k, v), layout, BN, tile_order)
-    descriptors = _load_descriptors((k, v), text_len, layout, BN) if tma_loads else (None,) * 4
+    tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
     _dq_kernel[(n_text_progs + n_img * B * H,)](
         q, k, v, do, lse, delta, dq, table, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
