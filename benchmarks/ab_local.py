@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import bench_ms, cpu_ms, environment  # noqa: E402
 
 CASES = {  # name: (B, H, D, grid, text)
-    "flux-4k": (1, 24, 128, (256, 256), 512),
+    "flux-1k": (1, 24, 128, (64, 64), 512),
     "flux-2k": (1, 24, 128, (128, 128), 512),
+    "flux-4k": (1, 24, 128, (256, 256), 512),
+    "flux-8k": (1, 24, 128, (512, 512), 512),
     "sdxl-4k": (2, 10, 64, (128, 128), 0),
     "wan-480p": (1, 12, 128, (21, 30, 52), 0),
     "tiny": (1, 2, 64, (16, 24), 8),  # a CPU check of this script under TRITON_INTERPRET=1
