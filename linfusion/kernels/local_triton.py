@@ -736,11 +736,6 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     # token-major memory seen heads-first: the processors' (B, H, L, D) -> (B, L, H·D) is then free
     o = _new((B, L, H, D), q.dtype, q.device).transpose(1, 2)
     lse = _new((B, H, L), torch.float32, q.device)
-    if cfg.get("gluon") and _gluon_reason(q, k, v, layout, tile_order) is None:
-        from .local_gluon import gluon_forward
-
-        gluon_forward(q, k, v, layout, text_len, o, lse)
-        return o, lse
     sub = -(-layout.tile_volume // BM)
     ntb = -(-text_len // BM)
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
@@ -763,22 +758,6 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     return o, lse
 
 
-def _gluon_reason(q, k, v, layout: LocalLayout, tile_order: bool) -> str | None:
-    """None when the Gluon forward (``local_gluon``) serves this launch, else why not."""
-    from .local_gluon import gluon_forward_reason
-
-    reason = gluon_forward_reason(q, layout, tile_order)
-    if reason is None and not _tma_aligned((q, k, v)):
-        reason = "q/k/v base addresses or strides not 16-byte aligned (TMA)"
-    return reason
-
-
-def _tma_aligned(tensors) -> bool:
-    """TMA's rules: 16-byte aligned base addresses and strides (the last dim contiguous)."""
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-               for t in tensors)
-
-
 def _chunk_is_box(layout: LocalLayout, block: int) -> bool:
     """Every window chunk of ``block`` tokens is whole rows of one tile plane (block/T2 rows of T2
     tokens, powers of two: Triton's block shapes), so one box of the grid."""
@@ -797,7 +776,9 @@ def _tma_loads_allowed(cfg: dict, tensors, layout: LocalLayout, block: int, tile
     first = tensors[0]
     if first.device.type == "cpu":  # the interpreter runs descriptor loads as masked gathers
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return (_tma_aligned(tensors) and first.dtype in (torch.float16, torch.bfloat16)
+    aligned = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
+                  for t in tensors)
+    return (aligned and first.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(first.device)[0] >= 9)
 
 
