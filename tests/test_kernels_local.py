@@ -329,10 +329,10 @@ def test_circle_dot_configs_where_measured(monkeypatch):
 
 
 def test_tma_loads_configs_where_measured(monkeypatch):
-    """TMA loads are the default where the H200 measured them faster (15th session): the forward and
-    the split backward's kernels at head dims 64 and 128, with 2 stages on 64-token tiles at 128
-    (dK/dV keeps its blocks); not the fused backward's dK/dV kernel, circles' forward at 64, other
-    head dims, fp32 or the interpreter."""
+    """TMA loads are the default where the H200 measured them faster (15th and 16th sessions): the
+    forward and the split backward's kernels at head dims 64, 72 and 128, with 2 stages on 64-token
+    tiles at 128 and everywhere at 72 (dK/dV keeps its blocks); not the fused backward's dK/dV
+    kernel, circles' forward at 64, other head dims, fp32 or the interpreter."""
     from linfusion.kernels import local_configs
     from linfusion.kernels.local_configs import local_config
 
@@ -347,6 +347,10 @@ def test_tma_loads_configs_where_measured(monkeypatch):
     assert local_config("fwd", bf16, 128, 64, circle_dot=True) == {
         "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "tma_loads": True, "mask_dot": True}
     assert not local_config("fwd", bf16, 64, 128, circle_dot=True).get("tma_loads")  # sdxl-4k circle: slower
+    for kind in ("fwd", "dkdv", "dq"):  # PixArt's 72: every kind, 2 stages for the forward and dQ
+        for tile_volume in (64, 128):
+            cfg = local_config(kind, bf16, 128, tile_volume, head_dim=72)
+            assert cfg["tma_loads"] and (kind == "dkdv" or cfg["num_stages"] == 2), (kind, tile_volume, cfg)
     for args, kwargs in ((("dkdv_fused", bf16, 128, 128), {}), (("fwd", bf16, 128, 128), {"head_dim": 96}),
                          (("dq", bf16, 64, 128), {"head_dim": 40}), (("fwd", torch.float32, 128, 128), {})):
         assert not local_config(*args, **kwargs).get("tma_loads"), args
@@ -375,13 +379,14 @@ def test_tma_loads_only_where_every_chunk_is_one_box(monkeypatch):
 
 def test_circle_runs_on_the_kernels_own_tile_without_one(monkeypatch):
     """A circle on row-major tokens without a tile runs on ``local_configs.circle_tile`` (8×8 / 1×8×8
-    compiled at head dims 64 and 128, else the reference's default); tile-ordered tokens keep the
+    compiled at head dims 64, 72 and 128, else the reference's default); tile-ordered tokens keep the
     tile their order was made with, and a given tile is kept."""
     from linfusion.kernels.local_configs import circle_tile
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert circle_tile(2, torch.bfloat16, 128) == (8, 8) and circle_tile(3, torch.float16, 64) == (1, 8, 8)
-    for args in ((2, torch.float32, 128), (2, torch.bfloat16, 80), (3, torch.bfloat16, 40)):
+    assert circle_tile(2, torch.bfloat16, 72) == (8, 8)
+    for args in ((2, torch.float32, 128), (2, torch.bfloat16, 80), (2, torch.bfloat16, 96), (3, torch.bfloat16, 40)):
         assert circle_tile(*args) is None, args
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert circle_tile(2, torch.bfloat16, 128) is None

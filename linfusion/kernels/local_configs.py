@@ -129,12 +129,19 @@ def _tma_loads_config(kind: str, head_dim: int, tile_block: int, circle_dot: boo
       64-token tiles at head dim 128 with a 2-stage dQ kernel: flux-4k circle 20.28 -> 16.93 ms
       (3 stages 18.61), Wan circle 5.71 -> 4.61.
 
-    Not the fused backward's dK/dV kernel (flux-4k circle 18.91 -> 20.32 ms: it spills already)."""
-    if head_dim not in (64, 128) or kind not in ("fwd", "dkdv", "dq"):
+    Not the fused backward's dK/dV kernel (flux-4k circle 18.91 -> 20.32 ms: it spills already).
+
+    Head dim 72 (PixArt-Σ, padded to 128; 16th session, ``ab_local_hd_16th.json``, pixart-4k,
+    bit-identical results): TMA loads everywhere and 2 stages for the forward and dQ, whose
+    per-token pointer loads of 144-byte rows were the bottleneck: forward circle (8×16 tiles) 6.05
+    -> 3.91 ms, on 8×8 tiles 6.24 -> 2.90, tile window 5.57 -> 2.93; split backward 16.26 -> 11.50,
+    on 8×8 tiles 18.98 -> 9.22, tile window 14.60 -> 9.44. (Head dim 96 gains on 8×8 tiles only,
+    4.00 -> 2.53 ms, and loses 5% on 8×16 tiles with 2 stages: not changed.)"""
+    if head_dim not in (64, 72, 128) or kind not in ("fwd", "dkdv", "dq"):
         return {}
     if kind == "fwd" and head_dim == 64 and circle_dot:
         return {}
-    if kind != "dkdv" and head_dim == 128 and tile_block <= 64:
+    if kind != "dkdv" and (head_dim == 72 or (head_dim == 128 and tile_block <= 64)):
         return {"tma_loads": True, "num_stages": 2}
     return {"tma_loads": True}
 
@@ -175,9 +182,11 @@ def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]
     (15th session, ``benchmarks/results/ab_local_t8_15th.json``, with the 64-token configs of
     ``_tma_loads_config``) at head dim 128: flux-4k circle forward 5.87 -> 5.65 ms, backward 18.9
     (fused) -> 16.9 ms; Wan's circle (2, 8, 8) on 1×8×8 tiles forward 1.79 -> 1.50 ms, backward
-    4.96 -> 4.61 ms; at head dim 64, sdxl-4k forward 0.499 -> 0.447 ms, backward 1.576 -> 1.49 ms.
-    Compiled bf16/fp16 at head dims 64 and 128 (where it was measured)."""
-    if _interpreted() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+    4.96 -> 4.61 ms; at head dim 64, sdxl-4k forward 0.499 -> 0.447 ms, backward 1.576 -> 1.49 ms;
+    at head dim 72 (16th session, pixart-4k, both with ``_tma_loads_config``'s TMA loads) forward
+    3.91 -> 2.90 ms, backward 11.50 -> 9.22 ms. Compiled bf16/fp16 at head dims 64, 72 and 128
+    (where it was measured)."""
+    if _interpreted() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 72, 128):
         return None
     return (8, 8) if ndim == 2 else (1, 8, 8)
 
