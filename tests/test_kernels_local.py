@@ -698,6 +698,8 @@ GPU_MORE = [
     # PixArt's head dim 72 (padded to 128; its own swept dK/dV blocks)
     ("pixart-d72-circle", 1, 2, 72, (128, 128), 16, 0, "circle", None, torch.bfloat16, "bhld"),
     ("pixart-d72-tile", 2, 2, 72, (96, 128), 16, 0, "tile", None, torch.float16, "blhd"),
+    # 72 with TMA loads on a small tile (32-token chunks), text, partial edge tiles, strided inputs
+    ("pixart-d72-circle-small-tile-text", 1, 2, 72, (45, 70), 16, 77, "circle", (4, 8), torch.bfloat16, "blhd"),
 ] + [(c[0] + "-bf16", *c[1:9], torch.bfloat16, "bhld") for c in CASES
      if c[0] in ("2d-tile-odd-tile", "3d-tile", "2d-circle-13x21")]
 
