@@ -38,6 +38,7 @@ CASES = {  # name: (B, H, D, grid, text)
     "sdxl-4k": (2, 10, 64, (128, 128), 0),
     "pixart-4k": (1, 16, 72, (256, 256), 0),  # head dims padded to 128: PixArt-Σ's 72, and 96
     "d96-4k": (1, 16, 96, (256, 256), 0),
+    "d80-4k": (1, 16, 80, (256, 256), 0),
     "wan-480p": (1, 12, 128, (21, 30, 52), 0),
     "tiny": (1, 2, 64, (16, 24), 8),  # a CPU check of this script under TRITON_INTERPRET=1
 }

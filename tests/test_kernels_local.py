@@ -331,8 +331,9 @@ def test_circle_dot_configs_where_measured(monkeypatch):
 def test_tma_loads_configs_where_measured(monkeypatch):
     """TMA loads are the default where the H200 measured them faster (15th and 16th sessions): the
     forward and the split backward's kernels at head dims 64, 72 and 128, with 2 stages on 64-token
-    tiles at 128 and everywhere at 72 (dK/dV keeps its blocks); not the fused backward's dK/dV
-    kernel, circles' forward at 64, other head dims, fp32 or the interpreter."""
+    tiles at 128 and everywhere at 72 (dK/dV keeps its blocks); at 80 and 96 every kind on 64-token
+    tiles, only the forward on 128-token ones; not the fused backward's dK/dV kernel, circles'
+    forward at 64, head dim 40, fp32 or the interpreter."""
     from linfusion.kernels import local_configs
     from linfusion.kernels.local_configs import local_config
 
@@ -351,7 +352,14 @@ def test_tma_loads_configs_where_measured(monkeypatch):
         for tile_volume in (64, 128):
             cfg = local_config(kind, bf16, 128, tile_volume, head_dim=72)
             assert cfg["tma_loads"] and (kind == "dkdv" or cfg["num_stages"] == 2), (kind, tile_volume, cfg)
-    for args, kwargs in ((("dkdv_fused", bf16, 128, 128), {}), (("fwd", bf16, 128, 128), {"head_dim": 96}),
+    for head_dim in (80, 96):  # 64-token tiles: every kind; 128-token tiles: the forward only
+        for kind in ("fwd", "dkdv", "dq"):
+            assert local_config(kind, bf16, 128, 64, head_dim=head_dim)["tma_loads"], (kind, head_dim)
+        assert local_config("fwd", bf16, 128, 128, head_dim=head_dim) == {
+            "BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "tma_loads": True}
+        assert local_config("dq", bf16, 128, 64, head_dim=head_dim)["num_stages"] == 2
+    for args, kwargs in ((("dkdv_fused", bf16, 128, 128), {}), (("dkdv", bf16, 128, 128), {"head_dim": 96}),
+                         (("dq", bf16, 128, 128), {"head_dim": 80}),
                          (("dq", bf16, 64, 128), {"head_dim": 40}), (("fwd", torch.float32, 128, 128), {})):
         assert not local_config(*args, **kwargs).get("tma_loads"), args
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -379,14 +387,14 @@ def test_tma_loads_only_where_every_chunk_is_one_box(monkeypatch):
 
 def test_circle_runs_on_the_kernels_own_tile_without_one(monkeypatch):
     """A circle on row-major tokens without a tile runs on ``local_configs.circle_tile`` (8×8 / 1×8×8
-    compiled at head dims 64, 72 and 128, else the reference's default); tile-ordered tokens keep the
+    compiled at head dims 64 to 128, else the reference's default); tile-ordered tokens keep the
     tile their order was made with, and a given tile is kept."""
     from linfusion.kernels.local_configs import circle_tile
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert circle_tile(2, torch.bfloat16, 128) == (8, 8) and circle_tile(3, torch.float16, 64) == (1, 8, 8)
-    assert circle_tile(2, torch.bfloat16, 72) == (8, 8)
-    for args in ((2, torch.float32, 128), (2, torch.bfloat16, 80), (2, torch.bfloat16, 96), (3, torch.bfloat16, 40)):
+    assert circle_tile(2, torch.bfloat16, 72) == circle_tile(2, torch.bfloat16, 80) == circle_tile(2, torch.float16, 96)
+    for args in ((2, torch.float32, 128), (2, torch.bfloat16, 40), (3, torch.bfloat16, 40)):
         assert circle_tile(*args) is None, args
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert circle_tile(2, torch.bfloat16, 128) is None
@@ -662,6 +670,33 @@ DQ_TMA_CASES = [
     ("partial-fp16", 1, 2, 128, (40, 57), 16, 20, "tile", {}, torch.float16),
     ("d80-padded", 1, 2, 80, (48, 64), 16, 40, "circle", {}, torch.bfloat16),
 ]
+
+
+TMA_PADDED_CASES = [  # head dims padded to 128 with TMA loads forced, on 8×8 circles and 8×16 tiles
+    ("d80-circle-8x8-text", 80, "circle", (8, 8)),
+    ("d96-circle-8x8-text", 96, "circle", (8, 8)),
+    ("d80-tile-8x16-text", 80, "tile", (8, 16)),
+    ("d96-tile-8x16-text", 96, "tile", (8, 16)),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", TMA_PADDED_CASES, ids=[c[0] for c in TMA_PADDED_CASES])
+def test_gpu_tma_loads_at_padded_head_dims(case, monkeypatch):
+    """TMA loads forced in the forward and the split backward at head dims 80 and 96 (boxes 128
+    lanes wide over 80/96-wide rows: the padding arrives as zeros), against float64, with partial
+    edge tiles, text and heads-interleaved inputs."""
+    from linfusion.kernels import local_configs
+
+    _, D, shape, tile = case
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {"fwd": {"tma_loads": True, "num_stages": 2},
+                                                     "dkdv": {"tma_loads": True},
+                                                     "dq": {"tma_loads": True, "num_stages": 2}})
+    used = []
+    decide = local_triton._tma_loads_allowed
+    monkeypatch.setattr(local_triton, "_tma_loads_allowed", lambda *args: used.append(decide(*args)) or used[-1])
+    check(1, 2, D, (45, 70), 16, 77, shape, tile, torch.bfloat16, layout="blhd", seed=3, variant="split")
+    assert used and all(used), used
 
 
 @needs_cuda

@@ -136,8 +136,20 @@ def _tma_loads_config(kind: str, head_dim: int, tile_block: int, circle_dot: boo
     per-token pointer loads of 144-byte rows were the bottleneck: forward circle (8×16 tiles) 6.05
     -> 3.91 ms, on 8×8 tiles 6.24 -> 2.90, tile window 5.57 -> 2.93; split backward 16.26 -> 11.50,
     on 8×8 tiles 18.98 -> 9.22, tile window 14.60 -> 9.44. (Head dim 96 gains on 8×8 tiles only,
-    4.00 -> 2.53 ms, and loses 5% on 8×16 tiles with 2 stages: not changed.)"""
-    if head_dim not in (64, 72, 128) or kind not in ("fwd", "dkdv", "dq"):
+    4.00 -> 2.53 ms, and loses 5% on 8×16 tiles with 2 stages.)
+
+    Head dims 80 and 96 (padded to 128; 16th session, ``ab_local_hd80_96_16th.json``, 1×16×65536,
+    bit-identical results): on 64-token tiles TMA loads everywhere, 2 stages for the forward and dQ
+    (circle forward on 8×8 tiles 4.02 -> 2.54 ms, split backward 8.44 -> 8.01 at both); on 128-token
+    tiles only the forward's, with its 3 stages (tile window 2.39 -> 2.02 ms; 2 stages 2.48; the
+    backward's 9.01 -> 9.12 ms, slower)."""
+    if kind not in ("fwd", "dkdv", "dq"):
+        return {}
+    if head_dim in (80, 96):
+        if tile_block <= 64:
+            return {"tma_loads": True} if kind == "dkdv" else {"tma_loads": True, "num_stages": 2}
+        return {"tma_loads": True} if kind == "fwd" else {}
+    if head_dim not in (64, 72, 128):
         return {}
     if kind == "fwd" and head_dim == 64 and circle_dot:
         return {}
@@ -184,9 +196,11 @@ def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]
     (fused) -> 16.9 ms; Wan's circle (2, 8, 8) on 1×8×8 tiles forward 1.79 -> 1.50 ms, backward
     4.96 -> 4.61 ms; at head dim 64, sdxl-4k forward 0.499 -> 0.447 ms, backward 1.576 -> 1.49 ms;
     at head dim 72 (16th session, pixart-4k, both with ``_tma_loads_config``'s TMA loads) forward
-    3.91 -> 2.90 ms, backward 11.50 -> 9.22 ms. Compiled bf16/fp16 at head dims 64, 72 and 128
-    (where it was measured)."""
-    if _interpreted() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 72, 128):
+    3.91 -> 2.90 ms, backward 11.50 -> 9.22 ms; at head dim 96 (1×16×65536, against 8×16 tiles
+    with pointer loads, the default there before) forward 3.21 -> 2.53 ms, backward 10.80 -> 8.01
+    ms, and head dim 80 alike (its 8×8 and 8×16-tile figures match 96's within 1%: the same padded
+    kernel). Compiled bf16/fp16 at head dims 64 to 128 (where it was measured; not SD 1.5's 40)."""
+    if _interpreted() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 72, 80, 96, 128):
         return None
     return (8, 8) if ndim == 2 else (1, 8, 8)
 
