@@ -25,7 +25,7 @@ Variants (2D): ``circle-r16`` (exact disc of radius 16 tokens) and ``tile-8x16-r
 ±2 tile rows × ±1 tile column = 40 × 48 keys, 1,920 keys). 3D: ``circle-r2x8x8`` and
 ``tile-2x8x8-r1x1x1`` (±1 tile in every dimension, 3,456 keys). Circles on row-major tokens run on
 the kernel's own tile, as the API does without a tile (``local_configs.circle_tile``: 8×8 / 1×8×8
-at head dims 64 and 128; record key ``kernel_tile``); tile-ordered tokens (``triton_tiled``) and
+at head dims 64 to 128; record key ``kernel_tile``); tile-ordered tokens (``triton_tiled``) and
 FlexAttention use the variant's tile order (8×16 / 2×8×8).
 
 Effective TFLOP/s count useful work only: fwd 4·B·H·D·Σ_queries(visible keys), bwd 2.5×

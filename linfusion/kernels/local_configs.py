@@ -8,9 +8,10 @@ Override for experiments with ``set_config_override``.
 
 from __future__ import annotations
 
-import os
 
 import torch
+
+from .dispatch import triton_interpreter_enabled
 
 
 def _pow2(n: int) -> int:
@@ -18,11 +19,6 @@ def _pow2(n: int) -> int:
 
 
 _OVERRIDE: dict[str, dict] = {}
-
-
-def _interpreted() -> bool:
-    """Kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``): no GPU-measured choice applies."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def set_config_override(kind: str, config: dict | None) -> None:
@@ -64,7 +60,7 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             # Wan 5.30 -> 4.94; tile windows 1.5-3.6% too. (no tensor-core circle test: _circle_dot_config)
             cfg = {**cfg, "dq_tma": True}
         return {**cfg, **_OVERRIDE.get(kind, {})}
-    interp = _interpreted()
+    interp = triton_interpreter_enabled()
     tile_block = max(16, min(128, _pow2(tile_volume)))
     if interp:
         # the interpreter's cost is per operation, not per element: large blocks (the caller
@@ -135,25 +131,19 @@ def _tma_loads_config(kind: str, head_dim: int, tile_block: int, circle_dot: boo
     bit-identical results): TMA loads everywhere and 2 stages for the forward and dQ, whose
     per-token pointer loads of 144-byte rows were the bottleneck: forward circle (8×16 tiles) 6.05
     -> 3.91 ms, on 8×8 tiles 6.24 -> 2.90, tile window 5.57 -> 2.93; split backward 16.26 -> 11.50,
-    on 8×8 tiles 18.98 -> 9.22, tile window 14.60 -> 9.44. (Head dim 96 gains on 8×8 tiles only,
-    4.00 -> 2.53 ms, and loses 5% on 8×16 tiles with 2 stages.)
+    on 8×8 tiles 18.98 -> 9.22, tile window 14.60 -> 9.44.
 
     Head dims 80 and 96 (padded to 128; 16th session, ``ab_local_hd80_96_16th.json``, 1×16×65536,
     bit-identical results): on 64-token tiles TMA loads everywhere, 2 stages for the forward and dQ
     (circle forward on 8×8 tiles 4.02 -> 2.54 ms, split backward 8.44 -> 8.01 at both); on 128-token
     tiles only the forward's, with its 3 stages (tile window 2.39 -> 2.02 ms; 2 stages 2.48; the
     backward's 9.01 -> 9.12 ms, slower)."""
-    if kind not in ("fwd", "dkdv", "dq"):
+    if kind not in ("fwd", "dkdv", "dq") or head_dim not in (64, 72, 80, 96, 128):
         return {}
-    if head_dim in (80, 96):
-        if tile_block <= 64:
-            return {"tma_loads": True} if kind == "dkdv" else {"tma_loads": True, "num_stages": 2}
-        return {"tma_loads": True} if kind == "fwd" else {}
-    if head_dim not in (64, 72, 128):
+    small_tiles = tile_block <= 64
+    if (kind == "fwd" and head_dim == 64 and circle_dot) or (head_dim in (80, 96) and not small_tiles and kind != "fwd"):
         return {}
-    if kind == "fwd" and head_dim == 64 and circle_dot:
-        return {}
-    if kind != "dkdv" and (head_dim == 72 or (head_dim == 128 and tile_block <= 64)):
+    if kind != "dkdv" and (head_dim == 72 or (head_dim != 64 and small_tiles)):
         return {"tma_loads": True, "num_stages": 2}
     return {"tma_loads": True}
 
@@ -181,7 +171,7 @@ def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
 def _swept_fused(dtype: torch.dtype, head_dim: int, tile_volume: int) -> bool:
     """The fused backward was measured on the H200 here: compiled (not interpreted) bf16/fp16, head
     dims 128 (flux-4k, Wan) and 64 (sdxl-4k), whole 128-token tiles."""
-    return not _interpreted() and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and tile_volume >= 128
+    return not triton_interpreter_enabled() and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and tile_volume >= 128
 
 
 def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...] | None:
@@ -200,7 +190,7 @@ def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]
     with pointer loads, the default there before) forward 3.21 -> 2.53 ms, backward 10.80 -> 8.01
     ms, and head dim 80 alike (its 8×8 and 8×16-tile figures match 96's within 1%: the same padded
     kernel). Compiled bf16/fp16 at head dims 64 to 128 (where it was measured; not SD 1.5's 40)."""
-    if _interpreted() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 72, 80, 96, 128):
+    if triton_interpreter_enabled() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 72, 80, 96, 128):
         return None
     return (8, 8) if ndim == 2 else (1, 8, 8)
 

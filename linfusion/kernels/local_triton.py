@@ -43,12 +43,12 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .dispatch import triton_interpreter_enabled
 from .local_configs import circle_tile, default_backward, local_config
 from .local_layout import (
     MASK_TABLE,
@@ -658,7 +658,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.device.type != "cuda":
-        if not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        if not (q.device.type == "cpu" and triton_interpreter_enabled()):
             raise RuntimeError(
                 f"local_attention_triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
                 f"got {q.device}. Use backend='torch'."
@@ -775,7 +775,7 @@ def _tma_loads_allowed(cfg: dict, tensors, layout: LocalLayout, block: int, tile
         return False
     first = tensors[0]
     if first.device.type == "cpu":  # the interpreter runs descriptor loads as masked gathers
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+        return triton_interpreter_enabled()
     aligned = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3])
                   for t in tensors)
     return (aligned and first.dtype in (torch.float16, torch.bfloat16)
