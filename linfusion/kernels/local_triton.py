@@ -325,14 +325,30 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  LAZY_TAU: tl.constexpr = 0.0):
     """Online-softmax update with raw scores ``qk`` (masked entries -inf); the running max ``m_i``
-    is kept unscaled so that scale and shift are one FMA per score."""
+    is kept unscaled so that scale and shift are one FMA per score.
+
+    LAZY_TAU > 0: conditional rescaling (FlashAttention-4's). The block keeps its stale maxima, and
+    skips the BM×D multiply of ``acc`` that a new maximum costs, until some row's maximum has grown
+    by more than LAZY_TAU (base-2 units of the scaled scores). Every p is then ≤ 2^LAZY_TAU, and
+    ``acc`` and ``l_i`` share the same reference, so ``acc / l_i`` and the LSE are unchanged."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2((m_i - m_new) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - (m_new * qk_scale)[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    if LAZY_TAU > 0.0:
+        if tl.max((m_new - m_i) * qk_scale, 0) > LAZY_TAU:
+            alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.math.exp2(qk * qk_scale - (m_i * qk_scale)[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        m_new = m_i
+    else:
+        alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - (m_new * qk_scale)[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
     acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
@@ -379,6 +395,7 @@ def _fwd_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
+    LAZY_TAU: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
@@ -414,7 +431,7 @@ def _fwd_kernel(
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         if start + BN > dense_end:
             s = tl.where(kvalid[None, :], s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST, LAZY_TAU)
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
@@ -426,7 +443,7 @@ def _fwd_kernel(
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         s = _mask_chunk(s, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST, LAZY_TAU)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qpos[:, None] * son + offs_d[None, :],
@@ -461,6 +478,20 @@ def _dq_share(dsT, k, sm_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     return _dot(tl.trans(dsT).to(k.dtype), k, None, DOT_PREC, UPCAST) * sm_scale
 
 
+@triton.jit
+def _dv_and_dpT(pT, v, do, dv, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DPT_FIRST: tl.constexpr):
+    """dV += Pᵀ dO and dPᵀ = V dOᵀ of one block pair. Triton waits for a dot that is not a loop
+    accumulator (dPᵀ) right after issuing it, and that wait covers every dot issued before: with
+    DPT_FIRST the dV dot is issued after dPᵀ's wait and runs while dSᵀ is computed."""
+    if DPT_FIRST:
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+    else:
+        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+    return dv, dpT
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB, Q_ROWS, DO_ROWS, Q_GRID, DO_GRID,
@@ -472,7 +503,7 @@ def _dkdv_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
-    FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr,
+    FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_FIRST: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -520,8 +551,7 @@ def _dkdv_kernel(
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
-        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+        dv, dpT = _dv_and_dpT(pT, v, do, dv, DOT_PREC, UPCAST, DPT_FIRST)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
         if FUSE_DQ:
@@ -546,8 +576,7 @@ def _dkdv_kernel(
         # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
         pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
                          rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
-        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
-        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+        dv, dpT = _dv_and_dpT(pT, v, do, dv, DOT_PREC, UPCAST, DPT_FIRST)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
         if FUSE_DQ:
@@ -753,7 +782,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
-        **_launch_options(cfg),
+        LAZY_TAU=float(cfg.get("lazy_rescale", 0.0)), **_launch_options(cfg),
     )
     return o, lse
 
@@ -888,7 +917,8 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
-        FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, **_mask_flags(cfg, layout), **common,
+        FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_FIRST=bool(cfg.get("dpt_first", False)),
+        **_mask_flags(cfg, layout), **common,
     )
     if fused:
         dq.copy_(dq_acc.view(B, H, L, d_pad)[..., :D])
