@@ -291,40 +291,10 @@ def test_circle_mask_dot_matches_reference(case, blocks, monkeypatch):
         check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=11, variant=variant)
 
 
-LAZY_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d-circle-fp16", "2d-circle-bf16",
-                                            "2d-circle-inf-row")]
+DPT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d-circle-fp16")]
 
 
-@pytest.mark.parametrize("tau", [0.25, 8.0])
-@pytest.mark.parametrize("case", LAZY_CASES, ids=[c[0] for c in LAZY_CASES])
-def test_lazy_rescale_matches_reference(case, tau, monkeypatch):
-    """The forward's conditional rescaling (config key ``lazy_rescale``: the stale row maxima stay
-    until one grows by more than tau, base 2) against the float64 reference, output and LSE, on
-    keys whose scale grows along the sequence, so that later chunks raise the maxima by more than
-    tau (many times at 0.25, a few at 8) and 16-token chunks give every row many steps."""
-    from linfusion.kernels import local_configs
-
-    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
-    monkeypatch.setattr(local_configs, "_OVERRIDE", {"fwd": {"BM": 16, "BN": 16, "lazy_rescale": tau}})
-    layout = get_layout(grid, window, shape, tile, DEVICE)
-    q0 = torch.zeros(B, H, 1, D, dtype=dtype)
-    assert local_triton._blocks("fwd", q0, max(16, local_triton._pow2(D)), layout)[2]["lazy_rescale"] == tau
-    gen = torch.Generator(device=DEVICE).manual_seed(23)
-    L = text_len + math.prod(grid)
-    growth = torch.linspace(0.5, 6.0, L, device=DEVICE)[:, None]  # |scores| up to ~6x larger at the end
-    q, v = (torch.randn(B, H, L, D, generator=gen, device=DEVICE).to(dtype) for _ in range(2))
-    k = (torch.randn(B, H, L, D, generator=gen, device=DEVICE) * growth).to(dtype)
-    out, lse = local_triton._forward(q, k, v, layout, text_len, tile_order=False)
-    q64, k64, v64 = (t.double() for t in (q, k, v))
-    ref = local_attention_reference(q64, k64, v64, grid, window, text_len, shape, tile)
-    assert rel_err(out, ref) < TOL[dtype]
-    scores = (q64 @ k64.transpose(-1, -2)) / math.sqrt(D)
-    visible = local_attention_mask(grid, window, text_len, shape, tile, device=DEVICE)
-    ref_lse2 = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1) / math.log(2)
-    assert float((lse.double() - ref_lse2).abs().max()) < (1e-4 if dtype == torch.float32 else 2e-2)
-
-
-@pytest.mark.parametrize("case", LAZY_CASES[:3], ids=[c[0] for c in LAZY_CASES[:3]])
+@pytest.mark.parametrize("case", DPT_CASES, ids=[c[0] for c in DPT_CASES])
 def test_dpt_first_backward_matches_reference(case, monkeypatch):
     """The dK/dV kernels with dPᵀ issued before the dV dot (config key ``dpt_first``), split and fused
     backward, 16-token blocks, against the float64 reference."""
@@ -502,8 +472,6 @@ for kern in kernels:
               TILE_ORDER=False, DOT_PREC="tf32", UPCAST=False, MASK_DOT=mask_dot)
     if "WIN_STAGES" in kern.arg_names:
         cx["WIN_STAGES"] = lt._window_stages(type("L", (), {"mask_mode": mode})())
-    if "LAZY_TAU" in kern.arg_names:
-        cx["LAZY_TAU"] = 8.0 if tma_loads else 0.0  # the forward's conditional rescaling compiles too
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
         cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_FIRST=tma_loads)
         if not dq_tma:

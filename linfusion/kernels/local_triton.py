@@ -325,30 +325,14 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  LAZY_TAU: tl.constexpr = 0.0):
+def _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Online-softmax update with raw scores ``qk`` (masked entries -inf); the running max ``m_i``
-    is kept unscaled so that scale and shift are one FMA per score.
-
-    LAZY_TAU > 0: conditional rescaling (FlashAttention-4's). The block keeps its stale maxima, and
-    skips the BM×D multiply of ``acc`` that a new maximum costs, until some row's maximum has grown
-    by more than LAZY_TAU (base-2 units of the scaled scores). Every p is then ≤ 2^LAZY_TAU, and
-    ``acc`` and ``l_i`` share the same reference, so ``acc / l_i`` and the LSE are unchanged."""
+    is kept unscaled so that scale and shift are one FMA per score."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if LAZY_TAU > 0.0:
-        if tl.max((m_new - m_i) * qk_scale, 0) > LAZY_TAU:
-            alpha = tl.math.exp2((m_i - m_new) * qk_scale)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.math.exp2(qk * qk_scale - (m_i * qk_scale)[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        m_new = m_i
-    else:
-        alpha = tl.math.exp2((m_i - m_new) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - (m_new * qk_scale)[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+    alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - (m_new * qk_scale)[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
     return acc, m_new, l_i
 
@@ -395,7 +379,6 @@ def _fwd_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
-    LAZY_TAU: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
@@ -431,7 +414,7 @@ def _fwd_kernel(
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         if start + BN > dense_end:
             s = tl.where(kvalid[None, :], s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST, LAZY_TAU)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
@@ -443,7 +426,7 @@ def _fwd_kernel(
         s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         s = _mask_chunk(s, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST, LAZY_TAU)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qpos[:, None] * son + offs_d[None, :],
@@ -782,7 +765,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
-        LAZY_TAU=float(cfg.get("lazy_rescale", 0.0)), **_launch_options(cfg),
+        **_launch_options(cfg),
     )
     return o, lse
 
