@@ -186,10 +186,12 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
     # 72 (PixArt): the pixart-4k sweep's dK/dV blocks, on whole 128-token tiles only
     assert local_config("dkdv", bf16, 128, 128, head_dim=72) == {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 2}
     assert local_config("dkdv", bf16, 128, 64, head_dim=72) == {"BM": 32, "BN": 64, "num_warps": 4, "num_stages": 3}
-    for head_dim in (72, 80, 96):
+    for head_dim in (80, 96):
         assert local_config("dq", bf16, 128, 128, head_dim=head_dim)["num_stages"] == 2
+    assert local_config("dq", bf16, 128, 128, head_dim=72)["num_stages"] == 3  # with TMA loads (17th session)
     # head dims padded to 64: the sdxl-4k sweep's configs, every kind (one warpgroup)
-    assert local_config("dkdv", bf16, 64, 128, head_dim=64) == {"BM": 32, "BN": 128, "num_warps": 4, "num_stages": 2}
+    assert local_config("dkdv", bf16, 64, 128, head_dim=64, circle_dot=True) == {
+        "BM": 32, "BN": 128, "num_warps": 4, "num_stages": 2}
     assert local_config("dq", bf16, 64, 128, head_dim=40) == {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}
     assert local_config("fwd", bf16, 64, 128) == {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3}
     assert local_config("fwd", bf16, 128, 128) == {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3}
@@ -344,10 +346,27 @@ def test_circle_dot_configs_where_measured(monkeypatch):
     assert "mask_dot" not in local_config("fwd", bf16, 128, 128, circle_dot=True)
 
 
+def test_dpt_first_only_where_measured(monkeypatch):
+    """dPᵀ before the dV dot: the dK/dV kernel of tile windows at head dim 64 (SDXL), where the H200
+    measured it faster; not circles, other head dims, the interpreter."""
+    from linfusion.kernels import local_configs
+    from linfusion.kernels.local_configs import local_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {})
+    bf16 = torch.bfloat16
+    assert local_config("dkdv", bf16, 64, 128, head_dim=64)["dpt_first"]
+    for kind, d_pad, head_dim, circle_dot in (("dkdv", 64, 64, True), ("dkdv", 64, 40, False),
+                                              ("dkdv", 128, 128, False), ("dq", 64, 64, False)):
+        assert not local_config(kind, bf16, d_pad, 128, head_dim=head_dim, circle_dot=circle_dot).get("dpt_first")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not local_config("dkdv", bf16, 64, 128, head_dim=64).get("dpt_first")
+
+
 def test_tma_loads_configs_where_measured(monkeypatch):
     """TMA loads are the default where the H200 measured them faster (15th and 16th sessions): the
     forward and the split backward's kernels at head dims 64, 72 and 128, with 2 stages on 64-token
-    tiles at 128 and everywhere at 72 (dK/dV keeps its blocks); at 80 and 96 every kind on 64-token
+    tiles at 72 and 128 and 3 on 128-token ones at 72 (dK/dV keeps its blocks); at 80 and 96 every kind on 64-token
     tiles, only the forward on 128-token ones; not the fused backward's dK/dV kernel, circles'
     forward at 64, head dim 40, fp32 or the interpreter."""
     from linfusion.kernels import local_configs
@@ -364,10 +383,10 @@ def test_tma_loads_configs_where_measured(monkeypatch):
     assert local_config("fwd", bf16, 128, 64, circle_dot=True) == {
         "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "tma_loads": True, "mask_dot": True}
     assert not local_config("fwd", bf16, 64, 128, circle_dot=True).get("tma_loads")  # sdxl-4k circle: slower
-    for kind in ("fwd", "dkdv", "dq"):  # PixArt's 72: every kind, 2 stages for the forward and dQ
-        for tile_volume in (64, 128):
+    for kind in ("fwd", "dkdv", "dq"):  # PixArt's 72: every kind; forward and dQ on 2 stages / 3 stages
+        for tile_volume, stages in ((64, 2), (128, 3)):
             cfg = local_config(kind, bf16, 128, tile_volume, head_dim=72)
-            assert cfg["tma_loads"] and (kind == "dkdv" or cfg["num_stages"] == 2), (kind, tile_volume, cfg)
+            assert cfg["tma_loads"] and (kind == "dkdv" or cfg["num_stages"] == stages), (kind, tile_volume, cfg)
     for head_dim in (80, 96):  # 64-token tiles: every kind; 128-token tiles: the forward only
         for kind in ("fwd", "dkdv", "dq"):
             assert local_config(kind, bf16, 128, 64, head_dim=head_dim)["tma_loads"], (kind, head_dim)

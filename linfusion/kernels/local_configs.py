@@ -81,6 +81,11 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             # H200 sweep at sdxl-4k (2×10×16384×64): one warpgroup on 128 keys × 32-query chunks, backward
             # 1.20x over 8 warps on 128 keys × 64 queries (both windows), gradients bit-identical
             cfg = {"BM": 32, "BN": tile_block, "num_warps": 4, "num_stages": 2}
+            if head_dim == 64 and not circle_dot:
+                # 17th session, two calls (ab_local_lazy_17th.json, ab_local_dpt_17th.json): the tile
+                # window's backward 1.358 -> 1.315 and 1.344 -> 1.304 ms with dPᵀ before the dV dot;
+                # the circle's 1.498 -> 1.510 (not taken)
+                cfg["dpt_first"] = True
         elif head_dim == 128:
             # H200 sweep (benchmarks/results/kernels_local_sweep.json, flux-4k, D=128, 8×16 tiles): one
             # warpgroup on 64 keys × 64-query chunks; backward 17.9 ms against 21.0 ms with the earlier
@@ -128,10 +133,12 @@ def _tma_loads_config(kind: str, head_dim: int, tile_block: int, circle_dot: boo
     Not the fused backward's dK/dV kernel (flux-4k circle 18.91 -> 20.32 ms: it spills already).
 
     Head dim 72 (PixArt-Σ, padded to 128; 16th session, ``ab_local_hd_16th.json``, pixart-4k,
-    bit-identical results): TMA loads everywhere and 2 stages for the forward and dQ, whose
-    per-token pointer loads of 144-byte rows were the bottleneck: forward circle (8×16 tiles) 6.05
-    -> 3.91 ms, on 8×8 tiles 6.24 -> 2.90, tile window 5.57 -> 2.93; split backward 16.26 -> 11.50,
-    on 8×8 tiles 18.98 -> 9.22, tile window 14.60 -> 9.44.
+    bit-identical results): TMA loads everywhere, whose per-token pointer loads of 144-byte rows
+    were the bottleneck: forward circle (8×16 tiles) 6.05 -> 3.91 ms, on 8×8 tiles 6.24 -> 2.90,
+    tile window 5.57 -> 2.93; split backward 16.26 -> 11.50, on 8×8 tiles 18.98 -> 9.22, tile
+    window 14.60 -> 9.44 (all with 2 stages for the forward and dQ). On 128-token tiles 3 stages
+    for both (17th session, ``ab_local_pixart_17th.json``): tile window forward 2.93 -> 2.15 ms,
+    backward 9.50 -> 8.87; on 8×8 tiles 2 stages stay (3: forward 2.90 -> 3.72, backward 9.21 -> 10.13).
 
     Head dims 80 and 96 (padded to 128; 16th session, ``ab_local_hd80_96_16th.json``, 1×16×65536,
     bit-identical results): on 64-token tiles TMA loads everywhere, 2 stages for the forward and dQ
@@ -143,8 +150,10 @@ def _tma_loads_config(kind: str, head_dim: int, tile_block: int, circle_dot: boo
     small_tiles = tile_block <= 64
     if (kind == "fwd" and head_dim == 64 and circle_dot) or (head_dim in (80, 96) and not small_tiles and kind != "fwd"):
         return {}
-    if kind != "dkdv" and (head_dim == 72 or (head_dim != 64 and small_tiles)):
+    if kind != "dkdv" and head_dim != 64 and small_tiles:
         return {"tma_loads": True, "num_stages": 2}
+    if kind == "dq" and head_dim == 72:  # on 128-token tiles (the forward keeps its 3 stages)
+        return {"tma_loads": True, "num_stages": 3}
     return {"tma_loads": True}
 
 
