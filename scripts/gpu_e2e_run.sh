@@ -11,6 +11,8 @@
 #                FLUX 1K / 2K tile-ordered FlexAttention.
 # PHASE=flex:    only the FlexAttention (tile-ordered) rows for SD3.5-m / PixArt-Σ / SDXL (E2E_DEADLINE caps it).
 # PHASE=circles: FLUX 4K / 8K circle rows with the current circle kernel, beside dense and FlexAttention.
+# PHASE=pixart:  PixArt-Σ 2K / 4K / 8K circle and tile rows with the current kernels, beside dense (not at 8K:
+#                59 s a step) and FlexAttention.
 # PHASE=highres: the 16384² SDXL-size run with its per-pass timer (benchmarks/highres16k.py), with the
 #                latent upscale (no VAE pass between stages) and then the pixel-space one.
 # Earlier phases (circle diagnosis, FLUX overhead work, auto rows, first 16K run) are in git history.
@@ -88,6 +90,15 @@ circles)
   say "FLUX 8K: circle beside FlexAttention on tile-ordered tokens"
   e2e 5 --models flux --resolutions 8192 --impls local_circle local_flex_tiled
   ;;
+pixart)
+  # the 17th session: PixArt-Σ's rows again with its head dim 72 on TMA loads (16th and 17th sessions, about
+  # 2x the kernel of the committed rows), beside the same call's dense and FlexAttention rows
+  cp benchmarks/results/e2e.json "$OUT/e2e.json" 2>/dev/null
+  say "PixArt-Σ 2K / 4K: dense, circle, tile window, FlexAttention on tile-ordered tokens"
+  e2e 150 --models pixart --resolutions 2048 4096 --impls cudnn local_circle local_tile local_flex_tiled
+  say "PixArt-Σ 8K: circle, tile window, FlexAttention on tile-ordered tokens"
+  e2e 5 --models pixart --resolutions 8192 --impls local_circle local_tile local_flex_tiled
+  ;;
 highres)
   # the latent upscale first (no VAE encode/decode between stages: where the pixel run's time is
   # expected to go), then the pixel-space run with its per-pass timer, each under the call's deadline
@@ -99,6 +110,6 @@ highres)
     --refine-steps 10 --strength 0.4 2>&1 | grep -v -i "warn" | tail -20 | tee -a "$LOG"
   ;;
 *)
-  say "unknown PHASE=$PHASE (tests, matrix, gaps, flex, circles or highres)"; exit 2 ;;
+  say "unknown PHASE=$PHASE (tests, matrix, gaps, flex, circles, pixart or highres)"; exit 2 ;;
 esac
 say "done; \$OUT: $(ls "$OUT" | tr '\n' ' ')"
