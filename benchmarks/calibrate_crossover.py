@@ -157,6 +157,7 @@ def measure_cpu(base: dict, log=print) -> dict:
     prof["linear_launch_us"] = round(c_l * 1e6, 1)
     prof["local_tile_tflops"] = prof["local_circle_tflops"] = round(statistics.median(local_rates), 4)
     prof["local_visits_all_keys"] = True
+    prof["local_pads_head_dim"] = False  # the PyTorch reference computes at the head dim itself
     prof["head_dim_scale"] = {}
     prof["sms"] = 0
     prof["source"] = (f"measured on this CPU ({os.cpu_count()} cores, OMP_NUM_THREADS="

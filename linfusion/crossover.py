@@ -87,6 +87,9 @@ class DeviceProfile:
     #: the crossover at small sizes. Fitted to end-to-end rows by benchmarks/crossover_vs_e2e.py.
     layer_overhead_us: dict[str, float] = dataclasses.field(default_factory=dict)
     margin: float = 1.0
+    #: the local kernels (Triton) compute at the head dim padded to a power of two, so a head dim
+    #: between two powers costs what the padded one costs (see :meth:`local_compute_scale`)
+    local_pads_head_dim: bool = False
     source: str = ""
 
     def compute_scale(self, head_dim: int, dtype: torch.dtype) -> float:
@@ -97,6 +100,18 @@ class DeviceProfile:
             below = [d for d in dims if d <= head_dim] or dims[:1]
             scale = self.head_dim_scale[str(below[-1])]
         return scale * self.dtype_scale.get(str(dtype).removeprefix("torch."), 1.0)
+
+    def local_compute_scale(self, head_dim: int, dtype: torch.dtype) -> float:
+        """:meth:`compute_scale` of the local kernels. With ``local_pads_head_dim`` the useful
+        throughput is the padded dim's times ``head_dim / padded``. On the H200 (16th and 17th
+        sessions, 4K grids, forward) head dims 72, 80 and 96 reached about 0.54, 0.64 and 0.76 of
+        head dim 128's useful rate with the tile window (circles 0.48, 0.60, 0.73), against 0.56,
+        0.63 and 0.75 from this rule; the nearest listed dim below (64: 0.75) had made PixArt-Σ's
+        72 look 1.4x cheaper than it is."""
+        if not self.local_pads_head_dim:
+            return self.compute_scale(head_dim, dtype)
+        padded = max(16, 1 << (int(head_dim) - 1).bit_length())
+        return self.compute_scale(padded, dtype) * head_dim / padded
 
 
 @functools.lru_cache(maxsize=4)
@@ -236,7 +251,7 @@ def estimate_attention_ms(
     nbytes = e * b * h * total * d * 4
     rate = p.local_tile_tflops if shape == "tile" else p.local_circle_tflops
     ctas = b * h * math.ceil(total / p.block_m)
-    return ms + _kernel_ms(p, flops, nbytes, rate * p.compute_scale(d, dtype), p.local_launch_us, ctas)
+    return ms + _kernel_ms(p, flops, nbytes, rate * p.local_compute_scale(d, dtype), p.local_launch_us, ctas)
 
 
 # --------------------------------------------------------------------------------------------

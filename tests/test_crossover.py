@@ -127,6 +127,25 @@ def test_shipped_profile_agrees_with_measured_e2e_rows():
     assert [r for r in check.compare(rows, bare) if r["auto_risk"]]
 
 
+def test_local_kernels_cost_their_padded_head_dim():
+    """On GPU profiles the local kernels compute at the head dim padded to a power of two: PixArt-Σ's
+    72 costs what 128 costs (the H200 measured about 0.54 of 128's useful rate, 16th/17th sessions),
+    not 64's scale; 40 keeps the listed 0.47 (= 0.75 · 40 / 64). The CPU reference does not pad."""
+    from linfusion.crossover import load_profiles
+
+    kw = dict(batch=1, heads=16, tokens=65536, keys_per_query=1920, profile="cuda-sm90")
+    at_128 = estimate_attention_ms("local", head_dim=128, **kw)
+    for head_dim in (72, 80, 96):
+        assert estimate_attention_ms("local", head_dim=head_dim, **kw) == pytest.approx(at_128, rel=1e-3), head_dim
+    sm90 = load_profiles()["cuda-sm90"]
+    assert sm90.local_compute_scale(40, torch.bfloat16) == pytest.approx(0.47, abs=0.005)
+    assert sm90.local_compute_scale(72, torch.bfloat16) == pytest.approx(72 / 128)
+    assert sm90.compute_scale(72, torch.bfloat16) == 0.75  # dense (cuDNN) keeps the listed scale
+    cpu = load_profiles()["cpu"]
+    assert not cpu.local_pads_head_dim
+    assert cpu.local_compute_scale(72, torch.float32) == cpu.compute_scale(72, torch.float32)
+
+
 def test_sdxl_shapes():
     side = 4096 // 32
     big = dict(SDXL, tokens=side * side, grid=(side, side))
