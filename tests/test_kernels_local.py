@@ -293,6 +293,27 @@ def test_circle_mask_dot_matches_reference(case, blocks, monkeypatch):
         check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=11, variant=variant)
 
 
+# text longer than one and two query blocks (tile blocks are 32 or 64 rows here, small blocks 16), partial pairs
+PAIR_CASES = [
+    ("2d-circle-text45", 2, 1, 64, (6, 10), 4, 45, "circle", (4, 8), torch.float16),
+    ("2d-tile-text77", 1, 2, 64, (7, 9), (3, 5), 77, "tile", (4, 8), torch.bfloat16),
+    ("3d-circle-text40", 1, 1, 64, (3, 5, 6), (1.5, 3, 3), 40, "circle", (2, 4, 4), torch.float32),
+    ("2d-circle-text3", 1, 1, 64, (9, 13), 5, 3, "circle", (4, 8), torch.float32),
+]
+
+
+@pytest.mark.parametrize("blocks", [{}, {"BM": 16, "BN": 16}], ids=["tile-blocks", "16-blocks"])
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_text_pair_forward_matches_reference(case, blocks, monkeypatch):
+    """The forward with text programs of two query blocks sharing each K/V chunk (config key
+    ``text_pair``), against the float64 reference; text lengths from 3 to 45, partial pairs."""
+    from linfusion.kernels import local_configs
+
+    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {"fwd": {**blocks, "text_pair": True}})
+    check(B, H, D, grid, window, text_len, shape, tile, dtype, backward=False, seed=7)
+
+
 DPT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d-circle-fp16")]
 
 
@@ -491,6 +512,8 @@ for kern in kernels:
               TILE_ORDER=False, DOT_PREC="tf32", UPCAST=False, MASK_DOT=mask_dot)
     if "WIN_STAGES" in kern.arg_names:
         cx["WIN_STAGES"] = lt._window_stages(type("L", (), {"mask_mode": mode})())
+    if "TEXT_PAIR" in kern.arg_names:
+        cx["TEXT_PAIR"] = tma_loads  # the forward's paired text programs compile too
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
         cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_FIRST=tma_loads)
         if not dq_tma:

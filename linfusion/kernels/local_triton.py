@@ -368,6 +368,51 @@ def _own_block(pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TE
 # ----------------------------------------------------------------------------- forward
 
 
+@triton.jit
+def _store_rows(O, LSE, o_base, bh, L, pos, valid, son, offs_d, dmask, acc, m_i, l_i, qk_scale):
+    """Normalise and store one query block's output rows and their LSE (base 2 of the scaled scores)."""
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(o_base + pos[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=valid[:, None] & dmask[None, :])
+    tl.store(LSE + bh.to(tl.int64) * L + pos, m_i * qk_scale + tl.math.log2(l_safe), mask=valid)
+
+
+@triton.jit
+def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, sqn, skn, svn, son,
+                     b, h, bh, start, L, TEXT, qk_scale, offs_d, dmask,
+                     BM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                     UPCAST: tl.constexpr, TMA_LOADS: tl.constexpr):
+    """Text rows start.. start + 2·BM (every key), as two BM-row halves that share each loaded
+    K/V chunk: half the key traffic of two BM-row programs."""
+    pos1 = start + tl.arange(0, BM)
+    pos2 = pos1 + BM
+    valid1 = pos1 < TEXT
+    valid2 = pos2 < TEXT
+    q1 = tl.load(q_base + pos1[:, None] * sqn + offs_d[None, :], mask=valid1[:, None] & dmask[None, :], other=0.0)
+    q2 = tl.load(q_base + pos2[:, None] * sqn + offs_d[None, :], mask=valid2[:, None] & dmask[None, :], other=0.0)
+    m1 = tl.full([BM], -1.0e30, tl.float32)
+    m2 = tl.full([BM], -1.0e30, tl.float32)
+    l1 = tl.zeros([BM], tl.float32)
+    l2 = tl.zeros([BM], tl.float32)
+    acc1 = tl.zeros([BM, D_PAD], tl.float32)
+    acc2 = tl.zeros([BM, D_PAD], tl.float32)
+    for kstart in range(0, L, BN):
+        kpos = kstart + tl.arange(0, BN)
+        kvalid = kpos < L
+        k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, kstart, kpos, kvalid, offs_d, dmask,
+                          BN, D_PAD, TMA_LOADS)
+        s1 = _dot(q1, tl.trans(k), None, DOT_PREC, UPCAST)
+        s2 = _dot(q2, tl.trans(k), None, DOT_PREC, UPCAST)
+        if kstart + BN > L:
+            s1 = tl.where(kvalid[None, :], s1, float("-inf"))
+            s2 = tl.where(kvalid[None, :], s2, float("-inf"))
+        acc1, m1, l1 = _softmax_step(acc1, m1, l1, s1, v, qk_scale, DOT_PREC, UPCAST)
+        acc2, m2, l2 = _softmax_step(acc2, m2, l2, s2, v, qk_scale, DOT_PREC, UPCAST)
+    _store_rows(O, LSE, o_base, bh, L, pos1, valid1, son, offs_d, dmask, acc1, m1, l1, qk_scale)
+    _store_rows(O, LSE, o_base, bh, L, pos2, valid2, son, offs_d, dmask, acc2, m2, l2, qk_scale)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(
     Q, K, V, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
@@ -379,6 +424,7 @@ def _fwd_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
+    TEXT_PAIR: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
@@ -386,7 +432,9 @@ def _fwd_kernel(
     ``_load_chunk``) through the descriptors K_ROWS / V_ROWS and K_GRID / V_GRID
     (``_load_descriptors``) instead of per-token address arithmetic. Rows past a partial tile's
     edge load other tokens or zeros; the chunk's validity mask removes them as it does on the
-    pointer path."""
+    pointer path.
+
+    TEXT_PAIR: a text program owns 2·BM rows (``_text_pair_block``; NTB counts such pairs)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -396,6 +444,13 @@ def _fwd_kernel(
     h = bh - b * H
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    if TEXT_PAIR:
+        if is_text:
+            _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, k_base, v_base,
+                             o_base, sqn, skn, svn, son, b, h, bh, (pid - bh * NTB) * (2 * BM), L, TEXT, qk_scale,
+                             offs_d, dmask, BM, BN, D_PAD, DOT_PREC, UPCAST, TMA_LOADS)
+            return
     qmask = qvalid[:, None] & dmask[None, :]
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qpos[:, None] * sqn + offs_d[None, :],
                 mask=qmask, other=0.0)
@@ -427,11 +482,7 @@ def _fwd_kernel(
         s = _mask_chunk(s, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qpos[:, None] * son + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=qmask)
-    tl.store(LSE + bh.to(tl.int64) * L + qpos, m_i * qk_scale + tl.math.log2(l_safe), mask=qvalid)
+    _store_rows(O, LSE, o_base, bh, L, qpos, qvalid, son, offs_d, dmask, acc, m_i, l_i, qk_scale)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -749,7 +800,8 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     o = _new((B, L, H, D), q.dtype, q.device).transpose(1, 2)
     lse = _new((B, H, L), torch.float32, q.device)
     sub = -(-layout.tile_volume // BM)
-    ntb = -(-text_len // BM)
+    text_pair = bool(cfg.get("text_pair", False))
+    ntb = -(-text_len // (2 * BM if text_pair else BM))
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles * sub
@@ -765,7 +817,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
-        **_launch_options(cfg),
+        TEXT_PAIR=text_pair, **_launch_options(cfg),
     )
     return o, lse
 
