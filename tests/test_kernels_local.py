@@ -173,8 +173,8 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
     64; 80 and 96 keep the earlier blocks."""
     from linfusion.kernels.local_configs import local_config as with_tma
 
-    def local_config(*args, **kwargs):  # the blocks only (TMA loads: test_tma_loads_configs_where_measured)
-        return {k: v for k, v in with_tma(*args, **kwargs).items() if k != "tma_loads"}
+    def local_config(*args, **kwargs):  # the blocks only (TMA loads, text pairs: test_tma_loads_configs_where_measured)
+        return {k: v for k, v in with_tma(*args, **kwargs).items() if k not in ("tma_loads", "text_pair")}
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     bf16 = torch.bfloat16
@@ -402,7 +402,10 @@ def test_tma_loads_configs_where_measured(monkeypatch):
     small = {kind: local_config(kind, bf16, 128, 64, head_dim=128) for kind in ("fwd", "dkdv", "dq")}
     assert small["fwd"]["num_stages"] == small["dq"]["num_stages"] == 2 and small["dkdv"]["num_stages"] == 2
     assert local_config("fwd", bf16, 128, 64, circle_dot=True) == {
-        "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "tma_loads": True, "mask_dot": True}
+        "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "tma_loads": True, "mask_dot": True, "text_pair": True}
+    for args in (("fwd", bf16, 128, 128), ("dq", bf16, 128, 64), ("fwd", torch.float32, 128, 64)):
+        assert not local_config(*args, head_dim=128).get("text_pair"), args  # paired text rows: 64-row forwards only
+    assert not local_config("fwd", bf16, 128, 64, head_dim=96).get("text_pair")
     assert not local_config("fwd", bf16, 64, 128, circle_dot=True).get("tma_loads")  # sdxl-4k circle: slower
     for kind in ("fwd", "dkdv", "dq"):  # PixArt's 72: every kind; forward and dQ on 2 stages / 3 stages
         for tile_volume, stages in ((64, 2), (128, 3)):

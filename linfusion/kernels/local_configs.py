@@ -108,6 +108,12 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
         cfg["num_warps"] = 4
     if not interp and dtype != torch.float32:
         cfg.update(_tma_loads_config(kind, head_dim, tile_block, circle_dot))
+        if kind == "fwd" and head_dim == 128 and tile_block <= 64:
+            # text programs of two 64-row blocks sharing each K/V chunk (half their key traffic from
+            # L2). 17th session, interleaved (benchmarks/results/ab_local_textpair_17th.json), FLUX
+            # circles on 8×8 tiles: flux-2k 1.385 -> 1.355 ms, 4k 5.67 -> 5.53, 8k 24.42 -> 23.56.
+            # (128-row blocks: the two halves' buffers exceed shared memory.)
+            cfg["text_pair"] = True
     if circle_dot and not interp:
         cfg.update(_circle_dot_config(kind, dtype, d_pad))
     cfg.update(_OVERRIDE.get(kind, {}))
