@@ -306,7 +306,7 @@ PAIR_CASES = [
 @pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
 def test_text_pair_forward_matches_reference(case, blocks, monkeypatch):
     """The forward with text programs of two query blocks sharing each K/V chunk (config key
-    ``text_pair``), against the float64 reference; text lengths from 3 to 45, partial pairs."""
+    ``text_pair``), against the float64 reference; text lengths from 3 to 77, partial pairs."""
     from linfusion.kernels import local_configs
 
     _, B, H, D, grid, window, text_len, shape, tile, dtype = case
@@ -385,7 +385,7 @@ def test_dpt_first_only_where_measured(monkeypatch):
 
 
 def test_tma_loads_configs_where_measured(monkeypatch):
-    """TMA loads are the default where the H200 measured them faster (15th and 16th sessions): the
+    """TMA loads are the default where the H200 measured them faster (15th to 17th sessions): the
     forward and the split backward's kernels at head dims 64, 72 and 128, with 2 stages on 64-token
     tiles at 72 and 128 and 3 on 128-token ones at 72 (dK/dV keeps its blocks); at 80 and 96 every kind on 64-token
     tiles, only the forward on 128-token ones; not the fused backward's dK/dV kernel, circles'

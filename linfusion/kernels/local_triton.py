@@ -369,6 +369,21 @@ def _own_block(pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TE
 
 
 @triton.jit
+def _softmax_init(BM: tl.constexpr, D_PAD: tl.constexpr):
+    """Online-softmax state of BM query rows: running max, running sum, output accumulator."""
+    return tl.full([BM], -1.0e30, tl.float32), tl.zeros([BM], tl.float32), tl.zeros([BM, D_PAD], tl.float32)
+
+
+@triton.jit
+def _dense_scores(q, k, kvalid, partial, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores q·kᵀ of a chunk of contiguous keys; -inf past the last key when the chunk is ``partial``."""
+    s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+    if partial:
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _store_rows(O, LSE, o_base, bh, L, pos, valid, son, offs_d, dmask, acc, m_i, l_i, qk_scale):
     """Normalise and store one query block's output rows and their LSE (base 2 of the scaled scores)."""
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -391,22 +406,15 @@ def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, 
     valid2 = pos2 < TEXT
     q1 = tl.load(q_base + pos1[:, None] * sqn + offs_d[None, :], mask=valid1[:, None] & dmask[None, :], other=0.0)
     q2 = tl.load(q_base + pos2[:, None] * sqn + offs_d[None, :], mask=valid2[:, None] & dmask[None, :], other=0.0)
-    m1 = tl.full([BM], -1.0e30, tl.float32)
-    m2 = tl.full([BM], -1.0e30, tl.float32)
-    l1 = tl.zeros([BM], tl.float32)
-    l2 = tl.zeros([BM], tl.float32)
-    acc1 = tl.zeros([BM, D_PAD], tl.float32)
-    acc2 = tl.zeros([BM, D_PAD], tl.float32)
+    m1, l1, acc1 = _softmax_init(BM, D_PAD)
+    m2, l2, acc2 = _softmax_init(BM, D_PAD)
     for kstart in range(0, L, BN):
         kpos = kstart + tl.arange(0, BN)
         kvalid = kpos < L
         k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, kstart, kpos, kvalid, offs_d, dmask,
                           BN, D_PAD, TMA_LOADS)
-        s1 = _dot(q1, tl.trans(k), None, DOT_PREC, UPCAST)
-        s2 = _dot(q2, tl.trans(k), None, DOT_PREC, UPCAST)
-        if kstart + BN > L:
-            s1 = tl.where(kvalid[None, :], s1, float("-inf"))
-            s2 = tl.where(kvalid[None, :], s2, float("-inf"))
+        s1 = _dense_scores(q1, k, kvalid, kstart + BN > L, DOT_PREC, UPCAST)
+        s2 = _dense_scores(q2, k, kvalid, kstart + BN > L, DOT_PREC, UPCAST)
         acc1, m1, l1 = _softmax_step(acc1, m1, l1, s1, v, qk_scale, DOT_PREC, UPCAST)
         acc2, m2, l2 = _softmax_step(acc2, m2, l2, s2, v, qk_scale, DOT_PREC, UPCAST)
     _store_rows(O, LSE, o_base, bh, L, pos1, valid1, son, offs_d, dmask, acc1, m1, l1, qk_scale)
@@ -454,9 +462,7 @@ def _fwd_kernel(
     qmask = qvalid[:, None] & dmask[None, :]
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qpos[:, None] * sqn + offs_d[None, :],
                 mask=qmask, other=0.0)
-    m_i = tl.full([BM], -1.0e30, tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, D_PAD], tl.float32)
+    m_i, l_i, acc = _softmax_init(BM, D_PAD)
     rf = 0
     if MASK_DOT:
         rf = _row_features(qp0, qp1, qp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
@@ -466,9 +472,7 @@ def _fwd_kernel(
         kvalid = kpos < dense_end
         k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, start, kpos, kvalid, offs_d, dmask,
                           BN, D_PAD, TMA_LOADS)
-        s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        if start + BN > dense_end:
-            s = tl.where(kvalid[None, :], s, float("-inf"))
+        s = _dense_scores(q, k, kvalid, start + BN > dense_end, DOT_PREC, UPCAST)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
