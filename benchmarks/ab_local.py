@@ -40,6 +40,7 @@ CASES = {  # name: (B, H, D, grid, text)
     "d96-4k": (1, 16, 96, (256, 256), 0),
     "d80-4k": (1, 16, 80, (256, 256), 0),
     "wan-480p": (1, 12, 128, (21, 30, 52), 0),
+    "wan-720p": (1, 12, 128, (21, 45, 80), 0),  # an even count of 8-token tile columns (480p's is odd)
     "tiny": (1, 2, 64, (16, 24), 8),  # a CPU check of this script under TRITON_INTERPRET=1
 }
 WINDOWS = {  # variant name: (2D window, 3D window, shape, kernel tile (2D, 3D); None: the default)

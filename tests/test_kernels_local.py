@@ -174,7 +174,7 @@ def test_swept_backward_configs_apply_only_where_verified(monkeypatch):
     from linfusion.kernels.local_configs import local_config as with_tma
 
     def local_config(*args, **kwargs):  # the blocks only (TMA loads, text pairs: test_tma_loads_configs_where_measured)
-        return {k: v for k, v in with_tma(*args, **kwargs).items() if k not in ("tma_loads", "text_pair")}
+        return {k: v for k, v in with_tma(*args, **kwargs).items() if k not in ("tma_loads", "text_pair", "img_pair")}
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     bf16 = torch.bfloat16
@@ -314,6 +314,38 @@ def test_text_pair_forward_matches_reference(case, blocks, monkeypatch):
     check(B, H, D, grid, window, text_len, shape, tile, dtype, backward=False, seed=7)
 
 
+# image programs of two neighbouring tiles: partial edge tiles (a partial second half), a radius of 0
+# tile columns, 3D, with and without text; an odd tile-column count runs unpaired
+IMG_PAIR_CASES = [
+    ("2d-circle-partial-cols", 2, 1, 64, (10, 23), 5, 13, "circle", (4, 4), torch.float16),
+    ("2d-circle-odd-cols", 1, 1, 64, (6, 19), 5, 4, "circle", (4, 4), torch.bfloat16),
+    ("2d-circle-even-cols", 1, 2, 64, (9, 16), 4, 0, "circle", (4, 4), torch.bfloat16),
+    ("2d-tile-r0", 1, 1, 64, (7, 13), (5, 1), 9, "tile", (4, 4), torch.float32),
+    ("2d-ellipse-wide", 1, 1, 64, (6, 29), (2, 9), 3, "circle", (2, 8), torch.float32),
+    ("3d-circle", 1, 1, 64, (3, 5, 14), (1.5, 3, 3), 5, "circle", (1, 4, 4), torch.float16),
+]
+
+
+@pytest.mark.parametrize("case", IMG_PAIR_CASES, ids=[c[0] for c in IMG_PAIR_CASES])
+def test_image_pair_forward_matches_reference(case, monkeypatch):
+    """The forward with image programs of two neighbouring tiles sharing each K/V chunk (config key
+    ``img_pair``, 16-token tiles in one block; ``_image_pairs``), against the float64 reference: with the formula's
+    circle test and single text programs, then the tensor-core circle test and paired text programs."""
+    from linfusion.kernels import local_configs
+
+    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
+    for text_pair, mask_dot in ((False, False), (True, True)):  # mask_dot: where the layout allows it
+        monkeypatch.setattr(local_configs, "_OVERRIDE", {"fwd": {"BM": 16, "BN": 16, "img_pair": True,
+                                                                 "text_pair": text_pair, "mask_dot": mask_dot}})
+        check(B, H, D, grid, window, text_len, shape, tile, dtype, backward=False, seed=5)
+    launched = []
+    kernel = local_triton._fwd_kernel
+    monkeypatch.setattr(local_triton, "_fwd_kernel", type("K", (), {
+        "__getitem__": lambda self, grid: lambda *a, **kw: launched.append(kw["IMG_PAIR"]) or kernel[grid](*a, **kw)})())
+    check(B, H, D, grid, window, text_len, shape, tile, dtype, backward=False, seed=6)
+    assert launched == [-(-grid[-1] // tile[-1]) % 2 == 0]  # pairs of tile columns: even counts only
+
+
 DPT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d-circle-fp16")]
 
 
@@ -402,9 +434,13 @@ def test_tma_loads_configs_where_measured(monkeypatch):
     small = {kind: local_config(kind, bf16, 128, 64, head_dim=128) for kind in ("fwd", "dkdv", "dq")}
     assert small["fwd"]["num_stages"] == small["dq"]["num_stages"] == 2 and small["dkdv"]["num_stages"] == 2
     assert local_config("fwd", bf16, 128, 64, circle_dot=True) == {
-        "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "tma_loads": True, "mask_dot": True, "text_pair": True}
+        "BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2, "tma_loads": True, "mask_dot": True, "text_pair": True,
+        "img_pair": True}
     for args in (("fwd", bf16, 128, 128), ("dq", bf16, 128, 64), ("fwd", torch.float32, 128, 64)):
-        assert not local_config(*args, head_dim=128).get("text_pair"), args  # paired text rows: 64-row forwards only
+        cfg = local_config(*args, head_dim=128)  # paired text rows and tiles: 64-row forwards only
+        assert not cfg.get("text_pair") and not cfg.get("img_pair"), args
+    for head_dim in (64, 72, 96):  # slower there (ab_local_imgpair_hd_18th.json), or not measured
+        assert not local_config("fwd", bf16, max(64, head_dim), 64, head_dim=head_dim).get("img_pair")
     assert not local_config("fwd", bf16, 128, 64, head_dim=96).get("text_pair")
     assert not local_config("fwd", bf16, 64, 128, circle_dot=True).get("tma_loads")  # sdxl-4k circle: slower
     for kind in ("fwd", "dkdv", "dq"):  # PixArt's 72: every kind; forward and dQ on 2 stages / 3 stages
@@ -516,7 +552,7 @@ for kern in kernels:
     if "WIN_STAGES" in kern.arg_names:
         cx["WIN_STAGES"] = lt._window_stages(type("L", (), {"mask_mode": mode})())
     if "TEXT_PAIR" in kern.arg_names:
-        cx["TEXT_PAIR"] = tma_loads  # the forward's paired text programs compile too
+        cx["TEXT_PAIR"] = cx["IMG_PAIR"] = tma_loads  # the forward's paired text and image programs compile too
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
         cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_FIRST=tma_loads)
         if not dq_tma:

@@ -114,6 +114,13 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             # circles on 8×8 tiles: flux-2k 1.385 -> 1.355 ms, 4k 5.67 -> 5.53, 8k 24.42 -> 23.56.
             # (128-row blocks: the two halves' buffers exceed shared memory.)
             cfg["text_pair"] = True
+            # image programs of two neighbouring 64-token tiles sharing the K/V chunks both windows hold
+            # (local_triton._image_pairs decides where a launch can). 18th session, interleaved
+            # (benchmarks/results/ab_local_imgpair_18th.json, ab_local_imgpair_order_18th.json), circles:
+            # flux-2k 1.343 -> 1.296 ms, 4k 5.627 -> 5.256, 8k 23.05 -> 22.22, Wan 720p (1×8×8 tiles,
+            # 10 tile columns) 3.452 -> 3.313. Not at other head dims (ab_local_imgpair_hd_18th.json:
+            # sdxl-4k 0.447 -> 0.566, pixart-4k 2.90 -> 3.23, head dim 96 2.528 -> 2.479).
+            cfg["img_pair"] = True
     if circle_dot and not interp:
         cfg.update(_circle_dot_config(kind, dtype, d_pad))
     cfg.update(_OVERRIDE.get(kind, {}))

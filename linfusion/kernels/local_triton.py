@@ -421,6 +421,97 @@ def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, 
     _store_rows(O, LSE, o_base, bh, L, pos2, valid2, son, offs_d, dmask, acc2, m2, l2, qk_scale)
 
 
+@triton.jit
+def _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
+                   rf, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                   T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr,
+                   IS_3D: tl.constexpr, MASK_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores q·kᵀ of one window chunk, -inf where the pair is outside the window or the key invalid
+    (query tile c, key tile kc; see ``_mask_chunk``)."""
+    s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+    return _mask_chunk(s, float("-inf"), full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
+                       rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
+
+
+@triton.jit
+def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_base, v_base, o_base,
+                      sqn, skn, svn, son, b, h, bh, rem, L, TEXT,
+                      G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                      BM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr,
+                      T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
+                      MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr,
+                      DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
+                      MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr):
+    """Two neighbouring query tiles, (c0, c1, c2) and (c0, c1, c2 + 1) with c2 even (pair ``rem`` of
+    head bh; BM = the tile volume), as two halves that share each loaded K/V chunk: the text keys
+    and the key tiles both windows hold (every column but one per half: 2R₂ of 2R₂ + 1), so a pair
+    loads 2R₂ + 2 columns of key tiles where two programs load 4R₂ + 2. The columns only one half
+    sees (c2 − R₂ for the first, c2 + 1 + R₂ for the second) follow in their own loops. (A
+    second half past the grid's last tile column would hold invalid rows, computed and never stored:
+    ``_image_pairs`` pairs even column counts only.)"""
+    np2 = (N2 + 1) // 2
+    c2 = 2 * (rem % np2)
+    c1 = (rem // np2) % N1
+    c0 = rem // (np2 * N1)
+    idx = tl.arange(0, BM)
+    ap0, ap1, ap2, apos, avalid = _tile_tokens(c0, c1, c2, idx, G0, G1, G2, TEXT, T0, T1, T2, TILE_ORDER)
+    bp0, bp1, bp2, bpos, bvalid = _tile_tokens(c0, c1, c2 + 1, idx, G0, G1, G2, TEXT, T0, T1, T2, TILE_ORDER)
+    qa = tl.load(q_base + apos[:, None] * sqn + offs_d[None, :], mask=avalid[:, None] & dmask[None, :], other=0.0)
+    qb = tl.load(q_base + bpos[:, None] * sqn + offs_d[None, :], mask=bvalid[:, None] & dmask[None, :], other=0.0)
+    ma, la, acca = _softmax_init(BM, D_PAD)
+    mb, lb, accb = _softmax_init(BM, D_PAD)
+    rf = 0
+    if MASK_DOT:  # relative to each half's own tile origin: the same features for both halves
+        rf = _row_features(ap0, ap1, ap2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
+    # 1) the text keys
+    for start in range(0, TEXT, BN):
+        kpos = start + tl.arange(0, BN)
+        kvalid = kpos < TEXT
+        k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, start, kpos, kvalid, offs_d, dmask,
+                          BN, D_PAD, TMA_LOADS)
+        sa = _dense_scores(qa, k, kvalid, start + BN > TEXT, DOT_PREC, UPCAST)
+        sb = _dense_scores(qb, k, kvalid, start + BN > TEXT, DOT_PREC, UPCAST)
+        acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
+        accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
+    # 2) the key-tile columns of both windows, c2 + 1 − R₂ .. c2 + R₂ (clipped to the grid)
+    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
+    n_rows_chunks = n_win // nj  # key-tile rows × chunks per tile
+    lo2 = tl.maximum(c2 + 1 - R2, 0)
+    nj = tl.minimum(c2 + R2, N2 - 1) - lo2 + 1
+    for it in tl.range(0, n_rows_chunks * nj, num_stages=WIN_STAGES):
+        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
+            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+        sa = _window_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
+                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+        acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
+        sb = _window_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf, TAB,
+                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+        accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
+    # 3) the column only the first half sees, then the one only the second half sees
+    n_side = tl.where(c2 - R2 >= 0, n_rows_chunks, 0)
+    for it in tl.range(0, n_side, num_stages=WIN_STAGES):
+        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
+            it, lo0, lo1, c2 - R2, nr1, 1, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+        sa = _window_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
+                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+        acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
+    n_side = tl.where(c2 + 1 + R2 < N2, n_rows_chunks, 0)
+    for it in tl.range(0, n_side, num_stages=WIN_STAGES):
+        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
+            it, lo0, lo1, c2 + 1 + R2, nr1, 1, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+        sb = _window_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf, TAB,
+                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+        accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
+    _store_rows(O, LSE, o_base, bh, L, apos, avalid, son, offs_d, dmask, acca, ma, la, qk_scale)
+    _store_rows(O, LSE, o_base, bh, L, bpos, bvalid, son, offs_d, dmask, accb, mb, lb, qk_scale)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(
     Q, K, V, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
@@ -432,7 +523,7 @@ def _fwd_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
-    TEXT_PAIR: tl.constexpr,
+    TEXT_PAIR: tl.constexpr, IMG_PAIR: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
@@ -442,10 +533,28 @@ def _fwd_kernel(
     edge load other tokens or zeros; the chunk's validity mask removes them as it does on the
     pointer path.
 
-    TEXT_PAIR: a text program owns 2·BM rows (``_text_pair_block``; NTB counts such pairs)."""
+    TEXT_PAIR: a text program owns 2·BM rows (``_text_pair_block``; NTB counts such pairs).
+    IMG_PAIR: an image program owns two neighbouring tiles (``_image_pair_block``; BM = the tile
+    volume, n_img_per_bh counts such pairs)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
+    if IMG_PAIR:
+        if pid >= n_text_progs:
+            pid_img = pid - n_text_progs
+            bh = pid_img // n_img_per_bh
+            b = bh // H
+            h = bh - b * H
+            _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
+                              Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh,
+                              K + b.to(tl.int64) * skb + h.to(tl.int64) * skh,
+                              V + b.to(tl.int64) * svb + h.to(tl.int64) * svh,
+                              O + b.to(tl.int64) * sob + h.to(tl.int64) * soh,
+                              sqn, skn, svn, son, b, h, bh, pid_img - bh * n_img_per_bh, L, TEXT,
+                              G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                              BM, BN, D_PAD, T0, T1, T2, CPT, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                              WIN_STAGES, MASK_DOT, TMA_LOADS)
+            return
     is_text, bh, c0, c1, c2, qp0, qp1, qp2, qpos, qvalid, dense_end = _own_block(
         pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BM, T0, T1, T2, TILE_ORDER)
     b = bh // H
@@ -805,10 +914,12 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     lse = _new((B, H, L), torch.float32, q.device)
     sub = -(-layout.tile_volume // BM)
     text_pair = bool(cfg.get("text_pair", False))
+    img_pair = _image_pairs(cfg, layout, sub)
     ntb = -(-text_len // (2 * BM if text_pair else BM))
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
-    n_img = layout.num_tiles * sub
+    n0, n1, n2 = layout.n_tiles
+    n_img = n0 * n1 * -(-n2 // 2) if img_pair else layout.num_tiles * sub
     grid = (n_text_progs + n_img * B * H,)
     tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
     _fwd_kernel[grid](
@@ -821,9 +932,16 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
-        TEXT_PAIR=text_pair, **_launch_options(cfg),
+        TEXT_PAIR=text_pair, IMG_PAIR=img_pair, **_launch_options(cfg),
     )
     return o, lse
+
+
+def _image_pairs(cfg: dict, layout: LocalLayout, sub: int) -> bool:
+    """IMG_PAIR of a forward launch: the config asks for it (``"img_pair"``), a query block is a
+    whole tile (``sub == 1``), and the tile columns pair up (an even count: with an odd one the last
+    program's second half is wasted work, Wan 480p's 7 columns 1.489 -> 1.556 ms on the H200)."""
+    return bool(cfg.get("img_pair", False)) and sub == 1 and layout.n_tiles[2] % 2 == 0
 
 
 def _chunk_is_box(layout: LocalLayout, block: int) -> bool:
