@@ -346,6 +346,20 @@ def test_image_pair_forward_matches_reference(case, monkeypatch):
     assert launched == [-(-grid[-1] // tile[-1]) % 2 == 0]  # pairs of tile columns: even counts only
 
 
+def test_image_pairs_only_where_they_pay_and_stay_exact():
+    """``_image_pairs``: whole-tile blocks, an even count of tile columns, and with the tensor-core
+    circle test only where the pair's shared feature origin keeps it exact."""
+    pair = {"img_pair": True}
+    flux = get_layout((256, 256), 16, "circle", (8, 8))  # 32 tile columns
+    assert local_triton._image_pairs({**pair, "mask_dot": True}, flux, 1)
+    assert not local_triton._image_pairs({**pair, "mask_dot": True}, flux, 2)  # half tiles
+    assert not local_triton._image_pairs({}, flux, 1)
+    assert not local_triton._image_pairs(pair, get_layout((21, 30, 52), (2, 8, 8), "circle", (1, 8, 8)), 1)  # 7
+    wide = get_layout((128, 128), 30, "circle", (8, 8))
+    assert not local_triton._image_pairs({**pair, "mask_dot": True}, wide, 1)
+    assert local_triton._image_pairs(pair, wide, 1)  # the formula's test needs no shared features
+
+
 DPT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d-circle-fp16")]
 
 
@@ -377,6 +391,11 @@ def test_mask_dot_exact_only_where_fp16_features_are_exact():
     # weights that are fp16 integers but sum past 2**24
     assert not mask_dot_exact((0.0, 4096.0, 4096.0, 2.0**20), (1, 8, 16), (0, 4, 4), 2)
     assert mask_dot_exact((0.0, 1.0, 1.0, 256.0), (1, 8, 16), (0, 2, 1), 2)
+    # the forward's tile pairs: features from the first tile's origin reach one tile further
+    assert get_layout((256, 256), 16, "circle", (8, 8)).mask_dot_pair
+    assert get_layout((21, 45, 80), (2, 8, 8), "circle", (1, 8, 8)).mask_dot_pair
+    wide = get_layout((128, 128), 30, "circle", (8, 8))  # |c₂| up to 39 alone, 47 in a pair: 47² is inexact
+    assert wide.mask_dot and not wide.mask_dot_pair
 
 
 def test_circle_dot_configs_where_measured(monkeypatch):

@@ -130,8 +130,10 @@ class LocalLayout:
     cap1: int
     weights: tuple[float, float, float, float]  # formula mode: Σ Δ_d² w_d ≤ w_total
     setup_ms: float
-    # formula mode: the kernel's tensor-core circle test is exact here (``mask_dot_exact``)
+    # formula mode: the kernel's tensor-core circle test is exact here (``mask_dot_exact``), and for
+    # the forward's pairs of neighbouring tiles, whose features share the first tile's origin
     mask_dot: bool = False
+    mask_dot_pair: bool = False
 
     @property
     def tile_volume(self) -> int:
@@ -166,7 +168,7 @@ def _fp16_exact(values: torch.Tensor) -> bool:
     return bool((values.abs() <= 65504).all()) and torch.equal(values.half().double(), values)
 
 
-def mask_dot_exact(weights, tile3, radius3, ndim: int) -> bool:
+def mask_dot_exact(weights, tile3, radius3, ndim: int, pair: bool = False) -> bool:
     """Whether the kernel's tensor-core circle test is exact for these formula weights and tiles.
 
     ``local_triton._row_features`` gives a row token ``r`` 16 fp16 features and
@@ -175,11 +177,17 @@ def mask_dot_exact(weights, tile3, radius3, ndim: int) -> bool:
     row's tile origin: ``0 ≤ r_d < T_d`` and ``−R_d T_d ≤ c_d < (R_d + 1) T_d`` (R_d: the key-tile
     radius of the window box). Pairs (row, column): (WT, 1); per dimension (W_d, −c_d²),
     (2 W_d r_d, c_d), (−W_d r_d², 1). Exact iff every row and column value is an integer exact in
-    fp16 and the terms' magnitudes sum below 2**24 (then no partial sum rounds, in any order)."""
+    fp16 and the terms' magnitudes sum below 2**24 (then no partial sum rounds, in any order).
+
+    ``pair``: for the forward's pairs of neighbouring tiles along the last dimension
+    (``local_triton._image_pair_block``), whose features share the first tile's origin: there
+    ``0 ≤ r_2 < 2 T_2`` and ``−R_2 T_2 ≤ c_2 < (R_2 + 2) T_2``."""
     *w, wt = weights
     dims = (0, 1, 2) if ndim == 3 else (1, 2)
-    r = {d: torch.arange(tile3[d], dtype=torch.float64) for d in dims}
-    c = {d: torch.arange(-radius3[d] * tile3[d], (radius3[d] + 1) * tile3[d], dtype=torch.float64) for d in dims}
+    extra = {d: int(pair and d == 2) for d in dims}  # the pair's second tile, in tiles
+    r = {d: torch.arange((1 + extra[d]) * tile3[d], dtype=torch.float64) for d in dims}
+    c = {d: torch.arange(-radius3[d] * tile3[d], (radius3[d] + 1 + extra[d]) * tile3[d], dtype=torch.float64)
+         for d in dims}
     rows = [torch.tensor([wt])] + [t for d in dims for t in (torch.tensor([w[d]]), 2 * w[d] * r[d], -w[d] * r[d] ** 2)]
     cols = [t for d in dims for t in (-c[d] ** 2, c[d])]
     bound = wt + sum(2 * w[d] * float(r[d].max() + c[d].abs().max()) ** 2 for d in dims)
@@ -194,7 +202,7 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
     radii3 = (math.inf, *radii) if ndim == 2 else tuple(radii)
     n_tiles = tuple(-(-g // t) for g, t in zip(grid3, tile3))
     table, cap0, cap1, weights, mode = None, 0, 0, (0.0, 0.0, 0.0, 0.0), MASK_NONE
-    mask_dot = False
+    mask_dot = mask_dot_pair = False
     if shape == "tile":
         rad = tile_radius(radii, tile, grid)
         radius = (0, *rad) if ndim == 2 else rad
@@ -218,6 +226,7 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
         if formula is not None:
             weights, mode = formula, MASK_FORMULA
             mask_dot = mask_dot_exact(weights, tile3, radius, ndim)
+            mask_dot_pair = mask_dot_exact(weights, tile3, radius, ndim, pair=True)
         else:
             mode = MASK_TABLE
     return LocalLayout(
@@ -234,6 +243,7 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
         weights=weights,
         setup_ms=(time.perf_counter() - start) * 1e3,
         mask_dot=mask_dot,
+        mask_dot_pair=mask_dot_pair,
     )
 
 

@@ -245,8 +245,8 @@ def _row_features(rp0, rp1, rp2, c0, c1, c2, W0, W1, W2, WT,
                   T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, IS_3D: tl.constexpr):
     """[rows, 16] fp16 row side of the tensor-core circle test (MASK_DOT): with ``_col_features``,
     ``rowF @ colF = WT − Σ_d W_d (c_d − r_d)²``, ≥ 0 exactly for visible pairs. Coordinates r, c
-    are relative to the program's own tile origin, so every feature is a small integer. Pairs
-    (row, column): (WT, 1) and per dimension (W_d, −c_d²), (2 W_d r_d, c_d), (−W_d r_d², 1);
+    are relative to the program's own tile origin (a tile pair's: its first tile's, ``mask_dot_pair``),
+    so every feature is a small integer. Pairs (row, column): (WT, 1) and per dimension (W_d, −c_d²), (2 W_d r_d, c_d), (−W_d r_d², 1);
     ``local_layout.mask_dot_exact`` checks that every value is exact in fp16 and every partial sum
     below 2**24 (exact in the fp32 accumulator) before MASK_DOT is allowed."""
     r1 = (rp1 - c1 * T1).to(tl.float32)[:, None]
@@ -287,6 +287,16 @@ def _col_features(cp0, cp1, cp2, c0, c1, c2,
 
 
 @triton.jit
+def _feature_mask(x, fill, full, cvalid, rf, cf):
+    """``x`` with ``fill`` where the tensor-core circle test ``rf @ cf`` is negative (the pair is
+    outside the window) or the column invalid (unless ``full``)."""
+    x = tl.where(tl.dot(rf, cf, out_dtype=tl.float32) >= 0.0, x, fill)
+    if not full:
+        x = tl.where(cvalid[None, :], x, fill)
+    return x
+
+
+@triton.jit
 def _mask_chunk(x, fill, full, cvalid, rp0, rp1, rp2, cp0, cp1, cp2, c0, c1, c2, oc0, oc1, oc2,
                 rf, TAB, CAP0, CAP1, W0, W1, W2, WT,
                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
@@ -303,10 +313,7 @@ def _mask_chunk(x, fill, full, cvalid, rp0, rp1, rp2, cp0, cp1, cp2, c0, c1, c2,
         window = not _tiles_all_visible(c0, c1, c2, oc0, oc1, oc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
     if window:
         if MASK_DOT:
-            cf = _col_features(cp0, cp1, cp2, c0, c1, c2, T0, T1, T2, IS_3D)
-            x = tl.where(tl.dot(rf, cf, out_dtype=tl.float32) >= 0.0, x, fill)
-            if not full:
-                x = tl.where(cvalid[None, :], x, fill)
+            x = _feature_mask(x, fill, full, cvalid, rf, _col_features(cp0, cp1, cp2, c0, c1, c2, T0, T1, T2, IS_3D))
         else:
             vis = _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT, MASK_MODE, IS_3D)
             x = tl.where(vis & cvalid[None, :], x, fill)
@@ -433,6 +440,21 @@ def _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2,
                        rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
 
 
+
+@triton.jit
+def _shared_feature_scores(q, k, full, kvalid, c0, c1, c2, kc0, kc1, kc2, rf, cf, W0, W1, W2, WT,
+                           T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr,
+                           IS_3D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``_window_scores`` with the tensor-core circle test on given column features ``cf`` (one
+    computation per chunk for both halves of a tile pair; ``rf`` and ``cf`` share one origin)."""
+    s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+    if not _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
+        s = _feature_mask(s, float("-inf"), full, kvalid, rf, cf)
+    elif not full:
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+    return s
+
+
 @triton.jit
 def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_base, v_base, o_base,
                       sqn, skn, svn, son, b, h, bh, rem, L, TEXT,
@@ -461,8 +483,10 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
     ma, la, acca = _softmax_init(BM, D_PAD)
     mb, lb, accb = _softmax_init(BM, D_PAD)
     rf = 0
-    if MASK_DOT:  # relative to each half's own tile origin: the same features for both halves
+    rf_b = 0
+    if MASK_DOT:  # relative to the first tile's origin (the layout's ``mask_dot_pair``: exact)
         rf = _row_features(ap0, ap1, ap2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
+        rf_b = _row_features(bp0, bp1, bp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
     # 1) the text keys
     for start in range(0, TEXT, BN):
         kpos = start + tl.arange(0, BN)
@@ -483,11 +507,19 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
-        sa = _window_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
-                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
-        acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
-        sb = _window_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf, TAB,
-                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+        if MASK_DOT:  # one set of column features for both halves
+            cf = _col_features(kp0, kp1, kp2, c0, c1, c2, T0, T1, T2, IS_3D)
+            sa = _shared_feature_scores(qa, k, full, kvalid, c0, c1, c2, kc0, kc1, kc2, rf, cf, W0, W1, W2, WT,
+                                        T0, T1, T2, MASK_MODE, IS_3D, DOT_PREC, UPCAST)
+            acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
+            sb = _shared_feature_scores(qb, k, full, kvalid, c0, c1, c2 + 1, kc0, kc1, kc2, rf_b, cf, W0, W1, W2, WT,
+                                        T0, T1, T2, MASK_MODE, IS_3D, DOT_PREC, UPCAST)
+        else:
+            sa = _window_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
+                                CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+            acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
+            sb = _window_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf,
+                                TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
     # 3) the column only the first half sees, then the one only the second half sees
     n_side = tl.where(c2 - R2 >= 0, n_rows_chunks, 0)
@@ -939,9 +971,11 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
 
 def _image_pairs(cfg: dict, layout: LocalLayout, sub: int) -> bool:
     """IMG_PAIR of a forward launch: the config asks for it (``"img_pair"``), a query block is a
-    whole tile (``sub == 1``), and the tile columns pair up (an even count: with an odd one the last
-    program's second half is wasted work, Wan 480p's 7 columns 1.489 -> 1.556 ms on the H200)."""
-    return bool(cfg.get("img_pair", False)) and sub == 1 and layout.n_tiles[2] % 2 == 0
+    whole tile (``sub == 1``), the tile columns pair up (an even count: with an odd one the last
+    program's second half is wasted work, Wan 480p's 7 columns 1.489 -> 1.556 ms on the H200), and
+    a tensor-core circle test stays exact with the pair's shared feature origin (``mask_dot_pair``)."""
+    exact = layout.mask_dot_pair or not _mask_flags(cfg, layout)["MASK_DOT"]
+    return bool(cfg.get("img_pair", False)) and sub == 1 and layout.n_tiles[2] % 2 == 0 and exact
 
 
 def _chunk_is_box(layout: LocalLayout, block: int) -> bool:
