@@ -401,6 +401,24 @@ def _store_rows(O, LSE, o_base, bh, L, pos, valid, son, offs_d, dmask, acc, m_i,
 
 
 @triton.jit
+def _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, end, K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h,
+                     qk_scale, offs_d, dmask, BN: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                     UPCAST: tl.constexpr, TMA_LOADS: tl.constexpr):
+    """Keys 0..end (contiguous: the text, or every token) for two query blocks ``q1``, ``q2`` that
+    share each loaded K/V chunk: both online-softmax states, updated."""
+    for kstart in range(0, end, BN):
+        kpos = kstart + tl.arange(0, BN)
+        kvalid = kpos < end
+        k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, kstart, kpos, kvalid, offs_d, dmask,
+                          BN, D_PAD, TMA_LOADS)
+        s1 = _dense_scores(q1, k, kvalid, kstart + BN > end, DOT_PREC, UPCAST)
+        s2 = _dense_scores(q2, k, kvalid, kstart + BN > end, DOT_PREC, UPCAST)
+        acc1, m1, l1 = _softmax_step(acc1, m1, l1, s1, v, qk_scale, DOT_PREC, UPCAST)
+        acc2, m2, l2 = _softmax_step(acc2, m2, l2, s2, v, qk_scale, DOT_PREC, UPCAST)
+    return acc1, m1, l1, acc2, m2, l2
+
+
+@triton.jit
 def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, sqn, skn, svn, son,
                      b, h, bh, start, L, TEXT, qk_scale, offs_d, dmask,
                      BM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -415,15 +433,9 @@ def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, 
     q2 = tl.load(q_base + pos2[:, None] * sqn + offs_d[None, :], mask=valid2[:, None] & dmask[None, :], other=0.0)
     m1, l1, acc1 = _softmax_init(BM, D_PAD)
     m2, l2, acc2 = _softmax_init(BM, D_PAD)
-    for kstart in range(0, L, BN):
-        kpos = kstart + tl.arange(0, BN)
-        kvalid = kpos < L
-        k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, kstart, kpos, kvalid, offs_d, dmask,
-                          BN, D_PAD, TMA_LOADS)
-        s1 = _dense_scores(q1, k, kvalid, kstart + BN > L, DOT_PREC, UPCAST)
-        s2 = _dense_scores(q2, k, kvalid, kstart + BN > L, DOT_PREC, UPCAST)
-        acc1, m1, l1 = _softmax_step(acc1, m1, l1, s1, v, qk_scale, DOT_PREC, UPCAST)
-        acc2, m2, l2 = _softmax_step(acc2, m2, l2, s2, v, qk_scale, DOT_PREC, UPCAST)
+    acc1, m1, l1, acc2, m2, l2 = _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, L, K_ROWS, V_ROWS, k_base, v_base,
+                                                  skn, svn, b, h, qk_scale, offs_d, dmask, BN, D_PAD, DOT_PREC, UPCAST,
+                                                  TMA_LOADS)
     _store_rows(O, LSE, o_base, bh, L, pos1, valid1, son, offs_d, dmask, acc1, m1, l1, qk_scale)
     _store_rows(O, LSE, o_base, bh, L, pos2, valid2, son, offs_d, dmask, acc2, m2, l2, qk_scale)
 
@@ -439,6 +451,28 @@ def _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2,
     return _mask_chunk(s, float("-inf"), full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                        rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
 
+
+
+@triton.jit
+def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2, nr1, nj, n_iter,
+                 K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
+                 W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                 BN: tl.constexpr, D_PAD: tl.constexpr, CPT: tl.constexpr,
+                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr, IS_3D: tl.constexpr,
+                 TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
+                 MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr):
+    """The first ``n_iter`` chunks of the key-tile box (rows from lo0, lo1; ``nj`` columns from lo2;
+    ``_chunk``) for the query block ``q`` of tile c (row coordinates rp, features rf): its online-softmax
+    state, updated."""
+    for it in tl.range(0, n_iter, num_stages=WIN_STAGES):
+        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
+            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+        s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
+                           CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -488,15 +522,9 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
         rf = _row_features(ap0, ap1, ap2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
         rf_b = _row_features(bp0, bp1, bp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
     # 1) the text keys
-    for start in range(0, TEXT, BN):
-        kpos = start + tl.arange(0, BN)
-        kvalid = kpos < TEXT
-        k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, start, kpos, kvalid, offs_d, dmask,
-                          BN, D_PAD, TMA_LOADS)
-        sa = _dense_scores(qa, k, kvalid, start + BN > TEXT, DOT_PREC, UPCAST)
-        sb = _dense_scores(qb, k, kvalid, start + BN > TEXT, DOT_PREC, UPCAST)
-        acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
-        accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
+    acca, ma, la, accb, mb, lb = _dense_pair_loop(qa, qb, acca, ma, la, accb, mb, lb, TEXT, K_ROWS, V_ROWS, k_base,
+                                                  v_base, skn, svn, b, h, qk_scale, offs_d, dmask, BN, D_PAD,
+                                                  DOT_PREC, UPCAST, TMA_LOADS)
     # 2) the key-tile columns of both windows, c2 + 1 − R₂ .. c2 + R₂ (clipped to the grid)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_rows_chunks = n_win // nj  # key-tile rows × chunks per tile
@@ -522,24 +550,16 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
                                 TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
     # 3) the column only the first half sees, then the one only the second half sees
-    n_side = tl.where(c2 - R2 >= 0, n_rows_chunks, 0)
-    for it in tl.range(0, n_side, num_stages=WIN_STAGES):
-        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
-            it, lo0, lo1, c2 - R2, nr1, 1, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
-        sa = _window_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
-                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
-        acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
-    n_side = tl.where(c2 + 1 + R2 < N2, n_rows_chunks, 0)
-    for it in tl.range(0, n_side, num_stages=WIN_STAGES):
-        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
-            it, lo0, lo1, c2 + 1 + R2, nr1, 1, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
-        sb = _window_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf, TAB,
-                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
-        accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
+    acca, ma, la = _window_loop(qa, acca, ma, la, rf, ap0, ap1, ap2, c0, c1, c2, lo0, lo1, c2 - R2, nr1, 1,
+                                tl.where(c2 - R2 >= 0, n_rows_chunks, 0), K_GRID, V_GRID, k_base, v_base, skn, svn,
+                                b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                                BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                                WIN_STAGES, MASK_DOT, TMA_LOADS)
+    accb, mb, lb = _window_loop(qb, accb, mb, lb, rf, bp0, bp1, bp2, c0, c1, c2 + 1, lo0, lo1, c2 + 1 + R2, nr1, 1,
+                                tl.where(c2 + 1 + R2 < N2, n_rows_chunks, 0), K_GRID, V_GRID, k_base, v_base, skn,
+                                svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                                BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                                WIN_STAGES, MASK_DOT, TMA_LOADS)
     _store_rows(O, LSE, o_base, bh, L, apos, avalid, son, offs_d, dmask, acca, ma, la, qk_scale)
     _store_rows(O, LSE, o_base, bh, L, bpos, bvalid, son, offs_d, dmask, accb, mb, lb, qk_scale)
 
@@ -617,16 +637,11 @@ def _fwd_kernel(
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
-    for it in tl.range(0, n_win, num_stages=WIN_STAGES):
-        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
-            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
-        s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        s = _mask_chunk(s, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
-                        rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
+    acc, m_i, l_i = _window_loop(q, acc, m_i, l_i, rf, qp0, qp1, qp2, c0, c1, c2, lo0, lo1, lo2, nr1, nj,
+                                 tl.where(is_text, 0, n_win), K_GRID, V_GRID, k_base, v_base, skn, svn, b, h,
+                                 G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                                 BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                                 WIN_STAGES, MASK_DOT, TMA_LOADS)
     _store_rows(O, LSE, o_base, bh, L, qpos, qvalid, son, offs_d, dmask, acc, m_i, l_i, qk_scale)
 
 
