@@ -31,6 +31,10 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   tile's own diagonal is outside the circle.)
 * Text keys are extra chunks of the same online softmax; text queries (≤ a few hundred rows)
   attend to every key in a dense loop. Their programs run first (longest first).
+* Key traffic from L2 bounds the forwards on 64-token tiles (``benchmarks/NOTES_local.md``), so
+  there (head dim 128, ``local_configs``) a program serves two query blocks from each loaded K/V
+  chunk: two 64-row text blocks (``_text_pair_block``), or two neighbouring tiles of a row
+  (``_image_pair_block``: the text keys and the key tiles both windows hold are loaded once).
 * Backward: flash-attention backward over the same tile pairs with the LSE saved by the
   forward: one kernel for dK/dV (key tile, loop over query chunks, symmetric window), one for
   dQ. Softmax statistics are fp32; fp32 inputs use exact fp32 dots. ``backward="fused_dq"``
