@@ -480,16 +480,21 @@ def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2,
 
 
 @triton.jit
-def _shared_feature_scores(q, k, full, kvalid, c0, c1, c2, kc0, kc1, kc2, rf, cf, W0, W1, W2, WT,
-                           T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr,
-                           IS_3D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``_window_scores`` with the tensor-core circle test on given column features ``cf`` (one
-    computation per chunk for both halves of a tile pair; ``rf`` and ``cf`` share one origin)."""
-    s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-    if not _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
-        s = _feature_mask(s, float("-inf"), full, kvalid, rf, cf)
-    elif not full:
-        s = tl.where(kvalid[None, :], s, float("-inf"))
+def _pair_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, cf, TAB, CAP0, CAP1,
+                 W0, W1, W2, WT, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr,
+                 IS_3D: tl.constexpr, MASK_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``_window_scores`` of one half of a tile pair (its tile c). With MASK_DOT the tensor-core
+    circle test runs on the given column features ``cf``, computed once per chunk for both halves
+    (``rf`` and ``cf`` share the first tile's origin)."""
+    if MASK_DOT:
+        s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        if not _tiles_all_visible(c0, c1, c2, kc0, kc1, kc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D):
+            s = _feature_mask(s, float("-inf"), full, kvalid, rf, cf)
+        elif not full:
+            s = tl.where(kvalid[None, :], s, float("-inf"))
+    else:
+        s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
+                           CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
     return s
 
 
@@ -539,19 +544,14 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+        cf = 0
         if MASK_DOT:  # one set of column features for both halves
             cf = _col_features(kp0, kp1, kp2, c0, c1, c2, T0, T1, T2, IS_3D)
-            sa = _shared_feature_scores(qa, k, full, kvalid, c0, c1, c2, kc0, kc1, kc2, rf, cf, W0, W1, W2, WT,
-                                        T0, T1, T2, MASK_MODE, IS_3D, DOT_PREC, UPCAST)
-            acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
-            sb = _shared_feature_scores(qb, k, full, kvalid, c0, c1, c2 + 1, kc0, kc1, kc2, rf_b, cf, W0, W1, W2, WT,
-                                        T0, T1, T2, MASK_MODE, IS_3D, DOT_PREC, UPCAST)
-        else:
-            sa = _window_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
-                                CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
-            acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
-            sb = _window_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf,
-                                TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+        sa = _pair_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, cf, TAB,
+                          CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
+        acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
+        sb = _pair_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf_b, cf,
+                          TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
     # 3) the column only the first half sees, then the one only the second half sees
     acca, ma, la = _window_loop(qa, acca, ma, la, rf, ap0, ap1, ap2, c0, c1, c2, lo0, lo1, c2 - R2, nr1, 1,
@@ -969,8 +969,7 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     ntb = -(-text_len // (2 * BM if text_pair else BM))
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
-    n0, n1, n2 = layout.n_tiles
-    n_img = n0 * n1 * -(-n2 // 2) if img_pair else layout.num_tiles * sub
+    n_img = layout.num_tiles // 2 if img_pair else layout.num_tiles * sub  # pairs: an even tile-column count
     grid = (n_text_progs + n_img * B * H,)
     tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
     _fwd_kernel[grid](
