@@ -12,7 +12,8 @@ forward (``new:fused_dq+dq_t+BM=32``); ``+kind.key`` sets one of another kernel 
 (``new:split+tma_loads+dq.tma_loads``: the split backward's dQ kernel too).
 Records: per case, window and impl the median of the repeats' times, every repeat, the kernels'
 registers / spills / shared memory, and the largest relative error against the first impl of the
-same pass (outputs for fwd, dq/dk/dv for the backward).
+same pass (outputs for fwd, dq/dk/dv for the backward); with ``--kernel-times`` also each impl's
+GPU time per kernel (torch.profiler, mean of 3 back-to-back calls: where a backward's time goes).
 """
 
 from __future__ import annotations
@@ -98,6 +99,23 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def kernel_times(fn, calls: int = 3) -> dict[str, float]:
+    """Mean GPU milliseconds per call of each kernel ``fn`` launches (by kernel name), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name.split("(")[0][:60]
+            totals[name] = totals.get(name, 0.0) + getattr(event, "device_time", 0.0) / 1e3 / calls
+    return {name: round(ms, 4) for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True, help="path of the earlier linfusion/kernels package")
@@ -105,6 +123,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", nargs="+", default=["flux-4k"], choices=sorted(CASES))
     parser.add_argument("--windows", nargs="+", default=["circle", "tile"], choices=sorted(WINDOWS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="also record each impl's per-kernel GPU times (torch.profiler, 3 calls)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -176,6 +196,9 @@ def main(argv=None) -> None:
                                 "repeats": times[impl], "max_rel_err_vs": first[pss], "max_rel_err": err})
                 print(f"{case:9s} {wname:7s} {impl:28s} {ms:8.3f} ms  {['%.3f' % t for t in times[impl]]}"
                       f"  err {err:.1e} vs {first[pss]}", flush=True)
+                if args.kernel_times and device == "cuda":
+                    records[-1]["kernel_ms"] = kernel_times(fns[impl])
+                    print(f"{'':47s} kernels {records[-1]['kernel_ms']}", flush=True)
             # after every window: a call cut short by its time limit keeps what it measured
             Path(args.out).write_text(json.dumps({"env": environment(), "kernels": stats.seen, "records": records},
                                                  indent=1))

@@ -407,8 +407,9 @@ def test_mask_dot_exact_only_where_fp16_features_are_exact():
 
 def test_circle_dot_configs_where_measured(monkeypatch):
     """The dot is the default where the H200 measured it faster: the forward at head dims padded
-    to 64 and 128 (with 64-key chunks at 128), dQ at 128; never in the dK/dV kernels, fp32 or the
-    interpreter, and only for layouts that allow it."""
+    to 64 and 128 (with 64-key chunks at 128), dQ at 128, the split dK/dV kernel on 64-token tiles
+    at head dim 128; not the other dK/dV kernels, fp32 or the interpreter, and only for layouts
+    that allow it."""
     from linfusion.kernels.local_configs import local_config
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -417,7 +418,10 @@ def test_circle_dot_configs_where_measured(monkeypatch):
         "BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "mask_dot": True, "tma_loads": True}
     assert local_config("fwd", bf16, 64, 128, circle_dot=True)["mask_dot"]
     assert local_config("dq", torch.float16, 128, 128, circle_dot=True)["mask_dot"]
+    assert local_config("dkdv", bf16, 128, 64, circle_dot=True)["mask_dot"]
+    assert "mask_dot" not in local_config("dkdv", bf16, 128, 64, head_dim=96, circle_dot=True)
     for args in (("dkdv", bf16, 128, 128), ("dkdv_fused", bf16, 128, 128), ("dq", bf16, 64, 128),
+                 ("dkdv", bf16, 64, 64),
                  ("fwd", torch.float32, 128, 128), ("fwd", bf16, 32, 128)):
         assert "mask_dot" not in local_config(*args, circle_dot=True), args
     assert "mask_dot" not in local_config("fwd", bf16, 128, 128)  # the layout does not allow it
@@ -579,6 +583,8 @@ for kern in kernels:
         cx["WIN_STAGES"] = lt._window_stages(type("L", (), {"mask_mode": mode})())
     if "TEXT_PAIR" in kern.arg_names:
         cx["TEXT_PAIR"] = cx["IMG_PAIR"] = tma_loads  # the forward's paired text and image programs compile too
+    if "DELTA_HERE" in kern.arg_names:  # dQ computing the rows' Δ itself, or reading it
+        cx["DELTA_HERE"] = tma_loads
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
         cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_FIRST=tma_loads)
         if not dq_tma:

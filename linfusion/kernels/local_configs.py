@@ -122,7 +122,7 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             # sdxl-4k 0.447 -> 0.566, pixart-4k 2.90 -> 3.23, head dim 96 2.528 -> 2.479).
             cfg["img_pair"] = True
     if circle_dot and not interp:
-        cfg.update(_circle_dot_config(kind, dtype, d_pad))
+        cfg.update(_circle_dot_config(kind, dtype, d_pad, head_dim, tile_block))
     cfg.update(_OVERRIDE.get(kind, {}))
     return cfg
 
@@ -170,7 +170,7 @@ def _tma_loads_config(kind: str, head_dim: int, tile_block: int, circle_dot: boo
     return {"tma_loads": True}
 
 
-def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
+def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int, head_dim: int, tile_block: int) -> dict:
     """The tensor-core circle test where the H200 measured it faster in every call of the 13th
     session (circle r16 with 8×16 tiles, bit-identical results; ``kernels_local_flags_*_13th_*.json``),
     and the blocks it needs.
@@ -180,9 +180,17 @@ def _circle_dot_config(kind: str, dtype: torch.dtype, d_pad: int) -> dict:
     slower) and to 64 (sdxl-4k: 1.17–1.26×); the dQ kernel at 128 (1.06–1.07× the split backward in
     three calls). Not the dK/dV kernels (split 0.96–1.06×, fused 0.95–1.04×: within the spread of
     repeated backward timings) nor dQ at 64 (0.95–1.02×). Interpreted (CPU) and fp32 runs keep the
-    formula unless an override asks for the dot."""
+    formula unless an override asks for the dot.
+
+    The split dK/dV kernel on 64-token tiles at head dim 128 (19th session,
+    ``ab_local_dkdv_maskdot_19th.json``): on 8×8 tiles at r = 16 every window chunk but the own
+    tile's is an edge chunk (on 8×16 tiles far fewer), and the formula's ~7 fp32 operations per
+    score were the dK/dV loop's largest ALU cost after the exponentials: dK/dV kernel flux-4k
+    10.34 -> 9.65 ms, Wan 720p 6.87 -> 6.15."""
     if dtype not in (torch.float16, torch.bfloat16) or d_pad not in (64, 128):
         return {}
+    if kind == "dkdv" and head_dim == 128 and tile_block <= 64:
+        return {"mask_dot": True}
     if kind == "fwd":
         return {"mask_dot": True, **({"BN": 64} if d_pad == 128 else {})}
     if kind == "dq" and d_pad == 128:

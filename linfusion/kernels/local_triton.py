@@ -20,7 +20,8 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   per-token mask ``Σ Δ_d² w_d ≤ w`` in fp32 integers (integer radii) or a lookup in the
   exact visibility table is combined with the key validity in one select; both equal the
   reference. Where the layout allows it (``local_layout.mask_dot_exact``) and the config asks for
-  it (``local_configs._circle_dot_config``: the forward, and dQ at head dim 128), the formula runs
+  it (``local_configs._circle_dot_config``: the forward, dQ at head dim 128, and dK/dV there on
+  64-token tiles), the formula runs
   on the tensor cores instead: one K=16 dot of small-integer fp16 features of the rows and the
   chunk's columns gives ``WT − Σ W_d Δ_d²`` exactly, and one compare per score replaces ~7 fp32
   operations (flux-4k circle forward 6.6 → 5.9 ms). The key loop holds no memory load besides
@@ -792,8 +793,8 @@ def _dkdv_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
+    Q, K, V, O, DO, LSE, DELTA, DQ, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale, sm_scale,
@@ -801,9 +802,14 @@ def _dq_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
+    DELTA_HERE: tl.constexpr,
 ):
     """dQ of one query block: the forward's loop with P recomputed from the saved LSE (and, with
-    TMA_LOADS, the forward's TMA loads of K and V)."""
+    TMA_LOADS, the forward's TMA loads of K and V).
+
+    DELTA_HERE: the program also computes its rows' Δ = rowsum(dO ∘ O) and stores it in DELTA for
+    the dK/dV kernel launched after it (every row belongs to one program), instead of reading the
+    Δ of a separate pass (``_delta_kernel``)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -818,8 +824,14 @@ def _dq_kernel(
                 mask=qmask, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + qpos[:, None] * sdn + offs_d[None, :],
                  mask=qmask, other=0.0)
+    if DELTA_HERE:
+        o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qpos[:, None] * son + offs_d[None, :],
+                    mask=qmask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh.to(tl.int64) * L + qpos, delta, mask=qvalid)
+    else:
+        delta = tl.load(DELTA + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
     dq = tl.zeros([BM, D_PAD], tl.float32)
     rf = 0
     if MASK_DOT:
@@ -1092,13 +1104,12 @@ BACKWARDS = ("auto", "split", "fused_dq")
 
 
 def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool, backward: str = "split"):
+    """dq, dk, dv of one local attention: Δ = rowsum(dO ∘ O), then "split": the dQ kernel and the
+    dK/dV kernel; "fused_dq": dK/dV adding dQ as it goes."""
     B, H, L, D = q.shape
     do = _last_dim_contiguous(do)
     d_pad = max(16, _pow2(D))
     delta = _new((B, H, L), torch.float32, q.device)
-    _delta_kernel[(triton.cdiv(L, 64), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
-    )
     dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
     fused = backward == "fused_dq"
     common = dict(
@@ -1108,6 +1119,32 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     )
     qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
     table = _table(layout, q.device)
+
+    # Δ inside the split backward's dQ kernel where its rows load whole (D a power of two): 19th
+    # session (benchmarks/results/ab_delta_dq_19th.json), the dQ kernel's extra O loads against the
+    # separate pass: flux-4k circle -0.08 ms, Wan 720p -0.07, sdxl-4k -0.01; at PixArt's head dim
+    # 72 (masked 144-byte rows) +0.05 ms, so the separate pass stays there
+    delta_in_dq = not fused and D == d_pad
+    if not delta_in_dq:
+        _delta_kernel[(triton.cdiv(L, 64), B * H)](
+            o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
+        )
+    if not fused:
+        BM, BN, cfg = _blocks("dq", q, d_pad, layout)
+        sub = -(-layout.tile_volume // BM)
+        ntb = -(-text_len // BM)
+        ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
+        n_text_progs = ntb * B * H
+        n_img = layout.num_tiles * sub
+        tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
+        _dq_kernel[(n_text_progs + n_img * B * H,)](
+            q, k, v, o, do, lse, delta, dq, table, *descriptors,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(dq),
+            H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
+            *_kernel_args(layout), qk_scale, sm_scale,
+            BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
+            TMA_LOADS=tma_loads, DELTA_HERE=delta_in_dq, **_mask_flags(cfg, layout), **common,
+        )
 
     BM, BN, cfg = _blocks("dkdv_fused" if fused else "dkdv", q, d_pad, layout)
     sub = -(-layout.tile_volume // BN)
@@ -1131,23 +1168,6 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     )
     if fused:
         dq.copy_(dq_acc.view(B, H, L, d_pad)[..., :D])
-        return dq, dk, dv
-
-    BM, BN, cfg = _blocks("dq", q, d_pad, layout)
-    sub = -(-layout.tile_volume // BM)
-    ntb = -(-text_len // BM)
-    ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
-    n_text_progs = ntb * B * H
-    n_img = layout.num_tiles * sub
-    tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
-    _dq_kernel[(n_text_progs + n_img * B * H,)](
-        q, k, v, do, lse, delta, dq, table, *descriptors,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
-        *_kernel_args(layout), qk_scale, sm_scale,
-        BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
-        TMA_LOADS=tma_loads, **_mask_flags(cfg, layout), **common,
-    )
     return dq, dk, dv
 
 
