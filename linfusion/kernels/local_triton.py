@@ -1103,6 +1103,15 @@ def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block
 BACKWARDS = ("auto", "split", "fused_dq")
 
 
+def _program_counts(layout: LocalLayout, text_len: int, n_heads: int, block: int) -> tuple[int, int, int, int]:
+    """Programs of a backward launch whose programs own ``block`` rows (``_own_block``): the text
+    programs (all heads), text blocks per head (at least 1: a divisor in the kernel), image programs
+    per head, and the slices ``sub`` of one tile."""
+    sub = -(-layout.tile_volume // block)
+    ntb = -(-text_len // block)
+    return ntb * n_heads, max(ntb, 1), layout.num_tiles * sub, sub
+
+
 def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool, backward: str = "split"):
     """dq, dk, dv of one local attention: Δ = rowsum(dO ∘ O), then "split": the dQ kernel and the
     dK/dV kernel; "fused_dq": dK/dV adding dQ as it goes."""
@@ -1131,11 +1140,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         )
     if not fused:
         BM, BN, cfg = _blocks("dq", q, d_pad, layout)
-        sub = -(-layout.tile_volume // BM)
-        ntb = -(-text_len // BM)
-        ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
-        n_text_progs = ntb * B * H
-        n_img = layout.num_tiles * sub
+        n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, text_len, B * H, BM)
         tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
         _dq_kernel[(n_text_progs + n_img * B * H,)](
             q, k, v, o, do, lse, delta, dq, table, *descriptors,
@@ -1147,11 +1152,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         )
 
     BM, BN, cfg = _blocks("dkdv_fused" if fused else "dkdv", q, d_pad, layout)
-    sub = -(-layout.tile_volume // BN)
-    ntb = -(-text_len // BN)
-    ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
-    n_text_progs = ntb * B * H
-    n_img = layout.num_tiles * sub
+    n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, text_len, B * H, BN)
     dq_tma = fused and _dq_tma_allowed(cfg, layout, BM, q.device, tile_order)  # as _fused_uses_tma decides
     # the fused backward's dQ accumulator: fp32, zeroed, the inputs' token order (see _dkdv_kernel)
     dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
