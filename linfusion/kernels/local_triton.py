@@ -250,9 +250,9 @@ def _row_features(rp0, rp1, rp2, c0, c1, c2, W0, W1, W2, WT,
                   T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, IS_3D: tl.constexpr):
     """[rows, 16] fp16 row side of the tensor-core circle test (MASK_DOT): with ``_col_features``,
     ``rowF @ colF = WT − Σ_d W_d (c_d − r_d)²``, ≥ 0 exactly for visible pairs. Coordinates r, c
-    are relative to the program's own tile origin (a tile pair's: its first tile's, ``mask_dot_pair``),
-    so every feature is a small integer. Pairs (row, column): (WT, 1) and per dimension (W_d, −c_d²), (2 W_d r_d, c_d), (−W_d r_d², 1);
-    ``local_layout.mask_dot_exact`` checks that every value is exact in fp16 and every partial sum
+    are relative to the program's own tile origin (a tile pair's: its first tile's,
+    ``mask_dot_pair``), so every feature is a small integer. Pairs (row, column): (WT, 1) and per
+    dimension (W_d, −c_d²), (2 W_d r_d, c_d), (−W_d r_d², 1); ``local_layout.mask_dot_exact`` checks that every value is exact in fp16 and every partial sum
     below 2**24 (exact in the fp32 accumulator) before MASK_DOT is allowed."""
     r1 = (rp1 - c1 * T1).to(tl.float32)[:, None]
     r2 = (rp2 - c2 * T2).to(tl.float32)[:, None]
