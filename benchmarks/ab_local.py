@@ -12,7 +12,8 @@ forward (``new:fused_dq+dq_t+BM=32``); ``+kind.key`` sets one of another kernel 
 (``new:split+tma_loads+dq.tma_loads``: the split backward's dQ kernel too).
 Records: per case, window and impl the median of the repeats' times, every repeat, the kernels'
 registers / spills / shared memory, and the largest relative error against the first impl of the
-same pass (outputs for fwd, dq/dk/dv for the backward); with ``--kernel-times`` also each impl's
+same pass (outputs for fwd, dq/dk/dv for the backward), the GPU memory one call allocates beyond
+what was allocated before it (``extra_peak_mib``); with ``--kernel-times`` also each impl's
 GPU time per kernel (torch.profiler, mean of 3 back-to-back calls: where a backward's time goes).
 """
 
@@ -116,6 +117,18 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
     return {name: round(ms, 4) for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
+def extra_peak_mib(fn, device: str) -> float | None:
+    """GPU memory one call of ``fn`` allocates at its peak beyond what was allocated before (MiB)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True, help="path of the earlier linfusion/kernels package")
@@ -193,9 +206,10 @@ def main(argv=None) -> None:
                 err = max(rel(a, b) for a, b in zip(outs[impl], outs[first[pss]]))
                 ms = sorted(times[impl])[len(times[impl]) // 2]
                 records.append({"case": case, "window": wname, "impl": impl, "pass": pss, "ms": ms,
-                                "repeats": times[impl], "max_rel_err_vs": first[pss], "max_rel_err": err})
+                                "repeats": times[impl], "max_rel_err_vs": first[pss], "max_rel_err": err,
+                                "extra_peak_mib": extra_peak_mib(fns[impl], device)})
                 print(f"{case:9s} {wname:7s} {impl:28s} {ms:8.3f} ms  {['%.3f' % t for t in times[impl]]}"
-                      f"  err {err:.1e} vs {first[pss]}", flush=True)
+                      f"  err {err:.1e} vs {first[pss]}  +{records[-1]['extra_peak_mib']} MiB", flush=True)
                 if args.kernel_times and device == "cuda":
                     records[-1]["kernel_ms"] = kernel_times(fns[impl])
                     print(f"{'':47s} kernels {records[-1]['kernel_ms']}", flush=True)
