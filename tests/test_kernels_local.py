@@ -370,17 +370,34 @@ def test_image_pairs_only_where_they_pay_and_stay_exact():
 DPT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d-circle-fp16")]
 
 
+DOT_ORDERS = {  # dK/dV config keys (DPT_ORDER 1 and 2), with dQ's dP issued early in the second
+    "dpt_first": ({"dpt_first": True}, {}),
+    "dpt_early": ({"dpt_early": True}, {"dp_early": True}),
+}
+
+
+@pytest.mark.parametrize("order", sorted(DOT_ORDERS))
 @pytest.mark.parametrize("case", DPT_CASES, ids=[c[0] for c in DPT_CASES])
-def test_dpt_first_backward_matches_reference(case, monkeypatch):
-    """The dK/dV kernels with dPᵀ issued before the dV dot (config key ``dpt_first``), split and fused
-    backward, 16-token blocks, against the float64 reference."""
+def test_dot_orders_backward_match_reference(case, order, monkeypatch):
+    """The backward kernels with their dots issued in another order: dPᵀ before the dV dot
+    (``dpt_first``), or dPᵀ right after Sᵀ in dK/dV and dP right after S in dQ (``dpt_early``,
+    ``dp_early``); split and fused backward, 16-token blocks, against the float64 reference."""
     from linfusion.kernels import local_configs
 
     _, B, H, D, grid, window, text_len, shape, tile, dtype = case
-    monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {"BM": 16, "BN": 16, **({} if k == "fwd" else {"dpt_first": True})}
-                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused")})
+    dkdv_keys, dq_keys = DOT_ORDERS[order]
+    blocks = {"BM": 16, "BN": 16}
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {"fwd": blocks, "dq": {**blocks, **dq_keys},
+                                                     "dkdv": {**blocks, **dkdv_keys},
+                                                     "dkdv_fused": {**blocks, **dkdv_keys}})
     for variant in ("split", "fused_dq"):
         check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=3, variant=variant)
+
+
+def test_dpt_order_of_a_config():
+    assert local_triton._dpt_order({}) == 0
+    assert local_triton._dpt_order({"dpt_first": True}) == 1
+    assert local_triton._dpt_order({"dpt_early": True, "dpt_first": False}) == 2
 
 
 def test_mask_dot_exact_only_where_fp16_features_are_exact():
@@ -444,6 +461,40 @@ def test_dpt_first_only_where_measured(monkeypatch):
         assert not local_config(kind, bf16, d_pad, 128, head_dim=head_dim, circle_dot=circle_dot).get("dpt_first")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not local_config("dkdv", bf16, 64, 128, head_dim=64).get("dpt_first")
+
+
+def test_dot_orders_only_where_measured(monkeypatch):
+    """dP issued right after the scores: in dQ at head dims 64, 72 and 128 (every window), in dK/dV
+    for tile windows only (no per-token mask), head dims 64 to 128; not fp32, the interpreter, the
+    fused backward's dK/dV kernel, and the launches pass the window's kind (``_blocks``)."""
+    from linfusion.kernels import local_configs
+    from linfusion.kernels.local_configs import local_config
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {})
+    bf16 = torch.bfloat16
+    for head_dim, d_pad in ((64, 64), (72, 128), (128, 128)):
+        for window_mask in (True, False):
+            assert local_config("dq", bf16, d_pad, 64, head_dim=head_dim, window_mask=window_mask)["dp_early"]
+    for head_dim, d_pad in ((40, 64), (80, 128), (96, 128)):
+        assert not local_config("dq", bf16, d_pad, 64, head_dim=head_dim).get("dp_early")
+    for head_dim, d_pad in ((64, 64), (72, 128), (80, 128), (96, 128), (128, 128)):
+        tile_window = local_config("dkdv", bf16, d_pad, 128, head_dim=head_dim, window_mask=False)
+        assert tile_window["dpt_early"] and local_triton._dpt_order(tile_window) == 2
+        assert not local_config("dkdv", bf16, d_pad, 64, head_dim=head_dim, window_mask=True).get("dpt_early")
+    assert not local_config("dkdv", bf16, 64, 128, head_dim=40, window_mask=False).get("dpt_early")
+    assert not local_config("dkdv_fused", bf16, 128, 128, head_dim=128, window_mask=False).get("dpt_early")
+    assert not local_config("dq", torch.float32, 128, 128, head_dim=128).get("dp_early")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not local_config("dq", bf16, 128, 128, head_dim=128).get("dp_early")
+    assert not local_config("dkdv", bf16, 128, 128, head_dim=128, window_mask=False).get("dpt_early")
+    # the launches: a tile window's layout asks without the mask, a circle's with it
+    seen = []
+    monkeypatch.setattr(local_triton, "local_config", lambda *a, **kw: seen.append(kw["window_mask"]) or {"BM": 16, "BN": 16})
+    q = torch.zeros(1, 1, 64, 64)
+    for shape, expect in (("tile", False), ("circle", True)):
+        local_triton._blocks("dkdv", q, 64, get_layout((8, 8), 2, shape, (4, 4), DEVICE))
+        assert seen[-1] is expect
 
 
 def test_tma_loads_configs_where_measured(monkeypatch):

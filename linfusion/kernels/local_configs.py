@@ -30,13 +30,15 @@ def set_config_override(kind: str, config: dict | None) -> None:
 
 
 def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None,
-                 circle_dot: bool = False) -> dict:
+                 circle_dot: bool = False, window_mask: bool = True) -> dict:
     """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq", "dkdv_fused"),
     plus ``"mask_dot": True`` where the circle test runs as a tensor-core dot.
 
     ``circle_dot``: the layout allows that dot (a circle in formula mode whose features are exact,
     ``local_layout.mask_dot_exact``); it is used where the H200 measured it faster
     (``_circle_dot_config``). An override may set ``"mask_dot"`` too (ignored where not allowed).
+    ``window_mask``: the window needs a per-token mask (circles; False for tile windows), which
+    decides the backward's dot order (``_dot_order_config``).
 
     "dkdv_fused" is the dK/dV kernel of ``backward="fused_dq"`` (it also adds dQ with atomics): its
     own H200-swept blocks where they were measured (bf16/fp16, head dim 128, whole 128-token tiles,
@@ -123,8 +125,38 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             cfg["img_pair"] = True
     if circle_dot and not interp:
         cfg.update(_circle_dot_config(kind, dtype, d_pad, head_dim, tile_block))
+    if not interp and dtype != torch.float32:
+        cfg.update(_dot_order_config(kind, head_dim, window_mask))
     cfg.update(_OVERRIDE.get(kind, {}))
     return cfg
+
+
+def _dot_order_config(kind: str, head_dim: int, window_mask: bool) -> dict:
+    """Issue dP right after the scores, before the exponentials, where the H200 measured it faster
+    (20th session, interleaved in one call each: ``benchmarks/results/ab_early_20th.json``,
+    ``ab_order_20th.json``, ``ab_order_hd_20th.json``). Triton waits for each dot whose result the
+    same iteration uses right after issuing it; with dP issued second the two waits come back to
+    back, and the exponentials, the mask and dS run as one stretch.
+
+    * dQ (``"dp_early"``), every window at head dims 64, 72 and 128: dQ kernel sdxl-4k circle
+      0.534 -> 0.508 ms, tile 0.448 -> 0.439; Wan 480p circle 1.610 -> 1.553, tile 1.836 -> 1.682;
+      flux-2k circle 1.518 -> 1.481, tile 1.571 -> 1.402; flux-4k tile 6.22 -> 5.87, circle 6.16 ->
+      6.15; PixArt (72) backward circle 9.22 -> 9.14, tile 8.70 -> 8.56. Not at 80 and 96 (one padded
+      kernel; head dim 96: circle 8.03 -> 7.98, tile 9.04 -> 9.10).
+    * dK/dV (``"dpt_early"``), tile windows only (no per-token mask), head dims 64 to 128: dK/dV
+      kernel flux-4k 9.82 -> 9.45 ms, flux-2k 2.44 -> 2.27, Wan 480p 2.80 -> 2.62, sdxl-4k 0.817 (dPᵀ
+      first) -> 0.812; backward PixArt 8.56 -> 8.28, head dim 96 9.10 -> 8.52. With a circle's mask
+      between the two dots it is slower (flux-4k dK/dV 9.68 -> 12.57 ms: dPᵀ stays live through the
+      mask, 14 -> 20 spills; head dim 96 backward 7.98 -> 8.22).
+
+    With both, split backward (5 interleaved repeats, ``ab_order_20th.json``): flux-4k tile 16.45 ->
+    15.98 ms, circle 16.31 -> 16.29; flux-1k tile 0.956 -> 0.930, circle 0.970 -> 0.957; Wan 720p tile
+    10.56 -> 10.25, circle 9.78 -> 9.68; sdxl-4k tile 1.269 -> 1.252, circle 1.468 -> 1.443."""
+    if kind == "dq" and head_dim in (64, 72, 128):
+        return {"dp_early": True}
+    if kind == "dkdv" and not window_mask and head_dim in (64, 72, 80, 96, 128):
+        return {"dpt_early": True, "dpt_first": False}
+    return {}
 
 
 def _tma_loads_config(kind: str, head_dim: int, tile_block: int, circle_dot: bool = False) -> dict:

@@ -42,7 +42,9 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   drops the dQ kernel: the dK/dV kernel adds each block pair's dS·K into an fp32 dQ buffer (FA3's
   scheme: 5 matmuls per pair instead of 7, plus the reduction traffic), by TMA reductions on
   Hopper with row-major tokens, else by per-element atomics. ``backward="auto"`` (default) runs
-  it where the H200 measured it faster (circles at head dims 128 and 64).
+  it where the H200 measured it faster (circles at head dims 128 and 64). Where measured faster
+  (``local_configs._dot_order_config``) dP is issued right after the scores, before the
+  exponentials, so that Triton's two waits per block pair come back to back.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import triton.language as tl
 from .dispatch import triton_interpreter_enabled
 from .local_configs import circle_tile, default_backward, local_config
 from .local_layout import (
+    MASK_NONE,
     MASK_TABLE,
     LocalLayout,
     from_tile_order,
@@ -678,12 +681,27 @@ def _dq_share(dsT, k, sm_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dv_and_dpT(pT, v, do, dv, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DPT_FIRST: tl.constexpr):
-    """dV += Pᵀ dO and dPᵀ = V dOᵀ of one block pair. Triton waits for a dot that is not a loop
-    accumulator (dPᵀ) right after issuing it, and that wait covers every dot issued before: with
-    DPT_FIRST the dV dot is issued after dPᵀ's wait and runs while dSᵀ is computed."""
-    if DPT_FIRST:
+def _early_dpT(v, do, qkT, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DPT_ORDER: tl.constexpr):
+    """dPᵀ = V dOᵀ of one block pair issued right after Sᵀ (``qkT``) with DPT_ORDER 2; else zeros of
+    its shape, a placeholder that ``_dv_and_dpT`` replaces (dead code once compiled)."""
+    if DPT_ORDER == 2:
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+    else:
+        dpT = tl.zeros_like(qkT)
+    return dpT
+
+
+@triton.jit
+def _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DPT_ORDER: tl.constexpr):
+    """dV += Pᵀ dO and dPᵀ = V dOᵀ of one block pair. Triton waits for a dot that is not a loop
+    accumulator right after issuing it, and that wait covers every dot issued before. DPT_ORDER 0:
+    the dV dot, then dPᵀ (whose wait covers both); 1: dPᵀ first, so the dV dot runs while dSᵀ is
+    computed; 2: dPᵀ was issued right after Sᵀ (``_early_dpT``: no wait between the exponentials
+    and dSᵀ), so the dV dot runs while dSᵀ is computed."""
+    if DPT_ORDER == 1:
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+        dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+    elif DPT_ORDER == 2:
         dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
     else:
         dv = _dot(pT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
@@ -702,7 +720,7 @@ def _dkdv_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
-    FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_FIRST: tl.constexpr,
+    FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_ORDER: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -749,8 +767,9 @@ def _dkdv_kernel(
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
+        dpT = _early_dpT(v, do, qkT, DOT_PREC, UPCAST, DPT_ORDER)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        dv, dpT = _dv_and_dpT(pT, v, do, dv, DOT_PREC, UPCAST, DPT_FIRST)
+        dv, dpT = _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC, UPCAST, DPT_ORDER)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
         if FUSE_DQ:
@@ -771,11 +790,12 @@ def _dkdv_kernel(
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
+        dpT = _early_dpT(v, do, qkT, DOT_PREC, UPCAST, DPT_ORDER)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
         pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
                          rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
-        dv, dpT = _dv_and_dpT(pT, v, do, dv, DOT_PREC, UPCAST, DPT_FIRST)
+        dv, dpT = _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC, UPCAST, DPT_ORDER)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
         if FUSE_DQ:
@@ -802,14 +822,17 @@ def _dq_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
-    DELTA_HERE: tl.constexpr,
+    DELTA_HERE: tl.constexpr, DP_EARLY: tl.constexpr,
 ):
     """dQ of one query block: the forward's loop with P recomputed from the saved LSE (and, with
     TMA_LOADS, the forward's TMA loads of K and V).
 
     DELTA_HERE: the program also computes its rows' Δ = rowsum(dO ∘ O) and stores it in DELTA for
     the dK/dV kernel launched after it (every row belongs to one program), instead of reading the
-    Δ of a separate pass (``_delta_kernel``)."""
+    Δ of a separate pass (``_delta_kernel``).
+
+    DP_EARLY: dP is issued right after the scores, so its wait follows the scores' at once and the
+    exponentials, mask and dS run as one stretch between the waits (see ``_dv_and_dpT``)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -843,10 +866,13 @@ def _dq_kernel(
         k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, start, kpos, kvalid, offs_d, dmask,
                           BN, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        if DP_EARLY:
+            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if start + BN > dense_end:
             p = tl.where(kvalid[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
+        if not DP_EARLY:
+            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     # 2) the window
@@ -858,10 +884,13 @@ def _dq_kernel(
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
+        if DP_EARLY:
+            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         p = _mask_chunk(p, 0.0, full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
-        dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
+        if not DP_EARLY:
+            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qpos[:, None] * sgn + offs_d[None, :],
@@ -917,7 +946,8 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _blocks(kind: str, q: torch.Tensor, d_pad: int, layout: LocalLayout):
     """(BM, BN, config): blocks no larger than the tile (rounded up to a power of two)."""
-    cfg = local_config(kind, q.dtype, d_pad, layout.tile_volume, head_dim=q.shape[-1], circle_dot=layout.mask_dot)
+    cfg = local_config(kind, q.dtype, d_pad, layout.tile_volume, head_dim=q.shape[-1], circle_dot=layout.mask_dot,
+                       window_mask=layout.mask_mode != MASK_NONE)
     cap = max(16, _pow2(layout.tile_volume))
     return min(cfg["BM"], cap), min(cfg["BN"], cap), cfg
 
@@ -1112,6 +1142,12 @@ def _program_counts(layout: LocalLayout, text_len: int, n_heads: int, block: int
     return ntb * n_heads, max(ntb, 1), layout.num_tiles * sub, sub
 
 
+def _dpt_order(cfg: dict) -> int:
+    """DPT_ORDER of a dK/dV launch (``_dv_and_dpT``): 2 with the config key ``"dpt_early"``, 1 with
+    ``"dpt_first"``, else 0."""
+    return 2 if cfg.get("dpt_early", False) else 1 if cfg.get("dpt_first", False) else 0
+
+
 def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool, backward: str = "split"):
     """dq, dk, dv of one local attention: Δ = rowsum(dO ∘ O), then "split": the dQ kernel and the
     dK/dV kernel; "fused_dq": dK/dV adding dQ as it goes."""
@@ -1148,7 +1184,8 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
             H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
             *_kernel_args(layout), qk_scale, sm_scale,
             BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
-            TMA_LOADS=tma_loads, DELTA_HERE=delta_in_dq, **_mask_flags(cfg, layout), **common,
+            TMA_LOADS=tma_loads, DELTA_HERE=delta_in_dq, DP_EARLY=bool(cfg.get("dp_early", False)),
+            **_mask_flags(cfg, layout), **common,
         )
 
     BM, BN, cfg = _blocks("dkdv_fused" if fused else "dkdv", q, d_pad, layout)
@@ -1164,7 +1201,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
-        FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_FIRST=bool(cfg.get("dpt_first", False)),
+        FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_ORDER=_dpt_order(cfg),
         **_mask_flags(cfg, layout), **common,
     )
     if fused:
