@@ -373,6 +373,7 @@ DPT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d
 DOT_ORDERS = {  # dK/dV config keys (DPT_ORDER 1 and 2), with dQ's dP issued early in the second
     "dpt_first": ({"dpt_first": True}, {}),
     "dpt_early": ({"dpt_early": True}, {"dp_early": True}),
+    "mask_scores": ({"mask_scores": True, "dpt_early": True}, {"mask_scores": True, "dp_early": True}),
 }
 
 
@@ -381,7 +382,8 @@ DOT_ORDERS = {  # dK/dV config keys (DPT_ORDER 1 and 2), with dQ's dP issued ear
 def test_dot_orders_backward_match_reference(case, order, monkeypatch):
     """The backward kernels with their dots issued in another order: dPᵀ before the dV dot
     (``dpt_first``), or dPᵀ right after Sᵀ in dK/dV and dP right after S in dQ (``dpt_early``,
-    ``dp_early``); split and fused backward, 16-token blocks, against the float64 reference."""
+    ``dp_early``), with the window mask on the scores before the exponentials (``mask_scores``); split
+    and fused backward, 16-token blocks, against the float64 reference."""
     from linfusion.kernels import local_configs
 
     _, B, H, D, grid, window, text_len, shape, tile, dtype = case
@@ -478,6 +480,12 @@ def test_dot_orders_only_where_measured(monkeypatch):
             assert local_config("dq", bf16, d_pad, 64, head_dim=head_dim, window_mask=window_mask)["dp_early"]
     for head_dim, d_pad in ((40, 64), (80, 128), (96, 128)):
         assert not local_config("dq", bf16, d_pad, 64, head_dim=head_dim).get("dp_early")
+    # a circle's mask on dQ's scores: head dims 64 and 128, not tile windows, not 72
+    for head_dim, d_pad in ((64, 64), (128, 128)):
+        assert local_config("dq", bf16, d_pad, 64, head_dim=head_dim, window_mask=True)["mask_scores"]
+        assert not local_config("dq", bf16, d_pad, 64, head_dim=head_dim, window_mask=False).get("mask_scores")
+        assert not local_config("dkdv", bf16, d_pad, 64, head_dim=head_dim, window_mask=True).get("mask_scores")
+    assert not local_config("dq", bf16, 128, 64, head_dim=72, window_mask=True).get("mask_scores")
     for head_dim, d_pad in ((64, 64), (72, 128), (80, 128), (96, 128), (128, 128)):
         tile_window = local_config("dkdv", bf16, d_pad, 128, head_dim=head_dim, window_mask=False)
         assert tile_window["dpt_early"] and local_triton._dpt_order(tile_window) == 2
