@@ -373,7 +373,7 @@ DPT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d
 DOT_ORDERS = {  # dK/dV config keys (DPT_ORDER 1 and 2), with dQ's dP issued early in the second
     "dpt_first": ({"dpt_first": True}, {}),
     "dpt_early": ({"dpt_early": True}, {"dp_early": True}),
-    "mask_scores": ({"mask_scores": True, "dpt_early": True}, {"mask_scores": True, "dp_early": True}),
+    "mask_scores": ({"dpt_early": True}, {"mask_scores": True, "dp_early": True}),
 }
 
 
@@ -382,8 +382,8 @@ DOT_ORDERS = {  # dK/dV config keys (DPT_ORDER 1 and 2), with dQ's dP issued ear
 def test_dot_orders_backward_match_reference(case, order, monkeypatch):
     """The backward kernels with their dots issued in another order: dPᵀ before the dV dot
     (``dpt_first``), or dPᵀ right after Sᵀ in dK/dV and dP right after S in dQ (``dpt_early``,
-    ``dp_early``), with the window mask on the scores before the exponentials (``mask_scores``); split
-    and fused backward, 16-token blocks, against the float64 reference."""
+    ``dp_early``), with dQ's window mask on the scores before the exponentials (``mask_scores``);
+    split and fused backward, 16-token blocks, against the float64 reference."""
     from linfusion.kernels import local_configs
 
     _, B, H, D, grid, window, text_len, shape, tile, dtype = case

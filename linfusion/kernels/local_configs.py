@@ -156,7 +156,7 @@ def _dot_order_config(kind: str, head_dim: int, window_mask: bool) -> dict:
         # and a circle's mask on the scores (-inf) before the exponentials rather than on P after them:
         # the mask's own K = 16 dot and wait follow the scores' and dP's (ab_maskscores_20th.json, dQ
         # kernel: flux-4k 5.99 -> 5.91 ms, flux-2k 1.517 -> 1.455, sdxl-4k 0.508 -> 0.503, Wan 480p 1.553
-        # -> 1.542; bit-identical gradients). Not dK/dV (flux-4k 9.71 -> 10.44 ms).
+        # -> 1.542; bit-identical gradients). dK/dV was slower so (flux-4k 9.71 -> 10.44 ms): not offered.
         return {"dp_early": True, **({"mask_scores": True} if window_mask and head_dim != 72 else {})}
     if kind == "dkdv" and not window_mask and head_dim in (64, 72, 80, 96, 128):
         return {"dpt_early": True, "dpt_first": False}

@@ -721,7 +721,6 @@ def _dkdv_kernel(
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
     FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_ORDER: tl.constexpr,
-    MASK_SCORES: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -792,14 +791,10 @@ def _dkdv_kernel(
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         dpT = _early_dpT(v, do, qkT, DOT_PREC, UPCAST, DPT_ORDER)
-        # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
-        if MASK_SCORES:
-            qkT = _mask_chunk(qkT, float("-inf"), True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1,
-                              qc2, rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-        if not MASK_SCORES:
-            pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
-                             rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
+        # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
+        pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
+                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         dv, dpT = _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC, UPCAST, DPT_ORDER)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
@@ -838,9 +833,9 @@ def _dq_kernel(
 
     DP_EARLY: dP is issued right after the scores, so its wait follows the scores' at once and the
     exponentials, mask and dS run as one stretch between the waits (see ``_dv_and_dpT``).
-    MASK_SCORES (also in ``_dkdv_kernel``): the window mask sets the scores to -inf before the
-    exponentials instead of P to 0 after them (the same P), so a circle's tensor-core test and its
-    wait come right after the scores'."""
+    MASK_SCORES: the window mask sets the scores to -inf before the exponentials instead of P to 0
+    after them (the same P), so a circle's tensor-core test and its wait come right after the
+    scores' and dP's. (In dK/dV the H200 measured that order slower: 20th session.)"""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -1215,7 +1210,6 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
         FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_ORDER=_dpt_order(cfg),
-        MASK_SCORES=bool(cfg.get("mask_scores", False)),
         **_mask_flags(cfg, layout), **common,
     )
     if fused:
