@@ -642,10 +642,10 @@ for kern in kernels:
         cx["WIN_STAGES"] = lt._window_stages(type("L", (), {"mask_mode": mode})())
     if "TEXT_PAIR" in kern.arg_names:
         cx["TEXT_PAIR"] = cx["IMG_PAIR"] = tma_loads  # the forward's paired text and image programs compile too
-    if "DELTA_HERE" in kern.arg_names:  # dQ computing the rows' Δ itself, or reading it
-        cx["DELTA_HERE"] = tma_loads
+    if "DELTA_HERE" in kern.arg_names:  # dQ computing the rows' Δ itself, or reading it; dP early, mask on S
+        cx.update(DELTA_HERE=tma_loads, DP_EARLY=tma_loads, MASK_SCORES=tma_loads)
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
-        cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_FIRST=tma_loads)
+        cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_ORDER=2 if tma_loads else 1 if dq_tma else 0)
         if not dq_tma:
             cx.update(DQ_ROWS=None, DQ_GRID=None)
     cx["TMA_LOADS"] = tma_loads  # K/V (forward, dQ) or Q/dO (dK/dV) by TMA loads
