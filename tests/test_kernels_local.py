@@ -498,7 +498,8 @@ def test_dot_orders_only_where_measured(monkeypatch):
     assert not local_config("dkdv", bf16, 128, 128, head_dim=128, window_mask=False).get("dpt_early")
     # the launches: a tile window's layout asks without the mask, a circle's with it
     seen = []
-    monkeypatch.setattr(local_triton, "local_config", lambda *a, **kw: seen.append(kw["window_mask"]) or {"BM": 16, "BN": 16})
+    monkeypatch.setattr(local_triton, "local_config",
+                        lambda *a, **kw: seen.append(kw["window_mask"]) or {"BM": 16, "BN": 16})
     q = torch.zeros(1, 1, 64, 64)
     for shape, expect in (("tile", False), ("circle", True)):
         local_triton._blocks("dkdv", q, 64, get_layout((8, 8), 2, shape, (4, 4), DEVICE))

@@ -159,7 +159,7 @@ def _dot_order_config(kind: str, head_dim: int, window_mask: bool) -> dict:
         # -> 1.542; bit-identical gradients). dK/dV was slower so (flux-4k 9.71 -> 10.44 ms): not offered.
         return {"dp_early": True, **({"mask_scores": True} if window_mask and head_dim != 72 else {})}
     if kind == "dkdv" and not window_mask and head_dim in (64, 72, 80, 96, 128):
-        return {"dpt_early": True, "dpt_first": False}
+        return {"dpt_early": True}  # (takes precedence over "dpt_first": local_triton._dpt_order)
     return {}
 
 

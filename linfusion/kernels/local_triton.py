@@ -255,8 +255,9 @@ def _row_features(rp0, rp1, rp2, c0, c1, c2, W0, W1, W2, WT,
     ``rowF @ colF = WT − Σ_d W_d (c_d − r_d)²``, ≥ 0 exactly for visible pairs. Coordinates r, c
     are relative to the program's own tile origin (a tile pair's: its first tile's,
     ``mask_dot_pair``), so every feature is a small integer. Pairs (row, column): (WT, 1) and per
-    dimension (W_d, −c_d²), (2 W_d r_d, c_d), (−W_d r_d², 1); ``local_layout.mask_dot_exact`` checks that every value is exact in fp16 and every partial sum
-    below 2**24 (exact in the fp32 accumulator) before MASK_DOT is allowed."""
+    dimension (W_d, −c_d²), (2 W_d r_d, c_d), (−W_d r_d², 1); ``local_layout.mask_dot_exact``
+    checks that every value is exact in fp16 and every partial sum below 2**24 (exact in the fp32
+    accumulator) before MASK_DOT is allowed."""
     r1 = (rp1 - c1 * T1).to(tl.float32)[:, None]
     r2 = (rp2 - c2 * T2).to(tl.float32)[:, None]
     f = tl.arange(0, 16)[None, :]
@@ -681,14 +682,24 @@ def _dq_share(dsT, k, sm_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _early_dpT(v, do, qkT, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DPT_ORDER: tl.constexpr):
-    """dPᵀ = V dOᵀ of one block pair issued right after Sᵀ (``qkT``) with DPT_ORDER 2; else zeros of
-    its shape, a placeholder that ``_dv_and_dpT`` replaces (dead code once compiled)."""
-    if DPT_ORDER == 2:
-        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+def _early_dp(a, b, like, EARLY: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a·bᵀ (dP = dO Vᵀ in dQ, dPᵀ = V dOᵀ in dK/dV) issued right after the scores ``like`` when
+    EARLY: Triton waits for it at once, right after the scores' wait, so the exponentials, the mask
+    and dS run as one stretch. Else zeros of its shape, a placeholder that ``_late_dp`` (or
+    ``_dv_and_dpT``) replaces: dead code once compiled."""
+    if EARLY:
+        dp = _dot(a, tl.trans(b), None, DOT_PREC, UPCAST)
     else:
-        dpT = tl.zeros_like(qkT)
-    return dpT
+        dp = tl.zeros_like(like)
+    return dp
+
+
+@triton.jit
+def _late_dp(a, b, dp, EARLY: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a·bᵀ where ``_early_dp`` did not issue it (after the exponentials), else ``dp`` as it is."""
+    if not EARLY:
+        dp = _dot(a, tl.trans(b), None, DOT_PREC, UPCAST)
+    return dp
 
 
 @triton.jit
@@ -696,7 +707,7 @@ def _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr
     """dV += Pᵀ dO and dPᵀ = V dOᵀ of one block pair. Triton waits for a dot that is not a loop
     accumulator right after issuing it, and that wait covers every dot issued before. DPT_ORDER 0:
     the dV dot, then dPᵀ (whose wait covers both); 1: dPᵀ first, so the dV dot runs while dSᵀ is
-    computed; 2: dPᵀ was issued right after Sᵀ (``_early_dpT``: no wait between the exponentials
+    computed; 2: dPᵀ was issued right after Sᵀ (``_early_dp``: no wait between the exponentials
     and dSᵀ), so the dV dot runs while dSᵀ is computed."""
     if DPT_ORDER == 1:
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
@@ -767,7 +778,7 @@ def _dkdv_kernel(
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
-        dpT = _early_dpT(v, do, qkT, DOT_PREC, UPCAST, DPT_ORDER)
+        dpT = _early_dp(v, do, qkT, DPT_ORDER == 2, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         dv, dpT = _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC, UPCAST, DPT_ORDER)
         dsT = pT * (dpT - delta[None, :])
@@ -790,7 +801,7 @@ def _dkdv_kernel(
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
-        dpT = _early_dpT(v, do, qkT, DOT_PREC, UPCAST, DPT_ORDER)
+        dpT = _early_dp(v, do, qkT, DPT_ORDER == 2, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
         pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
@@ -831,8 +842,7 @@ def _dq_kernel(
     the dK/dV kernel launched after it (every row belongs to one program), instead of reading the
     Δ of a separate pass (``_delta_kernel``).
 
-    DP_EARLY: dP is issued right after the scores, so its wait follows the scores' at once and the
-    exponentials, mask and dS run as one stretch between the waits (see ``_dv_and_dpT``).
+    DP_EARLY: dP is issued right after the scores (``_early_dp``).
     MASK_SCORES: the window mask sets the scores to -inf before the exponentials instead of P to 0
     after them (the same P), so a circle's tensor-core test and its wait come right after the
     scores' and dP's. (In dK/dV the H200 measured that order slower: 20th session.)"""
@@ -869,13 +879,11 @@ def _dq_kernel(
         k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, start, kpos, kvalid, offs_d, dmask,
                           BN, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        if DP_EARLY:
-            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
+        dp = _early_dp(do, v, qk, DP_EARLY, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if start + BN > dense_end:
             p = tl.where(kvalid[None, :], p, 0.0)
-        if not DP_EARLY:
-            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
+        dp = _late_dp(do, v, dp, DP_EARLY, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     # 2) the window
@@ -887,8 +895,7 @@ def _dq_kernel(
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
-        if DP_EARLY:
-            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
+        dp = _early_dp(do, v, qk, DP_EARLY, DOT_PREC, UPCAST)
         if MASK_SCORES:
             qk = _mask_chunk(qk, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                              rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
@@ -896,8 +903,7 @@ def _dq_kernel(
         if not MASK_SCORES:
             p = _mask_chunk(p, 0.0, full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
                             rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
-        if not DP_EARLY:
-            dp = _dot(do, tl.trans(v), None, DOT_PREC, UPCAST)
+        dp = _late_dp(do, v, dp, DP_EARLY, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qpos[:, None] * sgn + offs_d[None, :],
