@@ -410,7 +410,7 @@ class _SweepVariant:
 
         bm, bn, cfg = _blocks(kind, self.q, max(16, _pow2(self.q.shape[-1])), self.layout)
         return {"BM": bm, "BN": bn, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                **_mask_flags(cfg, self.layout, bm if kind.startswith("dkdv") else bn)}
+                **_mask_flags(cfg, self.layout)}
 
 
 def _run_config(state: _SweepVariant, kind: str, cfg: dict, bench) -> dict:

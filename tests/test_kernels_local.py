@@ -288,65 +288,9 @@ def test_circle_mask_dot_matches_reference(case, blocks, monkeypatch):
     d_pad = max(16, local_triton._pow2(D))  # the launch's padded head dim
     for kind in ("fwd", "dkdv", "dq", "dkdv_fused"):
         _, _, cfg = local_triton._blocks(kind, q, d_pad, layout)
-        block = local_triton._blocks(kind, q, d_pad, layout)[0 if kind.startswith("dkdv") else 1]
-        assert local_triton._mask_flags(cfg, layout, block) == {"MASK_DOT": True, "MASK_BITS": False}
+        assert local_triton._mask_flags(cfg, layout) == {"MASK_DOT": True}
     for variant in ("split", "fused_dq"):
         check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=11, variant=variant)
-
-
-BIT_CASES = [c for c in CASES if c[7] == "circle"] + [
-    # tiles whose volume is no power of two (chunks read past a row's last word), image pairs with text
-    ("2d-circle-odd-tile", 1, 1, 64, (11, 16), 4, 3, "circle", (3, 4), torch.float32),
-    ("2d-circle-pairs", 2, 1, 64, (9, 16), 5, 7, "circle", (4, 4), torch.bfloat16),
-]
-
-
-@pytest.mark.parametrize("blocks", [{}, {"BM": 16, "BN": 16}], ids=["tile-blocks", "16-blocks"])
-@pytest.mark.parametrize("case", BIT_CASES, ids=[c[0] for c in BIT_CASES])
-def test_circle_mask_bits_match_reference(case, blocks, monkeypatch):
-    """The circle's mask read from the layout's bit table (MASK_BITS), forced on every kernel kind
-    and on the forward's image pairs: forward and both backward variants against the float64
-    reference, formula and table mode. The launches really use it."""
-    from linfusion.kernels import local_configs
-
-    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
-    layout = get_layout(grid, window, shape, tile, DEVICE)
-    assert layout.bits is not None
-    keys = {**blocks, "mask_bits": True, "mask_dot": True}  # the bits take precedence over the dot
-    monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {**keys, **({"img_pair": True} if k == "fwd" else {})}
-                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused")})
-    q = torch.zeros(B, H, text_len + math.prod(grid), D, dtype=dtype)
-    d_pad = max(16, local_triton._pow2(D))
-    for kind in ("fwd", "dkdv", "dq", "dkdv_fused"):
-        bm, bn, cfg = local_triton._blocks(kind, q, d_pad, layout)
-        block = bm if kind.startswith("dkdv") else bn
-        assert local_triton._mask_flags(cfg, layout, block) == {"MASK_DOT": False, "MASK_BITS": True}
-    bm, bn, cfg = local_triton._blocks("fwd", q, d_pad, layout)
-    pairs = local_triton._image_pairs(cfg, layout, -(-layout.tile_volume // bm), bn)
-    assert pairs == (layout.n_tiles[2] % 2 == 0 and bm >= layout.tile_volume)
-    for variant in ("split", "fused_dq"):
-        check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=17, variant=variant)
-
-
-def test_mask_bit_table_is_the_reference_mask():
-    """Every bit of the table against the reference's mask between two tiles, per tile offset."""
-    from linfusion.kernels.local_reference import window_mask
-
-    for grid, window, tile in (((40, 40), 5, (4, 8)), ((9, 20, 20), (2, 4.5, 6), (2, 4, 4)), ((30, 30), 4, (3, 5))):
-        layout = get_layout(grid, window, "circle", tile)
-        g, t, r = layout.grid, layout.tile, layout.radius
-        tt, nw = math.prod(t), -(-math.prod(t) // 32)
-        words = layout.bits[: math.prod(2 * x + 1 for x in r) * tt * nw].view(-1, tt, nw).long() & 0xFFFFFFFF
-        bits = ((words.unsqueeze(-1) >> torch.arange(32)) & 1).view(-1, tt, nw * 32)[..., :tt].bool()
-        inner = torch.stack(torch.meshgrid(*(torch.arange(x) for x in t), indexing="ij"), -1).view(-1, 3)
-        own = inner + torch.tensor([x * y for x, y in zip(r, t)])  # a tile with the whole box inside the grid
-        assert all(2 * x * y + y <= gg for x, y, gg in zip(r, t, g))
-        radii = (window,) * len(tile) if not isinstance(window, tuple) else window
-        dims = slice(3 - len(tile), 3)
-        for o, offset in enumerate(torch.cartesian_prod(*(torch.arange(-x, x + 1) for x in r)).view(-1, 3)):
-            other = inner + (offset + torch.tensor(r)) * torch.tensor(t)
-            ref = window_mask(own[:, dims], other[:, dims], radii, "circle", tile, grid)
-            assert torch.equal(bits[o], ref), (grid, window, tile, offset.tolist())
 
 
 # text longer than one and two query blocks (tile blocks are 32 or 64 rows here, small blocks 16), partial pairs
@@ -414,13 +358,13 @@ def test_image_pairs_only_where_they_pay_and_stay_exact():
     circle test only where the pair's shared feature origin keeps it exact."""
     pair = {"img_pair": True}
     flux = get_layout((256, 256), 16, "circle", (8, 8))  # 32 tile columns
-    assert local_triton._image_pairs({**pair, "mask_dot": True}, flux, 1, 64)
-    assert not local_triton._image_pairs({**pair, "mask_dot": True}, flux, 2, 64)  # half tiles
-    assert not local_triton._image_pairs({}, flux, 1, 64)
-    assert not local_triton._image_pairs(pair, get_layout((21, 30, 52), (2, 8, 8), "circle", (1, 8, 8)), 1, 64)  # 7
+    assert local_triton._image_pairs({**pair, "mask_dot": True}, flux, 1)
+    assert not local_triton._image_pairs({**pair, "mask_dot": True}, flux, 2)  # half tiles
+    assert not local_triton._image_pairs({}, flux, 1)
+    assert not local_triton._image_pairs(pair, get_layout((21, 30, 52), (2, 8, 8), "circle", (1, 8, 8)), 1)  # 7
     wide = get_layout((128, 128), 30, "circle", (8, 8))
-    assert not local_triton._image_pairs({**pair, "mask_dot": True}, wide, 1, 64)
-    assert local_triton._image_pairs(pair, wide, 1, 64)  # the formula's test needs no shared features
+    assert not local_triton._image_pairs({**pair, "mask_dot": True}, wide, 1)
+    assert local_triton._image_pairs(pair, wide, 1)  # the formula's test needs no shared features
 
 
 DPT_CASES = [c for c in CASES if c[0] in ("2d-circle-text", "2d-tile-13x21", "3d-circle-fp16")]

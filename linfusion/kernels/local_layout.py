@@ -134,9 +134,6 @@ class LocalLayout:
     # the forward's pairs of neighbouring tiles, whose features share the first tile's origin
     mask_dot: bool = False
     mask_dot_pair: bool = False
-    # circles: the visibility of every (own-tile token, other-tile token) pair per tile offset of the
-    # window box, as bits (``mask_bit_table``); None where the table would be too large
-    bits: torch.Tensor | None = None
 
     @property
     def tile_volume(self) -> int:
@@ -197,49 +194,6 @@ def mask_dot_exact(weights, tile3, radius3, ndim: int, pair: bool = False) -> bo
     return all(_fp16_exact(t) for t in rows + cols) and bound < 2**24
 
 
-#: the largest bit table built (pairs of tile tokens × tile offsets: 512 KB of int32 words)
-MAX_BIT_TABLE_PAIRS = 1 << 22
-
-
-def mask_bit_table(visible: torch.Tensor, tile3, radius3, device) -> torch.Tensor | None:
-    """The circle's visibility of each (own token a, other token b) pair of two tiles, per tile
-    offset o of the window box, as bits: int32 words ``[O0, O1, O2, TT, NW]`` flattened, where
-    ``O_d = 2 R_d + 1`` (o_d = −R_d..R_d), TT the tile volume, ``NW = ceil(TT / 32)`` and bit j of
-    word w (two's complement) says whether token 32 w + j of tile c + o is visible from token a of
-    tile c (row-major inside the tile). Tokens of partial edge tiles keep their full-tile index,
-    so one table serves every tile. ``visible`` is ``circle_visibility`` over ``|Δ_d| ≤ cap_d``
-    (``(cap0 + 1, cap1 + 1, cap2 + 1)``), so the bits equal the reference's mask. Zero words
-    follow the last row: a chunk of a tile whose volume is not a power of two reads past its last
-    word (columns that are invalid tokens, masked by the kernel). None above
-    ``MAX_BIT_TABLE_PAIRS`` pairs."""
-    tt = math.prod(tile3)
-    n_off = math.prod(2 * r + 1 for r in radius3)
-    if n_off * tt * tt > MAX_BIT_TABLE_PAIRS:
-        return None
-    caps = [c - 1 for c in visible.shape]
-    index = []
-    for d, (t, r) in enumerate(zip(tile3, radius3)):
-        o = torch.arange(-r, r + 1).view(-1, 1, 1) * t
-        a, b = torch.arange(t).view(1, -1, 1), torch.arange(t).view(1, 1, -1)
-        delta = (o + b - a).abs()  # [O_d, T_d (own), T_d (other)]
-        view = [1] * 9
-        view[d], view[3 + d], view[6 + d] = delta.shape
-        index.append(delta.view(view))
-    inside = (index[0] <= caps[0]) & (index[1] <= caps[1]) & (index[2] <= caps[2])
-    vis = visible[tuple(i.clamp(max=c) for i, c in zip(index, caps))] & inside
-    nw = -(-tt // 32)
-    vis = torch.nn.functional.pad(vis.reshape(n_off, tt, tt), (0, nw * 32 - tt))
-    words = (vis.reshape(n_off, tt, nw, 32).to(torch.int64) << torch.arange(32)).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(-1)
-    tail = torch.zeros(_pow2_words(tt) + 1, dtype=torch.int32)
-    return torch.cat([words, tail]).to(device)
-
-
-def _pow2_words(tt: int) -> int:
-    """32-bit words of a power-of-two tile block (the largest span of one chunk's columns)."""
-    return max(1, (1 << max(0, (tt - 1).bit_length())) // 32)
-
-
 @functools.lru_cache(maxsize=64)
 def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalLayout:
     start = time.perf_counter()
@@ -249,7 +203,6 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
     n_tiles = tuple(-(-g // t) for g, t in zip(grid3, tile3))
     table, cap0, cap1, weights, mode = None, 0, 0, (0.0, 0.0, 0.0, 0.0), MASK_NONE
     mask_dot = mask_dot_pair = False
-    bits = None
     if shape == "tile":
         rad = tile_radius(radii, tile, grid)
         radius = (0, *rad) if ndim == 2 else rad
@@ -269,7 +222,6 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
             int(max_last[0, 0]),
         )
         radius = tuple(min((rc + t - 1) // t, n - 1) for rc, t, n in zip(reach, tile3, n_tiles))
-        bits = mask_bit_table(visible, tile3, radius, device)
         formula = _formula_weights(radii3, caps, visible)
         if formula is not None:
             weights, mode = formula, MASK_FORMULA
@@ -292,7 +244,6 @@ def _build_layout(grid, radii, shape: str, tile, device: torch.device) -> LocalL
         setup_ms=(time.perf_counter() - start) * 1e3,
         mask_dot=mask_dot,
         mask_dot_pair=mask_dot_pair,
-        bits=bits,
     )
 
 

@@ -306,70 +306,22 @@ def _feature_mask(x, fill, full, cvalid, rf, cf):
 
 
 @triton.jit
-def _bit_rows(rp0, rp1, rp2, c0, c1, c2, R0, R1, R2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
-    """[rows] int32 row side of the bit-table mask (MASK_BITS, ``local_layout.mask_bit_table``): each
-    row token's first word in the table (NW words a row), less the offset of the window box's first
-    tile c − R, so that a chunk of tile oc adds the (linear) offset index of oc alone."""
-    TT: tl.constexpr = T0 * T1 * T2
-    NW: tl.constexpr = (TT + 31) // 32
-    a = ((rp0 - c0 * T0) * T1 + (rp1 - c1 * T1)) * T2 + (rp2 - c2 * T2)
-    a = tl.minimum(a, TT - 1)  # a block's padding rows past a tile whose volume is not a power of two
-    first = ((c0 - R0) * (2 * R1 + 1) + (c1 - R1)) * (2 * R2 + 1) + (c2 - R2)
-    return a * NW - first * (TT * NW)
-
-
-@triton.jit
-def _bit_words(rbits, TAB, oc0, oc1, oc2, cfirst, R1, R2, COLS: tl.constexpr,
-               T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
-    """The bit-table words of a chunk's columns for each row (MASK_BITS): ([rows], [rows]) int32, the
-    words of columns 0..31 and 32..63 of the chunk of tile oc whose first token has index ``cfirst``
-    inside its tile (a multiple of COLS ≤ 64; one word, returned twice, for COLS ≤ 32). Rows:
-    ``rbits`` (``_bit_rows``). Loaded at the top of an iteration, before its first dot, so that
-    the dot hides the load (L1-resident: 12.5 KB for 8×8 tiles at r = 16)."""
-    TT: tl.constexpr = T0 * T1 * T2
-    NW: tl.constexpr = (TT + 31) // 32
-    row_words = TAB + rbits + (((oc0 * (2 * R1 + 1) + oc1) * (2 * R2 + 1) + oc2) * (TT * NW) + cfirst // 32)
-    lo = tl.load(row_words)
-    hi = lo
-    if COLS > 32:
-        hi = tl.load(row_words + 1)
-    return lo, hi
-
-
-@triton.jit
-def _bits_mask(x, fill, full, cvalid, lo, hi, cfirst):
-    """``x`` [rows, cols ≤ 64] with ``fill`` where the bit table says the pair is outside the window
-    (``_bit_words``: ``lo``, ``hi``), or the column is invalid (unless ``full``). Per score a word
-    select, a shift and a sign test: no dot, no wait."""
-    COLS: tl.constexpr = x.shape[1]
-    j = tl.arange(0, COLS)
-    words = tl.where((j < 32)[None, :], lo[:, None], hi[:, None])
-    vis = (words << (31 - (cfirst + j) % 32)[None, :]) < 0  # the column's bit moved to the sign bit
-    if not full:
-        vis = vis & cvalid[None, :]
-    return tl.where(vis, x, fill)
-
-
-@triton.jit
 def _mask_chunk(x, fill, full, cvalid, rp0, rp1, rp2, cp0, cp1, cp2, c0, c1, c2, oc0, oc1, oc2,
-                rf, rf2, cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                rf, TAB, CAP0, CAP1, W0, W1, W2, WT,
                 T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-                MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, MASK_DOT: tl.constexpr, MASK_BITS: tl.constexpr):
+                MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, MASK_DOT: tl.constexpr):
     """``x`` [rows, cols] (scores or probabilities) of one window chunk with invisible pairs set to
     ``fill``. Rows are the program's own tokens (tile c, coordinates rp), columns the chunk's
     (tile oc, coordinates cp, validity ``cvalid``; ``full``: no invalid column). Tile windows and
     interior chunks of a circle need only the validity; edge chunks of a circle the window too,
-    with MASK_BITS by the bit table (``_bits_mask``: ``rf``, ``rf2`` the chunk's words from
-    ``_bit_words``, ``cfirst`` its first token's index inside tile oc), with MASK_DOT by one K=16 tensor-core dot of exact
-    integer features (``_row_features`` ``rf``, ``_col_features``) and one compare per score, else
-    by the formula (~7 fp32 operations per score) or the table."""
+    with MASK_DOT by one K=16 tensor-core dot of exact integer features (``_row_features`` ``rf``,
+    ``_col_features``) and one compare per score, else by the formula (~7 fp32 operations per
+    score) or the table."""
     window = False
     if MASK_MODE != 0:
         window = not _tiles_all_visible(c0, c1, c2, oc0, oc1, oc2, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D)
     if window:
-        if MASK_BITS:
-            x = _bits_mask(x, fill, full, cvalid, rf, rf2, cfirst)
-        elif MASK_DOT:
+        if MASK_DOT:
             x = _feature_mask(x, fill, full, cvalid, rf, _col_features(cp0, cp1, cp2, c0, c1, c2, T0, T1, T2, IS_3D))
         else:
             vis = _window_mask(rp0, rp1, rp2, cp0, cp1, cp2, TAB, CAP0, CAP1, W0, W1, W2, WT, MASK_MODE, IS_3D)
@@ -499,27 +451,25 @@ def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, 
 
 @triton.jit
 def _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
-                   rf, rf2, cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT,
+                   rf, TAB, CAP0, CAP1, W0, W1, W2, WT,
                    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr,
-                   IS_3D: tl.constexpr, MASK_DOT: tl.constexpr, MASK_BITS: tl.constexpr, DOT_PREC: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   IS_3D: tl.constexpr, MASK_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Scores q·kᵀ of one window chunk, -inf where the pair is outside the window or the key invalid
     (query tile c, key tile kc; see ``_mask_chunk``)."""
     s = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
     return _mask_chunk(s, float("-inf"), full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
-                       rf, rf2, cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT,
-                       MASK_BITS)
+                       rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
 
 
 
 @triton.jit
 def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2, nr1, nj, n_iter,
-                 K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, R1, R2,
+                 K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
                  W0, W1, W2, WT, qk_scale, offs_d, dmask,
                  BN: tl.constexpr, D_PAD: tl.constexpr, CPT: tl.constexpr,
                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr, IS_3D: tl.constexpr,
                  TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
-                 MASK_DOT: tl.constexpr, MASK_BITS: tl.constexpr, TMA_LOADS: tl.constexpr):
+                 MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr):
     """The first ``n_iter`` chunks of the key-tile box (rows from lo0, lo1; ``nj`` columns from lo2;
     ``_chunk``) for the query block ``q`` of tile c (row coordinates rp, features rf): its online-softmax
     state, updated."""
@@ -528,22 +478,16 @@ def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2,
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
-        cfirst = (it % CPT) * BN
-        rows, rows2 = rf, 0
-        if MASK_BITS:
-            rows, rows2 = _bit_words(rf, TAB, kc0, kc1, kc2, cfirst, R1, R2, BN, T0, T1, T2)
-        s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rows, rows2,
-                           cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, MASK_BITS,
-                           DOT_PREC, UPCAST)
+        s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
+                           CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _pair_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, rf2, cf, cfirst, TAB,
-                 CAP0, CAP1, W0, W1, W2, WT, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-                 MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, MASK_DOT: tl.constexpr, MASK_BITS: tl.constexpr,
-                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _pair_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, cf, TAB, CAP0, CAP1,
+                 W0, W1, W2, WT, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr,
+                 IS_3D: tl.constexpr, MASK_DOT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``_window_scores`` of one half of a tile pair (its tile c). With MASK_DOT the tensor-core
     circle test runs on the given column features ``cf``, computed once per chunk for both halves
     (``rf`` and ``cf`` share the first tile's origin)."""
@@ -554,9 +498,8 @@ def _pair_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, k
         elif not full:
             s = tl.where(kvalid[None, :], s, float("-inf"))
     else:
-        s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, rf2,
-                           cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, MASK_BITS,
-                           DOT_PREC, UPCAST)
+        s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
+                           CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
     return s
 
 
@@ -568,7 +511,7 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
                       T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
                       MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr,
                       DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
-                      MASK_DOT: tl.constexpr, MASK_BITS: tl.constexpr, TMA_LOADS: tl.constexpr):
+                      MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr):
     """Two neighbouring query tiles, (c0, c1, c2) and (c0, c1, c2 + 1) with c2 even (pair ``rem`` of
     head bh; BM = the tile volume), as two halves that share each loaded K/V chunk: the text keys
     and the key tiles both windows hold (every column but one per half: 2R₂ of 2R₂ + 1), so a pair
@@ -592,9 +535,6 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
     if MASK_DOT:  # relative to the first tile's origin (the layout's ``mask_dot_pair``: exact)
         rf = _row_features(ap0, ap1, ap2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
         rf_b = _row_features(bp0, bp1, bp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    if MASK_BITS:  # each half relative to its own tile
-        rf = _bit_rows(ap0, ap1, ap2, c0, c1, c2, R0, R1, R2, T0, T1, T2)
-        rf_b = _bit_rows(bp0, bp1, bp2, c0, c1, c2 + 1, R0, R1, R2, T0, T1, T2)
     # 1) the text keys
     acca, ma, la, accb, mb, lb = _dense_pair_loop(qa, qb, acca, ma, la, accb, mb, lb, TEXT, K_ROWS, V_ROWS, k_base,
                                                   v_base, skn, svn, b, h, qk_scale, offs_d, dmask, BN, D_PAD,
@@ -612,32 +552,23 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
         cf = 0
         if MASK_DOT:  # one set of column features for both halves
             cf = _col_features(kp0, kp1, kp2, c0, c1, c2, T0, T1, T2, IS_3D)
-        cfirst = (it % CPT) * BN
-        wa, wa2, wb, wb2 = rf, 0, rf_b, 0
-        if MASK_BITS:
-            wa, wa2 = _bit_words(rf, TAB, kc0, kc1, kc2, cfirst, R1, R2, BN, T0, T1, T2)
-            wb, wb2 = _bit_words(rf_b, TAB, kc0, kc1, kc2, cfirst, R1, R2, BN, T0, T1, T2)
-        sa = _pair_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, wa, wa2, cf,
-                          cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, MASK_BITS,
-                          DOT_PREC, UPCAST)
+        sa = _pair_scores(qa, k, full, kvalid, ap0, ap1, ap2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, cf, TAB,
+                          CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         acca, ma, la = _softmax_step(acca, ma, la, sa, v, qk_scale, DOT_PREC, UPCAST)
-        sb = _pair_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, wb, wb2, cf,
-                          cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT,
-                          MASK_BITS, DOT_PREC, UPCAST)
+        sb = _pair_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf_b, cf,
+                          TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
-    # 3) the column only the first half sees, then the one only the second half sees (the loops take
-    # tile-relative row sides: the dot's features of the second half's own origin, the bits' rf_b)
-    rf_side_b = rf_b if MASK_BITS else rf
+    # 3) the column only the first half sees, then the one only the second half sees
     acca, ma, la = _window_loop(qa, acca, ma, la, rf, ap0, ap1, ap2, c0, c1, c2, lo0, lo1, c2 - R2, nr1, 1,
                                 tl.where(c2 - R2 >= 0, n_rows_chunks, 0), K_GRID, V_GRID, k_base, v_base, skn, svn,
-                                b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, R1, R2, W0, W1, W2, WT, qk_scale, offs_d,
-                                dmask, BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
-                                WIN_STAGES, MASK_DOT, MASK_BITS, TMA_LOADS)
-    accb, mb, lb = _window_loop(qb, accb, mb, lb, rf_side_b, bp0, bp1, bp2, c0, c1, c2 + 1, lo0, lo1, c2 + 1 + R2, nr1, 1,
+                                b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                                BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                                WIN_STAGES, MASK_DOT, TMA_LOADS)
+    accb, mb, lb = _window_loop(qb, accb, mb, lb, rf, bp0, bp1, bp2, c0, c1, c2 + 1, lo0, lo1, c2 + 1 + R2, nr1, 1,
                                 tl.where(c2 + 1 + R2 < N2, n_rows_chunks, 0), K_GRID, V_GRID, k_base, v_base, skn,
-                                svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, R1, R2, W0, W1, W2, WT, qk_scale, offs_d,
-                                dmask, BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
-                                WIN_STAGES, MASK_DOT, MASK_BITS, TMA_LOADS)
+                                svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                                BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                                WIN_STAGES, MASK_DOT, TMA_LOADS)
     _store_rows(O, LSE, o_base, bh, L, apos, avalid, son, offs_d, dmask, acca, ma, la, qk_scale)
     _store_rows(O, LSE, o_base, bh, L, bpos, bvalid, son, offs_d, dmask, accb, mb, lb, qk_scale)
 
@@ -653,7 +584,7 @@ def _fwd_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
-    TEXT_PAIR: tl.constexpr, IMG_PAIR: tl.constexpr, MASK_BITS: tl.constexpr,
+    TEXT_PAIR: tl.constexpr, IMG_PAIR: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
@@ -683,7 +614,7 @@ def _fwd_kernel(
                               sqn, skn, svn, son, b, h, bh, pid_img - bh * n_img_per_bh, L, TEXT,
                               G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
                               BM, BN, D_PAD, T0, T1, T2, CPT, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
-                              WIN_STAGES, MASK_DOT, MASK_BITS, TMA_LOADS)
+                              WIN_STAGES, MASK_DOT, TMA_LOADS)
             return
     is_text, bh, c0, c1, c2, qp0, qp1, qp2, qpos, qvalid, dense_end = _own_block(
         pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BM, T0, T1, T2, TILE_ORDER)
@@ -705,8 +636,6 @@ def _fwd_kernel(
     rf = 0
     if MASK_DOT:
         rf = _row_features(qp0, qp1, qp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    if MASK_BITS:
-        rf = _bit_rows(qp0, qp1, qp2, c0, c1, c2, R0, R1, R2, T0, T1, T2)
     # 1) dense keys: the text keys (image queries) or every key (text queries)
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
@@ -719,9 +648,9 @@ def _fwd_kernel(
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     acc, m_i, l_i = _window_loop(q, acc, m_i, l_i, rf, qp0, qp1, qp2, c0, c1, c2, lo0, lo1, lo2, nr1, nj,
                                  tl.where(is_text, 0, n_win), K_GRID, V_GRID, k_base, v_base, skn, svn, b, h,
-                                 G0, G1, G2, TEXT, TAB, CAP0, CAP1, R1, R2, W0, W1, W2, WT, qk_scale, offs_d, dmask,
+                                 G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
                                  BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
-                                 WIN_STAGES, MASK_DOT, MASK_BITS, TMA_LOADS)
+                                 WIN_STAGES, MASK_DOT, TMA_LOADS)
     _store_rows(O, LSE, o_base, bh, L, qpos, qvalid, son, offs_d, dmask, acc, m_i, l_i, qk_scale)
 
 
@@ -803,7 +732,6 @@ def _dkdv_kernel(
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
     FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_ORDER: tl.constexpr,
-    MASK_BITS: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -839,8 +767,6 @@ def _dkdv_kernel(
     rf = 0
     if MASK_DOT:
         rf = _row_features(kp0, kp1, kp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    if MASK_BITS:
-        rf = _bit_rows(kp0, kp1, kp2, c0, c1, c2, R0, R1, R2, T0, T1, T2)
     # 1) dense queries: the text queries (image keys) or every query (text keys)
     for start in range(0, dense_end, BM):
         qpos = start + tl.arange(0, BM)
@@ -869,10 +795,6 @@ def _dkdv_kernel(
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         qpos, qvalid, qp0, qp1, qp2, full, qc0, qc1, qc2 = _chunk(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
-        cfirst = (it % CPT) * BM
-        rows, rows2 = rf, 0
-        if MASK_BITS:
-            rows, rows2 = _bit_words(rf, TAB, qc0, qc1, qc2, cfirst, R1, R2, BM, T0, T1, T2)
         lmask = qvalid[:, None] & dmask[None, :]
         q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, it, qc0, qc1, qc2, G1, qpos, qvalid,
                             offs_d, dmask, BM, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
@@ -883,8 +805,7 @@ def _dkdv_kernel(
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         # invalid queries need no validity mask (their LSE loads as +inf, so pT is already 0): full=True
         pT = _mask_chunk(pT, 0.0, True, qvalid, kp0, kp1, kp2, qp0, qp1, qp2, c0, c1, c2, qc0, qc1, qc2,
-                         rows, rows2, cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D,
-                         MASK_DOT, MASK_BITS)
+                         rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         dv, dpT = _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC, UPCAST, DPT_ORDER)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
@@ -912,7 +833,7 @@ def _dq_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
-    DELTA_HERE: tl.constexpr, DP_EARLY: tl.constexpr, MASK_SCORES: tl.constexpr, MASK_BITS: tl.constexpr,
+    DELTA_HERE: tl.constexpr, DP_EARLY: tl.constexpr, MASK_SCORES: tl.constexpr,
 ):
     """dQ of one query block: the forward's loop with P recomputed from the saved LSE (and, with
     TMA_LOADS, the forward's TMA loads of K and V).
@@ -951,8 +872,6 @@ def _dq_kernel(
     rf = 0
     if MASK_DOT:
         rf = _row_features(qp0, qp1, qp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    if MASK_BITS:
-        rf = _bit_rows(qp0, qp1, qp2, c0, c1, c2, R0, R1, R2, T0, T1, T2)
     # 1) dense keys
     for start in range(0, dense_end, BN):
         kpos = start + tl.arange(0, BN)
@@ -975,21 +894,15 @@ def _dq_kernel(
             it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
-        cfirst = (it % CPT) * BN
-        rows, rows2 = rf, 0
-        if MASK_BITS:
-            rows, rows2 = _bit_words(rf, TAB, kc0, kc1, kc2, cfirst, R1, R2, BN, T0, T1, T2)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         dp = _early_dp(do, v, qk, DP_EARLY, DOT_PREC, UPCAST)
         if MASK_SCORES:
             qk = _mask_chunk(qk, float("-inf"), full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
-                             rows, rows2, cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE,
-                             IS_3D, MASK_DOT, MASK_BITS)
+                             rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if not MASK_SCORES:
             p = _mask_chunk(p, 0.0, full, kvalid, qp0, qp1, qp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2,
-                            rows, rows2, cfirst, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE,
-                            IS_3D, MASK_DOT, MASK_BITS)
+                            rf, TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT)
         dp = _late_dp(do, v, dp, DP_EARLY, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
@@ -1075,20 +988,12 @@ def _kernel_args(layout: LocalLayout):
     return [g0, g1, g2, n0, n1, n2, r0, r1, r2, layout.cap0, layout.cap1, w0, w1, w2, wt]
 
 
-def _mask_flags(cfg: dict, layout: LocalLayout, window_block: int) -> dict:
-    """How a launch's edge chunks compute a circle's mask: MASK_BITS, the config asks for the bit
-    table (``"mask_bits"``), the layout has one and the window chunks (``window_block`` tokens)
-    span at most two words of it; else MASK_DOT, the config asks for the
-    tensor-core circle test and the layout allows it; else the formula or the table."""
-    bits = bool(cfg.get("mask_bits", False)) and layout.bits is not None and window_block <= 64
-    return {"MASK_DOT": bool(cfg.get("mask_dot", False)) and layout.mask_dot and not bits, "MASK_BITS": bits}
+def _mask_flags(cfg: dict, layout: LocalLayout) -> dict:
+    """MASK_DOT of a launch: the config asks for the tensor-core circle test and the layout allows it."""
+    return {"MASK_DOT": bool(cfg.get("mask_dot", False)) and layout.mask_dot}
 
 
-def _table(layout: LocalLayout, device, flags: dict | None = None) -> torch.Tensor:
-    """TAB of a launch with mask ``flags``: the bit table (MASK_BITS), the circle's table, or a
-    placeholder."""
-    if flags is not None and flags["MASK_BITS"]:
-        return layout.bits
+def _table(layout: LocalLayout, device) -> torch.Tensor:
     if layout.table is not None:
         return layout.table
     return torch.zeros(1, dtype=torch.int32, device=device)  # unused placeholder
@@ -1115,16 +1020,15 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     lse = _new((B, H, L), torch.float32, q.device)
     sub = -(-layout.tile_volume // BM)
     text_pair = bool(cfg.get("text_pair", False))
-    img_pair = _image_pairs(cfg, layout, sub, BN)
+    img_pair = _image_pairs(cfg, layout, sub)
     ntb = -(-text_len // (2 * BM if text_pair else BM))
     ntb_arg = max(ntb, 1)  # divisor in the kernel even without text
     n_text_progs = ntb * B * H
     n_img = layout.num_tiles // 2 if img_pair else layout.num_tiles * sub  # pairs: an even tile-column count
     grid = (n_text_progs + n_img * B * H,)
     tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
-    flags = _mask_flags(cfg, layout, BN)
     _fwd_kernel[grid](
-        q, k, v, o, lse, _table(layout, q.device, flags), *descriptors,
+        q, k, v, o, lse, _table(layout, q.device), *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), LOG2E / math.sqrt(D),
@@ -1132,18 +1036,18 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
-        WIN_STAGES=_window_stages(layout), **flags, TMA_LOADS=tma_loads,
+        WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
         TEXT_PAIR=text_pair, IMG_PAIR=img_pair, **_launch_options(cfg),
     )
     return o, lse
 
 
-def _image_pairs(cfg: dict, layout: LocalLayout, sub: int, window_block: int) -> bool:
+def _image_pairs(cfg: dict, layout: LocalLayout, sub: int) -> bool:
     """IMG_PAIR of a forward launch: the config asks for it (``"img_pair"``), a query block is a
     whole tile (``sub == 1``), the tile columns pair up (an even count: with an odd one the last
     program's second half is wasted work, Wan 480p's 7 columns 1.489 -> 1.556 ms on the H200), and
     a tensor-core circle test stays exact with the pair's shared feature origin (``mask_dot_pair``)."""
-    exact = layout.mask_dot_pair or not _mask_flags(cfg, layout, window_block)["MASK_DOT"]
+    exact = layout.mask_dot_pair or not _mask_flags(cfg, layout)["MASK_DOT"]
     return bool(cfg.get("img_pair", False)) and sub == 1 and layout.n_tiles[2] % 2 == 0 and exact
 
 
@@ -1272,6 +1176,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, WIN_STAGES=_window_stages(layout),
     )
     qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
+    table = _table(layout, q.device)
 
     # Δ inside the split backward's dQ kernel where its rows load whole (D a power of two): 19th
     # session (benchmarks/results/ab_delta_dq_19th.json), the dQ kernel's extra O loads against the
@@ -1286,16 +1191,15 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         BM, BN, cfg = _blocks("dq", q, d_pad, layout)
         n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, text_len, B * H, BM)
         tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
-        flags = _mask_flags(cfg, layout, BN)
         _dq_kernel[(n_text_progs + n_img * B * H,)](
-            q, k, v, o, do, lse, delta, dq, _table(layout, q.device, flags), *descriptors,
+            q, k, v, o, do, lse, delta, dq, table, *descriptors,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(dq),
             H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
             *_kernel_args(layout), qk_scale, sm_scale,
             BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
             TMA_LOADS=tma_loads, DELTA_HERE=delta_in_dq, DP_EARLY=bool(cfg.get("dp_early", False)),
             MASK_SCORES=bool(cfg.get("mask_scores", False)),
-            **flags, **common,
+            **_mask_flags(cfg, layout), **common,
         )
 
     BM, BN, cfg = _blocks("dkdv_fused" if fused else "dkdv", q, d_pad, layout)
@@ -1305,15 +1209,14 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
     dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
     tma_loads, descriptors = _tma_loads(cfg, (q, do), text_len, layout, BM, tile_order)
-    flags = _mask_flags(cfg, layout, BM)
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, _table(layout, q.device, flags), *descriptors,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
         FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_ORDER=_dpt_order(cfg),
-        **flags, **common,
+        **_mask_flags(cfg, layout), **common,
     )
     if fused:
         dq.copy_(dq_acc.view(B, H, L, d_pad)[..., :D])
