@@ -374,6 +374,8 @@ DOT_ORDERS = {  # dK/dV config keys (DPT_ORDER 1 and 2), with dQ's dP issued ear
     "dpt_first": ({"dpt_first": True}, {}),
     "dpt_early": ({"dpt_early": True}, {"dp_early": True}),
     "mask_scores": ({"dpt_early": True}, {"mask_scores": True, "dp_early": True}),
+    # and dK/dV's window chunks by division of the iteration count instead of loop-carried counters
+    "div_chunks": ({"dpt_early": True, "div_chunks": True}, {"dp_early": True}),
 }
 
 
@@ -489,6 +491,8 @@ def test_dot_orders_only_where_measured(monkeypatch):
     for head_dim, d_pad in ((64, 64), (72, 128), (80, 128), (96, 128), (128, 128)):
         tile_window = local_config("dkdv", bf16, d_pad, 128, head_dim=head_dim, window_mask=False)
         assert tile_window["dpt_early"] and local_triton._dpt_order(tile_window) == 2
+        assert tile_window.get("div_chunks", False) == (head_dim != 64)  # (21st session: the dK/dV loop's chunks)
+        assert not local_config("dkdv", bf16, d_pad, 64, head_dim=head_dim, window_mask=True).get("div_chunks")
         assert not local_config("dkdv", bf16, d_pad, 64, head_dim=head_dim, window_mask=True).get("dpt_early")
     assert not local_config("dkdv", bf16, 64, 128, head_dim=40, window_mask=False).get("dpt_early")
     assert not local_config("dkdv_fused", bf16, 128, 128, head_dim=128, window_mask=False).get("dpt_early")
@@ -646,7 +650,8 @@ for kern in kernels:
     if "DELTA_HERE" in kern.arg_names:  # dQ computing the rows' Δ itself, or reading it; dP early, mask on S
         cx.update(DELTA_HERE=tma_loads, DP_EARLY=tma_loads, MASK_SCORES=tma_loads)
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
-        cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_ORDER=2 if tma_loads else 1 if dq_tma else 0)
+        cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_ORDER=2 if tma_loads else 1 if dq_tma else 0,
+                  DIV_CHUNKS=tma_loads)
         if not dq_tma:
             cx.update(DQ_ROWS=None, DQ_GRID=None)
     cx["TMA_LOADS"] = tma_loads  # K/V (forward, dQ) or Q/dO (dK/dV) by TMA loads

@@ -159,7 +159,12 @@ def _dot_order_config(kind: str, head_dim: int, window_mask: bool) -> dict:
         # -> 1.542; bit-identical gradients). dK/dV was slower so (flux-4k 9.71 -> 10.44 ms): not offered.
         return {"dp_early": True, **({"mask_scores": True} if window_mask and head_dim != 72 else {})}
     if kind == "dkdv" and not window_mask and head_dim in (64, 72, 80, 96, 128):
-        return {"dpt_early": True}  # (takes precedence over "dpt_first": local_triton._dpt_order)
+        # (takes precedence over "dpt_first": local_triton._dpt_order); and at the head dims padded to
+        # 128 the window's chunks by division (local_triton._chunk_at): with the loop-carried counters
+        # every other kernel uses, this dK/dV kernel ran slower on the H200 (21st session,
+        # benchmarks/results/ab_counters_21st.json, ab_counters_more_21st.json: dK/dV kernel flux-4k 9.37 -> 9.75 ms; split
+        # backward Wan 480p 4.33 -> 4.50, 720p 10.33 -> 10.64), at head dim 64 faster (sdxl-4k 1.256 -> 1.171)
+        return {"dpt_early": True, **({"div_chunks": True} if head_dim != 64 else {})}
     return {}
 
 

@@ -136,24 +136,50 @@ def _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT: tl.constexpr):
 
 
 @triton.jit
-def _chunk(it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT,
-           BLOCK: tl.constexpr, CPT: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-           TILE_ORDER: tl.constexpr):
-    """Chunk ``it`` of the window of a tile: tokens of key tile (kc0, kc1, j), slice ``sc``.
+def _chunk(kc0, kc1, j, sc, G0, G1, G2, TEXT,
+           BLOCK: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, TILE_ORDER: tl.constexpr):
+    """Window chunk ``sc`` (a BLOCK-token slice) of key tile (kc0, kc1, j): its tokens, and whether it
+    is whole (no grid edge cuts its tile, no slice past the tile's end: no validity mask needed).
 
-    Pure integer arithmetic on ``it``: no memory loads, so nothing in the key loop but the
-    K/V (Q/dO) tiles themselves is a candidate for software pipelining."""
-    sc = it % CPT
-    t = it // CPT
-    j = lo2 + t % nj
-    r = t // nj
-    kc0 = lo0 + r // nr1
-    kc1 = lo1 + r % nr1
+    Pure integer arithmetic: no memory loads, so nothing in the key loop but the K/V (Q/dO) tiles
+    themselves is a candidate for software pipelining."""
     p0, p1, p2, pos, valid = _tile_tokens(kc0, kc1, j, sc * BLOCK + tl.arange(0, BLOCK), G0, G1, G2, TEXT,
                                           T0, T1, T2, TILE_ORDER)
-    # a whole tile (not cut by the grid edge) and a whole chunk: no validity mask needed
     full = ((kc0 + 1) * T0 <= G0) & ((kc1 + 1) * T1 <= G1) & ((j + 1) * T2 <= G2) & ((sc + 1) * BLOCK <= T0 * T1 * T2)
-    return pos, valid, p0, p1, p2, full, kc0, kc1, j
+    return pos, valid, p0, p1, p2, full
+
+
+@triton.jit
+def _chunk_at(it, lo0, lo1, lo2, nr1, nj, CPT: tl.constexpr):
+    """Window chunk ``it`` as ``_next_chunk`` would reach it (tile (kc0, kc1, j), slice sc), by integer
+    division of the iteration count (DIV_CHUNKS)."""
+    sc = it % CPT
+    t = it // CPT
+    r = t // nj
+    return lo0 + r // nr1, lo1 + r % nr1, lo2 + t % nj, sc
+
+
+@triton.jit
+def _next_chunk(kc0, kc1, j, sc, lo1, lo2, nr1, nj, CPT: tl.constexpr):
+    """The window chunk after slice ``sc`` of key tile (kc0, kc1, j) in the loops' order: the CPT
+    slices of a tile, the ``nj`` tiles of a row from lo2, the ``nr1`` rows of a plane from lo1,
+    then the next plane. Loop-carried counters and selects: deriving the chunk from the iteration
+    count took two divisions by runtime box sizes per iteration (~50 instructions on sm_90;
+    ``_chunk_at``, which the dK/dV kernel keeps where the H200 measured it faster: DIV_CHUNKS)."""
+    if CPT > 1:
+        sc = sc + 1
+        next_tile = sc == CPT
+        sc = tl.where(next_tile, 0, sc)
+        j = tl.where(next_tile, j + 1, j)
+    else:
+        j = j + 1
+    next_row = j == lo2 + nj
+    j = tl.where(next_row, lo2, j)
+    kc1 = tl.where(next_row, kc1 + 1, kc1)
+    next_plane = kc1 == lo1 + nr1
+    kc1 = tl.where(next_plane, lo1, kc1)
+    kc0 = tl.where(next_plane, kc0 + 1, kc0)
+    return kc0, kc1, j, sc
 
 
 @triton.jit
@@ -183,16 +209,16 @@ def _load_rows(X_ROWS, Y_ROWS, x_base, y_base, sxn, syn, b, h, start, pos, valid
 
 
 @triton.jit
-def _load_chunk(X_GRID, Y_GRID, x_base, y_base, sxn, syn, b, h, it, kc0, kc1, kc2, G1, pos, valid, offs_d, dmask,
+def _load_chunk(X_GRID, Y_GRID, x_base, y_base, sxn, syn, b, h, sc, kc0, kc1, kc2, G1, pos, valid, offs_d, dmask,
                 BLOCK: tl.constexpr, CPT: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
                 D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr):
-    """Two [BLOCK, D_PAD] tiles of window chunk ``it`` (tile kc, slice it % CPT; tokens ``pos``).
+    """Two [BLOCK, D_PAD] tiles of window chunk ``sc`` of tile kc (tokens ``pos``).
     TMA_LOADS: one TMA load each (``X_GRID``/``Y_GRID``: the grid [B, H, G0·G1, G2, D], box
     [1, 1, BLOCK/T2, T2, D_PAD]): the chunk is BLOCK/T2 whole rows of one tile plane, so the box starts
     at its first token, column kc2·T2; rows past a partial tile's edge arrive as other tokens or
     zeros, which the callers mask. Else per-token pointers, zeros where not ``valid``."""
     if TMA_LOADS:
-        first = (it % CPT) * BLOCK
+        first = sc * BLOCK
         row = (kc0 * T0 + first // (T1 * T2)) * G1 + kc1 * T1 + (first // T2) % T1
         x = tl.reshape(X_GRID.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
         y = tl.reshape(Y_GRID.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
@@ -473,14 +499,16 @@ def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2,
     """The first ``n_iter`` chunks of the key-tile box (rows from lo0, lo1; ``nj`` columns from lo2;
     ``_chunk``) for the query block ``q`` of tile c (row coordinates rp, features rf): its online-softmax
     state, updated."""
+    kc0, kc1, kc2, sc = lo0, lo1, lo2, lo0 * 0  # the first chunk (_next_chunk)
     for it in tl.range(0, n_iter, num_stages=WIN_STAGES):
-        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
-            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+        kpos, kvalid, kp0, kp1, kp2, full = _chunk(
+            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
+        kc0, kc1, kc2, sc = _next_chunk(kc0, kc1, kc2, sc, lo1, lo2, nr1, nj, CPT)
     return acc, m_i, l_i
 
 
@@ -544,10 +572,11 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
     n_rows_chunks = n_win // nj  # key-tile rows × chunks per tile
     lo2 = tl.maximum(c2 + 1 - R2, 0)
     nj = tl.minimum(c2 + R2, N2 - 1) - lo2 + 1
+    kc0, kc1, kc2, sc = lo0, lo1, lo2, lo0 * 0  # the first chunk (_next_chunk)
     for it in tl.range(0, n_rows_chunks * nj, num_stages=WIN_STAGES):
-        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
-            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+        kpos, kvalid, kp0, kp1, kp2, full = _chunk(
+            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         cf = 0
         if MASK_DOT:  # one set of column features for both halves
@@ -558,6 +587,7 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
         sb = _pair_scores(qb, k, full, kvalid, bp0, bp1, bp2, kp0, kp1, kp2, c0, c1, c2 + 1, kc0, kc1, kc2, rf_b, cf,
                           TAB, CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         accb, mb, lb = _softmax_step(accb, mb, lb, sb, v, qk_scale, DOT_PREC, UPCAST)
+        kc0, kc1, kc2, sc = _next_chunk(kc0, kc1, kc2, sc, lo1, lo2, nr1, nj, CPT)
     # 3) the column only the first half sees, then the one only the second half sees
     acca, ma, la = _window_loop(qa, acca, ma, la, rf, ap0, ap1, ap2, c0, c1, c2, lo0, lo1, c2 - R2, nr1, 1,
                                 tl.where(c2 - R2 >= 0, n_rows_chunks, 0), K_GRID, V_GRID, k_base, v_base, skn, svn,
@@ -732,6 +762,7 @@ def _dkdv_kernel(
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
     FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_ORDER: tl.constexpr,
+    DIV_CHUNKS: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -744,7 +775,10 @@ def _dkdv_kernel(
     DQ_GRID (the grid after the text, [B·H, G0, G1, G2, D_PAD], box [1, 1, BM/T2, T2, D_PAD]: a
     window chunk is BM/T2 full rows of its tile).
 
-    TMA_LOADS: Q and dO chunks arrive by TMA loads, as K and V do in the forward."""
+    TMA_LOADS: Q and dO chunks arrive by TMA loads, as K and V do in the forward.
+
+    DIV_CHUNKS: the window loop derives each chunk from the iteration count (``_chunk_at``) instead of
+    stepping loop-carried counters (``_next_chunk``)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -792,11 +826,14 @@ def _dkdv_kernel(
     # 2) the window (symmetric): query tiles around the key tile (none for text keys)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
+    qc0, qc1, qc2, sc = lo0, lo1, lo2, lo0 * 0  # the first chunk (_next_chunk)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
-        qpos, qvalid, qp0, qp1, qp2, full, qc0, qc1, qc2 = _chunk(
-            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BM, CPT, T0, T1, T2, TILE_ORDER)
+        if DIV_CHUNKS:
+            qc0, qc1, qc2, sc = _chunk_at(it, lo0, lo1, lo2, nr1, nj, CPT)
+        qpos, qvalid, qp0, qp1, qp2, full = _chunk(
+            qc0, qc1, qc2, sc, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER)
         lmask = qvalid[:, None] & dmask[None, :]
-        q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, it, qc0, qc1, qc2, G1, qpos, qvalid,
+        q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, sc, qc0, qc1, qc2, G1, qpos, qvalid,
                             offs_d, dmask, BM, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
         delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
@@ -812,11 +849,13 @@ def _dkdv_kernel(
         if FUSE_DQ:
             share = _dq_share(dsT, k, sm_scale, DOT_PREC, UPCAST)
             if DQ_TMA:  # the chunk's first token: full tile rows, so the box starts at column qc2·T2
-                first = (it % CPT) * BM
+                first = sc * BM
                 DQ_GRID.atomic_add([bh, qc0 * T0 + first // (T1 * T2), qc1 * T1 + (first // T2) % T1, qc2 * T2, 0],
                                    tl.reshape(share, [1, 1, BM // T2, T2, D_PAD]))
             else:
                 tl.atomic_add(dq_bh + qpos[:, None] * D_PAD + offs_d[None, :], share, mask=lmask, sem="relaxed")
+        if not DIV_CHUNKS:
+            qc0, qc1, qc2, sc = _next_chunk(qc0, qc1, qc2, sc, lo1, lo2, nr1, nj, CPT)
     g_off = b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + kpos[:, None] * sgn + offs_d[None, :]
     tl.store(DK + g_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kmask)
@@ -889,10 +928,11 @@ def _dq_kernel(
     # 2) the window
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_win = tl.where(is_text, 0, n_win)
+    kc0, kc1, kc2, sc = lo0, lo1, lo2, lo0 * 0  # the first chunk (_next_chunk)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
-        kpos, kvalid, kp0, kp1, kp2, full, kc0, kc1, kc2 = _chunk(
-            it, lo0, lo1, lo2, nr1, nj, G0, G1, G2, TEXT, BN, CPT, T0, T1, T2, TILE_ORDER)
-        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, it, kc0, kc1, kc2, G1, kpos, kvalid,
+        kpos, kvalid, kp0, kp1, kp2, full = _chunk(
+            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
+        k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         dp = _early_dp(do, v, qk, DP_EARLY, DOT_PREC, UPCAST)
@@ -906,6 +946,7 @@ def _dq_kernel(
         dp = _late_dp(do, v, dp, DP_EARLY, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC, UPCAST)
+        kc0, kc1, kc2, sc = _next_chunk(kc0, kc1, kc2, sc, lo1, lo2, nr1, nj, CPT)
     tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qpos[:, None] * sgn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -1216,6 +1257,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
         FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_ORDER=_dpt_order(cfg),
+        DIV_CHUNKS=bool(cfg.get("div_chunks", False)),
         **_mask_flags(cfg, layout), **common,
     )
     if fused:
