@@ -382,7 +382,7 @@ def _softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PREC: tl.constexpr, UPCAST
 # ----------------------------------------------------------------------------- program layout
 
 # resolution-dependent integers are not specialised: a new resolution must not recompile
-_NO_SPEC = ["H", "L", "TEXT", "n_text_progs", "NTB", "n_img_per_bh", "SUB", "G0", "G1", "G2",
+_NO_SPEC = ["H", "L", "SL", "TEXT", "n_text_progs", "NTB", "n_img_per_bh", "SUB", "G0", "G1", "G2",
             "N0", "N1", "N2", "R0", "R1", "R2", "CAP0", "CAP1"]
 
 
@@ -407,6 +407,16 @@ def _own_block(pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TE
     return is_text, bh, c0, c1, c2, p0, p1, p2, pos, valid, dense_end
 
 
+@triton.jit
+def _tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BLOCK: tl.constexpr, TTP: tl.constexpr):
+    """[BLOCK] indices, within a (b, h) row of the LSE / Δ buffers (``_stats``), of the tile-major
+    copies of an image program's rows: slot ``L + tile · TTP + (index inside the tile)``
+    (meaningless for text programs: callers mask them)."""
+    rem = tl.maximum(pid - n_text_progs, 0) % n_img_per_bh
+    tile_id = rem // SUB
+    return L + tile_id * TTP + (rem - tile_id * SUB) * BLOCK + tl.arange(0, BLOCK)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -426,13 +436,19 @@ def _dense_scores(q, k, kvalid, partial, DOT_PREC: tl.constexpr, UPCAST: tl.cons
 
 
 @triton.jit
-def _store_rows(O, LSE, o_base, bh, L, pos, valid, son, offs_d, dmask, acc, m_i, l_i, qk_scale):
-    """Normalise and store one query block's output rows and their LSE (base 2 of the scaled scores)."""
+def _store_rows(O, LSE, o_base, bh, SL, pos, valid, son, offs_d, dmask, acc, m_i, l_i, qk_scale, tslot, TEXT,
+                TILE: tl.constexpr):
+    """Normalise and store one query block's output rows and their LSE (base 2 of the scaled scores;
+    row stride SL). TILE: for image rows (positions from TEXT on) the LSE's tile-major copy too, at
+    ``tslot`` (``_tile_slots``)."""
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(o_base + pos[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=valid[:, None] & dmask[None, :])
-    tl.store(LSE + bh.to(tl.int64) * L + pos, m_i * qk_scale + tl.math.log2(l_safe), mask=valid)
+    lse = m_i * qk_scale + tl.math.log2(l_safe)
+    tl.store(LSE + bh.to(tl.int64) * SL + pos, lse, mask=valid)
+    if TILE:
+        tl.store(LSE + bh.to(tl.int64) * SL + tslot, lse, mask=valid & (pos >= TEXT))
 
 
 @triton.jit
@@ -455,7 +471,7 @@ def _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, end, K_ROWS, V_ROWS, k_
 
 @triton.jit
 def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, sqn, skn, svn, son,
-                     b, h, bh, start, L, TEXT, qk_scale, offs_d, dmask,
+                     b, h, bh, start, L, SL, TEXT, qk_scale, offs_d, dmask,
                      BM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
                      UPCAST: tl.constexpr, TMA_LOADS: tl.constexpr):
     """Text rows start.. start + 2·BM (every key), as two BM-row halves that share each loaded
@@ -471,8 +487,8 @@ def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, 
     acc1, m1, l1, acc2, m2, l2 = _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, L, K_ROWS, V_ROWS, k_base, v_base,
                                                   skn, svn, b, h, qk_scale, offs_d, dmask, BN, D_PAD, DOT_PREC, UPCAST,
                                                   TMA_LOADS)
-    _store_rows(O, LSE, o_base, bh, L, pos1, valid1, son, offs_d, dmask, acc1, m1, l1, qk_scale)
-    _store_rows(O, LSE, o_base, bh, L, pos2, valid2, son, offs_d, dmask, acc2, m2, l2, qk_scale)
+    _store_rows(O, LSE, o_base, bh, SL, pos1, valid1, son, offs_d, dmask, acc1, m1, l1, qk_scale, 0, False, False)
+    _store_rows(O, LSE, o_base, bh, SL, pos2, valid2, son, offs_d, dmask, acc2, m2, l2, qk_scale, 0, False, False)
 
 
 @triton.jit
@@ -533,13 +549,13 @@ def _pair_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, k
 
 @triton.jit
 def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_base, v_base, o_base,
-                      sqn, skn, svn, son, b, h, bh, rem, L, TEXT,
+                      sqn, skn, svn, son, b, h, bh, rem, L, SL, TEXT,
                       G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
                       BM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr,
                       T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
                       MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr,
                       DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
-                      MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr):
+                      MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr, TTP: tl.constexpr):
     """Two neighbouring query tiles, (c0, c1, c2) and (c0, c1, c2 + 1) with c2 even (pair ``rem`` of
     head bh; BM = the tile volume), as two halves that share each loaded K/V chunk: the text keys
     and the key tiles both windows hold (every column but one per half: 2R₂ of 2R₂ + 1), so a pair
@@ -599,22 +615,24 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
                                 svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
                                 BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
                                 WIN_STAGES, MASK_DOT, TMA_LOADS)
-    _store_rows(O, LSE, o_base, bh, L, apos, avalid, son, offs_d, dmask, acca, ma, la, qk_scale)
-    _store_rows(O, LSE, o_base, bh, L, bpos, bvalid, son, offs_d, dmask, accb, mb, lb, qk_scale)
+    tslot = L + ((c0 * N1 + c1) * N2 + c2) * TTP + idx  # the two tiles' tile-major LSE slots
+    _store_rows(O, LSE, o_base, bh, SL, apos, avalid, son, offs_d, dmask, acca, ma, la, qk_scale, tslot, TEXT, True)
+    _store_rows(O, LSE, o_base, bh, SL, bpos, bvalid, son, offs_d, dmask, accb, mb, lb, qk_scale, tslot + TTP, TEXT,
+                True)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(
     Q, K, V, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
+    H, L, SL, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
-    TEXT_PAIR: tl.constexpr, IMG_PAIR: tl.constexpr,
+    TEXT_PAIR: tl.constexpr, IMG_PAIR: tl.constexpr, TTP: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
@@ -641,10 +659,10 @@ def _fwd_kernel(
                               K + b.to(tl.int64) * skb + h.to(tl.int64) * skh,
                               V + b.to(tl.int64) * svb + h.to(tl.int64) * svh,
                               O + b.to(tl.int64) * sob + h.to(tl.int64) * soh,
-                              sqn, skn, svn, son, b, h, bh, pid_img - bh * n_img_per_bh, L, TEXT,
+                              sqn, skn, svn, son, b, h, bh, pid_img - bh * n_img_per_bh, L, SL, TEXT,
                               G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
                               BM, BN, D_PAD, T0, T1, T2, CPT, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
-                              WIN_STAGES, MASK_DOT, TMA_LOADS)
+                              WIN_STAGES, MASK_DOT, TMA_LOADS, TTP)
             return
     is_text, bh, c0, c1, c2, qp0, qp1, qp2, qpos, qvalid, dense_end = _own_block(
         pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BM, T0, T1, T2, TILE_ORDER)
@@ -656,7 +674,7 @@ def _fwd_kernel(
     if TEXT_PAIR:
         if is_text:
             _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, k_base, v_base,
-                             o_base, sqn, skn, svn, son, b, h, bh, (pid - bh * NTB) * (2 * BM), L, TEXT, qk_scale,
+                             o_base, sqn, skn, svn, son, b, h, bh, (pid - bh * NTB) * (2 * BM), L, SL, TEXT, qk_scale,
                              offs_d, dmask, BM, BN, D_PAD, DOT_PREC, UPCAST, TMA_LOADS)
             return
     qmask = qvalid[:, None] & dmask[None, :]
@@ -681,14 +699,15 @@ def _fwd_kernel(
                                  G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
                                  BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
                                  WIN_STAGES, MASK_DOT, TMA_LOADS)
-    _store_rows(O, LSE, o_base, bh, L, qpos, qvalid, son, offs_d, dmask, acc, m_i, l_i, qk_scale)
+    _store_rows(O, LSE, o_base, bh, SL, qpos, qvalid, son, offs_d, dmask, acc, m_i, l_i, qk_scale,
+                _tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BM, TTP), TEXT, True)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit(do_not_specialize=["H", "L"])
-def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L,
+@triton.jit(do_not_specialize=["H", "L", "SL"])
+def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L, SL,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // H
@@ -701,7 +720,7 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L,
     do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + rows[:, None] * sdn + offs_d[None, :],
                  mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rows < L)
+    tl.store(DELTA + bh.to(tl.int64) * SL + rows, delta, mask=rows < L)
 
 
 @triton.jit
@@ -754,7 +773,7 @@ def _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB, Q_ROWS, DO_ROWS, Q_GRID, DO_GRID,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
-    H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
+    H, L, SL, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -762,7 +781,7 @@ def _dkdv_kernel(
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
     FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_ORDER: tl.constexpr,
-    DIV_CHUNKS: tl.constexpr,
+    DIV_CHUNKS: tl.constexpr, TILE_STATS: tl.constexpr, TTP: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -778,7 +797,12 @@ def _dkdv_kernel(
     TMA_LOADS: Q and dO chunks arrive by TMA loads, as K and V do in the forward.
 
     DIV_CHUNKS: the window loop derives each chunk from the iteration count (``_chunk_at``) instead of
-    stepping loop-carried counters (``_next_chunk``)."""
+    stepping loop-carried counters (``_next_chunk``).
+
+    TILE_STATS: the window loop loads its query chunks' LSE and Δ from their tile-major copies
+    (``_stats``: written by the forward and the dQ kernel, the slots of invalid tokens hold LSE +inf
+    and Δ 0) as one contiguous, unmasked run: no per-token validity predicates in the loop (the
+    split backward; the fused one has no dQ kernel to write Δ's copy)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -789,8 +813,8 @@ def _dkdv_kernel(
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
     dq_bh = DQ + bh.to(tl.int64) * L * D_PAD
-    LSE_bh = LSE + bh.to(tl.int64) * L
-    DELTA_bh = DELTA + bh.to(tl.int64) * L
+    LSE_bh = LSE + bh.to(tl.int64) * SL
+    DELTA_bh = DELTA + bh.to(tl.int64) * SL
     kmask = kvalid[:, None] & dmask[None, :]
     k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + kpos[:, None] * skn + offs_d[None, :],
                 mask=kmask, other=0.0)
@@ -835,8 +859,13 @@ def _dkdv_kernel(
         lmask = qvalid[:, None] & dmask[None, :]
         q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, sc, qc0, qc1, qc2, G1, qpos, qvalid,
                             offs_d, dmask, BM, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
-        lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
-        delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
+        if TILE_STATS:
+            tslot = L + ((qc0 * N1 + qc1) * N2 + qc2) * TTP + sc * BM + tl.arange(0, BM)
+            lse = tl.load(LSE_bh + tslot)
+            delta = tl.load(DELTA_bh + tslot)
+        else:
+            lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
+            delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         dpT = _early_dp(v, do, qkT, DPT_ORDER == 2, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
@@ -865,21 +894,22 @@ def _dkdv_kernel(
 def _dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn, sgb, sgh, sgn,
-    H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
+    H, L, SL, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
-    DELTA_HERE: tl.constexpr, DP_EARLY: tl.constexpr, MASK_SCORES: tl.constexpr,
+    DELTA_HERE: tl.constexpr, DP_EARLY: tl.constexpr, MASK_SCORES: tl.constexpr, TTP: tl.constexpr,
 ):
     """dQ of one query block: the forward's loop with P recomputed from the saved LSE (and, with
     TMA_LOADS, the forward's TMA loads of K and V).
 
     DELTA_HERE: the program also computes its rows' Δ = rowsum(dO ∘ O) and stores it in DELTA for
     the dK/dV kernel launched after it (every row belongs to one program), instead of reading the
-    Δ of a separate pass (``_delta_kernel``).
+    Δ of a separate pass (``_delta_kernel``). Either way an image program stores its rows' Δ in
+    the tile-major copy too (``_stats``: the dK/dV kernel's TILE_STATS).
 
     DP_EARLY: dP is issued right after the scores (``_early_dp``).
     MASK_SCORES: the window mask sets the scores to -inf before the exponentials instead of P to 0
@@ -903,10 +933,12 @@ def _dq_kernel(
         o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qpos[:, None] * son + offs_d[None, :],
                     mask=qmask, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + bh.to(tl.int64) * L + qpos, delta, mask=qvalid)
+        tl.store(DELTA + bh.to(tl.int64) * SL + qpos, delta, mask=qvalid)
     else:
-        delta = tl.load(DELTA + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * L + qpos, mask=qvalid, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * SL + qpos, mask=qvalid, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * SL + _tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BM, TTP), delta,
+             mask=qvalid & (qpos >= TEXT))  # image rows
+    lse = tl.load(LSE + bh.to(tl.int64) * SL + qpos, mask=qvalid, other=0.0)
     dq = tl.zeros([BM, D_PAD], tl.float32)
     rf = 0
     if MASK_DOT:
@@ -964,6 +996,24 @@ _ALLOC = torch.empty
 
 def _new(shape, dtype, device) -> torch.Tensor:
     return _ALLOC(shape, dtype=dtype, device=device)
+
+
+def _stats_row(layout: LocalLayout, L: int) -> tuple[int, int]:
+    """(SL, TTP) of the LSE and Δ buffers (``_stats``): a (b, h) row holds the L tokens' values in
+    token order, then one slot of TTP values per image tile, tile-major (TTP ≥ every block's span
+    of a tile: the tile volume rounded up to a power of two, at least 16); SL rounded up to 4."""
+    ttp = max(16, _pow2(layout.tile_volume))
+    return -(-(L + layout.num_tiles * ttp) // 4) * 4, ttp
+
+
+def _stats(B: int, H: int, L: int, layout: LocalLayout, fill: float, device) -> torch.Tensor:
+    """(B, H, SL) fp32: the LSE (``fill`` +inf) or Δ (0) of every token, in token order (columns
+    < L), and their tile-major copies, whose slots of tokens past the grid's edge keep ``fill``: the
+    dK/dV kernel loads a query chunk's values as one unmasked run (its TILE_STATS)."""
+    sl, _ = _stats_row(layout, L)
+    stats = _new((B, H, sl), torch.float32, device)
+    stats[..., L:] = fill
+    return stats
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -1058,7 +1108,8 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     BM, BN, cfg = _blocks("fwd", q, d_pad, layout)
     # token-major memory seen heads-first: the processors' (B, H, L, D) -> (B, L, H·D) is then free
     o = _new((B, L, H, D), q.dtype, q.device).transpose(1, 2)
-    lse = _new((B, H, L), torch.float32, q.device)
+    lse = _stats(B, H, L, layout, float("inf"), q.device)
+    sl, ttp = _stats_row(layout, L)
     sub = -(-layout.tile_volume // BM)
     text_pair = bool(cfg.get("text_pair", False))
     img_pair = _image_pairs(cfg, layout, sub)
@@ -1071,14 +1122,14 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
     _fwd_kernel[grid](
         q, k, v, o, lse, _table(layout, q.device), *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
+        H, L, sl, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), LOG2E / math.sqrt(D),
         HEAD_DIM=D, D_PAD=d_pad, BM=BM, BN=BN, **_tile_constexprs(layout, BN),
         MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
-        TEXT_PAIR=text_pair, IMG_PAIR=img_pair, **_launch_options(cfg),
+        TEXT_PAIR=text_pair, IMG_PAIR=img_pair, TTP=ttp, **_launch_options(cfg),
     )
     return o, lse
 
@@ -1208,7 +1259,8 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     B, H, L, D = q.shape
     do = _last_dim_contiguous(do)
     d_pad = max(16, _pow2(D))
-    delta = _new((B, H, L), torch.float32, q.device)
+    delta = _stats(B, H, L, layout, 0.0, q.device)
+    sl, ttp = _stats_row(layout, L)
     dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
     fused = backward == "fused_dq"
     common = dict(
@@ -1226,7 +1278,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     delta_in_dq = not fused and D == d_pad
     if not delta_in_dq:
         _delta_kernel[(triton.cdiv(L, 64), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
+            o, do, delta, *_strides(o), *_strides(do), H, L, sl, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
         )
     if not fused:
         BM, BN, cfg = _blocks("dq", q, d_pad, layout)
@@ -1235,11 +1287,11 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         _dq_kernel[(n_text_progs + n_img * B * H,)](
             q, k, v, o, do, lse, delta, dq, table, *descriptors,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(dq),
-            H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
+            H, L, sl, text_len, n_text_progs, ntb_arg, n_img, sub,
             *_kernel_args(layout), qk_scale, sm_scale,
             BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
             TMA_LOADS=tma_loads, DELTA_HERE=delta_in_dq, DP_EARLY=bool(cfg.get("dp_early", False)),
-            MASK_SCORES=bool(cfg.get("mask_scores", False)),
+            MASK_SCORES=bool(cfg.get("mask_scores", False)), TTP=ttp,
             **_mask_flags(cfg, layout), **common,
         )
 
@@ -1253,11 +1305,11 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        H, L, text_len, n_text_progs, ntb_arg, n_img, sub,
+        H, L, sl, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
         FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_ORDER=_dpt_order(cfg),
-        DIV_CHUNKS=bool(cfg.get("div_chunks", False)),
+        DIV_CHUNKS=bool(cfg.get("div_chunks", False)), TILE_STATS=not fused, TTP=ttp,
         **_mask_flags(cfg, layout), **common,
     )
     if fused:
