@@ -384,8 +384,9 @@ DOT_ORDERS = {  # dK/dV config keys (DPT_ORDER 1 and 2), with dQ's dP issued ear
 def test_dot_orders_backward_match_reference(case, order, monkeypatch):
     """The backward kernels with their dots issued in another order: dPᵀ before the dV dot
     (``dpt_first``), or dPᵀ right after Sᵀ in dK/dV and dP right after S in dQ (``dpt_early``,
-    ``dp_early``), with dQ's window mask on the scores before the exponentials (``mask_scores``);
-    split and fused backward, 16-token blocks, against the float64 reference."""
+    ``dp_early``), with dQ's window mask on the scores before the exponentials (``mask_scores``),
+    or dK/dV's window chunks derived by division of the iteration count (``div_chunks``); split
+    and fused backward, 16-token blocks, against the float64 reference."""
     from linfusion.kernels import local_configs
 
     _, B, H, D, grid, window, text_len, shape, tile, dtype = case
@@ -642,7 +643,7 @@ LOADED = ("K_ROWS", "V_ROWS", "K_GRID", "V_GRID", "Q_ROWS", "DO_ROWS", "Q_GRID",
 kernels = (lt._dkdv_kernel,) if dq_tma else (lt._fwd_kernel, lt._dkdv_kernel, lt._dq_kernel)
 for kern in kernels:
     cx = dict(HEAD_DIM=64, D_PAD=64, BM=64, BN=64, T0=1, T1=8, T2=8, CPT=1, MASK_MODE=mode, IS_3D=False,
-              TILE_ORDER=False, DOT_PREC="tf32", UPCAST=False, MASK_DOT=mask_dot)
+              TILE_ORDER=False, DOT_PREC="tf32", UPCAST=False, MASK_DOT=mask_dot, TTP=64)
     if "WIN_STAGES" in kern.arg_names:
         cx["WIN_STAGES"] = lt._window_stages(type("L", (), {"mask_mode": mode})())
     if "TEXT_PAIR" in kern.arg_names:
@@ -651,7 +652,7 @@ for kern in kernels:
         cx.update(DELTA_HERE=tma_loads, DP_EARLY=tma_loads, MASK_SCORES=tma_loads)
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
         cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_ORDER=2 if tma_loads else 1 if dq_tma else 0,
-                  DIV_CHUNKS=tma_loads)
+                  DIV_CHUNKS=tma_loads, TILE_STATS=not dq_tma)
         if not dq_tma:
             cx.update(DQ_ROWS=None, DQ_GRID=None)
     cx["TMA_LOADS"] = tma_loads  # K/V (forward, dQ) or Q/dO (dK/dV) by TMA loads
