@@ -45,6 +45,10 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
   it where the H200 measured it faster (circles at head dims 128 and 64). Where measured faster
   (``local_configs._dot_order_config``) dP is issued right after the scores, before the
   exponentials, so that Triton's two waits per block pair come back to back.
+* Instructions per window iteration matter (the loops issue about as many instructions as their
+  tensor cores need cycles): a loop steps loop-carried chunk counters (``_next_chunk``) rather than
+  dividing its iteration count by runtime box sizes, and the LSE and Δ buffers also hold a
+  tile-major copy (``_stats``) that the split backward's dK/dV loop loads as one unmasked run.
 """
 
 from __future__ import annotations
