@@ -214,7 +214,7 @@ def _load_rows(X_ROWS, Y_ROWS, x_base, y_base, sxn, syn, b, h, start, pos, valid
 
 @triton.jit
 def _load_chunk(X_GRID, Y_GRID, x_base, y_base, sxn, syn, b, h, sc, kc0, kc1, kc2, G1, pos, valid, offs_d, dmask,
-                BLOCK: tl.constexpr, CPT: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+                BLOCK: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
                 D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr):
     """Two [BLOCK, D_PAD] tiles of window chunk ``sc`` of tile kc (tokens ``pos``).
     TMA_LOADS: one TMA load each (``X_GRID``/``Y_GRID``: the grid [B, H, G0·G1, G2, D], box
@@ -491,8 +491,8 @@ def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, 
     acc1, m1, l1, acc2, m2, l2 = _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, L, K_ROWS, V_ROWS, k_base, v_base,
                                                   skn, svn, b, h, qk_scale, offs_d, dmask, BN, D_PAD, DOT_PREC, UPCAST,
                                                   TMA_LOADS)
-    _store_rows(O, LSE, o_base, bh, SL, pos1, valid1, son, offs_d, dmask, acc1, m1, l1, qk_scale, 0, False, False)
-    _store_rows(O, LSE, o_base, bh, SL, pos2, valid2, son, offs_d, dmask, acc2, m2, l2, qk_scale, 0, False, False)
+    _store_rows(O, LSE, o_base, bh, SL, pos1, valid1, son, offs_d, dmask, acc1, m1, l1, qk_scale, 0, TEXT, False)
+    _store_rows(O, LSE, o_base, bh, SL, pos2, valid2, son, offs_d, dmask, acc2, m2, l2, qk_scale, 0, TEXT, False)
 
 
 @triton.jit
@@ -524,7 +524,7 @@ def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2,
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
             kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
         s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
@@ -597,7 +597,7 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
             kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
         cf = 0
         if MASK_DOT:  # one set of column features for both halves
             cf = _col_features(kp0, kp1, kp2, c0, c1, c2, T0, T1, T2, IS_3D)
@@ -862,7 +862,7 @@ def _dkdv_kernel(
             qc0, qc1, qc2, sc, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER)
         lmask = qvalid[:, None] & dmask[None, :]
         q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, sc, qc0, qc1, qc2, G1, qpos, qvalid,
-                            offs_d, dmask, BM, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+                            offs_d, dmask, BM, T0, T1, T2, D_PAD, TMA_LOADS)
         if TILE_STATS:
             tslot = L + ((qc0 * N1 + qc1) * N2 + qc2) * TTP + sc * BM + tl.arange(0, BM)
             lse = tl.load(LSE_bh + tslot)
@@ -969,7 +969,7 @@ def _dq_kernel(
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
             kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, CPT, T0, T1, T2, D_PAD, TMA_LOADS)
+                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         dp = _early_dp(do, v, qk, DP_EARLY, DOT_PREC, UPCAST)
         if MASK_SCORES:
