@@ -412,13 +412,20 @@ def _own_block(pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TE
 
 
 @triton.jit
-def _tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BLOCK: tl.constexpr, TTP: tl.constexpr):
+def _tile_slots(tile_id, first, L, BLOCK: tl.constexpr, TTP: tl.constexpr):
     """[BLOCK] indices, within a (b, h) row of the LSE / Δ buffers (``_stats``), of the tile-major
-    copies of an image program's rows: slot ``L + tile · TTP + (index inside the tile)``
-    (meaningless for text programs: callers mask them)."""
+    copies of tokens ``first ..`` (indices inside tile ``tile_id``, row-major tile numbering):
+    ``L + tile_id · TTP + index``."""
+    return L + tile_id * TTP + first + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BLOCK: tl.constexpr, TTP: tl.constexpr):
+    """``_tile_slots`` of an image program's own rows (slice ``rem % SUB`` of tile ``rem // SUB``;
+    meaningless for text programs: callers mask them)."""
     rem = tl.maximum(pid - n_text_progs, 0) % n_img_per_bh
     tile_id = rem // SUB
-    return L + tile_id * TTP + (rem - tile_id * SUB) * BLOCK + tl.arange(0, BLOCK)
+    return _tile_slots(tile_id, (rem - tile_id * SUB) * BLOCK, L, BLOCK, TTP)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -619,7 +626,7 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
                                 svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
                                 BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
                                 WIN_STAGES, MASK_DOT, TMA_LOADS)
-    tslot = L + ((c0 * N1 + c1) * N2 + c2) * TTP + idx  # the two tiles' tile-major LSE slots
+    tslot = _tile_slots((c0 * N1 + c1) * N2 + c2, 0, L, BM, TTP)  # the first tile's; the second's follow
     _store_rows(O, LSE, o_base, bh, SL, apos, avalid, son, offs_d, dmask, acca, ma, la, qk_scale, tslot, TEXT, True)
     _store_rows(O, LSE, o_base, bh, SL, bpos, bvalid, son, offs_d, dmask, accb, mb, lb, qk_scale, tslot + TTP, TEXT,
                 True)
@@ -704,7 +711,7 @@ def _fwd_kernel(
                                  BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
                                  WIN_STAGES, MASK_DOT, TMA_LOADS)
     _store_rows(O, LSE, o_base, bh, SL, qpos, qvalid, son, offs_d, dmask, acc, m_i, l_i, qk_scale,
-                _tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BM, TTP), TEXT, True)
+                _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BM, TTP), TEXT, True)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -864,7 +871,7 @@ def _dkdv_kernel(
         q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, sc, qc0, qc1, qc2, G1, qpos, qvalid,
                             offs_d, dmask, BM, T0, T1, T2, D_PAD, TMA_LOADS)
         if TILE_STATS:
-            tslot = L + ((qc0 * N1 + qc1) * N2 + qc2) * TTP + sc * BM + tl.arange(0, BM)
+            tslot = _tile_slots((qc0 * N1 + qc1) * N2 + qc2, sc * BM, L, BM, TTP)
             lse = tl.load(LSE_bh + tslot)
             delta = tl.load(DELTA_bh + tslot)
         else:
@@ -940,7 +947,7 @@ def _dq_kernel(
         tl.store(DELTA + bh.to(tl.int64) * SL + qpos, delta, mask=qvalid)
     else:
         delta = tl.load(DELTA + bh.to(tl.int64) * SL + qpos, mask=qvalid, other=0.0)
-    tl.store(DELTA + bh.to(tl.int64) * SL + _tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BM, TTP), delta,
+    tl.store(DELTA + bh.to(tl.int64) * SL + _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BM, TTP), delta,
              mask=qvalid & (qpos >= TEXT))  # image rows
     lse = tl.load(LSE + bh.to(tl.int64) * SL + qpos, mask=qvalid, other=0.0)
     dq = tl.zeros([BM, D_PAD], tl.float32)
