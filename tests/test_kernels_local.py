@@ -492,7 +492,9 @@ def test_dot_orders_only_where_measured(monkeypatch):
     for head_dim, d_pad in ((64, 64), (72, 128), (80, 128), (96, 128), (128, 128)):
         tile_window = local_config("dkdv", bf16, d_pad, 128, head_dim=head_dim, window_mask=False)
         assert tile_window["dpt_early"] and local_triton._dpt_order(tile_window) == 2
-        assert tile_window.get("div_chunks", False) == (head_dim != 64)  # (21st session: the dK/dV loop's chunks)
+        assert tile_window.get("div_chunks", False) == (head_dim in (72, 128))  # (21st/22nd sessions: the chunks)
+        assert tile_window.get("stats_tma", True) == (head_dim != 64)  # (22nd session: LSE and Δ by TMA)
+        assert tile_window.get("dense_whole", True) == (head_dim != 72)
         assert not local_config("dkdv", bf16, d_pad, 64, head_dim=head_dim, window_mask=True).get("div_chunks")
         assert not local_config("dkdv", bf16, d_pad, 64, head_dim=head_dim, window_mask=True).get("dpt_early")
     assert not local_config("dkdv", bf16, 64, 128, head_dim=40, window_mask=False).get("dpt_early")
@@ -652,9 +654,13 @@ for kern in kernels:
         cx.update(DELTA_HERE=tma_loads, DP_EARLY=tma_loads, MASK_SCORES=tma_loads)
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
         cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_ORDER=2 if tma_loads else 1 if dq_tma else 0,
-                  DIV_CHUNKS=tma_loads, TILE_STATS=not dq_tma)
+                  DIV_CHUNKS=tma_loads, TILE_STATS=not dq_tma, STATS_TMA=tma_loads)
         if not dq_tma:
             cx.update(DQ_ROWS=None, DQ_GRID=None)
+        if not tma_loads:
+            cx.update(LSE_ROWS=None, DELTA_ROWS=None)
+    # the launches with TMA loads also compile without validity masks (whole chunks), the others with
+    cx.update(WHOLE=tma_loads, DENSE_WHOLE=tma_loads)
     cx["TMA_LOADS"] = tma_loads  # K/V (forward, dQ) or Q/dO (dK/dV) by TMA loads
     if not tma_loads:
         cx.update({n: None for n in LOADED if n in kern.arg_names})
@@ -662,6 +668,7 @@ for kern in kernels:
     for n in kern.arg_names:
         sig[n] = ("constexpr" if n in cx else "*i32" if n == "TAB" else "*fp32" if n in ("LSE", "DELTA")
                   else "tensordesc<fp32[1,64,64]>" if n == "DQ_ROWS" else "tensordesc<fp32[1,1,8,8,64]>" if n == "DQ_GRID"
+                  else "tensordesc<fp32[1,64]>" if n in ("LSE_ROWS", "DELTA_ROWS")
                   else "tensordesc<bf16[1,1,64,64]>" if n in LOADED and n.endswith("ROWS")
                   else "tensordesc<bf16[1,1,8,8,64]>" if n in LOADED
                   else "*fp32" if n == "DQ" and dq_tma
@@ -716,6 +723,26 @@ def test_head_dims(head_dim):
 
 def test_strided_inputs():
     check(1, 2, 40, (6, 11), (2, 5), 2, "tile", (4, 8), torch.float32, layout="blhd")
+
+
+@pytest.mark.parametrize("shape", ["tile", "circle"])
+def test_whole_chunks_compile_without_masks_and_match(shape, monkeypatch):
+    """Tiles that divide the grid and text that fills whole chunks: every launch takes its WHOLE and
+    DENSE_WHOLE constexprs True (no validity masks compiled); with TMA loads forced on, the split
+    backward's dK/dV kernel loads LSE and Δ by TMA too; forward and gradients match the float64
+    reference. Text one token short of whole, or a grid the tiles do not divide, turns them off."""
+    from linfusion.kernels import local_configs
+
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {"tma_loads": True} for k in ("fwd", "dkdv", "dq")})
+    flags, stats_loads = [], []
+    whole, dense_whole, stats = local_triton._whole_chunks, local_triton._dense_whole, local_triton._stats_descriptors
+    monkeypatch.setattr(local_triton, "_whole_chunks", lambda *a: flags.append(whole(*a)) or flags[-1])
+    monkeypatch.setattr(local_triton, "_dense_whole", lambda *a: flags.append(dense_whole(*a)) or flags[-1])
+    monkeypatch.setattr(local_triton, "_stats_descriptors", lambda *a: stats_loads.append(1) or stats(*a))
+    check(1, 1, 32, (16, 32), 8, 128, shape, (8, 16), torch.bfloat16)  # L = 640: five 128-token chunks
+    assert len(flags) == 6 and all(flags) and stats_loads, (flags, stats_loads)
+    assert not dense_whole(127, 127 + 512, 128) and dense_whole(0, 512, 128)
+    assert not whole(get_layout((15, 32), 8, shape, (8, 16)), 128)
 
 
 @pytest.mark.parametrize("backward", ["split", "fused_dq"])

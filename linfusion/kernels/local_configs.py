@@ -127,6 +127,16 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
         cfg.update(_circle_dot_config(kind, dtype, d_pad, head_dim, tile_block))
     if not interp and dtype != torch.float32:
         cfg.update(_dot_order_config(kind, head_dim, window_mask))
+        if kind == "dkdv" and head_dim in (64, 72) and not window_mask:
+            # Two exceptions the H200 measured for the tile window's dK/dV kernel (22nd session,
+            # benchmarks/results/ab_dense_whole_22nd.json, ab_notext_22nd.json). Head dim 64: LSE and Δ
+            # by pointers rather than TMA (local_triton._stats_descriptors; sdxl-4k backward 1.096
+            # against 1.163 ms; its circle 1.187 with TMA, 1.252 without; flux-4k tile 14.26 with,
+            # 16.45 without). Head dim 72: the dense loop compiled for partial chunks (DENSE_WHOLE
+            # off). Without text that loop never runs, but its body changes how ptxas allocates the
+            # window loop's registers: PixArt backward 7.48 against 7.91 ms (sdxl-4k the other way:
+            # 1.082 against 1.148 ms)
+            cfg["stats_tma" if head_dim == 64 else "dense_whole"] = False
     cfg.update(_OVERRIDE.get(kind, {}))
     return cfg
 
@@ -159,12 +169,15 @@ def _dot_order_config(kind: str, head_dim: int, window_mask: bool) -> dict:
         # -> 1.542; bit-identical gradients). dK/dV was slower so (flux-4k 9.71 -> 10.44 ms): not offered.
         return {"dp_early": True, **({"mask_scores": True} if window_mask and head_dim != 72 else {})}
     if kind == "dkdv" and not window_mask and head_dim in (64, 72, 80, 96, 128):
-        # (takes precedence over "dpt_first": local_triton._dpt_order); and at the head dims padded to
-        # 128 the window's chunks by division (local_triton._chunk_at): with the loop-carried counters
-        # every other kernel uses, this dK/dV kernel ran slower on the H200 (21st session,
-        # benchmarks/results/ab_counters_21st.json, ab_counters_more_21st.json: dK/dV kernel flux-4k 9.37 -> 9.75 ms; split
-        # backward Wan 480p 4.33 -> 4.50, 720p 10.33 -> 10.64), at head dim 64 faster (sdxl-4k 1.256 -> 1.171)
-        return {"dpt_early": True, **({"div_chunks": True} if head_dim != 64 else {})}
+        # (takes precedence over "dpt_first": local_triton._dpt_order); and at head dims 72 and 128 the
+        # window's chunks by division (local_triton._chunk_at): with the loop-carried counters every
+        # other kernel uses, this dK/dV kernel ran slower on the H200 (21st session,
+        # benchmarks/results/ab_counters_21st.json, ab_counters_more_21st.json: dK/dV kernel flux-4k
+        # 9.37 -> 9.75 ms; split backward Wan 480p 4.33 -> 4.50, 720p 10.33 -> 10.64), and again with
+        # the LSE and Δ by TMA (22nd session, ab_stats_tma_22nd.json: dK/dV flux-4k 8.19 against 8.47
+        # ms, Wan 480p 2.16 / 2.27, PixArt 4.71 / 5.50); at head dim 64 faster (sdxl-4k 1.256 -> 1.171)
+        # and at 80 / 96, whose dK/dV has no TMA loads (ab_divchunks0_22nd.json: head dim 96 4.79 -> 4.56)
+        return {"dpt_early": True, **({"div_chunks": True} if head_dim in (72, 128) else {})}
     return {}
 
 

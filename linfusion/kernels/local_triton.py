@@ -141,15 +141,21 @@ def _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT: tl.constexpr):
 
 @triton.jit
 def _chunk(kc0, kc1, j, sc, G0, G1, G2, TEXT,
-           BLOCK: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, TILE_ORDER: tl.constexpr):
+           BLOCK: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, TILE_ORDER: tl.constexpr,
+           WHOLE: tl.constexpr):
     """Window chunk ``sc`` (a BLOCK-token slice) of key tile (kc0, kc1, j): its tokens, and whether it
     is whole (no grid edge cuts its tile, no slice past the tile's end: no validity mask needed).
+    WHOLE: every chunk of the launch is (``_whole_chunks``), so ``full`` is a compile-time True and
+    the callers' validity masks vanish from the compiled loop.
 
     Pure integer arithmetic: no memory loads, so nothing in the key loop but the K/V (Q/dO) tiles
     themselves is a candidate for software pipelining."""
     p0, p1, p2, pos, valid = _tile_tokens(kc0, kc1, j, sc * BLOCK + tl.arange(0, BLOCK), G0, G1, G2, TEXT,
                                           T0, T1, T2, TILE_ORDER)
-    full = ((kc0 + 1) * T0 <= G0) & ((kc1 + 1) * T1 <= G1) & ((j + 1) * T2 <= G2) & ((sc + 1) * BLOCK <= T0 * T1 * T2)
+    if WHOLE:
+        full = True
+    else:
+        full = ((kc0 + 1) * T0 <= G0) & ((kc1 + 1) * T1 <= G1) & ((j + 1) * T2 <= G2) & ((sc + 1) * BLOCK <= T0 * T1 * T2)
     return pos, valid, p0, p1, p2, full
 
 
@@ -412,20 +418,37 @@ def _own_block(pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TE
 
 
 @triton.jit
-def _tile_slots(tile_id, first, L, BLOCK: tl.constexpr, TTP: tl.constexpr):
-    """[BLOCK] indices, within a (b, h) row of the LSE / Δ buffers (``_stats``), of the tile-major
-    copies of tokens ``first ..`` (indices inside tile ``tile_id``, row-major tile numbering):
-    ``L + tile_id · TTP + index``."""
-    return L + tile_id * TTP + first + tl.arange(0, BLOCK)
+def _first_slot(SL, N0, N1, N2, TTP: tl.constexpr):
+    """Index of the first tile-major slot in a (b, h) row of the LSE / Δ buffers (``_stats_row``: L
+    rounded up to 16), derived from the row stride SL at run time: the compiler cannot see that it
+    is a multiple of 16, so the pointer path keeps loading a run in 4-byte pieces (vectorised, the
+    split dK/dV kernel's loop made ptxas serialise its wgmmas, C7515, and ran 10% slower at head
+    dim 96 on the H200)."""
+    return SL - N0 * N1 * N2 * TTP
 
 
 @triton.jit
-def _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BLOCK: tl.constexpr, TTP: tl.constexpr):
+def _tile_slot(tile_id, first, slot0, TTP: tl.constexpr):
+    """Index, within a (b, h) row of the LSE / Δ buffers (``_stats``), of the tile-major copy of token
+    ``first`` (its index inside tile ``tile_id``, row-major tile numbering): ``slot0 + tile_id · TTP
+    + first`` (``_first_slot``); 16-byte aligned where ``first`` is a multiple of 4, as a TMA box's
+    start must be."""
+    return slot0 + tile_id * TTP + first
+
+
+@triton.jit
+def _tile_slots(tile_id, first, slot0, BLOCK: tl.constexpr, TTP: tl.constexpr):
+    """[BLOCK] ``_tile_slot`` indices of tokens ``first ..`` of tile ``tile_id``."""
+    return _tile_slot(tile_id, first, slot0, TTP) + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, slot0, BLOCK: tl.constexpr, TTP: tl.constexpr):
     """``_tile_slots`` of an image program's own rows (slice ``rem % SUB`` of tile ``rem // SUB``;
     meaningless for text programs: callers mask them)."""
     rem = tl.maximum(pid - n_text_progs, 0) % n_img_per_bh
     tile_id = rem // SUB
-    return _tile_slots(tile_id, (rem - tile_id * SUB) * BLOCK, L, BLOCK, TTP)
+    return _tile_slots(tile_id, (rem - tile_id * SUB) * BLOCK, slot0, BLOCK, TTP)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -435,6 +458,18 @@ def _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BLOCK: tl.constexpr
 def _softmax_init(BM: tl.constexpr, D_PAD: tl.constexpr):
     """Online-softmax state of BM query rows: running max, running sum, output accumulator."""
     return tl.full([BM], -1.0e30, tl.float32), tl.zeros([BM], tl.float32), tl.zeros([BM, D_PAD], tl.float32)
+
+
+@triton.jit
+def _partial_chunk(start, end, BLOCK: tl.constexpr, DENSE_WHOLE: tl.constexpr):
+    """Whether the dense chunk of BLOCK tokens from ``start`` runs past ``end``; a compile-time False
+    with DENSE_WHOLE (``_dense_whole``: the launch's dense ends are multiples of BLOCK), so the
+    callers' masks vanish from the compiled loop."""
+    if DENSE_WHOLE:
+        partial = False
+    else:
+        partial = start + BLOCK > end
+    return partial
 
 
 @triton.jit
@@ -465,7 +500,7 @@ def _store_rows(O, LSE, o_base, bh, SL, pos, valid, son, offs_d, dmask, acc, m_i
 @triton.jit
 def _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, end, K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h,
                      qk_scale, offs_d, dmask, BN: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-                     UPCAST: tl.constexpr, TMA_LOADS: tl.constexpr):
+                     UPCAST: tl.constexpr, TMA_LOADS: tl.constexpr, DENSE_WHOLE: tl.constexpr):
     """Keys 0..end (contiguous: the text, or every token) for two query blocks ``q1``, ``q2`` that
     share each loaded K/V chunk: both online-softmax states, updated."""
     for kstart in range(0, end, BN):
@@ -473,8 +508,9 @@ def _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, end, K_ROWS, V_ROWS, k_
         kvalid = kpos < end
         k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, kstart, kpos, kvalid, offs_d, dmask,
                           BN, D_PAD, TMA_LOADS)
-        s1 = _dense_scores(q1, k, kvalid, kstart + BN > end, DOT_PREC, UPCAST)
-        s2 = _dense_scores(q2, k, kvalid, kstart + BN > end, DOT_PREC, UPCAST)
+        partial = _partial_chunk(kstart, end, BN, DENSE_WHOLE)
+        s1 = _dense_scores(q1, k, kvalid, partial, DOT_PREC, UPCAST)
+        s2 = _dense_scores(q2, k, kvalid, partial, DOT_PREC, UPCAST)
         acc1, m1, l1 = _softmax_step(acc1, m1, l1, s1, v, qk_scale, DOT_PREC, UPCAST)
         acc2, m2, l2 = _softmax_step(acc2, m2, l2, s2, v, qk_scale, DOT_PREC, UPCAST)
     return acc1, m1, l1, acc2, m2, l2
@@ -484,7 +520,7 @@ def _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, end, K_ROWS, V_ROWS, k_
 def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, sqn, skn, svn, son,
                      b, h, bh, start, L, SL, TEXT, qk_scale, offs_d, dmask,
                      BM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr, DOT_PREC: tl.constexpr,
-                     UPCAST: tl.constexpr, TMA_LOADS: tl.constexpr):
+                     UPCAST: tl.constexpr, TMA_LOADS: tl.constexpr, DENSE_WHOLE: tl.constexpr):
     """Text rows start.. start + 2·BM (every key), as two BM-row halves that share each loaded
     K/V chunk: half the key traffic of two BM-row programs."""
     pos1 = start + tl.arange(0, BM)
@@ -497,7 +533,7 @@ def _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, q_base, k_base, v_base, o_base, 
     m2, l2, acc2 = _softmax_init(BM, D_PAD)
     acc1, m1, l1, acc2, m2, l2 = _dense_pair_loop(q1, q2, acc1, m1, l1, acc2, m2, l2, L, K_ROWS, V_ROWS, k_base, v_base,
                                                   skn, svn, b, h, qk_scale, offs_d, dmask, BN, D_PAD, DOT_PREC, UPCAST,
-                                                  TMA_LOADS)
+                                                  TMA_LOADS, DENSE_WHOLE)
     _store_rows(O, LSE, o_base, bh, SL, pos1, valid1, son, offs_d, dmask, acc1, m1, l1, qk_scale, 0, TEXT, False)
     _store_rows(O, LSE, o_base, bh, SL, pos2, valid2, son, offs_d, dmask, acc2, m2, l2, qk_scale, 0, TEXT, False)
 
@@ -519,7 +555,7 @@ def _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2,
 def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2, nr1, nj, n_iter,
                  K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1,
                  W0, W1, W2, WT, qk_scale, offs_d, dmask,
-                 BN: tl.constexpr, D_PAD: tl.constexpr, CPT: tl.constexpr,
+                 BN: tl.constexpr, D_PAD: tl.constexpr, CPT: tl.constexpr, WHOLE: tl.constexpr,
                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, MASK_MODE: tl.constexpr, IS_3D: tl.constexpr,
                  TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
                  MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr):
@@ -529,7 +565,7 @@ def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2,
     kc0, kc1, kc2, sc = lo0, lo1, lo2, lo0 * 0  # the first chunk (_next_chunk)
     for it in tl.range(0, n_iter, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
-            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
+            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER, WHOLE)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
         s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
@@ -563,10 +599,10 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
                       sqn, skn, svn, son, b, h, bh, rem, L, SL, TEXT,
                       G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
                       BM: tl.constexpr, BN: tl.constexpr, D_PAD: tl.constexpr,
-                      T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
+                      T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr, WHOLE: tl.constexpr,
                       MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr,
                       DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr,
-                      MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr, TTP: tl.constexpr):
+                      MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr, TTP: tl.constexpr, DENSE_WHOLE: tl.constexpr):
     """Two neighbouring query tiles, (c0, c1, c2) and (c0, c1, c2 + 1) with c2 even (pair ``rem`` of
     head bh; BM = the tile volume), as two halves that share each loaded K/V chunk: the text keys
     and the key tiles both windows hold (every column but one per half: 2R₂ of 2R₂ + 1), so a pair
@@ -593,7 +629,7 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
     # 1) the text keys
     acca, ma, la, accb, mb, lb = _dense_pair_loop(qa, qb, acca, ma, la, accb, mb, lb, TEXT, K_ROWS, V_ROWS, k_base,
                                                   v_base, skn, svn, b, h, qk_scale, offs_d, dmask, BN, D_PAD,
-                                                  DOT_PREC, UPCAST, TMA_LOADS)
+                                                  DOT_PREC, UPCAST, TMA_LOADS, DENSE_WHOLE)
     # 2) the key-tile columns of both windows, c2 + 1 − R₂ .. c2 + R₂ (clipped to the grid)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     n_rows_chunks = n_win // nj  # key-tile rows × chunks per tile
@@ -602,7 +638,7 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
     kc0, kc1, kc2, sc = lo0, lo1, lo2, lo0 * 0  # the first chunk (_next_chunk)
     for it in tl.range(0, n_rows_chunks * nj, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
-            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
+            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER, WHOLE)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
         cf = 0
@@ -619,14 +655,14 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
     acca, ma, la = _window_loop(qa, acca, ma, la, rf, ap0, ap1, ap2, c0, c1, c2, lo0, lo1, c2 - R2, nr1, 1,
                                 tl.where(c2 - R2 >= 0, n_rows_chunks, 0), K_GRID, V_GRID, k_base, v_base, skn, svn,
                                 b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
-                                BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                                BN, D_PAD, CPT, WHOLE, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
                                 WIN_STAGES, MASK_DOT, TMA_LOADS)
     accb, mb, lb = _window_loop(qb, accb, mb, lb, rf, bp0, bp1, bp2, c0, c1, c2 + 1, lo0, lo1, c2 + 1 + R2, nr1, 1,
                                 tl.where(c2 + 1 + R2 < N2, n_rows_chunks, 0), K_GRID, V_GRID, k_base, v_base, skn,
                                 svn, b, h, G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
-                                BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                                BN, D_PAD, CPT, WHOLE, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
                                 WIN_STAGES, MASK_DOT, TMA_LOADS)
-    tslot = _tile_slots((c0 * N1 + c1) * N2 + c2, 0, L, BM, TTP)  # the first tile's; the second's follow
+    tslot = _tile_slots((c0 * N1 + c1) * N2 + c2, 0, _first_slot(SL, N0, N1, N2, TTP), BM, TTP)  # the second's follow
     _store_rows(O, LSE, o_base, bh, SL, apos, avalid, son, offs_d, dmask, acca, ma, la, qk_scale, tslot, TEXT, True)
     _store_rows(O, LSE, o_base, bh, SL, bpos, bvalid, son, offs_d, dmask, accb, mb, lb, qk_scale, tslot + TTP, TEXT,
                 True)
@@ -640,10 +676,10 @@ def _fwd_kernel(
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr, WHOLE: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
-    TEXT_PAIR: tl.constexpr, IMG_PAIR: tl.constexpr, TTP: tl.constexpr,
+    TEXT_PAIR: tl.constexpr, IMG_PAIR: tl.constexpr, TTP: tl.constexpr, DENSE_WHOLE: tl.constexpr,
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
@@ -672,8 +708,8 @@ def _fwd_kernel(
                               O + b.to(tl.int64) * sob + h.to(tl.int64) * soh,
                               sqn, skn, svn, son, b, h, bh, pid_img - bh * n_img_per_bh, L, SL, TEXT,
                               G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
-                              BM, BN, D_PAD, T0, T1, T2, CPT, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
-                              WIN_STAGES, MASK_DOT, TMA_LOADS, TTP)
+                              BM, BN, D_PAD, T0, T1, T2, CPT, WHOLE, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                              WIN_STAGES, MASK_DOT, TMA_LOADS, TTP, DENSE_WHOLE)
             return
     is_text, bh, c0, c1, c2, qp0, qp1, qp2, qpos, qvalid, dense_end = _own_block(
         pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BM, T0, T1, T2, TILE_ORDER)
@@ -686,7 +722,7 @@ def _fwd_kernel(
         if is_text:
             _text_pair_block(Q, O, LSE, K_ROWS, V_ROWS, Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, k_base, v_base,
                              o_base, sqn, skn, svn, son, b, h, bh, (pid - bh * NTB) * (2 * BM), L, SL, TEXT, qk_scale,
-                             offs_d, dmask, BM, BN, D_PAD, DOT_PREC, UPCAST, TMA_LOADS)
+                             offs_d, dmask, BM, BN, D_PAD, DOT_PREC, UPCAST, TMA_LOADS, DENSE_WHOLE)
             return
     qmask = qvalid[:, None] & dmask[None, :]
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qpos[:, None] * sqn + offs_d[None, :],
@@ -701,17 +737,18 @@ def _fwd_kernel(
         kvalid = kpos < dense_end
         k, v = _load_rows(K_ROWS, V_ROWS, k_base, v_base, skn, svn, b, h, start, kpos, kvalid, offs_d, dmask,
                           BN, D_PAD, TMA_LOADS)
-        s = _dense_scores(q, k, kvalid, start + BN > dense_end, DOT_PREC, UPCAST)
+        s = _dense_scores(q, k, kvalid, _partial_chunk(start, dense_end, BN, DENSE_WHOLE), DOT_PREC, UPCAST)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
     # 2) the window: key tiles around the query tile (none for text queries)
     lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
     acc, m_i, l_i = _window_loop(q, acc, m_i, l_i, rf, qp0, qp1, qp2, c0, c1, c2, lo0, lo1, lo2, nr1, nj,
                                  tl.where(is_text, 0, n_win), K_GRID, V_GRID, k_base, v_base, skn, svn, b, h,
                                  G0, G1, G2, TEXT, TAB, CAP0, CAP1, W0, W1, W2, WT, qk_scale, offs_d, dmask,
-                                 BN, D_PAD, CPT, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
+                                 BN, D_PAD, CPT, WHOLE, T0, T1, T2, MASK_MODE, IS_3D, TILE_ORDER, DOT_PREC, UPCAST,
                                  WIN_STAGES, MASK_DOT, TMA_LOADS)
     _store_rows(O, LSE, o_base, bh, SL, qpos, qvalid, son, offs_d, dmask, acc, m_i, l_i, qk_scale,
-                _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BM, TTP), TEXT, True)
+                _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, _first_slot(SL, N0, N1, N2, TTP), BM, TTP),
+                TEXT, True)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -782,17 +819,18 @@ def _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr
 
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB, Q_ROWS, DO_ROWS, Q_GRID, DO_GRID,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB, Q_ROWS, DO_ROWS, Q_GRID, DO_GRID, LSE_ROWS, DELTA_ROWS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, SL, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr, WHOLE: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
     FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_ORDER: tl.constexpr,
-    DIV_CHUNKS: tl.constexpr, TILE_STATS: tl.constexpr, TTP: tl.constexpr,
+    DIV_CHUNKS: tl.constexpr, TILE_STATS: tl.constexpr, TTP: tl.constexpr, STATS_TMA: tl.constexpr,
+    DENSE_WHOLE: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -813,7 +851,15 @@ def _dkdv_kernel(
     TILE_STATS: the window loop loads its query chunks' LSE and Δ from their tile-major copies
     (``_stats``: written by the forward and the dQ kernel, the slots of invalid tokens hold LSE +inf
     and Δ 0) as one contiguous, unmasked run: no per-token validity predicates in the loop (the
-    split backward; the fused one has no dQ kernel to write Δ's copy)."""
+    split backward; the fused one has no dQ kernel to write Δ's copy).
+
+    STATS_TMA (with TILE_STATS and TMA_LOADS): those runs, and the dense loop's where its chunks are
+    whole (DENSE_WHOLE), arrive by TMA loads too (``LSE_ROWS`` / ``DELTA_ROWS``: [B·H, SL], box [1, BM],
+    ``_stats_descriptors``). Loaded by pointers, Triton 3.6 issued each thread's 16 values of
+    each as separate 4-byte ``cp.async`` copies with their 64-bit addresses, and spilled.
+
+    WHOLE / DENSE_WHOLE: no window / dense chunk of the launch is partial (``_whole_chunks``,
+    ``_dense_whole``), so the loops compile without validity masks."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -826,6 +872,7 @@ def _dkdv_kernel(
     dq_bh = DQ + bh.to(tl.int64) * L * D_PAD
     LSE_bh = LSE + bh.to(tl.int64) * SL
     DELTA_bh = DELTA + bh.to(tl.int64) * SL
+    slot0 = _first_slot(SL, N0, N1, N2, TTP)
     kmask = kvalid[:, None] & dmask[None, :]
     k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + kpos[:, None] * skn + offs_d[None, :],
                 mask=kmask, other=0.0)
@@ -844,8 +891,12 @@ def _dkdv_kernel(
         # with TMA, rows past dense_end hold other tokens or zeros: their LSE loads as +inf (P = 0)
         q, do = _load_rows(Q_ROWS, DO_ROWS, q_base, do_base, sqn, sdn, b, h, start, qpos, qvalid, offs_d, dmask,
                            BM, D_PAD, TMA_LOADS)
-        lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
-        delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
+        if STATS_TMA and DENSE_WHOLE:  # whole chunks: every row valid, one TMA load each
+            lse = tl.reshape(LSE_ROWS.load([bh, start]), [BM])
+            delta = tl.reshape(DELTA_ROWS.load([bh, start]), [BM])
+        else:
+            lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
+            delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         dpT = _early_dp(v, do, qkT, DPT_ORDER == 2, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
@@ -866,12 +917,16 @@ def _dkdv_kernel(
         if DIV_CHUNKS:
             qc0, qc1, qc2, sc = _chunk_at(it, lo0, lo1, lo2, nr1, nj, CPT)
         qpos, qvalid, qp0, qp1, qp2, full = _chunk(
-            qc0, qc1, qc2, sc, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER)
+            qc0, qc1, qc2, sc, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER, WHOLE)
         lmask = qvalid[:, None] & dmask[None, :]
         q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, sc, qc0, qc1, qc2, G1, qpos, qvalid,
                             offs_d, dmask, BM, T0, T1, T2, D_PAD, TMA_LOADS)
-        if TILE_STATS:
-            tslot = _tile_slots((qc0 * N1 + qc1) * N2 + qc2, sc * BM, L, BM, TTP)
+        if STATS_TMA:
+            first = _tile_slot((qc0 * N1 + qc1) * N2 + qc2, sc * BM, slot0, TTP)
+            lse = tl.reshape(LSE_ROWS.load([bh, first]), [BM])
+            delta = tl.reshape(DELTA_ROWS.load([bh, first]), [BM])
+        elif TILE_STATS:
+            tslot = _tile_slots((qc0 * N1 + qc1) * N2 + qc2, sc * BM, slot0, BM, TTP)
             lse = tl.load(LSE_bh + tslot)
             delta = tl.load(DELTA_bh + tslot)
         else:
@@ -909,10 +964,11 @@ def _dq_kernel(
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
     W0, W1, W2, WT, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr, WHOLE: tl.constexpr,
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr, TMA_LOADS: tl.constexpr,
     DELTA_HERE: tl.constexpr, DP_EARLY: tl.constexpr, MASK_SCORES: tl.constexpr, TTP: tl.constexpr,
+    DENSE_WHOLE: tl.constexpr,
 ):
     """dQ of one query block: the forward's loop with P recomputed from the saved LSE (and, with
     TMA_LOADS, the forward's TMA loads of K and V).
@@ -947,7 +1003,8 @@ def _dq_kernel(
         tl.store(DELTA + bh.to(tl.int64) * SL + qpos, delta, mask=qvalid)
     else:
         delta = tl.load(DELTA + bh.to(tl.int64) * SL + qpos, mask=qvalid, other=0.0)
-    tl.store(DELTA + bh.to(tl.int64) * SL + _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, L, BM, TTP), delta,
+    slot0 = _first_slot(SL, N0, N1, N2, TTP)
+    tl.store(DELTA + bh.to(tl.int64) * SL + _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, slot0, BM, TTP), delta,
              mask=qvalid & (qpos >= TEXT))  # image rows
     lse = tl.load(LSE + bh.to(tl.int64) * SL + qpos, mask=qvalid, other=0.0)
     dq = tl.zeros([BM, D_PAD], tl.float32)
@@ -963,7 +1020,7 @@ def _dq_kernel(
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         dp = _early_dp(do, v, qk, DP_EARLY, DOT_PREC, UPCAST)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
-        if start + BN > dense_end:
+        if _partial_chunk(start, dense_end, BN, DENSE_WHOLE):
             p = tl.where(kvalid[None, :], p, 0.0)
         dp = _late_dp(do, v, dp, DP_EARLY, DOT_PREC, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -974,7 +1031,7 @@ def _dq_kernel(
     kc0, kc1, kc2, sc = lo0, lo1, lo2, lo0 * 0  # the first chunk (_next_chunk)
     for it in tl.range(0, n_win, num_stages=WIN_STAGES):
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
-            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER)
+            kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER, WHOLE)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
                            offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
@@ -1012,9 +1069,11 @@ def _new(shape, dtype, device) -> torch.Tensor:
 def _stats_row(layout: LocalLayout, L: int) -> tuple[int, int]:
     """(SL, TTP) of the LSE and Δ buffers (``_stats``): a (b, h) row holds the L tokens' values in
     token order, then one slot of TTP values per image tile, tile-major (TTP ≥ every block's span
-    of a tile: the tile volume rounded up to a power of two, at least 16); SL rounded up to 4."""
+    of a tile: the tile volume rounded up to a power of two, at least 16) from column L rounded up
+    to 16 on, so that SL and every slot start are multiples of 16 values (``_tile_slot``; TMA
+    loads of a run need 16-byte aligned rows and starts)."""
     ttp = max(16, _pow2(layout.tile_volume))
-    return -(-(L + layout.num_tiles * ttp) // 4) * 4, ttp
+    return -(-L // 16) * 16 + layout.num_tiles * ttp, ttp
 
 
 def _stats(B: int, H: int, L: int, layout: LocalLayout, fill: float, device) -> torch.Tensor:
@@ -1023,7 +1082,7 @@ def _stats(B: int, H: int, L: int, layout: LocalLayout, fill: float, device) -> 
     dK/dV kernel loads a query chunk's values as one unmasked run (its TILE_STATS)."""
     sl, _ = _stats_row(layout, L)
     stats = _new((B, H, sl), torch.float32, device)
-    stats[..., L:] = fill
+    stats[..., L:] = fill  # (the columns between L and the first slot are never read)
     return stats
 
 
@@ -1068,8 +1127,19 @@ def _blocks(kind: str, q: torch.Tensor, d_pad: int, layout: LocalLayout):
 
 
 def _tile_constexprs(layout: LocalLayout, window_block: int) -> dict:
+    """The tile's constexprs of a launch whose window loops walk chunks of ``window_block`` tokens:
+    T0..T2, CPT (chunks per tile) and WHOLE (``_whole_chunks``)."""
     t0, t1, t2 = layout.tile
-    return {"T0": t0, "T1": t1, "T2": t2, "CPT": -(-layout.tile_volume // window_block)}
+    return {"T0": t0, "T1": t1, "T2": t2, "CPT": -(-layout.tile_volume // window_block),
+            "WHOLE": _whole_chunks(layout, window_block)}
+
+
+def _whole_chunks(layout: LocalLayout, block: int) -> bool:
+    """Every window chunk of ``block`` tokens is whole: the tiles divide the grid (no partial edge
+    tile) and the block divides the tile volume (no slice past a tile's end). Then no chunk needs
+    a validity mask, and the kernels compile without one (on the H200 a tile window's dQ loop
+    carried ~150 instructions per iteration of per-token validity arithmetic and selects)."""
+    return all(g % t == 0 for g, t in zip(layout.grid, layout.tile)) and layout.tile_volume % block == 0
 
 
 def _launch_options(cfg: dict) -> dict:
@@ -1079,6 +1149,13 @@ def _launch_options(cfg: dict) -> dict:
     if cfg.get("maxnreg"):
         opts["maxnreg"] = cfg["maxnreg"]
     return opts
+
+
+def _dense_whole(text_len: int, L: int, block: int) -> bool:
+    """DENSE_WHOLE of a launch whose dense loops walk ``block``-token chunks: both dense ends (the
+    text for image rows, every token for text rows) are multiples of ``block``, so no dense chunk
+    needs a mask (``_partial_chunk``). (A config may turn it off, ``"dense_whole"``.)"""
+    return text_len % block == 0 and L % block == 0
 
 
 def _kernel_args(layout: LocalLayout):
@@ -1140,7 +1217,8 @@ def _forward(q, k, v, layout: LocalLayout, text_len: int, tile_order: bool):
         TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16,
         WIN_STAGES=_window_stages(layout), **_mask_flags(cfg, layout), TMA_LOADS=tma_loads,
-        TEXT_PAIR=text_pair, IMG_PAIR=img_pair, TTP=ttp, **_launch_options(cfg),
+        TEXT_PAIR=text_pair, IMG_PAIR=img_pair, TTP=ttp, DENSE_WHOLE=_dense_whole(text_len, L, BN),
+        **_launch_options(cfg),
     )
     return o, lse
 
@@ -1203,6 +1281,14 @@ def _load_descriptors(tensors, text_len: int, layout: LocalLayout, block: int) -
         grids.append(TensorDescriptor(t[:, :, text_len:], [B, H, g0 * g1, g2, D], [sb, sh, g2 * sn, sn, 1],
                                       [1, 1, block // t2, t2, d_pad]))
     return rows + grids
+
+
+def _stats_descriptors(stats, block: int) -> list:
+    """TMA load descriptors of (B, H, SL) fp32 stats buffers (``_stats``: LSE, Δ) as [B·H, SL] rows,
+    box [1, block]: one run of ``block`` values (token order, or a tile-major slot)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return [TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2]], [t.shape[2], 1], [1, block]) for t in stats]
 
 
 def _dq_tma_allowed(cfg: dict, layout: LocalLayout, block_m: int, device: torch.device, tile_order: bool) -> bool:
@@ -1302,7 +1388,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
             *_kernel_args(layout), qk_scale, sm_scale,
             BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
             TMA_LOADS=tma_loads, DELTA_HERE=delta_in_dq, DP_EARLY=bool(cfg.get("dp_early", False)),
-            MASK_SCORES=bool(cfg.get("mask_scores", False)), TTP=ttp,
+            MASK_SCORES=bool(cfg.get("mask_scores", False)), TTP=ttp, DENSE_WHOLE=_dense_whole(text_len, L, BN),
             **_mask_flags(cfg, layout), **common,
         )
 
@@ -1313,14 +1399,19 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
     dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
     tma_loads, descriptors = _tma_loads(cfg, (q, do), text_len, layout, BM, tile_order)
+    # the LSE and Δ runs by TMA where Q and dO come so (the split backward: its dQ kernel wrote Δ's
+    # tile-major copy), unless the config says "stats_tma": False
+    stats_tma = tma_loads and not fused and bool(cfg.get("stats_tma", True))
+    stats_rows = _stats_descriptors((lse, delta), BM) if stats_tma else (None, None)
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table, *descriptors,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table, *descriptors, *stats_rows,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, L, sl, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), qk_scale, sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
         FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_ORDER=_dpt_order(cfg),
-        DIV_CHUNKS=bool(cfg.get("div_chunks", False)), TILE_STATS=not fused, TTP=ttp,
+        DIV_CHUNKS=bool(cfg.get("div_chunks", False)), TILE_STATS=not fused, TTP=ttp, STATS_TMA=stats_tma,
+        DENSE_WHOLE=_dense_whole(text_len, L, BM) and bool(cfg.get("dense_whole", True)),
         **_mask_flags(cfg, layout), **common,
     )
     if fused:
