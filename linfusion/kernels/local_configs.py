@@ -38,7 +38,9 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
     ``local_layout.mask_dot_exact``); it is used where the H200 measured it faster
     (``_circle_dot_config``). An override may set ``"mask_dot"`` too (ignored where not allowed).
     ``window_mask``: the window needs a per-token mask (circles; False for tile windows), which
-    decides the backward's dot order (``_dot_order_config``).
+    decides the backward's dot order (``_dot_order_config``) and two measured exceptions of the
+    split dK/dV kernel (``"stats_tma": False``: LSE and Δ by pointers rather than TMA;
+    ``"dense_whole": False``: its dense loop compiled for partial chunks).
 
     "dkdv_fused" is the dK/dV kernel of ``backward="fused_dq"`` (it also adds dQ with atomics): its
     own H200-swept blocks where they were measured (bf16/fp16, head dim 128, whole 128-token tiles,

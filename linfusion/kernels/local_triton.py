@@ -691,7 +691,10 @@ def _fwd_kernel(
 
     TEXT_PAIR: a text program owns 2·BM rows (``_text_pair_block``; NTB counts such pairs).
     IMG_PAIR: an image program owns two neighbouring tiles (``_image_pair_block``; BM = the tile
-    volume, n_img_per_bh counts such pairs)."""
+    volume, n_img_per_bh counts such pairs).
+
+    WHOLE / DENSE_WHOLE: no window / dense chunk of the launch is partial (``_whole_chunks``,
+    ``_dense_whole``): the loops compile without validity masks (as in the dQ and dK/dV kernels)."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
