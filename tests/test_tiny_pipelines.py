@@ -66,14 +66,23 @@ def test_same_seed_same_output(family: str, reference_outputs) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_reload_offline(family: str, reference_outputs, tmp_path) -> None:
-    """save_pretrained -> DiffusionPipeline.from_pretrained (offline) reproduces the output."""
+    """save_pretrained -> DiffusionPipeline.from_pretrained (offline) restores every weight bit for bit
+    and reproduces the output, up to float32 rounding: the loaded tensors' storage need not be
+    64-byte aligned (with safetensors 0.8.0 it was not), and CPU matmuls then sum in another order
+    (~5e-7 here; cloning the loaded weights made the output bit-identical again)."""
+    built = build_tiny_pipeline(family)
     path = save_tiny_pipeline(family, tmp_path / family)
     pipe = DiffusionPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    assert type(pipe) is type(build_tiny_pipeline(family))
+    assert type(pipe) is type(built)
     for name in denoiser_names(family):
         assert getattr(pipe, name) is not None
-    np.testing.assert_array_equal(_run(pipe, family), _reference(family, reference_outputs))
+    for name, module in built.components.items():
+        if isinstance(module, torch.nn.Module):
+            expected, loaded = module.state_dict(), getattr(pipe, name).state_dict()
+            assert expected.keys() == loaded.keys(), name
+            assert all(torch.equal(expected[k], loaded[k]) and expected[k].dtype == loaded[k].dtype for k in expected), name
+    np.testing.assert_allclose(_run(pipe, family), _reference(family, reference_outputs), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
