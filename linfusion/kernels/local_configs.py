@@ -138,7 +138,10 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
             # off). Without text that loop never runs, but its body changes how ptxas allocates the
             # window loop's registers: PixArt backward 7.48 against 7.91 ms (sdxl-4k the other way:
             # 1.082 against 1.148 ms)
-            cfg["stats_tma" if head_dim == 64 else "dense_whole"] = False
+            if head_dim == 64:
+                cfg["stats_tma"] = False
+            else:
+                cfg["dense_whole"] = False
     cfg.update(_OVERRIDE.get(kind, {}))
     return cfg
 

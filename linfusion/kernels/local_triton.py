@@ -820,6 +820,25 @@ def _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr
     return dv, dpT
 
 
+@triton.jit
+def _query_stats(LSE_ROWS, DELTA_ROWS, lse_row, delta_row, bh, first, cols, valid, BM: tl.constexpr,
+                 BY_TMA: tl.constexpr, MASKED: tl.constexpr):
+    """[BM] LSE and Δ of a query chunk (dK/dV): with BY_TMA the run of BM values from column ``first``
+    of row ``bh`` (``LSE_ROWS`` / ``DELTA_ROWS``, ``_stats_descriptors``), else columns ``cols`` of
+    ``lse_row`` / ``delta_row`` by pointers; MASKED: invalid rows read LSE +inf and Δ 0, so their P
+    and dS are 0."""
+    if BY_TMA:
+        lse = tl.reshape(LSE_ROWS.load([bh, first]), [BM])
+        delta = tl.reshape(DELTA_ROWS.load([bh, first]), [BM])
+    elif MASKED:
+        lse = tl.load(lse_row + cols, mask=valid, other=float("inf"))
+        delta = tl.load(delta_row + cols, mask=valid, other=0.0)
+    else:
+        lse = tl.load(lse_row + cols)
+        delta = tl.load(delta_row + cols)
+    return lse, delta
+
+
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB, Q_ROWS, DO_ROWS, Q_GRID, DO_GRID, LSE_ROWS, DELTA_ROWS,
@@ -894,12 +913,9 @@ def _dkdv_kernel(
         # with TMA, rows past dense_end hold other tokens or zeros: their LSE loads as +inf (P = 0)
         q, do = _load_rows(Q_ROWS, DO_ROWS, q_base, do_base, sqn, sdn, b, h, start, qpos, qvalid, offs_d, dmask,
                            BM, D_PAD, TMA_LOADS)
-        if STATS_TMA and DENSE_WHOLE:  # whole chunks: every row valid, one TMA load each
-            lse = tl.reshape(LSE_ROWS.load([bh, start]), [BM])
-            delta = tl.reshape(DELTA_ROWS.load([bh, start]), [BM])
-        else:
-            lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
-            delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
+        # whole chunks by TMA (every row valid); else rows past dense_end read LSE +inf, Δ 0
+        lse, delta = _query_stats(LSE_ROWS, DELTA_ROWS, LSE_bh, DELTA_bh, bh, start, qpos, qvalid, BM,
+                                  STATS_TMA and DENSE_WHOLE, True)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         dpT = _early_dp(v, do, qkT, DPT_ORDER == 2, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
@@ -924,17 +940,12 @@ def _dkdv_kernel(
         lmask = qvalid[:, None] & dmask[None, :]
         q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, sc, qc0, qc1, qc2, G1, qpos, qvalid,
                             offs_d, dmask, BM, T0, T1, T2, D_PAD, TMA_LOADS)
-        if STATS_TMA:
+        if TILE_STATS:  # the chunk's tile-major run: unmasked (invalid tokens' slots hold +inf / 0)
             first = _tile_slot((qc0 * N1 + qc1) * N2 + qc2, sc * BM, slot0, TTP)
-            lse = tl.reshape(LSE_ROWS.load([bh, first]), [BM])
-            delta = tl.reshape(DELTA_ROWS.load([bh, first]), [BM])
-        elif TILE_STATS:
-            tslot = _tile_slots((qc0 * N1 + qc1) * N2 + qc2, sc * BM, slot0, BM, TTP)
-            lse = tl.load(LSE_bh + tslot)
-            delta = tl.load(DELTA_bh + tslot)
+            lse, delta = _query_stats(LSE_ROWS, DELTA_ROWS, LSE_bh, DELTA_bh, bh, first,
+                                      first + tl.arange(0, BM), qvalid, BM, STATS_TMA, False)
         else:
-            lse = tl.load(LSE_bh + qpos, mask=qvalid, other=float("inf"))
-            delta = tl.load(DELTA_bh + qpos, mask=qvalid, other=0.0)
+            lse, delta = _query_stats(LSE_ROWS, DELTA_ROWS, LSE_bh, DELTA_bh, bh, 0, qpos, qvalid, BM, False, True)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         dpT = _early_dp(v, do, qkT, DPT_ORDER == 2, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
