@@ -654,7 +654,7 @@ for kern in kernels:
         cx.update(DELTA_HERE=tma_loads, DP_EARLY=tma_loads, MASK_SCORES=tma_loads)
     if "DQ_TMA" in kern.arg_names:  # the fused backward with TMA reductions of dQ, or the split one
         cx.update(FUSE_DQ=dq_tma, DQ_TMA=dq_tma, DPT_ORDER=2 if tma_loads else 1 if dq_tma else 0,
-                  DIV_CHUNKS=tma_loads, TILE_STATS=not dq_tma, STATS_TMA=tma_loads)
+                  DIV_CHUNKS=tma_loads, STATS_TMA=tma_loads)
         if not dq_tma:
             cx.update(DQ_ROWS=None, DQ_GRID=None)
         if not tma_loads:

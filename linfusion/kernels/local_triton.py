@@ -48,12 +48,13 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
 * Instructions per window iteration matter (the loops issue about as many instructions as their
   tensor cores need cycles): a loop steps loop-carried chunk counters (``_next_chunk``) rather than
   dividing its iteration count by runtime box sizes, and the LSE and Δ buffers also hold a
-  tile-major copy (``_stats``) that the split backward's dK/dV loop loads as one unmasked run.
+  tile-major copy (``_stats``) that the dK/dV loop of either backward loads as one unmasked run.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -757,21 +758,31 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit(do_not_specialize=["H", "L", "SL"])
-def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L, SL,
-                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    bh = tl.program_id(1)
+@triton.jit(do_not_specialize=_NO_SPEC[:_NO_SPEC.index("N2") + 1])
+def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L, SL, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
+                  G0, G1, G2, N0, N1, N2, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                  T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, TILE_ORDER: tl.constexpr, TTP: tl.constexpr,
+                  TILE_COPY: tl.constexpr):
+    """Δ = rowsum(dO ∘ O) of the rows a program owns (``_own_block``, as in the dQ kernel), stored in
+    token order and, with TILE_COPY (the fused backward: no dQ kernel stores it), for image rows in
+    their tile-major slots too (``_stats``: the dK/dV kernel's window loop reads them)."""
+    pid = tl.program_id(0)
+    offs_d = tl.arange(0, D_PAD)
+    _, bh, _, _, _, _, _, _, rows, valid, _ = _own_block(
+        pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BLOCK, T0, T1, T2, TILE_ORDER)
     b = bh // H
     h = bh - b * H
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    mask = (rows < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * son + offs_d[None, :],
                 mask=mask, other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + rows[:, None] * sdn + offs_d[None, :],
                  mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * SL + rows, delta, mask=rows < L)
+    delta_bh = DELTA + bh.to(tl.int64) * SL
+    tl.store(delta_bh + rows, delta, mask=valid)
+    if TILE_COPY:
+        slots = _own_tile_slots(pid, n_text_progs, n_img_per_bh, SUB, _first_slot(SL, N0, N1, N2, TTP), BLOCK, TTP)
+        tl.store(delta_bh + slots, delta, mask=valid & (rows >= TEXT))  # image rows
 
 
 @triton.jit
@@ -851,8 +862,7 @@ def _dkdv_kernel(
     MASK_MODE: tl.constexpr, IS_3D: tl.constexpr, TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
     FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_ORDER: tl.constexpr,
-    DIV_CHUNKS: tl.constexpr, TILE_STATS: tl.constexpr, TTP: tl.constexpr, STATS_TMA: tl.constexpr,
-    DENSE_WHOLE: tl.constexpr,
+    DIV_CHUNKS: tl.constexpr, TTP: tl.constexpr, STATS_TMA: tl.constexpr, DENSE_WHOLE: tl.constexpr,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -870,12 +880,11 @@ def _dkdv_kernel(
     DIV_CHUNKS: the window loop derives each chunk from the iteration count (``_chunk_at``) instead of
     stepping loop-carried counters (``_next_chunk``).
 
-    TILE_STATS: the window loop loads its query chunks' LSE and Δ from their tile-major copies
-    (``_stats``: written by the forward and the dQ kernel, the slots of invalid tokens hold LSE +inf
-    and Δ 0) as one contiguous, unmasked run: no per-token validity predicates in the loop (the
-    split backward; the fused one has no dQ kernel to write Δ's copy).
+    The window loop loads its query chunks' LSE and Δ from their tile-major copies (``_stats``:
+    written by the forward and by the dQ kernel or ``_delta_kernel``, the slots of invalid tokens
+    hold LSE +inf and Δ 0) as one contiguous, unmasked run: no per-token validity predicates.
 
-    STATS_TMA (with TILE_STATS and TMA_LOADS): those runs, and the dense loop's where its chunks are
+    STATS_TMA (with TMA_LOADS): those runs, and the dense loop's where its chunks are
     whole (DENSE_WHOLE), arrive by TMA loads too (``LSE_ROWS`` / ``DELTA_ROWS``: [B·H, SL], box [1, BM],
     ``_stats_descriptors``). Loaded by pointers, Triton 3.6 issued each thread's 16 values of
     each as separate 4-byte ``cp.async`` copies with their 64-bit addresses, and spilled.
@@ -940,12 +949,10 @@ def _dkdv_kernel(
         lmask = qvalid[:, None] & dmask[None, :]
         q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, sc, qc0, qc1, qc2, G1, qpos, qvalid,
                             offs_d, dmask, BM, T0, T1, T2, D_PAD, TMA_LOADS)
-        if TILE_STATS:  # the chunk's tile-major run: unmasked (invalid tokens' slots hold +inf / 0)
-            first = _tile_slot((qc0 * N1 + qc1) * N2 + qc2, sc * BM, slot0, TTP)
-            lse, delta = _query_stats(LSE_ROWS, DELTA_ROWS, LSE_bh, DELTA_bh, bh, first,
-                                      first + tl.arange(0, BM), qvalid, BM, STATS_TMA, False)
-        else:
-            lse, delta = _query_stats(LSE_ROWS, DELTA_ROWS, LSE_bh, DELTA_bh, bh, 0, qpos, qvalid, BM, False, True)
+        # the chunk's tile-major run: unmasked (invalid tokens' slots hold +inf / 0)
+        first = _tile_slot((qc0 * N1 + qc1) * N2 + qc2, sc * BM, slot0, TTP)
+        lse, delta = _query_stats(LSE_ROWS, DELTA_ROWS, LSE_bh, DELTA_bh, bh, first,
+                                  first + tl.arange(0, BM), qvalid, BM, STATS_TMA, False)
         qkT = _dot(k, tl.trans(q), None, DOT_PREC, UPCAST)
         dpT = _early_dp(v, do, qkT, DPT_ORDER == 2, DOT_PREC, UPCAST)
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
@@ -990,7 +997,7 @@ def _dq_kernel(
     DELTA_HERE: the program also computes its rows' Δ = rowsum(dO ∘ O) and stores it in DELTA for
     the dK/dV kernel launched after it (every row belongs to one program), instead of reading the
     Δ of a separate pass (``_delta_kernel``). Either way an image program stores its rows' Δ in
-    the tile-major copy too (``_stats``: the dK/dV kernel's TILE_STATS).
+    the tile-major copy too (``_stats``: the dK/dV kernel's window loop reads it).
 
     DP_EARLY: dP is issued right after the scores (``_early_dp``).
     MASK_SCORES: the window mask sets the scores to -inf before the exponentials instead of P to 0
@@ -1093,7 +1100,7 @@ def _stats_row(layout: LocalLayout, L: int) -> tuple[int, int]:
 def _stats(B: int, H: int, L: int, layout: LocalLayout, fill: float, device) -> torch.Tensor:
     """(B, H, SL) fp32: the LSE (``fill`` +inf) or Δ (0) of every token, in token order (columns
     < L), and their tile-major copies, whose slots of tokens past the grid's edge keep ``fill``: the
-    dK/dV kernel loads a query chunk's values as one unmasked run (its TILE_STATS)."""
+    dK/dV kernel's window loop loads a query chunk's values as one unmasked run."""
     sl, _ = _stats_row(layout, L)
     stats = _new((B, H, sl), torch.float32, device)
     stats[..., L:] = fill  # (the columns between L and the first slot are never read)
@@ -1364,72 +1371,119 @@ def _dpt_order(cfg: dict) -> int:
     return 2 if cfg.get("dpt_early", False) else 1 if cfg.get("dpt_first", False) else 0
 
 
-def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool, backward: str = "split"):
-    """dq, dk, dv of one local attention: Δ = rowsum(dO ∘ O), then "split": the dQ kernel and the
-    dK/dV kernel; "fused_dq": dK/dV adding dQ as it goes."""
-    B, H, L, D = q.shape
-    do = _last_dim_contiguous(do)
-    d_pad = max(16, _pow2(D))
-    delta = _stats(B, H, L, layout, 0.0, q.device)
-    sl, ttp = _stats_row(layout, L)
-    dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
-    fused = backward == "fused_dq"
-    common = dict(
-        HEAD_DIM=D, D_PAD=d_pad, MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3, TILE_ORDER=tile_order,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, WIN_STAGES=_window_stages(layout),
+@dataclass(frozen=True)
+class _BackwardSetup:
+    """What every launch of one backward shares: the layout, the text length, the token order, the
+    LSE / Δ row geometry (``_stats_row``), the window table, the softmax scales and the constexprs
+    that depend only on these and the inputs."""
+
+    layout: LocalLayout
+    text_len: int
+    tile_order: bool
+    sl: int
+    ttp: int
+    table: torch.Tensor
+    qk_scale: float
+    sm_scale: float
+    constexprs: dict
+
+    @staticmethod
+    def of(q: torch.Tensor, layout: LocalLayout, text_len: int, tile_order: bool) -> "_BackwardSetup":
+        D = q.shape[-1]
+        sl, ttp = _stats_row(layout, q.shape[2])
+        constexprs = dict(
+            HEAD_DIM=D, D_PAD=max(16, _pow2(D)), MASK_MODE=layout.mask_mode, IS_3D=layout.ndim == 3,
+            TILE_ORDER=tile_order, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, WIN_STAGES=_window_stages(layout),
+        )
+        return _BackwardSetup(layout, text_len, tile_order, sl, ttp, _table(layout, q.device),
+                              LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), constexprs)
+
+
+def _launch_delta(setup: _BackwardSetup, o, do, delta, tile_copy: bool) -> None:
+    """Δ = rowsum(dO ∘ O) of every row in token order, and with ``tile_copy`` tile-major too
+    (``_delta_kernel``)."""
+    B, H, L, D = o.shape
+    layout = setup.layout
+    block = min(64, max(16, _pow2(layout.tile_volume)))
+    n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, setup.text_len, B * H, block)
+    t0, t1, t2 = layout.tile
+    _delta_kernel[(n_text_progs + n_img * B * H,)](
+        o, do, delta, *_strides(o), *_strides(do), H, L, setup.sl, setup.text_len, n_text_progs, ntb_arg, n_img,
+        sub, *_kernel_args(layout)[:6], HEAD_DIM=D, D_PAD=setup.constexprs["D_PAD"], BLOCK=block, T0=t0, T1=t1,
+        T2=t2, TILE_ORDER=setup.tile_order, TTP=setup.ttp, TILE_COPY=tile_copy,
     )
-    qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
-    table = _table(layout, q.device)
 
-    # Δ inside the split backward's dQ kernel where its rows load whole (D a power of two): 19th
-    # session (benchmarks/results/ab_delta_dq_19th.json), the dQ kernel's extra O loads against the
-    # separate pass: flux-4k circle -0.08 ms, Wan 720p -0.07, sdxl-4k -0.01; at PixArt's head dim
-    # 72 (masked 144-byte rows) +0.05 ms, so the separate pass stays there
-    delta_in_dq = not fused and D == d_pad
-    if not delta_in_dq:
-        _delta_kernel[(triton.cdiv(L, 64), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, L, sl, HEAD_DIM=D, D_PAD=d_pad, BLOCK=64
-        )
-    if not fused:
-        BM, BN, cfg = _blocks("dq", q, d_pad, layout)
-        n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, text_len, B * H, BM)
-        tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, tile_order)
-        _dq_kernel[(n_text_progs + n_img * B * H,)](
-            q, k, v, o, do, lse, delta, dq, table, *descriptors,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(dq),
-            H, L, sl, text_len, n_text_progs, ntb_arg, n_img, sub,
-            *_kernel_args(layout), qk_scale, sm_scale,
-            BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
-            TMA_LOADS=tma_loads, DELTA_HERE=delta_in_dq, DP_EARLY=bool(cfg.get("dp_early", False)),
-            MASK_SCORES=bool(cfg.get("mask_scores", False)), TTP=ttp, DENSE_WHOLE=_dense_whole(text_len, L, BN),
-            **_mask_flags(cfg, layout), **common,
-        )
 
-    BM, BN, cfg = _blocks("dkdv_fused" if fused else "dkdv", q, d_pad, layout)
+def _launch_dq(setup: _BackwardSetup, q, k, v, o, do, lse, delta, dq, delta_here: bool) -> None:
+    """The dQ kernel; ``delta_here``: it computes Δ itself (DELTA_HERE)."""
+    B, H, L, D = q.shape
+    layout, text_len = setup.layout, setup.text_len
+    BM, BN, cfg = _blocks("dq", q, setup.constexprs["D_PAD"], layout)
+    n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, text_len, B * H, BM)
+    tma_loads, descriptors = _tma_loads(cfg, (k, v), text_len, layout, BN, setup.tile_order)
+    _dq_kernel[(n_text_progs + n_img * B * H,)](
+        q, k, v, o, do, lse, delta, dq, setup.table, *descriptors,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), *_strides(dq),
+        H, L, setup.sl, text_len, n_text_progs, ntb_arg, n_img, sub,
+        *_kernel_args(layout), setup.qk_scale, setup.sm_scale,
+        BM=BM, BN=BN, **_tile_constexprs(layout, BN), **_launch_options(cfg),
+        TMA_LOADS=tma_loads, DELTA_HERE=delta_here, DP_EARLY=bool(cfg.get("dp_early", False)),
+        MASK_SCORES=bool(cfg.get("mask_scores", False)), TTP=setup.ttp, DENSE_WHOLE=_dense_whole(text_len, L, BN),
+        **_mask_flags(cfg, layout), **setup.constexprs,
+    )
+
+
+def _launch_dkdv(setup: _BackwardSetup, q, k, v, do, lse, delta, dk, dv, dq_acc=None) -> None:
+    """The dK/dV kernel; with ``dq_acc`` (the fused backward's fp32 [B·H, L, D_PAD] dQ accumulator,
+    zeroed) it adds dQ as it goes (FUSE_DQ)."""
+    B, H, L, D = q.shape
+    layout, text_len = setup.layout, setup.text_len
+    fused = dq_acc is not None
+    BM, BN, cfg = _blocks("dkdv_fused" if fused else "dkdv", q, setup.constexprs["D_PAD"], layout)
     n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, text_len, B * H, BN)
-    dq_tma = fused and _dq_tma_allowed(cfg, layout, BM, q.device, tile_order)  # as _fused_uses_tma decides
-    # the fused backward's dQ accumulator: fp32, zeroed, the inputs' token order (see _dkdv_kernel)
-    dq_acc = torch.zeros((B * H, L, d_pad), dtype=torch.float32, device=q.device) if fused else dq
+    dq_tma = fused and _dq_tma_allowed(cfg, layout, BM, q.device, setup.tile_order)  # as _fused_uses_tma decides
     dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
-    tma_loads, descriptors = _tma_loads(cfg, (q, do), text_len, layout, BM, tile_order)
-    # the LSE and Δ runs by TMA where Q and dO come so (the split backward: its dQ kernel wrote Δ's
-    # tile-major copy), unless the config says "stats_tma": False
-    stats_tma = tma_loads and not fused and bool(cfg.get("stats_tma", True))
+    tma_loads, descriptors = _tma_loads(cfg, (q, do), text_len, layout, BM, setup.tile_order)
+    # the LSE and Δ runs by TMA where Q and dO come so, unless the config says "stats_tma": False
+    stats_tma = tma_loads and bool(cfg.get("stats_tma", True))
     stats_rows = _stats_descriptors((lse, delta), BM) if stats_tma else (None, None)
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, dq_rows, dq_grid, table, *descriptors, *stats_rows,
+        q, k, v, do, lse, delta, dk, dv, dq_acc if fused else dk,  # (DQ: a placeholder when not fused)
+        dq_rows, dq_grid, setup.table, *descriptors, *stats_rows,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
-        H, L, sl, text_len, n_text_progs, ntb_arg, n_img, sub,
-        *_kernel_args(layout), qk_scale, sm_scale,
+        H, L, setup.sl, text_len, n_text_progs, ntb_arg, n_img, sub,
+        *_kernel_args(layout), setup.qk_scale, setup.sm_scale,
         BM=BM, BN=BN, **_tile_constexprs(layout, BM), **_launch_options(cfg),
         FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_ORDER=_dpt_order(cfg),
-        DIV_CHUNKS=bool(cfg.get("div_chunks", False)), TILE_STATS=not fused, TTP=ttp, STATS_TMA=stats_tma,
+        DIV_CHUNKS=bool(cfg.get("div_chunks", False)), TTP=setup.ttp, STATS_TMA=stats_tma,
         DENSE_WHOLE=_dense_whole(text_len, L, BM) and bool(cfg.get("dense_whole", True)),
-        **_mask_flags(cfg, layout), **common,
+        **_mask_flags(cfg, layout), **setup.constexprs,
     )
-    if fused:
-        dq.copy_(dq_acc.view(B, H, L, d_pad)[..., :D])
+
+
+def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool, backward: str = "split"):
+    """dq, dk, dv of one local attention (the variants: :data:`BACKWARDS`)."""
+    B, H, L, D = q.shape
+    do = _last_dim_contiguous(do)
+    setup = _BackwardSetup.of(q, layout, text_len, tile_order)
+    delta = _stats(B, H, L, layout, 0.0, q.device)
+    dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
+    if backward == "split":
+        # Δ inside the dQ kernel where its rows load whole (D a power of two): 19th session
+        # (benchmarks/results/ab_delta_dq_19th.json), the dQ kernel's extra O loads against the
+        # separate pass: flux-4k circle -0.08 ms, Wan 720p -0.07, sdxl-4k -0.01; at PixArt's head dim
+        # 72 (masked 144-byte rows) +0.05 ms, so the separate pass stays there
+        delta_in_dq = D == setup.constexprs["D_PAD"]
+        if not delta_in_dq:
+            _launch_delta(setup, o, do, delta, tile_copy=False)  # (the dQ kernel stores the tile-major copy)
+        _launch_dq(setup, q, k, v, o, do, lse, delta, dq, delta_here=delta_in_dq)
+        _launch_dkdv(setup, q, k, v, do, lse, delta, dk, dv)
+    elif backward == "fused_dq":
+        _launch_delta(setup, o, do, delta, tile_copy=True)
+        dq_acc = torch.zeros((B * H, L, setup.constexprs["D_PAD"]), dtype=torch.float32, device=q.device)
+        _launch_dkdv(setup, q, k, v, do, lse, delta, dk, dv, dq_acc=dq_acc)
+        dq.copy_(dq_acc.view(B, H, L, -1)[..., :D])
     return dq, dk, dv
 
 
