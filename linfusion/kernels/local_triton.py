@@ -763,13 +763,21 @@ def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, L, SL, TEXT, n_
                   G0, G1, G2, N0, N1, N2, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
                   T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, TILE_ORDER: tl.constexpr, TTP: tl.constexpr,
                   TILE_COPY: tl.constexpr):
-    """Δ = rowsum(dO ∘ O) of the rows a program owns (``_own_block``, as in the dQ kernel), stored in
-    token order and, with TILE_COPY (the fused backward: no dQ kernel stores it), for image rows in
-    their tile-major slots too (``_stats``: the dK/dV kernel's window loop reads them)."""
-    pid = tl.program_id(0)
+    """Δ = rowsum(dO ∘ O), stored in token order. TILE_COPY (the fused backward, which has no dQ
+    kernel to do it): a program owns the rows of ``_own_block`` (grid: one axis, as the dQ kernel's)
+    and also stores the image rows' Δ in their tile-major slots (``_stats``: the dK/dV kernel's
+    window loop reads them). Else BLOCK contiguous rows of one (b, h) (grid: row blocks × B·H):
+    whole runs of memory (PixArt's 144-byte rows of head dim 72: split backward 7.64 ms against 7.77
+    with tile blocks, 23rd session, ``benchmarks/results/ab_delta_pixart_23rd.json``)."""
     offs_d = tl.arange(0, D_PAD)
-    _, bh, _, _, _, _, _, _, rows, valid, _ = _own_block(
-        pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BLOCK, T0, T1, T2, TILE_ORDER)
+    if TILE_COPY:
+        pid = tl.program_id(0)
+        _, bh, _, _, _, _, _, _, rows, valid, _ = _own_block(
+            pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BLOCK, T0, T1, T2, TILE_ORDER)
+    else:
+        bh = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        valid = rows < L
     b = bh // H
     h = bh - b * H
     mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -1405,10 +1413,11 @@ def _launch_delta(setup: _BackwardSetup, o, do, delta, tile_copy: bool) -> None:
     (``_delta_kernel``)."""
     B, H, L, D = o.shape
     layout = setup.layout
-    block = min(64, max(16, _pow2(layout.tile_volume)))
+    block = min(64, max(16, _pow2(layout.tile_volume))) if tile_copy else 64
     n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, setup.text_len, B * H, block)
     t0, t1, t2 = layout.tile
-    _delta_kernel[(n_text_progs + n_img * B * H,)](
+    grid = (n_text_progs + n_img * B * H,) if tile_copy else (triton.cdiv(L, block), B * H)
+    _delta_kernel[grid](
         o, do, delta, *_strides(o), *_strides(do), H, L, setup.sl, setup.text_len, n_text_progs, ntb_arg, n_img,
         sub, *_kernel_args(layout)[:6], HEAD_DIM=D, D_PAD=setup.constexprs["D_PAD"], BLOCK=block, T0=t0, T1=t1,
         T2=t2, TILE_ORDER=setup.tile_order, TTP=setup.ttp, TILE_COPY=tile_copy,
