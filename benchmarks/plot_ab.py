@@ -14,17 +14,15 @@ from pathlib import Path
 def ratios(records: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
     """{(case, window): {backward impl: backward ms / forward ms}} of one ``ab_local.py`` record list
     (the first forward impl of each (case, window) is the denominator)."""
+    timed = [r for r in records if "ms" in r]  # (a failed impl has an "error" instead)
     forward: dict[tuple[str, str], float] = {}
-    out: dict[tuple[str, str], dict[str, float]] = {}
-    for r in records:
-        if "ms" not in r:  # a failed impl
-            continue
-        key = (r["case"], r["window"])
+    for r in timed:
         if r["pass"] == "fwd":
-            forward.setdefault(key, r["ms"])
-    for r in records:
-        key = (r.get("case"), r.get("window"))
-        if r.get("pass") == "bwd" and key in forward:
+            forward.setdefault((r["case"], r["window"]), r["ms"])
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for r in timed:
+        key = (r["case"], r["window"])
+        if r["pass"] == "bwd" and key in forward:
             out.setdefault(key, {})[r["impl"]] = r["ms"] / forward[key]
     return out
 
