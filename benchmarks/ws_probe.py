@@ -1,0 +1,176 @@
+"""Probe of Triton's Hopper warp specialization on an attention backward's two loops.
+
+FA3's backward overlaps its matmuls with loads and dQ reductions by splitting each program into a
+producer warp and two consumer warpgroups with register reallocation (``setmaxnreg``). Triton 3.6 has
+a pass for this on sm_90 (``add_hopper_warpspec``): a loop marked ``tl.range(..., warp_specialize=True)``
+in a kernel compiled with ``num_warps=4`` and no runtime ``else`` branch becomes a producer and two
+consumers (the dots' M dimension split between them). This script times dense dK/dV and dQ loops
+(bf16, head dim 128; the local kernels' window loop minus its tile arithmetic) with and without it,
+after checking each variant's gradients against a PyTorch reference.
+
+One variant per process, so a hang or a launch fault cannot take the others with it:
+
+    for i in 0 1 2 3 4 5 6; do timeout -k 5 45 python benchmarks/ws_probe.py $i; done
+
+24th session (Triton 3.6.0, H200; ``results/ws_probe_24th.json``): every variant compiles for sm_90 with
+``ttg.warp_specialize`` and ``setmaxnreg`` (consumers 232 registers), but the dK/dV loops hang and the
+dQ loops fault (``unspecified launch failure``) on their first launch; the unspecialized loops run at
+500 (dK/dV, 64 keys, 4 warps) and 648 TFLOP/s (dQ, 128 rows, 8 warps). Re-run with a newer Triton.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+from triton.testing import do_bench
+
+
+@triton.jit
+def dkdv_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_ptr, n_chunks, qk_scale, L_,
+               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS: tl.constexpr, STATS_PTR: tl.constexpr):
+    """dK, dV of BN keys (program 0) of one (batch·head) row (program 1) over all its queries, BM at a time.
+    Tensors are [BH·L, D] (descriptors) and [BH·L] (LSE in log2 units, Δ; descriptors, or pointers with
+    STATS_PTR); dK, dV written as bf16."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    row0 = bh * L_ + pid * BN
+    k = k_desc.load([row0, 0])
+    v = v_desc.load([row0, 0])
+    dk = tl.zeros([BN, D], dtype=tl.float32)
+    dv = tl.zeros([BN, D], dtype=tl.float32)
+    for i in tl.range(0, n_chunks, warp_specialize=WS):
+        m0 = bh * L_ + i * BM
+        q = q_desc.load([m0, 0])
+        do = do_desc.load([m0, 0])
+        if STATS_PTR:
+            lse = tl.load(lse_desc + m0 + tl.arange(0, BM))
+            dl = tl.load(dl_desc + m0 + tl.arange(0, BM))
+        else:
+            lse = lse_desc.load([m0])
+            dl = dl_desc.load([m0])
+        st = tl.dot(k, tl.trans(q)) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        dpt = tl.dot(v, tl.trans(do))
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dst = pt * (dpt - dl[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk)
+    offs = (row0 + tl.arange(0, BN))[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(dk_ptr + offs, dk.to(tl.bfloat16))
+    tl.store(dv_ptr + offs, dv.to(tl.bfloat16))
+
+
+@triton.jit
+def dq_probe(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, n_chunks, qk_scale, L_,
+             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS: tl.constexpr):
+    """dQ of BM query rows (program 0) of one (batch·head) row (program 1) over all its keys, BN at a time."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    row0 = bh * L_ + pid * BM
+    q = q_desc.load([row0, 0])
+    do = do_desc.load([row0, 0])
+    rows = row0 + tl.arange(0, BM)
+    lse = lse_ptr.load([row0])
+    dl = dl_ptr.load([row0])
+    dq = tl.zeros([BM, D], dtype=tl.float32)
+    for i in tl.range(0, n_chunks, warp_specialize=WS):
+        n0 = bh * L_ + i * BN
+        k = k_desc.load([n0, 0])
+        v = v_desc.load([n0, 0])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - dl[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    offs = rows[:, None] * D + tl.arange(0, D)[None, :]
+    tl.store(dq_ptr + offs, dq.to(tl.bfloat16))
+
+
+def reference(q, k, v, do, scale):
+    """dq, dk, dv, LSE (natural log) and Δ of dense softmax attention, in fp32."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    p = torch.softmax(s, -1)
+    o = p @ v.float()
+    dof = do.float()
+    dv = p.transpose(-1, -2) @ dof
+    dp = dof @ v.float().transpose(-1, -2)
+    delta = (dof * o).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    return ds @ k.float(), ds.transpose(-1, -2) @ q.float(), dv, torch.logsumexp(s, -1), delta[..., 0]
+
+
+def run(BH, L, D, variants, check):
+    """Per variant: with ``check`` the gradients' relative error against :func:`reference` (outputs
+    NaN-poisoned first), else the median time and TFLOP/s of the loop's matmuls."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(BH, L, D, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = D ** -0.5
+    if check:
+        dq_r, dk_r, dv_r, lse, delta = reference(q, k, v, do, scale)
+    else:
+        lse = torch.randn(BH, L, device="cuda") + 10.0  # timing only: any finite stats
+        delta = torch.randn(BH, L, device="cuda")
+    lse2 = (lse * 1.4426950408889634).contiguous()  # log2 domain
+    qk_scale = scale * 1.4426950408889634
+    flat = lambda t: t.reshape(-1, D)
+    out = []
+    for kind, ws, bm, bn, nw, ns, sp in variants:
+        try:
+            if kind == "dkdv":
+                dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+                d2 = lambda t, b: TensorDescriptor(flat(t), [BH * L, D], [D, 1], [b, D])
+                d1 = lambda t, b: TensorDescriptor(t.reshape(-1), [BH * L], [1], [b])
+                stats = (lse2, delta.contiguous()) if sp else (d1(lse2, bm), d1(delta.contiguous(), bm))
+                args = (d2(q, bm), d2(do, bm), d2(k, bn), d2(v, bn), *stats, dk, dv, L // bm, qk_scale, L)
+                fn = lambda: dkdv_probe[(L // bn, BH)](*args, BM=bm, BN=bn, D=D, WS=ws, STATS_PTR=sp, num_warps=nw,
+                                                       num_stages=ns)
+                flops = 4 * 2 * BH * L * L * D
+            else:
+                dq = torch.full_like(q, float("nan"))
+                d2 = lambda t, b: TensorDescriptor(flat(t), [BH * L, D], [D, 1], [b, D])
+                d1 = lambda t, b: TensorDescriptor(t.reshape(-1), [BH * L], [1], [b])
+                args = (d2(q, bm), d2(do, bm), d2(k, bn), d2(v, bn), d1(lse2, bm), d1(delta.contiguous(), bm), dq,
+                        L // bn, qk_scale, L)
+                fn = lambda: dq_probe[(L // bm, BH)](*args, BM=bm, BN=bn, D=D, WS=ws, num_warps=nw, num_stages=ns)
+                flops = 3 * 2 * BH * L * L * D
+            fn()
+            torch.cuda.synchronize()
+            err = None
+            if check:
+                if kind == "dkdv":
+                    err = max(float((a.float() - b).norm() / b.norm()) for a, b in ((dk, dk_r), (dv, dv_r)))
+                else:
+                    err = float((dq.float() - dq_r).norm() / dq_r.norm())
+            ms = do_bench(fn, warmup=25, rep=200, return_mode="median") if not check else None
+            rec = {"kind": kind, "ws": ws, "BM": bm, "BN": bn, "num_warps": nw, "num_stages": ns, "stats_ptr": sp,
+                   "BH": BH, "L": L,
+                   "ms": ms, "tflops": flops / ms / 1e9 if ms else None, "rel_err": err}
+        except Exception as exc:  # noqa: BLE001
+            rec = {"kind": kind, "ws": ws, "BM": bm, "BN": bn, "num_warps": nw, "num_stages": ns,
+                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        print(rec, flush=True)
+        out.append(rec)
+    return out
+
+
+VARIANTS = [  # kind, warp_specialize, BM, BN, num_warps, num_stages, dK/dV stats by pointers
+    ("dkdv", False, 64, 64, 4, 2, False),   # the shipped split dK/dV blocks
+    ("dkdv", False, 64, 128, 8, 2, False),
+    ("dq", False, 128, 64, 8, 3, False),    # the shipped dQ blocks
+    ("dq", True, 128, 64, 4, 2, False),     # producer + 2 consumer warpgroups of 64 query rows
+    ("dkdv", True, 64, 128, 4, 2, True),    # producer + 2 consumer warpgroups of 64 keys
+    ("dkdv", True, 64, 128, 4, 3, True),
+    ("dq", True, 128, 64, 4, 3, False),
+    ("dkdv", True, 64, 128, 4, 2, False),   # hung the H200 in the first call (stats by TMA)
+]
+
+if __name__ == "__main__":
+    i = int(sys.argv[1])
+    res = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "cuda": torch.version.cuda}, "variant": VARIANTS[i]}
+    res["check"] = run(2, 1024, 128, VARIANTS[i:i + 1], check=True)
+    res["time"] = run(24, 16384, 128, VARIANTS[i:i + 1], check=False)
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), f"ws_probe_{i}.json"), "w"), indent=1)
