@@ -30,11 +30,21 @@ from triton.testing import do_bench
 
 
 @triton.jit
-def dkdv_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_ptr, n_chunks, qk_scale, L_,
-               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS: tl.constexpr, STATS_PTR: tl.constexpr):
+def dkdv_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_ptr, n_chunks, qk_scale, L_, n_rows,
+               BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS: tl.constexpr, STATS_PTR: tl.constexpr,
+               DEVICE_DESC: tl.constexpr, STORE_DESC: tl.constexpr = False):
     """dK, dV of BN keys (program 0) of one (batch·head) row (program 1) over all its queries, BM at a time.
     Tensors are [BH·L, D] (descriptors) and [BH·L] (LSE in log2 units, Δ; descriptors, or pointers with
-    STATS_PTR); dK, dV written as bf16."""
+    STATS_PTR); dK, dV written as bf16. With DEVICE_DESC the inputs are pointers and the kernel makes
+    its descriptors (Hopper warp specialization partitions data only with on-device descriptors)."""
+    if DEVICE_DESC:
+        q_desc = tl.make_tensor_descriptor(q_desc, [n_rows, D], [D, 1], [BM, D])
+        do_desc = tl.make_tensor_descriptor(do_desc, [n_rows, D], [D, 1], [BM, D])
+        k_desc = tl.make_tensor_descriptor(k_desc, [n_rows, D], [D, 1], [BN, D])
+        v_desc = tl.make_tensor_descriptor(v_desc, [n_rows, D], [D, 1], [BN, D])
+        if not STATS_PTR:
+            lse_desc = tl.make_tensor_descriptor(lse_desc, [n_rows], [1], [BM])
+            dl_desc = tl.make_tensor_descriptor(dl_desc, [n_rows], [1], [BM])
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     row0 = bh * L_ + pid * BN
@@ -58,23 +68,40 @@ def dkdv_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_pt
         dv = tl.dot(pt.to(do.dtype), do, dv)
         dst = pt * (dpt - dl[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk)
-    offs = (row0 + tl.arange(0, BN))[:, None] * D + tl.arange(0, D)[None, :]
-    tl.store(dk_ptr + offs, dk.to(tl.bfloat16))
-    tl.store(dv_ptr + offs, dv.to(tl.bfloat16))
+    if STORE_DESC:  # (on-device descriptors only)
+        tl.make_tensor_descriptor(dk_ptr, [n_rows, D], [D, 1], [BN, D]).store([row0, 0], dk.to(tl.bfloat16))
+        tl.make_tensor_descriptor(dv_ptr, [n_rows, D], [D, 1], [BN, D]).store([row0, 0], dv.to(tl.bfloat16))
+    else:
+        offs = (row0 + tl.arange(0, BN))[:, None] * D + tl.arange(0, D)[None, :]
+        tl.store(dk_ptr + offs, dk.to(tl.bfloat16))
+        tl.store(dv_ptr + offs, dv.to(tl.bfloat16))
 
 
 @triton.jit
-def dq_probe(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, n_chunks, qk_scale, L_,
-             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS: tl.constexpr):
+def dq_probe(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, n_chunks, qk_scale, L_, n_rows,
+             BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS: tl.constexpr, DEVICE_DESC: tl.constexpr,
+             STATS_PTR: tl.constexpr = False, STORE_DESC: tl.constexpr = False):
     """dQ of BM query rows (program 0) of one (batch·head) row (program 1) over all its keys, BN at a time."""
+    if DEVICE_DESC:
+        q_desc = tl.make_tensor_descriptor(q_desc, [n_rows, D], [D, 1], [BM, D])
+        do_desc = tl.make_tensor_descriptor(do_desc, [n_rows, D], [D, 1], [BM, D])
+        k_desc = tl.make_tensor_descriptor(k_desc, [n_rows, D], [D, 1], [BN, D])
+        v_desc = tl.make_tensor_descriptor(v_desc, [n_rows, D], [D, 1], [BN, D])
+        if not STATS_PTR:
+            lse_ptr = tl.make_tensor_descriptor(lse_ptr, [n_rows], [1], [BM])
+            dl_ptr = tl.make_tensor_descriptor(dl_ptr, [n_rows], [1], [BM])
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     row0 = bh * L_ + pid * BM
     q = q_desc.load([row0, 0])
     do = do_desc.load([row0, 0])
     rows = row0 + tl.arange(0, BM)
-    lse = lse_ptr.load([row0])
-    dl = dl_ptr.load([row0])
+    if STATS_PTR:
+        lse = tl.load(lse_ptr + rows)
+        dl = tl.load(dl_ptr + rows)
+    else:
+        lse = lse_ptr.load([row0])
+        dl = dl_ptr.load([row0])
     dq = tl.zeros([BM, D], dtype=tl.float32)
     for i in tl.range(0, n_chunks, warp_specialize=WS):
         n0 = bh * L_ + i * BN
@@ -85,8 +112,11 @@ def dq_probe(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, n_chunks,
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - dl[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
-    offs = rows[:, None] * D + tl.arange(0, D)[None, :]
-    tl.store(dq_ptr + offs, dq.to(tl.bfloat16))
+    if STORE_DESC:
+        tl.make_tensor_descriptor(dq_ptr, [n_rows, D], [D, 1], [BM, D]).store([row0, 0], dq.to(tl.bfloat16))
+    else:
+        offs = rows[:, None] * D + tl.arange(0, D)[None, :]
+        tl.store(dq_ptr + offs, dq.to(tl.bfloat16))
 
 
 def reference(q, k, v, do, scale):
@@ -115,59 +145,78 @@ def run(BH, L, D, variants, check):
         delta = torch.randn(BH, L, device="cuda")
     lse2 = (lse * 1.4426950408889634).contiguous()  # log2 domain
     qk_scale = scale * 1.4426950408889634
-    flat = lambda t: t.reshape(-1, D)
+    flat = lambda t: t.reshape(-1, D)  # noqa: E731
     out = []
-    for kind, ws, bm, bn, nw, ns, sp in variants:
+    for kind, ws, bm, bn, nw, ns, sp, dev, *rest in variants:
+        store_desc = bool(rest and rest[0])
+        fields = {"kind": kind, "ws": ws, "BM": bm, "BN": bn, "num_warps": nw, "num_stages": ns, "stats_ptr": sp,
+                  "device_desc": dev, "store_desc": store_desc}
         try:
+            def d2(t, b):  # a [BH·L, D] operand: its pointer, or a host descriptor of [b, D] boxes
+                return flat(t) if dev else TensorDescriptor(flat(t), [BH * L, D], [D, 1], [b, D])
+
+            def d1(t, b):  # a [BH·L] statistic
+                return t.reshape(-1) if dev else TensorDescriptor(t.reshape(-1), [BH * L], [1], [b])
+
+            opts = dict(BM=bm, BN=bn, D=D, WS=ws, DEVICE_DESC=dev, STATS_PTR=sp, STORE_DESC=store_desc, num_warps=nw,
+                        num_stages=ns)
             if kind == "dkdv":
                 dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
-                d2 = lambda t, b: TensorDescriptor(flat(t), [BH * L, D], [D, 1], [b, D])
-                d1 = lambda t, b: TensorDescriptor(t.reshape(-1), [BH * L], [1], [b])
                 stats = (lse2, delta.contiguous()) if sp else (d1(lse2, bm), d1(delta.contiguous(), bm))
-                args = (d2(q, bm), d2(do, bm), d2(k, bn), d2(v, bn), *stats, dk, dv, L // bm, qk_scale, L)
-                fn = lambda: dkdv_probe[(L // bn, BH)](*args, BM=bm, BN=bn, D=D, WS=ws, STATS_PTR=sp, num_warps=nw,
-                                                       num_stages=ns)
+                args = (d2(q, bm), d2(do, bm), d2(k, bn), d2(v, bn), *stats, dk, dv, L // bm, qk_scale, L, BH * L)
+                fn = lambda: dkdv_probe[(L // bn, BH)](*args, **opts)  # noqa: E731
                 flops = 4 * 2 * BH * L * L * D
             else:
                 dq = torch.full_like(q, float("nan"))
-                d2 = lambda t, b: TensorDescriptor(flat(t), [BH * L, D], [D, 1], [b, D])
-                d1 = lambda t, b: TensorDescriptor(t.reshape(-1), [BH * L], [1], [b])
-                args = (d2(q, bm), d2(do, bm), d2(k, bn), d2(v, bn), d1(lse2, bm), d1(delta.contiguous(), bm), dq,
-                        L // bn, qk_scale, L)
-                fn = lambda: dq_probe[(L // bm, BH)](*args, BM=bm, BN=bn, D=D, WS=ws, num_warps=nw, num_stages=ns)
+                stats = (lse2, delta.contiguous()) if sp else (d1(lse2, bm), d1(delta.contiguous(), bm))
+                args = (d2(q, bm), d2(do, bm), d2(k, bn), d2(v, bn), *stats, dq, L // bn, qk_scale, L, BH * L)
+                fn = lambda: dq_probe[(L // bm, BH)](*args, **opts)  # noqa: E731
                 flops = 3 * 2 * BH * L * L * D
             fn()
             torch.cuda.synchronize()
             err = None
             if check:
-                if kind == "dkdv":
-                    err = max(float((a.float() - b).norm() / b.norm()) for a, b in ((dk, dk_r), (dv, dv_r)))
-                else:
-                    err = float((dq.float() - dq_r).norm() / dq_r.norm())
+                pairs = ((dk, dk_r), (dv, dv_r)) if kind == "dkdv" else ((dq, dq_r),)
+                err = max(float((a.float() - b).norm() / b.norm()) for a, b in pairs)
+                if err != err:  # NaN: which 64-row halves of each block stayed unwritten, and the error elsewhere
+                    got = pairs[0][0].float().reshape(-1, 64, D)
+                    fields["nan_halves"] = got.isnan().any(-1).any(-1).reshape(-1)[:8].tolist()
+                    fields["nan_share"] = float(got.isnan().float().mean())
+                    ok = ~got.isnan().any(-1).any(-1)
+                    want = pairs[0][1].reshape(-1, 64, D)
+                    fields["err_written"] = float((got[ok] - want[ok]).norm() / want[ok].norm()) if ok.any() else None
             ms = do_bench(fn, warmup=25, rep=200, return_mode="median") if not check else None
-            rec = {"kind": kind, "ws": ws, "BM": bm, "BN": bn, "num_warps": nw, "num_stages": ns, "stats_ptr": sp,
-                   "BH": BH, "L": L,
-                   "ms": ms, "tflops": flops / ms / 1e9 if ms else None, "rel_err": err}
+            rec = {**fields, "BH": BH, "L": L, "ms": ms, "tflops": flops / ms / 1e9 if ms else None, "rel_err": err}
         except Exception as exc:  # noqa: BLE001
-            rec = {"kind": kind, "ws": ws, "BM": bm, "BN": bn, "num_warps": nw, "num_stages": ns,
-                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            rec = {**fields, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(rec, flush=True)
         out.append(rec)
     return out
 
 
-VARIANTS = [  # kind, warp_specialize, BM, BN, num_warps, num_stages, dK/dV stats by pointers
-    ("dkdv", False, 64, 64, 4, 2, False),   # the shipped split dK/dV blocks
-    ("dkdv", False, 64, 128, 8, 2, False),
-    ("dq", False, 128, 64, 8, 3, False),    # the shipped dQ blocks
-    ("dq", True, 128, 64, 4, 2, False),     # producer + 2 consumer warpgroups of 64 query rows
-    ("dkdv", True, 64, 128, 4, 2, True),    # producer + 2 consumer warpgroups of 64 keys
-    ("dkdv", True, 64, 128, 4, 3, True),
-    ("dq", True, 128, 64, 4, 3, False),
-    ("dkdv", True, 64, 128, 4, 2, False),   # hung the H200 in the first call (stats by TMA)
+VARIANTS = [  # kind, warp_specialize, BM, BN, num_warps, num_stages, stats by pointers, on-device descriptors[, stores too]
+    ("dkdv", False, 64, 64, 4, 2, False, False),   # 0: the shipped split dK/dV blocks
+    ("dkdv", False, 64, 128, 8, 2, False, False),  # 1
+    ("dq", False, 128, 64, 8, 3, False, False),    # 2: the shipped dQ blocks
+    ("dq", True, 128, 64, 4, 2, False, False),     # 3: producer + 2 consumer warpgroups of 64 query rows
+    ("dkdv", True, 64, 128, 4, 2, True, False),    # 4: producer + 2 consumer warpgroups of 64 keys
+    ("dkdv", True, 64, 128, 4, 3, True, False),    # 5
+    ("dq", True, 128, 64, 4, 3, False, False),     # 6
+    ("dkdv", True, 64, 128, 4, 2, False, False),   # 7: hung the H200 in the first call (stats by TMA)
+    ("dkdv", True, 64, 128, 4, 2, True, True),     # 8: on-device descriptors
+    ("dkdv", True, 64, 128, 4, 2, False, True),    # 9
+    ("dq", True, 128, 64, 4, 2, False, True),      # 10
+    ("dq", True, 128, 128, 4, 2, False, True),     # 11
+    ("dkdv", False, 64, 64, 4, 2, False, True),    # 12: the unspecialized loops with on-device descriptors
+    ("dq", False, 128, 64, 8, 3, False, True),     # 13
+    ("dq", True, 128, 64, 4, 2, True, True, True),     # 14: + results stored by descriptors
+    ("dq", True, 128, 64, 4, 2, False, True, True),    # 15
+    ("dkdv", True, 64, 128, 4, 2, True, True, True),   # 16
+    ("dkdv", True, 64, 128, 4, 2, False, True, True),  # 17
 ]
 
 if __name__ == "__main__":
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     i = int(sys.argv[1])
     res = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "cuda": torch.version.cuda}, "variant": VARIANTS[i]}
