@@ -12,10 +12,17 @@ One variant per process, so a hang or a launch fault cannot take the others with
 
     for i in 0 1 2 3 4 5 6; do timeout -k 5 45 python benchmarks/ws_probe.py $i; done
 
-24th session (Triton 3.6.0, H200; ``results/ws_probe_24th.json``): every variant compiles for sm_90 with
-``ttg.warp_specialize`` and ``setmaxnreg`` (consumers 232 registers), but the dK/dV loops hang and the
-dQ loops fault (``unspecified launch failure``) on their first launch; the unspecialized loops run at
-500 (dK/dV, 64 keys, 4 warps) and 648 TFLOP/s (dQ, 128 rows, 8 warps). Re-run with a newer Triton.
+24th session (Triton 3.6.0, H200; ``results/ws_probe_24th.json``). Every variant compiles for sm_90
+with ``ttg.warp_specialize`` and ``setmaxnreg`` (consumers 232 registers). With host descriptors
+(``TensorDescriptor``) the dK/dV loops hang and the dQ loops fault (``unspecified launch failure``);
+with on-device descriptors (``DEVICE_DESC``) but pointer stores, half of each block's rows are never
+written; with on-device descriptors for the loads *and* the stores (``STORE_DESC``) the results are
+right and the dK/dV loop runs at 648 TFLOP/s against 492-500 unspecialised (1.30x; dQ: 650 against
+641-648, no gain). Compiling the local kernels' dK/dV this way failed on three further rules of the
+pass: tensors split between the consumers (K, V, dK, dV) must be plain 2D descriptor loads and
+stores (a reshaped 5D box, as a key tile of row-major tokens needs, crashes the data partitioning:
+"Unexpected op" / "unsupported op type"), and one specialised loop per kernel (two: a dominance
+assertion). See ``NOTES_local.md``, 24th session.
 """
 
 import json
