@@ -37,6 +37,29 @@ from triton.testing import do_bench
 
 
 @triton.jit
+def _descriptors(q, do, k, v, lse, dl, n_rows, BQ: tl.constexpr, BK: tl.constexpr, D: tl.constexpr,
+                 STATS_PTR: tl.constexpr):
+    """On-device descriptors of the [BH·L, D] operands (boxes of BQ query / BK key rows) and, unless
+    STATS_PTR, of the [BH·L] statistics (boxes of BQ); the arguments are their pointers."""
+    q = tl.make_tensor_descriptor(q, [n_rows, D], [D, 1], [BQ, D])
+    do = tl.make_tensor_descriptor(do, [n_rows, D], [D, 1], [BQ, D])
+    k = tl.make_tensor_descriptor(k, [n_rows, D], [D, 1], [BK, D])
+    v = tl.make_tensor_descriptor(v, [n_rows, D], [D, 1], [BK, D])
+    if not STATS_PTR:
+        lse = tl.make_tensor_descriptor(lse, [n_rows], [1], [BQ])
+        dl = tl.make_tensor_descriptor(dl, [n_rows], [1], [BQ])
+    return q, do, k, v, lse, dl
+
+
+@triton.jit
+def _stats(lse, dl, start, BQ: tl.constexpr, STATS_PTR: tl.constexpr):
+    """[BQ] LSE and Δ of rows start.., by pointers or by their descriptors."""
+    if STATS_PTR:
+        return tl.load(lse + start + tl.arange(0, BQ)), tl.load(dl + start + tl.arange(0, BQ))
+    return lse.load([start]), dl.load([start])
+
+
+@triton.jit
 def dkdv_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_ptr, n_chunks, qk_scale, L_, n_rows,
                BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS: tl.constexpr, STATS_PTR: tl.constexpr,
                DEVICE_DESC: tl.constexpr, STORE_DESC: tl.constexpr = False):
@@ -45,13 +68,8 @@ def dkdv_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_pt
     STATS_PTR); dK, dV written as bf16. With DEVICE_DESC the inputs are pointers and the kernel makes
     its descriptors (Hopper warp specialization partitions data only with on-device descriptors)."""
     if DEVICE_DESC:
-        q_desc = tl.make_tensor_descriptor(q_desc, [n_rows, D], [D, 1], [BM, D])
-        do_desc = tl.make_tensor_descriptor(do_desc, [n_rows, D], [D, 1], [BM, D])
-        k_desc = tl.make_tensor_descriptor(k_desc, [n_rows, D], [D, 1], [BN, D])
-        v_desc = tl.make_tensor_descriptor(v_desc, [n_rows, D], [D, 1], [BN, D])
-        if not STATS_PTR:
-            lse_desc = tl.make_tensor_descriptor(lse_desc, [n_rows], [1], [BM])
-            dl_desc = tl.make_tensor_descriptor(dl_desc, [n_rows], [1], [BM])
+        q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc = _descriptors(q_desc, do_desc, k_desc, v_desc, lse_desc,
+                                                                          dl_desc, n_rows, BM, BN, D, STATS_PTR)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     row0 = bh * L_ + pid * BN
@@ -63,12 +81,7 @@ def dkdv_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_pt
         m0 = bh * L_ + i * BM
         q = q_desc.load([m0, 0])
         do = do_desc.load([m0, 0])
-        if STATS_PTR:
-            lse = tl.load(lse_desc + m0 + tl.arange(0, BM))
-            dl = tl.load(dl_desc + m0 + tl.arange(0, BM))
-        else:
-            lse = lse_desc.load([m0])
-            dl = dl_desc.load([m0])
+        lse, dl = _stats(lse_desc, dl_desc, m0, BM, STATS_PTR)
         st = tl.dot(k, tl.trans(q)) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
         dpt = tl.dot(v, tl.trans(do))
@@ -90,25 +103,15 @@ def dq_probe(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, n_chunks,
              STATS_PTR: tl.constexpr = False, STORE_DESC: tl.constexpr = False):
     """dQ of BM query rows (program 0) of one (batch·head) row (program 1) over all its keys, BN at a time."""
     if DEVICE_DESC:
-        q_desc = tl.make_tensor_descriptor(q_desc, [n_rows, D], [D, 1], [BM, D])
-        do_desc = tl.make_tensor_descriptor(do_desc, [n_rows, D], [D, 1], [BM, D])
-        k_desc = tl.make_tensor_descriptor(k_desc, [n_rows, D], [D, 1], [BN, D])
-        v_desc = tl.make_tensor_descriptor(v_desc, [n_rows, D], [D, 1], [BN, D])
-        if not STATS_PTR:
-            lse_ptr = tl.make_tensor_descriptor(lse_ptr, [n_rows], [1], [BM])
-            dl_ptr = tl.make_tensor_descriptor(dl_ptr, [n_rows], [1], [BM])
+        q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr = _descriptors(q_desc, do_desc, k_desc, v_desc, lse_ptr,
+                                                                        dl_ptr, n_rows, BM, BN, D, STATS_PTR)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     row0 = bh * L_ + pid * BM
     q = q_desc.load([row0, 0])
     do = do_desc.load([row0, 0])
     rows = row0 + tl.arange(0, BM)
-    if STATS_PTR:
-        lse = tl.load(lse_ptr + rows)
-        dl = tl.load(dl_ptr + rows)
-    else:
-        lse = lse_ptr.load([row0])
-        dl = dl_ptr.load([row0])
+    lse, dl = _stats(lse_ptr, dl_ptr, row0, BM, STATS_PTR)
     dq = tl.zeros([BM, D], dtype=tl.float32)
     for i in tl.range(0, n_chunks, warp_specialize=WS):
         n0 = bh * L_ + i * BN
