@@ -129,6 +129,36 @@ def dq_probe(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, n_chunks,
         tl.store(dq_ptr + offs, dq.to(tl.bfloat16))
 
 
+@triton.jit
+def fused_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_ptr, dq_ptr, n_chunks, qk_scale, L_,
+                n_rows, sm_scale, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, WS: tl.constexpr):
+    """``dkdv_probe`` (on-device descriptors throughout) that also adds each block pair's dQ share
+    (dS·K · scale, fp32) into ``dq_ptr`` [BH·L, D] by TMA reductions: FA3's 5-matmul backward."""
+    q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc = _descriptors(q_desc, do_desc, k_desc, v_desc, lse_desc,
+                                                                      dl_desc, n_rows, BM, BN, D, False)
+    dq_desc = tl.make_tensor_descriptor(dq_ptr, [n_rows, D], [D, 1], [BM, D])
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    row0 = bh * L_ + pid * BN
+    k = k_desc.load([row0, 0])
+    v = v_desc.load([row0, 0])
+    dk = tl.zeros([BN, D], dtype=tl.float32)
+    dv = tl.zeros([BN, D], dtype=tl.float32)
+    for i in tl.range(0, n_chunks, warp_specialize=WS):
+        m0 = bh * L_ + i * BM
+        q = q_desc.load([m0, 0])
+        do = do_desc.load([m0, 0])
+        lse, dl = _stats(lse_desc, dl_desc, m0, BM, False)
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        dpt = tl.dot(v, tl.trans(do))
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dst = (pt * (dpt - dl[None, :])).to(q.dtype)
+        dk = tl.dot(dst, q, dk)
+        dq_desc.atomic_add([m0, 0], tl.dot(tl.trans(dst), k) * sm_scale)
+    tl.make_tensor_descriptor(dk_ptr, [n_rows, D], [D, 1], [BN, D]).store([row0, 0], dk.to(tl.bfloat16))
+    tl.make_tensor_descriptor(dv_ptr, [n_rows, D], [D, 1], [BN, D]).store([row0, 0], dv.to(tl.bfloat16))
+
+
 def reference(q, k, v, do, scale):
     """dq, dk, dv, LSE (natural log) and Δ of dense softmax attention, in fp32."""
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
@@ -176,6 +206,16 @@ def run(BH, L, D, variants, check):
                 args = (d2(q, bm), d2(do, bm), d2(k, bn), d2(v, bn), *stats, dk, dv, L // bm, qk_scale, L, BH * L)
                 fn = lambda: dkdv_probe[(L // bn, BH)](*args, **opts)  # noqa: E731
                 flops = 4 * 2 * BH * L * L * D
+            elif kind == "fused":
+                dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+                dq = torch.zeros(BH, L, D, device="cuda")  # the fp32 accumulator of the TMA reductions
+                args = (flat(q), flat(do), flat(k), flat(v), lse2.reshape(-1), delta.reshape(-1), dk, dv, dq, L // bm,
+                        qk_scale, L, BH * L, 1.0)  # unscaled gradients, as the other probes and the reference
+
+                def fn():
+                    dq.zero_()
+                    fused_probe[(L // bn, BH)](*args, BM=bm, BN=bn, D=D, WS=ws, num_warps=nw, num_stages=ns)
+                flops = 5 * 2 * BH * L * L * D
             else:
                 dq = torch.full_like(q, float("nan"))
                 stats = (lse2, delta.contiguous()) if sp else (d1(lse2, bm), d1(delta.contiguous(), bm))
@@ -186,7 +226,12 @@ def run(BH, L, D, variants, check):
             torch.cuda.synchronize()
             err = None
             if check:
-                pairs = ((dk, dk_r), (dv, dv_r)) if kind == "dkdv" else ((dq, dq_r),)
+                if kind == "dkdv":
+                    pairs = ((dk, dk_r), (dv, dv_r))
+                elif kind == "dq":
+                    pairs = ((dq, dq_r),)
+                else:
+                    pairs = ((dk, dk_r), (dv, dv_r), (dq, dq_r))
                 err = max(float((a.float() - b).norm() / b.norm()) for a, b in pairs)
                 if err != err:  # NaN: which 64-row halves of each block stayed unwritten, and the error elsewhere
                     got = pairs[0][0].float().reshape(-1, 64, D)
@@ -223,6 +268,9 @@ VARIANTS = [  # kind, warp_specialize, BM, BN, num_warps, num_stages, stats by p
     ("dq", True, 128, 64, 4, 2, False, True, True),    # 15
     ("dkdv", True, 64, 128, 4, 2, True, True, True),   # 16
     ("dkdv", True, 64, 128, 4, 2, False, True, True),  # 17
+    ("fused", False, 64, 128, 8, 2, False, True, True),  # 18: dK/dV and dQ (TMA reductions), 5 matmuls
+    ("fused", False, 64, 64, 4, 2, False, True, True),   # 19
+    ("fused", True, 64, 128, 4, 2, False, True, True),   # 20: does not compile (Triton 3.6)
 ]
 
 if __name__ == "__main__":
