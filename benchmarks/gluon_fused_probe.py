@@ -1,0 +1,201 @@
+"""Probe: FA3's fused attention backward (5 matmuls, dQ added by atomics) in Gluon with explicit warp
+specialisation, on dense shapes, against the split loops of ``ws_probe.py``.
+
+Triton 3.6's automatic Hopper warp specialisation cannot build this kernel (``ws_probe.py``: the dQ
+share's dot sums over the keys the consumers split). Here the partitions are explicit
+(``gl.warp_specialize``): the default partition, two consumer warpgroups (8 warps) on a block of
+128 keys, runs every matmul of a block pair (Sᵀ, dPᵀ, dV, dK and the dQ share dS·K, whose dS goes
+through shared memory) and adds the dQ share with relaxed atomics; a one-warp producer issues the
+TMA loads of the query chunks (Q, dO) into a ring of shared-memory stages tracked by mbarriers.
+
+    python benchmarks/gluon_fused_probe.py --out gluon_fused.json
+
+Same shapes and unscaled gradients as ``ws_probe.py`` (B·H 24, L 16,384, head dim 128, bf16): the
+split loops there took 13.2 + 7.65 = 20.8 ms unspecialised and 10.2 + 7.65 = 17.85 ms with Triton's
+specialised dK/dV (24th session).
+"""
+
+import argparse
+import json
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.testing import do_bench
+
+# the TMA load's name in Triton 3.6; later releases call it async_load (same arguments)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _producer(q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks,
+              BM: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+    """Q and dO of query chunk i (rows row_q0 + i·BM..) into stage i % STAGES once its consumers
+    have released it (``empty``); ``ready`` completes when both have arrived."""
+    for i in range(n_chunks):
+        s = i % STAGES
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # the first round passes at once
+        mbarrier.expect(ready.index(s), 2 * BM * D * 2)
+        _tma_load(q_desc, [row_q0 + i * BM, 0], ready.index(s), q_smem.index(s))
+        _tma_load(do_desc, [row_q0 + i * BM, 0], ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
+def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, lse_ptr, dl_ptr, dq_ptr, row_q0, n_chunks,
+              qk_scale, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+              num_warps: gl.constexpr):
+    """dK, dV [BN, D] of the program's keys over every query chunk, and each chunk's dQ share added
+    into ``dq_ptr`` (fp32 [rows, D]); returns dK, dV (unscaled, fp32)."""
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BM, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, D, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                        instr_shape=[16, D // (num_warps // 4), 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    cols_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+    zero_st = gl.zeros([BN, BM], gl.float32, st_layout)
+    zero_dq = gl.zeros([BM, D], gl.float32, dq_layout)
+    dk = gl.zeros([BN, D], gl.float32, acc_layout)
+    dv = gl.zeros([BN, D], gl.float32, acc_layout)
+    dq_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
+    dq_cols = gl.arange(0, D, layout=gl.SliceLayout(0, dq_layout))
+    for i in range(n_chunks):
+        s = i % STAGES
+        q_rows = row_q0 + i * BM + gl.arange(0, BM, layout=cols_st)
+        lse = gl.load(lse_ptr + q_rows)
+        dl = gl.load(dl_ptr + q_rows)
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        st = warpgroup_mma(k_smem, q_smem.index(s).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(v_smem, do_smem.index(s).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+        st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
+        dv = warpgroup_mma(gl.convert_layout(pt.to(gl.bfloat16), a_layout), do_smem.index(s), dv, is_async=True)
+        dst = (pt * (dpt - gl.expand_dims(dl, 0))).to(gl.bfloat16)
+        dk = warpgroup_mma(gl.convert_layout(dst, a_layout), q_smem.index(s), dk, is_async=True)
+        ds_smem.store(dst)  # dS for the dQ share: transposed through shared memory
+        fence_async_shared()
+        gl.thread_barrier()
+        dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
+        dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+        mbarrier.arrive(empty.index(s), count=1)  # Q, dO of this stage are read
+        rows = row_q0 + i * BM + dq_rows
+        gl.atomic_add(dq_ptr + gl.expand_dims(rows, 1) * D + gl.expand_dims(dq_cols, 0), dq, sem="relaxed")
+    return dk, dv
+
+
+@gluon.jit
+def fused_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, dk_ptr, dv_ptr, L, qk_scale,
+                     BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Program (key block, batch·head): keys pid·BN.. of row bh over all its L queries (dense)."""
+    pid = gl.program_id(0)
+    bh = gl.program_id(1)
+    row_k0 = bh * L + pid * BN
+    row_q0 = bh * L
+    smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [BN, D], smem)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [BN, D], smem)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, D], smem)
+    do_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, D], smem)
+    ds_smem = gl.allocate_shared_memory(gl.bfloat16, [BN, BM],
+                                        gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    mbarrier.expect(kv_bar, 2 * BN * D * 2)
+    _tma_load(k_desc, [row_k0, 0], kv_bar, k_smem)
+    _tma_load(v_desc, [row_k0, 0], kv_bar, v_smem)
+    mbarrier.wait(kv_bar, 0)
+    n_chunks = L // BM
+    dk, dv = gl.warp_specialize([
+        (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, lse_ptr, dl_ptr, dq_ptr, row_q0,
+                     n_chunks, qk_scale, BM, BN, D, STAGES, num_warps)),
+        (_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks, BM, D, STAGES)),
+    ], [1], [PRODUCER_REGS])
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    rows = row_k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, out_layout))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
+    offs = gl.expand_dims(rows, 1) * D + gl.expand_dims(cols, 0)
+    gl.store(dk_ptr + offs, gl.convert_layout(dk, out_layout).to(gl.bfloat16))
+    gl.store(dv_ptr + offs, gl.convert_layout(dv, out_layout).to(gl.bfloat16))
+
+
+def descriptors(tensors, block_rows: int, D: int):
+    """Gluon TMA descriptors of [rows, D] bf16 tensors, boxes of ``block_rows`` rows."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, D], layout) for t in tensors]
+
+
+def run(BH: int, L: int, D: int, check: bool, stages: int = 2, producer_regs: int = 24) -> dict:
+    """Gradients against ``ws_probe.reference`` (``check``) or the median time of one launch."""
+    import ws_probe
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(BH, L, D, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    scale = D ** -0.5
+    if check:
+        dq_r, dk_r, dv_r, lse, delta = ws_probe.reference(q, k, v, do, scale)
+    else:
+        lse = torch.randn(BH, L, device="cuda") + 10.0
+        delta = torch.randn(BH, L, device="cuda")
+    lse2 = (lse * 1.4426950408889634).contiguous()
+    flat = [t.reshape(BH * L, D) for t in (q, do, k, v)]
+    qd, dod = descriptors(flat[:2], 64, D)
+    kd, vd = descriptors(flat[2:], 128, D)
+    dq = torch.zeros(BH * L, D, device="cuda")
+    dk, dv = torch.full_like(flat[0], float("nan")), torch.full_like(flat[0], float("nan"))
+
+    def fn():
+        dq.zero_()
+        fused_bwd_kernel[(L // 128, BH)](qd, dod, kd, vd, lse2, delta.contiguous(), dq, dk, dv, L,
+                                         scale * 1.4426950408889634, BM=64, BN=128, D=D, STAGES=stages,
+                                         PRODUCER_REGS=producer_regs, num_warps=8)
+
+    fn()
+    torch.cuda.synchronize()
+    rec = {"BH": BH, "L": L, "stages": stages, "producer_regs": producer_regs}
+    if check:
+        pairs = ((dk.view(BH, L, D), dk_r), (dv.view(BH, L, D), dv_r), (dq.view(BH, L, D), dq_r))
+        rec["rel_err"] = [float((a.float() - b).norm() / b.norm()) for a, b in pairs]
+    else:
+        ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+        rec["ms"], rec["tflops"] = ms, 5 * 2 * BH * L * L * D / ms / 1e9
+    return rec
+
+
+def main(argv=None) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", type=int, nargs="+", default=[2])
+    args = parser.parse_args(argv)
+    out = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "cuda": torch.version.cuda}, "records": []}
+    for stages in args.stages:
+        for check in (True, False):
+            rec = run(2, 1024, 128, True, stages) if check else run(24, 16384, 128, False, stages)
+            print(rec, flush=True)
+            out["records"].append(rec)
+            Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
