@@ -49,9 +49,27 @@ def _producer(q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks,
 
 
 @gluon.jit
-def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, lse_ptr, dl_ptr, dq_ptr, row_q0, n_chunks,
-              qk_scale, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-              num_warps: gl.constexpr):
+def _dq_writer(dq_smem, dq_ready, dq_empty, dq_ptr, row_q0, n_chunks, BM: gl.constexpr, D: gl.constexpr,
+               DQ_STAGES: gl.constexpr, SLICE: gl.constexpr):
+    """One warp: adds each chunk's dQ share (fp32 [BM, D] in shared memory, stage i % DQ_STAGES) into
+    ``dq_ptr`` with relaxed vector atomics, SLICE rows at a time, then releases the stage."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0])
+    rows = gl.arange(0, SLICE, layout=gl.SliceLayout(1, layout))
+    cols = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, layout)), 0)
+    for i in range(n_chunks):
+        s = i % DQ_STAGES
+        mbarrier.wait(dq_ready.index(s), (i // DQ_STAGES) & 1)
+        for r in gl.static_range(BM // SLICE):
+            vals = dq_smem.index(s).slice(r * SLICE, SLICE, dim=0).load(layout)
+            ptrs = dq_ptr + gl.expand_dims(row_q0 + i * BM + r * SLICE + rows, 1) * D + cols
+            gl.atomic_add(ptrs, vals, sem="relaxed")
+        mbarrier.arrive(dq_empty.index(s), count=1)
+
+
+@gluon.jit
+def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, dq_ready, dq_empty, lse_ptr, dl_ptr,
+              dq_ptr, row_q0, n_chunks, qk_scale, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+              STAGES: gl.constexpr, DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, num_warps: gl.constexpr):
     """dK, dV [BN, D] of the program's keys over every query chunk, and each chunk's dQ share added
     into ``dq_ptr`` (fp32 [rows, D]); returns dK, dV (unscaled, fp32)."""
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -87,15 +105,23 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, lse_ptr, d
         dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
         dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
         mbarrier.arrive(empty.index(s), count=1)  # Q, dO of this stage are read
-        rows = row_q0 + i * BM + dq_rows
-        gl.atomic_add(dq_ptr + gl.expand_dims(rows, 1) * D + gl.expand_dims(dq_cols, 0), dq, sem="relaxed")
+        if DQ_WRITER:  # hand the share to the writer warp through shared memory
+            s2 = i % DQ_STAGES
+            mbarrier.wait(dq_empty.index(s2), ((i // DQ_STAGES) & 1) ^ 1)
+            dq_smem.index(s2).store(dq)
+            gl.thread_barrier()
+            mbarrier.arrive(dq_ready.index(s2), count=1)
+        else:
+            rows = row_q0 + i * BM + dq_rows
+            gl.atomic_add(dq_ptr + gl.expand_dims(rows, 1) * D + gl.expand_dims(dq_cols, 0), dq, sem="relaxed")
     return dk, dv
 
 
 @gluon.jit
 def fused_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, dk_ptr, dv_ptr, L, qk_scale,
                      BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                     PRODUCER_REGS: gl.constexpr, DQ_WRITER: gl.constexpr, WRITER_REGS: gl.constexpr,
+                     num_warps: gl.constexpr):
     """Program (key block, batch·head): keys pid·BN.. of row bh over all its L queries (dense)."""
     pid = gl.program_id(0)
     bh = gl.program_id(1)
@@ -111,20 +137,38 @@ def fused_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, d
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    DQ_STAGES: gl.constexpr = 2
+    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_STAGES, BM, D],
+                                        gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
+    dq_ready = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
+    for s in gl.static_range(DQ_STAGES):
+        mbarrier.init(dq_ready.index(s), count=1)
+        mbarrier.init(dq_empty.index(s), count=1)
     mbarrier.expect(kv_bar, 2 * BN * D * 2)
     _tma_load(k_desc, [row_k0, 0], kv_bar, k_smem)
     _tma_load(v_desc, [row_k0, 0], kv_bar, v_smem)
     mbarrier.wait(kv_bar, 0)
     n_chunks = L // BM
-    dk, dv = gl.warp_specialize([
-        (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, lse_ptr, dl_ptr, dq_ptr, row_q0,
-                     n_chunks, qk_scale, BM, BN, D, STAGES, num_warps)),
-        (_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks, BM, D, STAGES)),
-    ], [1], [PRODUCER_REGS])
+    if DQ_WRITER:
+        dk, dv = gl.warp_specialize([
+            (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, dq_ready, dq_empty,
+                         lse_ptr, dl_ptr, dq_ptr, row_q0, n_chunks, qk_scale, BM, BN, D, STAGES, DQ_STAGES,
+                         DQ_WRITER, num_warps)),
+            (_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks, BM, D, STAGES)),
+            (_dq_writer, (dq_smem, dq_ready, dq_empty, dq_ptr, row_q0, n_chunks, BM, D, DQ_STAGES, 8)),
+        ], [1, 1], [PRODUCER_REGS, WRITER_REGS])
+    else:
+        dk, dv = gl.warp_specialize([
+            (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, dq_ready, dq_empty,
+                         lse_ptr, dl_ptr, dq_ptr, row_q0, n_chunks, qk_scale, BM, BN, D, STAGES, DQ_STAGES,
+                         DQ_WRITER, num_warps)),
+            (_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks, BM, D, STAGES)),
+        ], [1], [PRODUCER_REGS])
     out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     rows = row_k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, out_layout))
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
@@ -141,7 +185,8 @@ def descriptors(tensors, block_rows: int, D: int):
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, D], layout) for t in tensors]
 
 
-def run(BH: int, L: int, D: int, check: bool, stages: int = 2, producer_regs: int = 24) -> dict:
+def run(BH: int, L: int, D: int, check: bool, stages: int = 2, producer_regs: int = 24, dq_writer: bool = False,
+        writer_regs: int = 24) -> dict:
     """Gradients against ``ws_probe.reference`` (``check``) or the median time of one launch."""
     import ws_probe
 
@@ -164,11 +209,13 @@ def run(BH: int, L: int, D: int, check: bool, stages: int = 2, producer_regs: in
         dq.zero_()
         fused_bwd_kernel[(L // 128, BH)](qd, dod, kd, vd, lse2, delta.contiguous(), dq, dk, dv, L,
                                          scale * 1.4426950408889634, BM=64, BN=128, D=D, STAGES=stages,
-                                         PRODUCER_REGS=producer_regs, num_warps=8)
+                                         PRODUCER_REGS=producer_regs, DQ_WRITER=dq_writer, WRITER_REGS=writer_regs,
+                                         num_warps=8)
 
     fn()
     torch.cuda.synchronize()
-    rec = {"BH": BH, "L": L, "stages": stages, "producer_regs": producer_regs}
+    rec = {"BH": BH, "L": L, "stages": stages, "producer_regs": producer_regs, "dq_writer": dq_writer,
+           "writer_regs": writer_regs}
     if check:
         pairs = ((dk.view(BH, L, D), dk_r), (dv.view(BH, L, D), dv_r), (dq.view(BH, L, D), dq_r))
         rec["rel_err"] = [float((a.float() - b).norm() / b.norm()) for a, b in pairs]
@@ -186,12 +233,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", default=[2])
+    parser.add_argument("--dq-writer", type=int, nargs="+", default=[0, 1], help="0: atomics in the consumers")
     args = parser.parse_args(argv)
     out = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "cuda": torch.version.cuda}, "records": []}
-    for stages in args.stages:
+    for stages, writer in ((st, bool(w)) for st in args.stages for w in args.dq_writer):
         for check in (True, False):
-            rec = run(2, 1024, 128, True, stages) if check else run(24, 16384, 128, False, stages)
+            rec = run(2, 1024, 128, True, stages, dq_writer=writer) if check else \
+                run(24, 16384, 128, False, stages, dq_writer=writer)
             print(rec, flush=True)
             out["records"].append(rec)
             Path(args.out).write_text(json.dumps(out, indent=1))
