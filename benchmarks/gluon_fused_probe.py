@@ -36,16 +36,18 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def _producer(q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks,
+def _producer(q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty, row_q0, n_chunks,
               BM: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
-    """Q and dO of query chunk i (rows row_q0 + i·BM..) into stage i % STAGES once its consumers
-    have released it (``empty``); ``ready`` completes when both have arrived."""
+    """Q, dO, LSE and Δ of query chunk i (rows row_q0 + i·BM..) into stage i % STAGES once its
+    consumers have released it (``empty``); ``ready`` completes when all four have arrived."""
     for i in range(n_chunks):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # the first round passes at once
-        mbarrier.expect(ready.index(s), 2 * BM * D * 2)
+        mbarrier.expect(ready.index(s), 2 * BM * D * 2 + 2 * BM * 4)
         _tma_load(q_desc, [row_q0 + i * BM, 0], ready.index(s), q_smem.index(s))
         _tma_load(do_desc, [row_q0 + i * BM, 0], ready.index(s), do_smem.index(s))
+        _tma_load(lse_desc, [row_q0 + i * BM], ready.index(s), lse_smem.index(s))
+        _tma_load(dl_desc, [row_q0 + i * BM], ready.index(s), dl_smem.index(s))
 
 
 @gluon.jit
@@ -67,7 +69,7 @@ def _dq_writer(dq_smem, dq_ready, dq_empty, dq_ptr, row_q0, n_chunks, BM: gl.con
 
 
 @gluon.jit
-def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, dq_ready, dq_empty, lse_ptr, dl_ptr,
+def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, dq_ready, dq_empty, lse_smem, dl_smem,
               dq_ptr, row_q0, n_chunks, qk_scale, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
               STAGES: gl.constexpr, DQ_STAGES: gl.constexpr, DQ_WRITER: gl.constexpr, num_warps: gl.constexpr):
     """dK, dV [BN, D] of the program's keys over every query chunk, and each chunk's dQ share added
@@ -80,29 +82,29 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, d
                                                         instr_shape=[16, D // (num_warps // 4), 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     cols_st: gl.constexpr = gl.SliceLayout(0, st_layout)
-    zero_st = gl.zeros([BN, BM], gl.float32, st_layout)
-    zero_dq = gl.zeros([BM, D], gl.float32, dq_layout)
     dk = gl.zeros([BN, D], gl.float32, acc_layout)
     dv = gl.zeros([BN, D], gl.float32, acc_layout)
     dq_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, dq_layout))
     dq_cols = gl.arange(0, D, layout=gl.SliceLayout(0, dq_layout))
     for i in range(n_chunks):
         s = i % STAGES
-        q_rows = row_q0 + i * BM + gl.arange(0, BM, layout=cols_st)
-        lse = gl.load(lse_ptr + q_rows)
-        dl = gl.load(dl_ptr + q_rows)
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        st = warpgroup_mma(k_smem, q_smem.index(s).permute((1, 0)), zero_st, use_acc=False, is_async=True)
-        dpt = warpgroup_mma(v_smem, do_smem.index(s).permute((1, 0)), zero_st, use_acc=False, is_async=True)
+        # (zero accumulators made where used: hoisted out of the loop they would hold 64 registers)
+        st = warpgroup_mma(k_smem, q_smem.index(s).permute((1, 0)), gl.zeros([BN, BM], gl.float32, st_layout),
+                           use_acc=False, is_async=True)
+        dpt = warpgroup_mma(v_smem, do_smem.index(s).permute((1, 0)), gl.zeros([BN, BM], gl.float32, st_layout),
+                            use_acc=False, is_async=True)
         st, dpt = warpgroup_mma_wait(0, deps=(st, dpt))
+        lse = lse_smem.index(s).load(cols_st)
         pt = gl.exp2(st * qk_scale - gl.expand_dims(lse, 0))
-        dv = warpgroup_mma(gl.convert_layout(pt.to(gl.bfloat16), a_layout), do_smem.index(s), dv, is_async=True)
-        dst = (pt * (dpt - gl.expand_dims(dl, 0))).to(gl.bfloat16)
-        dk = warpgroup_mma(gl.convert_layout(dst, a_layout), q_smem.index(s), dk, is_async=True)
+        dv = warpgroup_mma(gl.convert_layout(pt.to(gl.bfloat16), a_layout, assert_trivial=True), do_smem.index(s), dv, is_async=True)
+        dst = (pt * (dpt - gl.expand_dims(dl_smem.index(s).load(cols_st), 0))).to(gl.bfloat16)
+        dk = warpgroup_mma(gl.convert_layout(dst, a_layout, assert_trivial=True), q_smem.index(s), dk, is_async=True)
         ds_smem.store(dst)  # dS for the dQ share: transposed through shared memory
         fence_async_shared()
         gl.thread_barrier()
-        dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, zero_dq, use_acc=False, is_async=True)
+        dq = warpgroup_mma(ds_smem.permute((1, 0)), k_smem, gl.zeros([BM, D], gl.float32, dq_layout), use_acc=False,
+                           is_async=True)
         dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
         mbarrier.arrive(empty.index(s), count=1)  # Q, dO of this stage are read
         if DQ_WRITER:  # hand the share to the writer warp through shared memory
@@ -118,7 +120,7 @@ def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, d
 
 
 @gluon.jit
-def fused_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, dk_ptr, dv_ptr, L, qk_scale,
+def fused_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dq_ptr, dk_ptr, dv_ptr, L, qk_scale,
                      BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
                      PRODUCER_REGS: gl.constexpr, DQ_WRITER: gl.constexpr, WRITER_REGS: gl.constexpr,
                      num_warps: gl.constexpr):
@@ -134,6 +136,9 @@ def fused_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, d
     do_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, D], smem)
     ds_smem = gl.allocate_shared_memory(gl.bfloat16, [BN, BM],
                                         gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+    stats: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats)
+    dl_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -157,17 +162,19 @@ def fused_bwd_kernel(q_desc, do_desc, k_desc, v_desc, lse_ptr, dl_ptr, dq_ptr, d
     if DQ_WRITER:
         dk, dv = gl.warp_specialize([
             (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, dq_ready, dq_empty,
-                         lse_ptr, dl_ptr, dq_ptr, row_q0, n_chunks, qk_scale, BM, BN, D, STAGES, DQ_STAGES,
+                         lse_smem, dl_smem, dq_ptr, row_q0, n_chunks, qk_scale, BM, BN, D, STAGES, DQ_STAGES,
                          DQ_WRITER, num_warps)),
-            (_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks, BM, D, STAGES)),
+            (_producer, (q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty, row_q0,
+                         n_chunks, BM, D, STAGES)),
             (_dq_writer, (dq_smem, dq_ready, dq_empty, dq_ptr, row_q0, n_chunks, BM, D, DQ_STAGES, 8)),
         ], [1, 1], [PRODUCER_REGS, WRITER_REGS])
     else:
         dk, dv = gl.warp_specialize([
             (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, ready, empty, dq_smem, dq_ready, dq_empty,
-                         lse_ptr, dl_ptr, dq_ptr, row_q0, n_chunks, qk_scale, BM, BN, D, STAGES, DQ_STAGES,
+                         lse_smem, dl_smem, dq_ptr, row_q0, n_chunks, qk_scale, BM, BN, D, STAGES, DQ_STAGES,
                          DQ_WRITER, num_warps)),
-            (_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q0, n_chunks, BM, D, STAGES)),
+            (_producer, (q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty, row_q0,
+                         n_chunks, BM, D, STAGES)),
         ], [1], [PRODUCER_REGS])
     out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
     rows = row_k0 + gl.arange(0, BN, layout=gl.SliceLayout(1, out_layout))
@@ -183,6 +190,14 @@ def descriptors(tensors, block_rows: int, D: int):
 
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, D], layout) for t in tensors]
+
+
+def stats_descriptors(tensors, block: int):
+    """Gluon TMA descriptors of flat fp32 [rows] statistics, runs of ``block`` values."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    return [TensorDescriptor(t, list(t.shape), [1], [block], layout) for t in tensors]
 
 
 def run(BH: int, L: int, D: int, check: bool, stages: int = 2, producer_regs: int = 24, dq_writer: bool = False,
@@ -207,7 +222,8 @@ def run(BH: int, L: int, D: int, check: bool, stages: int = 2, producer_regs: in
 
     def fn():
         dq.zero_()
-        fused_bwd_kernel[(L // 128, BH)](qd, dod, kd, vd, lse2, delta.contiguous(), dq, dk, dv, L,
+        fused_bwd_kernel[(L // 128, BH)](qd, dod, kd, vd, *stats_descriptors((lse2.reshape(-1), delta.reshape(-1)), 64),
+                                         dq, dk, dv, L,
                                          scale * 1.4426950408889634, BM=64, BN=128, D=D, STAGES=stages,
                                          PRODUCER_REGS=producer_regs, DQ_WRITER=dq_writer, WRITER_REGS=writer_regs,
                                          num_warps=8)
