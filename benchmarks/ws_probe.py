@@ -55,8 +55,21 @@ def _descriptors(q, do, k, v, lse, dl, n_rows, BQ: tl.constexpr, BK: tl.constexp
 def _stats(lse, dl, start, BQ: tl.constexpr, STATS_PTR: tl.constexpr):
     """[BQ] LSE and Δ of rows start.., by pointers or by their descriptors."""
     if STATS_PTR:
-        return tl.load(lse + start + tl.arange(0, BQ)), tl.load(dl + start + tl.arange(0, BQ))
-    return lse.load([start]), dl.load([start])
+        lse_run, dl_run = tl.load(lse + start + tl.arange(0, BQ)), tl.load(dl + start + tl.arange(0, BQ))
+    else:  # (an early return would still compile this branch for pointers)
+        lse_run, dl_run = lse.load([start]), dl.load([start])
+    return lse_run, dl_run
+
+
+@triton.jit
+def _dkdv_pair(k, v, q, do, lse, dl, dk, dv, qk_scale):
+    """One block pair of the dK/dV loop: dV += Pᵀ dO, dK += dSᵀ Q (unscaled); also dSᵀ in Q's dtype."""
+    pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+    dpt = tl.dot(v, tl.trans(do))
+    dv = tl.dot(pt.to(do.dtype), do, dv)
+    dst = (pt * (dpt - dl[None, :])).to(q.dtype)
+    dk = tl.dot(dst, q, dk)
+    return dk, dv, dst
 
 
 @triton.jit
@@ -82,12 +95,7 @@ def dkdv_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_pt
         q = q_desc.load([m0, 0])
         do = do_desc.load([m0, 0])
         lse, dl = _stats(lse_desc, dl_desc, m0, BM, STATS_PTR)
-        st = tl.dot(k, tl.trans(q)) * qk_scale
-        pt = tl.math.exp2(st - lse[None, :])
-        dpt = tl.dot(v, tl.trans(do))
-        dv = tl.dot(pt.to(do.dtype), do, dv)
-        dst = pt * (dpt - dl[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk)
+        dk, dv, _ = _dkdv_pair(k, v, q, do, lse, dl, dk, dv, qk_scale)
     if STORE_DESC:  # (on-device descriptors only)
         tl.make_tensor_descriptor(dk_ptr, [n_rows, D], [D, 1], [BN, D]).store([row0, 0], dk.to(tl.bfloat16))
         tl.make_tensor_descriptor(dv_ptr, [n_rows, D], [D, 1], [BN, D]).store([row0, 0], dv.to(tl.bfloat16))
@@ -149,11 +157,7 @@ def fused_probe(q_desc, do_desc, k_desc, v_desc, lse_desc, dl_desc, dk_ptr, dv_p
         q = q_desc.load([m0, 0])
         do = do_desc.load([m0, 0])
         lse, dl = _stats(lse_desc, dl_desc, m0, BM, False)
-        pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-        dpt = tl.dot(v, tl.trans(do))
-        dv = tl.dot(pt.to(do.dtype), do, dv)
-        dst = (pt * (dpt - dl[None, :])).to(q.dtype)
-        dk = tl.dot(dst, q, dk)
+        dk, dv, dst = _dkdv_pair(k, v, q, do, lse, dl, dk, dv, qk_scale)
         dq_desc.atomic_add([m0, 0], tl.dot(tl.trans(dst), k) * sm_scale)
     tl.make_tensor_descriptor(dk_ptr, [n_rows, D], [D, 1], [BN, D]).store([row0, 0], dk.to(tl.bfloat16))
     tl.make_tensor_descriptor(dv_ptr, [n_rows, D], [D, 1], [BN, D]).store([row0, 0], dv.to(tl.bfloat16))
