@@ -55,15 +55,15 @@ def profiled_calls(fn, calls: int, flush: torch.Tensor | None = None) -> list[di
     """Per call: each kernel's name, start and duration (µs, relative to the call's first kernel),
     the call's span and its kernels' summed duration; with ``flush`` an L2 flush before each call
     (as ``do_bench``), left out of the call's kernels."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for i in range(calls):
+    # (no record_function ranges: they show up among the device events and would count as kernels)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
             if flush is not None:
                 flush.zero_()
-            with record_function(f"call{i}"):
-                fn()
+            fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: e.time_range.start)
