@@ -62,6 +62,7 @@ import triton.language as tl
 
 from .dispatch import triton_interpreter_enabled
 from .local_configs import circle_tile, default_backward, local_config
+from .local_dkdv_hopper import launch_dkdv_ws, ws_dkdv_unsupported
 from .local_layout import (
     MASK_NONE,
     MASK_TABLE,
@@ -1358,10 +1359,12 @@ def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block
 
 #: backward variants: "split" (a dK/dV kernel, then a dQ kernel that recomputes P and dP: 7 matmuls
 #: per block pair), "fused_dq" (the dK/dV kernel also adds dQ into an fp32 buffer, by TMA reductions
-#: or per-element atomics: 5 matmuls, plus the reduction traffic; FA3's scheme) or "auto" (the
+#: or per-element atomics: 5 matmuls, plus the reduction traffic; FA3's scheme), "split_ws" ("split"
+#: with the warp-specialised Hopper dK/dV kernel of ``local_dkdv_hopper``: tile windows on
+#: tile-ordered tokens only, see ``ws_dkdv_unsupported``) or "auto" (the
 #: default: whichever the H200 measured faster for the window shape, dtype and head dim,
 #: ``local_configs.default_backward``, chosen when the backward runs).
-BACKWARDS = ("auto", "split", "fused_dq")
+BACKWARDS = ("auto", "split", "fused_dq", "split_ws")
 
 
 def _program_counts(layout: LocalLayout, text_len: int, n_heads: int, block: int) -> tuple[int, int, int, int]:
@@ -1478,7 +1481,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     setup = _BackwardSetup.of(q, layout, text_len, tile_order)
     delta = _stats(B, H, L, layout, 0.0, q.device)
     dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
-    if backward == "split":
+    if backward in ("split", "split_ws"):
         # Δ inside the dQ kernel where its rows load whole (D a power of two): 19th session
         # (benchmarks/results/ab_delta_dq_19th.json), the dQ kernel's extra O loads against the
         # separate pass: flux-4k circle -0.08 ms, Wan 720p -0.07, sdxl-4k -0.01; at PixArt's head dim
@@ -1487,7 +1490,12 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         if not delta_in_dq:
             _launch_delta(setup, o, do, delta, tile_copy=False)  # (the dQ kernel stores the tile-major copy)
         _launch_dq(setup, q, k, v, o, do, lse, delta, dq, delta_here=delta_in_dq)
-        _launch_dkdv(setup, q, k, v, do, lse, delta, dk, dv)
+        if backward == "split_ws":
+            _require_ws(q, (k, v, do, dk, dv), layout, text_len, tile_order)
+            launch_dkdv_ws(q, k, v, do, lse, delta, dk, dv, layout, text_len, setup.sl, setup.qk_scale,
+                           setup.sm_scale)
+        else:
+            _launch_dkdv(setup, q, k, v, do, lse, delta, dk, dv)
     elif backward == "fused_dq":
         _launch_delta(setup, o, do, delta, tile_copy=True)
         dq_acc = torch.zeros((B * H, L, setup.constexprs["D_PAD"]), dtype=torch.float32, device=q.device)
@@ -1525,7 +1533,18 @@ def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto
     if tile is None and shape == "circle" and not tile_order:
         tile = circle_tile(len(tuple(grid)), q.dtype, q.shape[-1])
     grid, radii, tile = validate_local_args(grid, window, int(text_len), shape, tile, q.shape[2])
-    return get_layout(grid, radii, shape, tile, q.device), backward
+    layout = get_layout(grid, radii, shape, tile, q.device)
+    if backward == "split_ws":
+        _require_ws(q, (k, v), layout, int(text_len), tile_order)
+    return layout, backward
+
+
+def _require_ws(q, tensors, layout: LocalLayout, text_len: int, tile_order: bool) -> None:
+    why = ws_dkdv_unsupported(q, tensors, layout, text_len, tile_order)
+    if why is not None:
+        raise ValueError(f'backward="split_ws" cannot serve this call: {why}. It needs a tile window on '
+                         'tile-ordered tokens (local_attention_tiled), whole 128-token tiles, text length a '
+                         'multiple of 128, head dim 128, fp16/bf16, on an sm_90 GPU; use "split" or "auto".')
 
 
 def _auto_backward(q: torch.Tensor, layout: LocalLayout, tile_order: bool) -> str:
