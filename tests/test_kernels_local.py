@@ -559,15 +559,18 @@ def test_tma_loads_configs_where_measured(monkeypatch):
 
 
 def test_tma_loads_only_where_every_chunk_is_one_box(monkeypatch):
-    """A launch uses TMA loads where its config asks for them, the tokens are row-major and every
-    chunk of its loop is whole rows of one tile plane; on a GPU also Hopper or later, 16-bit inputs
+    """A launch uses TMA loads where its config asks for them and every chunk of its loop is whole
+    rows of one tile plane (row-major tokens) or one run of one whole tile (tile order); on a GPU also Hopper or later, 16-bit inputs
     and 16-byte aligned strides; on CPU only under the interpreter (the tests)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors: the interpreter's rules (on a GPU machine too)
     allowed, on = local_triton._tma_loads_allowed, {"tma_loads": True}
     x = torch.zeros(1, 2, 8 + 64 * 64, 64, dtype=torch.bfloat16)
     flux = get_layout((64, 64), 16, "circle", (8, 16))
     assert allowed(on, (x, x), flux, 64, False) and allowed(on, (x, x), flux, 128, False)
-    assert not allowed(on, (x, x), flux, 64, True)  # tokens in tile order
+    # tokens in tile order: whole tiles, and chunks that divide the tile (one run of one tile)
+    assert allowed(on, (x, x), flux, 64, True) and allowed(on, (x, x), flux, 128, True)
+    assert not allowed(on, (x, x), flux, 256, True)  # two tiles per chunk
+    assert not allowed(on, (x, x), get_layout((60, 64), 16, "circle", (8, 16)), 64, True)  # partial edge tiles
     assert not allowed({}, (x, x), flux, 64, False)  # not asked for
     assert not allowed(on, (x, x), flux, 8, False)  # half a tile row
     assert not allowed(on, (x, x), get_layout((5, 30, 21), (2, 8, 8), "circle", (2, 8, 8)), 128, False)  # 2 planes
@@ -743,6 +746,98 @@ def test_whole_chunks_compile_without_masks_and_match(shape, monkeypatch):
     assert len(flags) == 6 and all(flags) and stats_loads, (flags, stats_loads)
     assert not dense_whole(127, 127 + 512, 128) and dense_whole(0, 512, 128)
     assert not whole(get_layout((15, 32), 8, shape, (8, 16)), 128)
+
+
+def check_tiled(B, H, D, grid, window, text_len, shape, tile, dtype, variant="split", layout="bhld", seed=0):
+    """local_attention_tiled on to_tile_order'ed inputs vs the float64 reference (row-major): output
+    and dq, dk, dv of the ``variant`` backward."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    L = text_len + math.prod(grid)
+    if layout == "blhd":
+        q, k, v, g = (torch.randn(B, L, H, D, generator=gen, device=DEVICE).to(dtype).transpose(1, 2) for _ in range(4))
+    else:
+        q, k, v, g = (torch.randn(B, H, L, D, generator=gen, device=DEVICE).to(dtype) for _ in range(4))
+    tiled = [to_tile_order(t, grid, tile, text_len).detach().requires_grad_() for t in (q, k, v)]
+    out = local_attention_tiled(*tiled, grid, window, text_len, shape, tile, backward=variant)
+    grads = torch.autograd.grad(out, tiled, to_tile_order(g, grid, tile, text_len))
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = local_attention_reference(*ref_in, grid, window, text_len, shape, tile)
+    refs = torch.autograd.grad(ref, ref_in, g.double())
+    errs = {"out": rel_err(from_tile_order(out, grid, tile, text_len), ref)}
+    errs.update({n: rel_err(from_tile_order(a, grid, tile, text_len), b)
+                 for n, a, b in zip(("dq", "dk", "dv"), grads, refs)})
+    assert all(e < TOL[dtype] for e in errs.values()), f"relative errors {errs} (tolerance {TOL[dtype]})"
+    return errs
+
+
+# tile order with TMA loads (forced): every chunk one run of a whole tile (grids multiple of the tile)
+TILE_ORDER_TMA_CASES = [
+    ("2d-circle-text", 1, 2, 64, (8, 24), 5, 6, "circle", (4, 8), torch.float32, {"BM": 16, "BN": 16}),
+    ("2d-tile-bf16-d40-blhd", 2, 2, 40, (12, 16), 6, 5, "tile", (4, 8), torch.bfloat16, {"BM": 32, "BN": 16}),
+    ("3d-circle-fp16", 1, 1, 64, (4, 8, 8), (2, 3, 3), 4, "circle", (2, 4, 4), torch.float16, {"BM": 16, "BN": 32}),
+]
+
+
+@pytest.mark.parametrize("case", TILE_ORDER_TMA_CASES, ids=[c[0] for c in TILE_ORDER_TMA_CASES])
+def test_tma_loads_tile_order_match_reference(case, monkeypatch):
+    """On tile-ordered tokens a window chunk arrives by one TMA load of its tile's run (the
+    descriptors [B, H, N0·N1, N2·TV, D] of ``_load_descriptors``): forward and both backward
+    variants against the float64 reference, and every launch really takes TMA loads."""
+    from linfusion.kernels import local_configs
+
+    _, B, H, D, grid, window, text_len, shape, tile, dtype, blocks = case
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {**blocks, "tma_loads": True}
+                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused")})
+    used = []
+    decide = local_triton._tma_loads_allowed
+    monkeypatch.setattr(local_triton, "_tma_loads_allowed", lambda *args: used.append(decide(*args)) or used[-1])
+    layout = "blhd" if "blhd" in case[0] else "bhld"
+    for variant in ("split", "fused_dq"):
+        check_tiled(B, H, D, grid, window, text_len, shape, tile, dtype, variant, layout, seed=3)
+    expect = not ON_GPU or dtype != torch.float32
+    assert used and all(u == expect for u in used), used
+
+
+# the warp-specialised dK/dV kernel (local_dkdv_hopper): tile windows of whole 128-token tiles,
+# head dim 128, text a multiple of 128 (or none); on CPU the interpreter runs it unspecialised
+WS_CASES = [
+    ("text-bf16", 1, 2, (16, 32), 128, torch.bfloat16, "bhld"),
+    ("notext-fp16-b2-blhd", 2, 1, (24, 16), 0, torch.float16, "blhd"),
+]
+
+
+@pytest.mark.parametrize("case", WS_CASES, ids=[c[0] for c in WS_CASES])
+def test_split_ws_backward_matches_reference(case):
+    """backward="split_ws" against the float64 reference, and equal (to rounding) to "split"."""
+    _, B, H, grid, text_len, dtype, layout = case
+    window = (16, 16)  # the 2 x 1 tile-radius box of 8 x 16 tiles
+    errs_ws = check_tiled(B, H, 128, grid, window, text_len, "tile", (8, 16), dtype, "split_ws", layout, seed=4)
+    errs = check_tiled(B, H, 128, grid, window, text_len, "tile", (8, 16), dtype, "split", layout, seed=4)
+    for name in ("dk", "dv"):
+        assert abs(errs_ws[name] - errs[name]) <= 0.05 * errs[name] + 1e-6, (errs_ws, errs)
+
+
+def test_split_ws_backward_refuses_what_it_cannot_serve():
+    """A clear error, before any launch, naming what split_ws needs."""
+    grid, tile, text_len = (16, 32), (8, 16), 128
+    L = text_len + math.prod(grid)
+    q = torch.randn(1, 1, L, 128, device=DEVICE, dtype=torch.bfloat16)
+    tq = to_tile_order(q, grid, tile, text_len)
+    with pytest.raises(ValueError, match="row-major"):
+        local_attention_triton(q, q, q, grid, 16, text_len, "tile", tile, backward="split_ws")
+    with pytest.raises(ValueError, match="circle"):
+        local_attention_tiled(tq, tq, tq, grid, 16, text_len, "circle", tile, backward="split_ws")
+    with pytest.raises(ValueError, match="tiles of 32 tokens"):
+        local_attention_tiled(tq, tq, tq, grid, 16, text_len, "tile", (4, 8), backward="split_ws")
+    with pytest.raises(ValueError, match="text length 5"):
+        t5 = to_tile_order(q[:, :, 123:], grid, tile, 5)
+        local_attention_tiled(t5, t5, t5, grid, 16, 5, "tile", tile, backward="split_ws")
+    with pytest.raises(ValueError, match="head dim 64"):
+        t64 = tq[..., :64].contiguous()
+        local_attention_tiled(t64, t64, t64, grid, 16, text_len, "tile", tile, backward="split_ws")
+    with pytest.raises(ValueError, match="float32"):
+        t32 = tq.float()
+        local_attention_tiled(t32, t32, t32, grid, 16, text_len, "tile", tile, backward="split_ws")
 
 
 @pytest.mark.parametrize("backward", ["split", "fused_dq"])

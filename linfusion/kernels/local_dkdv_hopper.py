@@ -165,7 +165,7 @@ def _descriptor_scratch(device: torch.device):
 
 
 def launch_dkdv_ws(q, k, v, do, lse, delta, dk, dv, layout, text_len: int, sl: int,
-                   qk_scale: float, sm_scale: float) -> None:
+                   qk_scale: float, sm_scale: float, num_stages: int = 2) -> None:
     """dK, dV (written into ``dk``, ``dv``, (B, H, L, D) views) of a tile-window local attention on
     tile-ordered tokens; ``lse`` (log2 units) and ``delta`` are the (B, H, sl) statistics rows.
     The caller checks :func:`ws_dkdv_unsupported` first."""
@@ -185,5 +185,5 @@ def launch_dkdv_ws(q, k, v, do, lse, delta, dk, dv, layout, text_len: int, sl: i
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk),
             H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
             D=D, BM=BM, BN=BN, TV=layout.tile_volume, WS=q.device.type == "cuda",
-            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, num_warps=4, num_stages=2,
+            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, num_warps=4, num_stages=num_stages,
         )

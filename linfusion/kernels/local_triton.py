@@ -223,13 +223,19 @@ def _load_rows(X_ROWS, Y_ROWS, x_base, y_base, sxn, syn, b, h, start, pos, valid
 @triton.jit
 def _load_chunk(X_GRID, Y_GRID, x_base, y_base, sxn, syn, b, h, sc, kc0, kc1, kc2, G1, pos, valid, offs_d, dmask,
                 BLOCK: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-                D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr):
+                D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr, TILE_ORDER: tl.constexpr):
     """Two [BLOCK, D_PAD] tiles of window chunk ``sc`` of tile kc (tokens ``pos``).
     TMA_LOADS: one TMA load each (``X_GRID``/``Y_GRID``: the grid [B, H, G0·G1, G2, D], box
     [1, 1, BLOCK/T2, T2, D_PAD]): the chunk is BLOCK/T2 whole rows of one tile plane, so the box starts
     at its first token, column kc2·T2; rows past a partial tile's edge arrive as other tokens or
-    zeros, which the callers mask. Else per-token pointers, zeros where not ``valid``."""
-    if TMA_LOADS:
+    zeros, which the callers mask. With TILE_ORDER (whole tiles only) the descriptors are the
+    tile-ordered image [B, H, N0·N1, N2·TV, D], box [1, 1, 1, BLOCK, D_PAD]: the chunk is one run of
+    its tile (``_load_descriptors``). Else per-token pointers, zeros where not ``valid``."""
+    if TMA_LOADS and TILE_ORDER:
+        col = kc2 * (T0 * T1 * T2) + sc * BLOCK
+        x = tl.reshape(X_GRID.load([b, h, kc0 * (G1 // T1) + kc1, col, 0]), [BLOCK, D_PAD])
+        y = tl.reshape(Y_GRID.load([b, h, kc0 * (G1 // T1) + kc1, col, 0]), [BLOCK, D_PAD])
+    elif TMA_LOADS:
         first = sc * BLOCK
         row = (kc0 * T0 + first // (T1 * T2)) * G1 + kc1 * T1 + (first // T2) % T1
         x = tl.reshape(X_GRID.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
@@ -569,7 +575,7 @@ def _window_loop(q, acc, m_i, l_i, rf, rp0, rp1, rp2, c0, c1, c2, lo0, lo1, lo2,
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
             kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER, WHOLE)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
+                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS, TILE_ORDER)
         s = _window_scores(q, k, full, kvalid, rp0, rp1, rp2, kp0, kp1, kp2, c0, c1, c2, kc0, kc1, kc2, rf, TAB,
                            CAP0, CAP1, W0, W1, W2, WT, T0, T1, T2, MASK_MODE, IS_3D, MASK_DOT, DOT_PREC, UPCAST)
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, qk_scale, DOT_PREC, UPCAST)
@@ -642,7 +648,7 @@ def _image_pair_block(Q, O, LSE, TAB, K_ROWS, V_ROWS, K_GRID, V_GRID, q_base, k_
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
             kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER, WHOLE)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
+                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS, TILE_ORDER)
         cf = 0
         if MASK_DOT:  # one set of column features for both halves
             cf = _col_features(kp0, kp1, kp2, c0, c1, c2, T0, T1, T2, IS_3D)
@@ -685,7 +691,7 @@ def _fwd_kernel(
 ):
     """One query block (BM text rows, or a slice of a query tile) against its keys, BN at a time.
 
-    TMA_LOADS (row-major tokens only): K and V chunks arrive by TMA loads (``_load_rows``,
+    TMA_LOADS: K and V chunks arrive by TMA loads (``_load_rows``,
     ``_load_chunk``) through the descriptors K_ROWS / V_ROWS and K_GRID / V_GRID
     (``_load_descriptors``) instead of per-token address arithmetic. Rows past a partial tile's
     edge load other tokens or zeros; the chunk's validity mask removes them as it does on the
@@ -957,7 +963,7 @@ def _dkdv_kernel(
             qc0, qc1, qc2, sc, G0, G1, G2, TEXT, BM, T0, T1, T2, TILE_ORDER, WHOLE)
         lmask = qvalid[:, None] & dmask[None, :]
         q, do = _load_chunk(Q_GRID, DO_GRID, q_base, do_base, sqn, sdn, b, h, sc, qc0, qc1, qc2, G1, qpos, qvalid,
-                            offs_d, dmask, BM, T0, T1, T2, D_PAD, TMA_LOADS)
+                            offs_d, dmask, BM, T0, T1, T2, D_PAD, TMA_LOADS, TILE_ORDER)
         # the chunk's tile-major run: unmasked (invalid tokens' slots hold +inf / 0)
         first = _tile_slot((qc0 * N1 + qc1) * N2 + qc2, sc * BM, slot0, TTP)
         lse, delta = _query_stats(LSE_ROWS, DELTA_ROWS, LSE_bh, DELTA_bh, bh, first,
@@ -1063,7 +1069,7 @@ def _dq_kernel(
         kpos, kvalid, kp0, kp1, kp2, full = _chunk(
             kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER, WHOLE)
         k, v = _load_chunk(K_GRID, V_GRID, k_base, v_base, skn, svn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid,
-                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS)
+                           offs_d, dmask, BN, T0, T1, T2, D_PAD, TMA_LOADS, TILE_ORDER)
         qk = _dot(q, tl.trans(k), None, DOT_PREC, UPCAST)
         dp = _early_dp(do, v, qk, DP_EARLY, DOT_PREC, UPCAST)
         if MASK_SCORES:
@@ -1270,12 +1276,21 @@ def _chunk_is_box(layout: LocalLayout, block: int) -> bool:
     return block % t2 == 0 and rows <= t1 and t1 % rows == 0 and _pow2(rows) == rows and _pow2(t2) == t2
 
 
+def _chunk_is_run(layout: LocalLayout, block: int) -> bool:
+    """On tile-ordered tokens, every window chunk of ``block`` tokens is one contiguous run of one
+    tile: whole tiles only (a partial edge tile is stored compacted) and ``block`` dividing the
+    tile volume."""
+    whole = all(g % t == 0 for g, t in zip(layout.grid, layout.tile))
+    return whole and block <= layout.tile_volume and layout.tile_volume % block == 0
+
+
 def _tma_loads_allowed(cfg: dict, tensors, layout: LocalLayout, block: int, tile_order: bool) -> bool:
     """A kernel loads the ``tensors`` its loops walk (K, V; or Q, dO) by TMA: the config asks for
-    it (``"tma_loads"``), the tokens are row-major, every window chunk of ``block`` tokens is one
-    box, and the launch is compiled for Hopper or later with 16-bit inputs whose strides and base
+    it (``"tma_loads"``), every window chunk of ``block`` tokens is one box (row-major tokens) or one
+    run (tile order, ``_chunk_is_run``), and the launch is compiled for Hopper or later with 16-bit inputs whose strides and base
     addresses are 16-byte aligned (TMA's rules), or runs in the CPU interpreter (the tests)."""
-    if not (cfg.get("tma_loads", False) and not tile_order and _chunk_is_box(layout, block)):
+    chunk_ok = _chunk_is_run(layout, block) if tile_order else _chunk_is_box(layout, block)
+    if not (cfg.get("tma_loads", False) and chunk_ok):
         return False
     first = tensors[0]
     if first.device.type == "cpu":  # the interpreter runs descriptor loads as masked gathers
@@ -1291,13 +1306,14 @@ def _tma_loads(cfg: dict, tensors, text_len: int, layout: LocalLayout, block: in
     ``_tma_loads_allowed``, else None placeholders (the kernel's pointer path)."""
     if not _tma_loads_allowed(cfg, tensors, layout, block, tile_order):
         return False, (None,) * 4
-    return True, _load_descriptors(tensors, text_len, layout, block)
+    return True, _load_descriptors(tensors, text_len, layout, block, tile_order)
 
 
-def _load_descriptors(tensors, text_len: int, layout: LocalLayout, block: int) -> list:
+def _load_descriptors(tensors, text_len: int, layout: LocalLayout, block: int, tile_order: bool = False) -> list:
     """TMA load descriptors of each (B, H, L, D) tensor: first its rows [B, H, L, D] (box
     [1, 1, block, D_PAD]), then its grid after the text [B, H, G0·G1, G2, D] (box
-    [1, 1, block/T2, T2, D_PAD]). Padded head-dim columns arrive as zeros."""
+    [1, 1, block/T2, T2, D_PAD]), or for tile-ordered tokens its tiles [B, H, N0·N1, N2·TV, D]
+    (box [1, 1, 1, block, D_PAD]). Padded head-dim columns arrive as zeros."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     B, H, L, D = tensors[0].shape
@@ -1308,8 +1324,14 @@ def _load_descriptors(tensors, text_len: int, layout: LocalLayout, block: int) -
     for t in tensors:
         sb, sh, sn, _ = t.stride()
         rows.append(TensorDescriptor(t, [B, H, L, D], [sb, sh, sn, 1], [1, 1, block, d_pad]))
-        grids.append(TensorDescriptor(t[:, :, text_len:], [B, H, g0 * g1, g2, D], [sb, sh, g2 * sn, sn, 1],
-                                      [1, 1, block // t2, t2, d_pad]))
+        if tile_order:
+            n0, n1, n2 = layout.n_tiles
+            run = n2 * layout.tile_volume
+            grids.append(TensorDescriptor(t[:, :, text_len:], [B, H, n0 * n1, run, D], [sb, sh, run * sn, sn, 1],
+                                          [1, 1, 1, block, d_pad]))
+        else:
+            grids.append(TensorDescriptor(t[:, :, text_len:], [B, H, g0 * g1, g2, D], [sb, sh, g2 * sn, sn, 1],
+                                          [1, 1, block // t2, t2, d_pad]))
     return rows + grids
 
 
