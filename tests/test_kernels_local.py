@@ -241,11 +241,33 @@ def test_auto_backward_is_chosen_by_the_backward_pass(monkeypatch):
     out = local_attention_triton(q, k, v, (6, 8), 2, 3, "circle", (2, 4))
     assert seen == []
     out.sum().backward()
-    expected = local_triton._auto_backward(q, local_triton._prepare(q, k, v, (6, 8), 2, 3, "circle", (2, 4))[0], False)
+    layout = local_triton._prepare(q, k, v, (6, 8), 2, 3, "circle", (2, 4))[0]
+    expected = local_triton._auto_backward(q, (k, v, q), layout, 3, False)
     assert seen == [expected]
     monkeypatch.setattr(local_triton, "default_backward", lambda *args: "fused_dq")
     local_attention_triton(q, k, v, (6, 8), 2, 3, "circle", (2, 4)).sum().backward()
     assert seen[-1] == "fused_dq"
+
+
+def test_auto_backward_takes_split_ws_where_it_serves_on_a_gpu(monkeypatch):
+    """Where "auto" would run the split backward and the warp-specialised dK/dV kernel can serve the
+    call (tile window, tile order, whole 128-token tiles, head dim 128, 16-bit, sm_90), a GPU takes
+    "split_ws"; anything it cannot serve, and the CPU interpreter, keep "split"."""
+    seen = []
+    monkeypatch.setattr(local_triton, "ws_dkdv_unsupported", lambda q, others, layout, text, tile_order:
+                        seen.append((layout.shape, tile_order)) or (None if tile_order else "row-major"))
+    q = torch.zeros(1, 1, 128 + 16 * 16, 128, dtype=torch.bfloat16)
+    tiled = get_layout((16, 16), 16, "tile", (8, 16))
+    pick = local_triton._auto_backward
+    assert pick(q, (q, q, q), tiled, 128, True) == "split"  # a CPU tensor: the interpreter keeps "split"
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(local_triton, "_fused_uses_tma", lambda *args: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # default_backward as on a GPU
+    assert pick(q, (q, q, q), tiled, 128, True) == "split_ws"
+    assert pick(q, (q, q, q), tiled, 128, False) == "split"  # the kernel refuses row-major tokens
+    assert seen[-2:] == [("tile", True), ("tile", False)]
+    circle = get_layout((16, 16), 16, "circle", (8, 16))
+    assert pick(q, (q, q, q), circle, 128, True) == "fused_dq"  # circles keep their measured choice
 
 
 def test_dq_tma_only_where_a_query_chunk_is_one_box(monkeypatch):

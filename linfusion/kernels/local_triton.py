@@ -1538,7 +1538,9 @@ class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        variant = _auto_backward(q, ctx.layout, ctx.tile_order) if ctx.backward == "auto" else ctx.backward
+        variant = ctx.backward
+        if variant == "auto":
+            variant = _auto_backward(q, (k, v, do), ctx.layout, ctx.text_len, ctx.tile_order)
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.layout, ctx.text_len, ctx.tile_order, variant)
         return dq, dk, dv, None, None, None, None
 
@@ -1569,11 +1571,18 @@ def _require_ws(q, tensors, layout: LocalLayout, text_len: int, tile_order: bool
                          'multiple of 128, head dim 128, fp16/bf16, on an sm_90 GPU; use "split" or "auto".')
 
 
-def _auto_backward(q: torch.Tensor, layout: LocalLayout, tile_order: bool) -> str:
+def _auto_backward(q: torch.Tensor, others, layout: LocalLayout, text_len: int, tile_order: bool) -> str:
     """The variant ``backward="auto"`` runs (``local_configs.default_backward``): whether the fused
-    backward could add dQ by TMA reductions here is part of the choice."""
+    backward could add dQ by TMA reductions here is part of the choice. Where the split backward
+    would run and the warp-specialised dK/dV kernel can serve the call on a GPU, "split_ws" instead
+    (H200, 26th session, benchmarks/results/ws_dkdv_26th_b.json: flux tile windows in tile order,
+    backward 13.53 against 14.14 ms at 4K, 55.3 against 58.4 at 8K, same gradients)."""
     dq_tma = _fused_uses_tma(q, layout, tile_order)
-    return default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume, dq_tma)
+    variant = default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume, dq_tma)
+    if (variant == "split" and q.device.type == "cuda"
+            and ws_dkdv_unsupported(q, others, layout, text_len, tile_order) is None):
+        return "split_ws"
+    return variant
 
 
 def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
@@ -1603,7 +1612,7 @@ def local_attention_triton(q, k, v, grid, window, text_len: int = 0, shape: str 
             runs on the kernel's own tile when none is given, ``local_configs.circle_tile``: the
             window is exact whatever the tile).
         tile_order: tokens are in tile order (``to_tile_order``) rather than row-major.
-        backward: "auto" (default), "split" or "fused_dq" (see :data:`BACKWARDS`).
+        backward: "auto" (default), "split", "fused_dq" or "split_ws" (see :data:`BACKWARDS`).
 
     Returns:
         (B, H, L, D) in q's dtype (a heads-first view of token-major memory), in the same token
