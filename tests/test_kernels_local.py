@@ -270,6 +270,15 @@ def test_auto_backward_takes_split_ws_where_it_serves_on_a_gpu(monkeypatch):
     assert pick(q, (q, q, q), circle, 128, True) == "fused_dq"  # circles keep their measured choice
 
 
+def test_stats_tma_only_with_tma_loads_and_runs_of_32_or_more():
+    """LSE and Δ by TMA in dK/dV: only where Q and dO come by TMA, not when the config turns it off,
+    and never in 16-value runs (Triton 3.6 compiled a misaligned shared read there on the H200)."""
+    allowed = local_triton._stats_tma_allowed
+    assert allowed({}, True, 32) and allowed({}, True, 64)
+    assert not allowed({}, False, 64) and not allowed({"stats_tma": False}, True, 64)
+    assert not allowed({}, True, 16)
+
+
 def test_dq_tma_only_where_a_query_chunk_is_one_box(monkeypatch):
     """TMA reductions of dQ need a Hopper GPU, row-major tokens and query chunks of whole tile rows
     (powers of two); everything else keeps the per-element atomics."""

@@ -1335,6 +1335,15 @@ def _load_descriptors(tensors, text_len: int, layout: LocalLayout, block: int, t
     return rows + grids
 
 
+def _stats_tma_allowed(cfg: dict, tma_loads: bool, block_m: int) -> bool:
+    """The dK/dV kernel loads its LSE and Δ runs by TMA: where Q and dO come so, unless the config
+    says ``"stats_tma": False``, and only in runs of at least 32 values (128-byte boxes). With 16
+    (64-byte boxes) Triton 3.6 compiled a misaligned shared-memory read at padded head dims (72, 80,
+    96; H200, 27th session: compute-sanitizer, "misaligned shared address" at the stats load); no
+    default config uses such small blocks."""
+    return tma_loads and bool(cfg.get("stats_tma", True)) and block_m >= 32
+
+
 def _stats_descriptors(stats, block: int) -> list:
     """TMA load descriptors of (B, H, SL) fp32 stats buffers (``_stats``: LSE, Δ) as [B·H, SL] rows,
     box [1, block]: one run of ``block`` values (token order, or a tile-major slot)."""
@@ -1479,8 +1488,7 @@ def _launch_dkdv(setup: _BackwardSetup, q, k, v, do, lse, delta, dk, dv, dq_acc=
     dq_tma = fused and _dq_tma_allowed(cfg, layout, BM, q.device, setup.tile_order)  # as _fused_uses_tma decides
     dq_rows, dq_grid = _dq_descriptors(dq_acc, text_len, layout, BM) if dq_tma else (None, None)
     tma_loads, descriptors = _tma_loads(cfg, (q, do), text_len, layout, BM, setup.tile_order)
-    # the LSE and Δ runs by TMA where Q and dO come so, unless the config says "stats_tma": False
-    stats_tma = tma_loads and bool(cfg.get("stats_tma", True))
+    stats_tma = _stats_tma_allowed(cfg, tma_loads, BM)
     stats_rows = _stats_descriptors((lse, delta), BM) if stats_tma else (None, None)
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc if fused else dk,  # (DQ: a placeholder when not fused)
