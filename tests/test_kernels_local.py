@@ -848,6 +848,17 @@ def test_split_ws_backward_matches_reference(case):
         assert abs(errs_ws[name] - errs[name]) <= 0.05 * errs[name] + 1e-6, (errs_ws, errs)
 
 
+@needs_cuda
+def test_gpu_auto_backward_runs_split_ws_on_tiled_flux_layers(monkeypatch):
+    """On the H200 a FLUX-like tile window in tile order (128-token tiles, head dim 128, 512 text
+    tokens) takes "split_ws" under backward="auto", and its gradients match the reference."""
+    seen = []
+    run_backward = local_triton._backward
+    monkeypatch.setattr(local_triton, "_backward", lambda *args: seen.append(args[-1]) or run_backward(*args))
+    check_tiled(1, 3, 128, (64, 48), (16, 16), 512, "tile", (8, 16), torch.bfloat16, "auto", "blhd", seed=5)
+    assert seen == ["split_ws"]
+
+
 def test_split_ws_backward_refuses_what_it_cannot_serve():
     """A clear error, before any launch, naming what split_ws needs."""
     grid, tile, text_len = (16, 32), (8, 16), 128
