@@ -285,14 +285,15 @@ def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]
 
 
 def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume: int, dq_tma: bool = False) -> str:
-    """The backward variant ``backward="auto"`` runs (see ``local_triton.BACKWARDS``).
+    """The backward variant ``backward="auto"`` starts from (see ``local_triton.BACKWARDS``;
+    ``local_triton._auto_backward`` then takes "split_ws" where that kernel can serve the call).
 
-    "fused_dq" for circles where the H200 measured it faster than "split" (14th session, same call,
-    benchmarks/results/ab_local_dq_tma_14th.json): at head dim 128 (flux-4k 18.73 ms with dQ by TMA
-    reductions, 19.16 with per-element atomics, against 19.24 split; Wan 4.94 against 6.36: a
-    circle's dQ pass re-evaluates the edge masks, the fused pass does it once), and at head dim 64
-    only with TMA reductions (``dq_tma``: the launch can use them; sdxl-4k 1.576 ms against 1.657
-    split, 1.785 with atomics). Tile windows keep "split" (flux-4k 17.47 against 17.76 ms fused)."""
-    if shape != "circle" or not _swept_fused(dtype, head_dim, tile_volume):
-        return "split"
-    return "fused_dq" if head_dim == 128 or dq_tma else "split"
+    "split" everywhere since the 27th session (benchmarks/results/fused_27th.json,
+    auto_circle_27th.json, H200, bf16, same calls): the split backward's dK/dV and dQ kernels gained
+    TMA loads of the LSE / Δ runs, mask-free whole chunks and the 8×8 circle tile, the fused one did
+    not keep up: flux-4k circle on 8×16 tiles 15.83 ms split against 18.17 fused (8K 65.9 / 74.6),
+    tile window 14.21 / 16.89, default 8×8 circle tiles 14.07 / 30.31, sdxl-4k 1.18 / 1.62, Wan
+    480p 4.63 / 10.61. (The 14th session had measured the fused one 3–22% faster on circles.) The
+    arguments stay so a future sweep can bring a case back."""
+    del shape, dtype, head_dim, tile_volume, dq_tma
+    return "split"
