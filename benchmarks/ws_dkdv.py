@@ -34,6 +34,7 @@ CASES = {  # name: (B, H, D, grid, text)
     "flux-8k": (1, 24, 128, (512, 512), 512),
 }
 WINDOW, TILE, SHAPE = 16, (8, 16), "tile"
+DQ_WS_BLOCKS = ((128, 64, 2), (128, 128, 2), (64, 64, 2), (64, 128, 2), (128, 64, 3))  # (BM, BN, stages)
 
 
 def _inputs(B, H, D, grid, text, dtype, strided=False, seed=0):
@@ -69,10 +70,12 @@ def check(name, B, H, D, grid, text, dtype, strided):
     return rec
 
 
-def timings(name, B, H, D, grid, text, repeats):
-    """Median ms over interleaved rounds of every timed call of one case (bf16)."""
+def timings(name, B, H, D, grid, text, repeats, dq_ws=False):
+    """Median ms over interleaved rounds of every timed call of one case (bf16); ``dq_ws``: also the
+    warp-specialised dQ kernel (``launch_dq_ws``, after the Δ pass it needs) against the split
+    backward's dQ kernel (which computes Δ itself), and the backward both WS kernels would make."""
     from linfusion.kernels import local_triton as lt
-    from linfusion.kernels.local_dkdv_hopper import launch_dkdv_ws
+    from linfusion.kernels.local_dkdv_hopper import launch_dkdv_ws, launch_dq_ws
     from linfusion.kernels.local_layout import from_tile_order, get_layout, to_tile_order
 
     q, k, v, do = _inputs(B, H, D, grid, text, torch.bfloat16)
@@ -97,10 +100,25 @@ def timings(name, B, H, D, grid, text, repeats):
         "dkdv_split": lambda: lt._launch_dkdv(setup, tq, tk, tv, tdo, tlse, delta, dk, dv),
         "dkdv_ws": lambda: launch_dkdv_ws(tq, tk, tv, tdo, tlse, delta, dk, dv, layout, text, setup.sl,
                                           setup.qk_scale, setup.sm_scale),
+        **({
+            "dq_split": lambda: lt._launch_dq(setup, tq, tk, tv, to, tdo, tlse, delta, dq, delta_here=True),
+            "delta_pass": lambda: lt._launch_delta(setup, to, tdo, delta, tile_copy=False),
+            **{f"dq_ws_{bm}x{bn}_s{st}": (lambda bm=bm, bn=bn, st=st: launch_dq_ws(
+                tq, tk, tv, tdo, tlse, delta, dq, layout, text, setup.sl, setup.qk_scale, setup.sm_scale,
+                block_m=bm, block_n=bn, num_stages=st)) for bm, bn, st in DQ_WS_BLOCKS},
+        } if dq_ws else {}),
         "fwd_row_major": lambda: lt._forward(q, k, v, layout, text, False),
         "bwd_split_row_major": lambda: lt._backward(do, q, k, v, ro, rlse, layout, text, False, "split"),
         "permute_in_out": permute_in_out,
     }
+    dq_ws_err = {}
+    if dq_ws:  # each WS dQ variant against the split backward's dQ kernel, on the same Δ
+        calls["dq_split"]()
+        dq_ref = dq.float().clone()
+        for key in [key for key in calls if key.startswith("dq_ws_")]:
+            dq.fill_(float("nan"))
+            calls[key]()
+            dq_ws_err[key] = float((dq.float() - dq_ref).norm() / dq_ref.norm())
     for fn in calls.values():
         fn()
     torch.cuda.synchronize()
@@ -119,6 +137,12 @@ def timings(name, B, H, D, grid, text, repeats):
                "split_tile_order": med["bwd_split_tile_order"] / med["fwd_tile_order"],
                "split_ws_tile_order": med["bwd_split_ws_tile_order"] / med["fwd_tile_order"],
                "split_row_major": med["bwd_split_row_major"] / med["fwd_row_major"]}}
+    if dq_ws:  # kernel times summed: what backward="split_ws" would take with the WS dQ kernel too
+        best = min((key for key in med if key.startswith("dq_ws_")), key=med.get)
+        rec["dq_ws_rel_err_vs_split"] = dq_ws_err
+        rec["dq_ws_best"] = best
+        rec["bwd_both_ws_projected_ms"] = med["delta_pass"] + med[best] + med["dkdv_ws"]
+        rec["bwd_over_fwd"]["both_ws_projected"] = rec["bwd_both_ws_projected_ms"] / med["fwd_tile_order"]
     print({k_: rec[k_] for k_ in ("case", "ms", "bwd_over_fwd")}, flush=True)
     return rec
 
@@ -155,6 +179,7 @@ def main(argv=None) -> None:
                         choices=sorted(CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--dq", action="store_true", help="also time the warp-specialised dQ kernel")
     args = parser.parse_args(argv)
     if args.plot:
         plot(args.plot)
@@ -166,7 +191,7 @@ def main(argv=None) -> None:
             res["checks"].append(check("flux-1k", B, 24 // B, 128, (64, 64), 512, dtype, strided))
         res["checks"].append(check("flux-1k-notext", 1, 8, 128, (64, 48), 0, torch.bfloat16, False))
     for name in args.cases:
-        res["timings"].append(timings(name, *CASES[name], args.repeats))
+        res["timings"].append(timings(name, *CASES[name], args.repeats, dq_ws=args.dq))
         json.dump(res, open(args.out, "w"), indent=1)
     json.dump(res, open(args.out, "w"), indent=1)
 

@@ -845,6 +845,36 @@ def test_split_ws_backward_matches_reference(case):
         assert abs(errs_ws[name] - errs[name]) <= 0.05 * errs[name] + 1e-6, (errs_ws, errs)
 
 
+@pytest.mark.parametrize("blocks", [(128, 64), (64, 128)], ids=["bm128-bn64", "bm64-bn128"])
+@pytest.mark.parametrize("case", WS_CASES, ids=[c[0] for c in WS_CASES])
+def test_ws_dq_kernel_matches_reference(case, blocks):
+    """The warp-specialised dQ kernel (``launch_dq_ws``, not yet part of a backward variant): dQ
+    against the float64 reference (Δ from the generic pass; every output starts as NaN)."""
+    from linfusion.kernels.local_dkdv_hopper import launch_dq_ws
+
+    _, B, H, grid, text_len, dtype, layout = case
+    tile, window, D = (8, 16), (16, 16), 128
+    gen = torch.Generator(device=DEVICE).manual_seed(6)
+    L = text_len + math.prod(grid)
+    shape = (B, L, H, D) if layout == "blhd" else (B, H, L, D)
+    q, k, v, g = (torch.randn(shape, generator=gen, device=DEVICE).to(dtype) for _ in range(4))
+    if layout == "blhd":
+        q, k, v, g = (t.transpose(1, 2) for t in (q, k, v, g))
+    tq, tk, tv, tg = (to_tile_order(t, grid, tile, text_len) for t in (q, k, v, g))
+    lay = local_triton._prepare(tq, tk, tv, grid, window, text_len, "tile", tile, tile_order=True)[0]
+    o, lse = local_triton._forward(tq, tk, tv, lay, text_len, True)
+    setup = local_triton._BackwardSetup.of(tq, lay, text_len, True)
+    delta = local_triton._stats(B, H, L, lay, 0.0, tq.device)
+    local_triton._launch_delta(setup, o, tg, delta, tile_copy=False)
+    dq = local_triton._new((B, L, H, D), dtype, tq.device).transpose(1, 2)
+    launch_dq_ws(tq, tk, tv, tg, lse, delta, dq, lay, text_len, setup.sl, setup.qk_scale, setup.sm_scale,
+                 block_m=blocks[0], block_n=blocks[1])
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = local_attention_reference(*ref_in, grid, window, text_len, "tile", tile)
+    ref_dq = torch.autograd.grad(ref, ref_in[0], g.double())[0]
+    assert rel_err(from_tile_order(dq, grid, tile, text_len), ref_dq) < TOL[dtype]
+
+
 @needs_cuda
 def test_gpu_auto_backward_runs_split_ws_on_tiled_flux_layers(monkeypatch):
     """On the H200 a FLUX-like tile window in tile order (128-token tiles, head dim 128, 512 text

@@ -25,6 +25,11 @@ does it):
 
 LSE (log2 units) and Δ are read from the token-order columns of the statistics rows
 (``local_triton._stats``): in tile order those are already a tile's contiguous run.
+
+:func:`launch_dq_ws` is the same scheme for dQ (one program per query block, a loop over the text
+keys and the key tiles of its window box). It matches the reference in the tests and compiles for
+sm_90 (``benchmarks/ws_compile_sm90.py``) but has not run on a GPU yet, so no backward variant uses
+it; ``benchmarks/ws_dkdv.py --dq`` times it against the split backward's dQ kernel.
 """
 
 from __future__ import annotations
@@ -122,6 +127,61 @@ def _dkdv_ws_kernel(
     tl.make_tensor_descriptor(base_v, [L, D], [sgn, 1], [BN, D]).store([key_row, 0], dv.to(DV.dtype.element_ty))
 
 
+@triton.jit
+def _dq_ws_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
+    H, L, SL, TEXT, n_text_progs, NTQ, n_tiles,
+    N0, N1, N2, R0, R1, R2, qk_scale, sm_scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TV: tl.constexpr, WS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dQ of one block of BM queries of one (batch, head). Programs ``[0, n_text_progs)`` own BM text queries (NTQ such blocks per head) and loop over
+    every key, BN at a time; the others one BM-row slice of an image tile, and loop over the text
+    keys, then the key tiles of the window box around their tile (the dK/dV kernel's walk, with keys
+    in place of queries: the window is symmetric). Inputs (B, H, L, D) by strides, tokens in tile
+    order; LSE, DELTA (B·H, SL) fp32, token-order columns; DQ (B, H, L, D) by strides."""
+    SUBQ: tl.constexpr = TV // BM
+    pid = tl.program_id(0)
+    is_text = pid < n_text_progs
+    pid_img = tl.maximum(pid - n_text_progs, 0)
+    bh = tl.where(is_text, pid // NTQ, pid_img // (n_tiles * SUBQ))
+    j = pid_img - (pid_img // (n_tiles * SUBQ)) * (n_tiles * SUBQ)
+    tile = j // SUBQ
+    q_row = tl.where(is_text, (pid - (pid // NTQ) * NTQ) * BM, TEXT + tile * TV + (j - tile * SUBQ) * BM)
+    b = bh // H
+    h = bh - b * H
+    c0 = tile // (N1 * N2)
+    c1 = (tile // N2) % N1
+    c2 = tile % N2
+    lo0, lo1, lo2 = tl.maximum(c0 - R0, 0), tl.maximum(c1 - R1, 0), tl.maximum(c2 - R2, 0)
+    n2 = tl.minimum(c2 + R2, N2 - 1) - lo2 + 1
+    n12 = (tl.minimum(c1 + R1, N1 - 1) - lo1 + 1) * n2
+    n_box = (tl.minimum(c0 + R0, N0 - 1) - lo0 + 1) * n12
+    n_dense = tl.where(is_text, L // BN, TEXT // BN)
+    n_iter = n_dense + tl.where(is_text, 0, n_box * (TV // BN))
+    q_d = tl.make_tensor_descriptor(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, [L, D], [sqn, 1], [BM, D])
+    do_d = tl.make_tensor_descriptor(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, [L, D], [sdn, 1], [BM, D])
+    k_d = tl.make_tensor_descriptor(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh, [L, D], [skn, 1], [BN, D])
+    v_d = tl.make_tensor_descriptor(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh, [L, D], [svn, 1], [BN, D])
+    q = q_d.load([q_row, 0])
+    do = do_d.load([q_row, 0])
+    # LSE and Δ by descriptors too: with pointer loads, or Δ = rowsum(dO ∘ O) reduced here, Triton
+    # 3.6's warp specialisation fails to compile the loop at BM = 128 (WSLowerToken / WSDataPartition)
+    delta = tl.make_tensor_descriptor(DELTA + bh.to(tl.int64) * SL, [L], [1], [BM]).load([q_row])
+    lse = tl.make_tensor_descriptor(LSE + bh.to(tl.int64) * SL, [L], [1], [BM]).load([q_row])
+    dq = tl.zeros([BM, D], dtype=tl.float32)
+    for i in tl.range(0, n_iter, warp_specialize=WS):
+        row = _query_chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BN, TV)
+        k = k_d.load([row, 0])
+        v = v_d.load([row, 0])
+        p = tl.math.exp2(_mma(q, tl.trans(k), None, UPCAST) * qk_scale - lse[:, None])  # [BM, BN]
+        dp = _mma(do, tl.trans(v), None, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq, UPCAST)
+    base = DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
+    tl.make_tensor_descriptor(base, [L, D], [sgn, 1], [BM, D]).store([q_row, 0], (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
 def _aligned(t: torch.Tensor) -> bool:
     """TMA: a 16-byte aligned base and 16-byte multiples as strides (last dimension contiguous)."""
     size = t.element_size()
@@ -185,5 +245,37 @@ def launch_dkdv_ws(q, k, v, do, lse, delta, dk, dv, layout, text_len: int, sl: i
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk),
             H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
             D=D, BM=BM, BN=BN, TV=layout.tile_volume, WS=q.device.type == "cuda",
+            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, num_warps=4, num_stages=num_stages,
+        )
+
+
+def launch_dq_ws(q, k, v, do, lse, delta, dq, layout, text_len: int, sl: int,
+                 qk_scale: float, sm_scale: float, block_m: int = 128, block_n: int = 64,
+                 num_stages: int = 2) -> None:
+    """dQ (written into ``dq``, a (B, H, L, D) view) of a tile-window local attention on
+    tile-ordered tokens; ``lse`` (log2 units) and ``delta`` (Δ = rowsum(dO ∘ O), e.g. from
+    ``local_triton._launch_delta``) the (B, H, sl) statistics rows, token-order columns. Serves what
+    :func:`ws_dkdv_unsupported` accepts (``block_m`` and ``block_n`` dividing 128). Not yet part
+    of ``backward="split_ws"``: written in the 27th session with no H200 time left to measure it;
+    Triton 3.6 compiles it for sm_90 at (BM, BN) = (128, 64), (128, 128), (64, 64), (64, 128) with
+    2 or 3 stages, 168 registers and no spills (ptxas -v)."""
+    B, H, L, D = q.shape
+    n0, n1, n2 = layout.n_tiles
+    r0, r1, r2 = layout.radius
+    if BN % block_m or BN % block_n:
+        raise ValueError(f"block_m ({block_m}) and block_n ({block_n}) must divide the {BN}-token tile")
+    ntq = text_len // block_m
+    n_text_progs = ntq * B * H
+    n_tiles = n0 * n1 * n2
+
+    def strides(t):
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    with _descriptor_scratch(q.device):
+        _dq_ws_kernel[(n_text_progs + n_tiles * (BN // block_m) * B * H,)](
+            q, k, v, do, lse, delta, dq,
+            *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq),
+            H, L, sl, text_len, n_text_progs, max(ntq, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
+            D=D, BM=block_m, BN=block_n, TV=layout.tile_volume, WS=q.device.type == "cuda",
             UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, num_warps=4, num_stages=num_stages,
         )
