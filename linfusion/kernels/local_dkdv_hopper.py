@@ -47,6 +47,21 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _window_box(tile, N0, N1, N2, R0, R1, R2):
+    """The box of tiles within tile radius (R0, R1, R2) of ``tile`` (row-major tile number),
+    clipped to the N0 × N1 × N2 tile grid: its first tile (lo0, lo1, lo2), n2 = its extent in the
+    last dimension, n12 = its tiles per plane, n_box = all its tiles."""
+    c0 = tile // (N1 * N2)
+    c1 = (tile // N2) % N1
+    c2 = tile % N2
+    lo0, lo1, lo2 = tl.maximum(c0 - R0, 0), tl.maximum(c1 - R1, 0), tl.maximum(c2 - R2, 0)
+    n2 = tl.minimum(c2 + R2, N2 - 1) - lo2 + 1
+    n12 = (tl.minimum(c1 + R1, N1 - 1) - lo1 + 1) * n2
+    n_box = (tl.minimum(c0 + R0, N0 - 1) - lo0 + 1) * n12
+    return lo0, lo1, lo2, n2, n12, n_box
+
+
+@triton.jit
 def _query_chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM: tl.constexpr, TV: tl.constexpr):
     """First token (tile order) of query chunk ``i`` of a program: dense chunks ``i · BM`` for
     ``i < n_dense``, then ``TV / BM`` chunks per query tile of the window box starting at tile
@@ -90,13 +105,7 @@ def _dkdv_ws_kernel(
     b = bh // H
     h = bh - b * H
     # the window box of query tiles around this key tile (symmetric window), clipped to the grid
-    c0 = tile // (N1 * N2)
-    c1 = (tile // N2) % N1
-    c2 = tile % N2
-    lo0, lo1, lo2 = tl.maximum(c0 - R0, 0), tl.maximum(c1 - R1, 0), tl.maximum(c2 - R2, 0)
-    n2 = tl.minimum(c2 + R2, N2 - 1) - lo2 + 1
-    n12 = (tl.minimum(c1 + R1, N1 - 1) - lo1 + 1) * n2
-    n_box = (tl.minimum(c0 + R0, N0 - 1) - lo0 + 1) * n12
+    lo0, lo1, lo2, n2, n12, n_box = _window_box(tile, N0, N1, N2, R0, R1, R2)
     n_dense = tl.where(is_text, L // BM, TEXT // BM)
     n_iter = n_dense + tl.where(is_text, 0, n_box * (TV // BM))
     # on-device descriptors: the only kind the warp specialisation partitions (host ones hang)
@@ -150,13 +159,7 @@ def _dq_ws_kernel(
     q_row = tl.where(is_text, (pid - (pid // NTQ) * NTQ) * BM, TEXT + tile * TV + (j - tile * SUBQ) * BM)
     b = bh // H
     h = bh - b * H
-    c0 = tile // (N1 * N2)
-    c1 = (tile // N2) % N1
-    c2 = tile % N2
-    lo0, lo1, lo2 = tl.maximum(c0 - R0, 0), tl.maximum(c1 - R1, 0), tl.maximum(c2 - R2, 0)
-    n2 = tl.minimum(c2 + R2, N2 - 1) - lo2 + 1
-    n12 = (tl.minimum(c1 + R1, N1 - 1) - lo1 + 1) * n2
-    n_box = (tl.minimum(c0 + R0, N0 - 1) - lo0 + 1) * n12
+    lo0, lo1, lo2, n2, n12, n_box = _window_box(tile, N0, N1, N2, R0, R1, R2)  # its key tiles
     n_dense = tl.where(is_text, L // BN, TEXT // BN)
     n_iter = n_dense + tl.where(is_text, 0, n_box * (TV // BN))
     q_d = tl.make_tensor_descriptor(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, [L, D], [sqn, 1], [BM, D])
