@@ -58,9 +58,11 @@ def check(name, B, H, D, grid, text, dtype, strided):
     ref_grads = torch.autograd.grad(ref, ref_in, do.float())
     tiled = [to_tile_order(t, grid, TILE, text).detach().requires_grad_() for t in (q, k, v)]
     rec = {"case": name, "dtype": str(dtype).split(".")[-1], "strided": strided, "B": B}
-    for variant in ("split", "split_ws"):
-        out = local_attention_tiled(*tiled, grid, WINDOW, text, SHAPE, TILE, backward=variant)
-        grads = torch.autograd.grad(out, tiled, to_tile_order(do, grid, TILE, text))
+    for variant in ("split", "split_ws", "split_ws+dq_ws"):
+        def grads_of(variant=variant.split("+")[0]):
+            out = local_attention_tiled(*tiled, grid, WINDOW, text, SHAPE, TILE, backward=variant)
+            return torch.autograd.grad(out, tiled, to_tile_order(do, grid, TILE, text))
+        grads = _with_dq_ws(grads_of) if variant.endswith("+dq_ws") else grads_of()
         errs = {}
         for nm, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
             g = from_tile_order(g, grid, TILE, text).float()
@@ -68,6 +70,17 @@ def check(name, B, H, D, grid, text, dtype, strided):
         rec[variant] = errs
     print(rec, flush=True)
     return rec
+
+
+def _with_dq_ws(fn):
+    """fn() with backward="split_ws" running the warp-specialised dQ kernel too (default blocks)."""
+    from linfusion.kernels.local_configs import set_config_override
+
+    set_config_override("dq_ws", {})
+    try:
+        return fn()
+    finally:
+        set_config_override("dq_ws", None)
 
 
 def timings(name, B, H, D, grid, text, repeats, dq_ws=False):
@@ -103,6 +116,8 @@ def timings(name, B, H, D, grid, text, repeats, dq_ws=False):
         **({
             "dq_split": lambda: lt._launch_dq(setup, tq, tk, tv, to, tdo, tlse, delta, dq, delta_here=True),
             "delta_pass": lambda: lt._launch_delta(setup, to, tdo, delta, tile_copy=False),
+            "bwd_split_ws_dq_ws_tile_order": lambda: _with_dq_ws(
+                lambda: lt._backward(tdo, tq, tk, tv, to, tlse, layout, text, True, "split_ws")),
             **{f"dq_ws_{bm}x{bn}_s{st}": (lambda bm=bm, bn=bn, st=st: launch_dq_ws(
                 tq, tk, tv, tdo, tlse, delta, dq, layout, text, setup.sl, setup.qk_scale, setup.sm_scale,
                 block_m=bm, block_n=bn, num_stages=st)) for bm, bn, st in DQ_WS_BLOCKS},
@@ -143,6 +158,7 @@ def timings(name, B, H, D, grid, text, repeats, dq_ws=False):
         rec["dq_ws_best"] = best
         rec["bwd_both_ws_projected_ms"] = med["delta_pass"] + med[best] + med["dkdv_ws"]
         rec["bwd_over_fwd"]["both_ws_projected"] = rec["bwd_both_ws_projected_ms"] / med["fwd_tile_order"]
+        rec["bwd_over_fwd"]["split_ws_dq_ws_tile_order"] = med["bwd_split_ws_dq_ws_tile_order"] / med["fwd_tile_order"]
     print({k_: rec[k_] for k_ in ("case", "ms", "bwd_over_fwd")}, flush=True)
     return rec
 

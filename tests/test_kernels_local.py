@@ -875,6 +875,24 @@ def test_ws_dq_kernel_matches_reference(case, blocks):
     assert rel_err(from_tile_order(dq, grid, tile, text_len), ref_dq) < TOL[dtype]
 
 
+def test_split_ws_with_the_ws_dq_kernel_matches_reference(monkeypatch):
+    """Opted in (``set_config_override("dq_ws", ...)``), backward="split_ws" runs the warp-specialised
+    dQ kernel after the Δ pass, and every gradient still matches the float64 reference; by default
+    it runs the generic dQ kernel."""
+    from linfusion.kernels import local_configs, local_dkdv_hopper
+
+    calls = []
+    real = local_dkdv_hopper.launch_dq_ws
+    monkeypatch.setattr(local_triton, "launch_dq_ws", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(local_configs, "_OVERRIDE", {})
+    assert local_configs.dq_ws_config() is None
+    check_tiled(1, 2, 128, (16, 32), (16, 16), 128, "tile", (8, 16), torch.bfloat16, "split_ws", seed=8)
+    assert calls == []
+    local_configs.set_config_override("dq_ws", {"block_m": 64})
+    check_tiled(2, 1, 128, (24, 16), (16, 16), 0, "tile", (8, 16), torch.float16, "split_ws", "blhd", seed=9)
+    assert calls == [{"block_m": 64, "block_n": 64, "num_stages": 2}]
+
+
 @needs_cuda
 def test_gpu_auto_backward_runs_split_ws_on_tiled_flux_layers(monkeypatch):
     """On the H200 a FLUX-like tile window in tile order (128-token tiles, head dim 128, 512 text

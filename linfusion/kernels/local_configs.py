@@ -22,11 +22,22 @@ _OVERRIDE: dict[str, dict] = {}
 
 
 def set_config_override(kind: str, config: dict | None) -> None:
-    """Force the config of one kernel kind ("fwd", "dkdv", "dq", "dkdv_fused"), or clear it with None."""
+    """Force the config of one kernel kind ("fwd", "dkdv", "dq", "dkdv_fused", "dq_ws": see
+    ``dq_ws_config``), or clear it with None."""
     if config is None:
         _OVERRIDE.pop(kind, None)
     else:
         _OVERRIDE[kind] = dict(config)
+
+
+def dq_ws_config() -> dict | None:
+    """Keyword arguments of ``local_dkdv_hopper.launch_dq_ws`` (block_m, block_n, num_stages) when
+    ``backward="split_ws"`` is to run the warp-specialised dQ kernel too, else None (the default:
+    it has not been measured on the H200 yet). Opt in with ``set_config_override("dq_ws", {})`` or
+    with explicit blocks, e.g. ``{"block_m": 64, "block_n": 128}``."""
+    if "dq_ws" not in _OVERRIDE:
+        return None
+    return {"block_m": 128, "block_n": 64, "num_stages": 2, **_OVERRIDE["dq_ws"]}
 
 
 def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None,

@@ -28,8 +28,9 @@ LSE (log2 units) and Δ are read from the token-order columns of the statistics 
 
 :func:`launch_dq_ws` is the same scheme for dQ (one program per query block, a loop over the text
 keys and the key tiles of its window box). It matches the reference in the tests and compiles for
-sm_90 (``benchmarks/ws_compile_sm90.py``) but has not run on a GPU yet, so no backward variant uses
-it; ``benchmarks/ws_dkdv.py --dq`` times it against the split backward's dQ kernel.
+sm_90 (``benchmarks/ws_compile_sm90.py``) but has not run on a GPU yet, so ``backward="split_ws"``
+runs it only when opted in (``local_configs.set_config_override("dq_ws", {})``);
+``benchmarks/ws_dkdv.py --dq`` times it against the split backward's dQ kernel.
 """
 
 from __future__ import annotations
@@ -258,8 +259,9 @@ def launch_dq_ws(q, k, v, do, lse, delta, dq, layout, text_len: int, sl: int,
     """dQ (written into ``dq``, a (B, H, L, D) view) of a tile-window local attention on
     tile-ordered tokens; ``lse`` (log2 units) and ``delta`` (Δ = rowsum(dO ∘ O), e.g. from
     ``local_triton._launch_delta``) the (B, H, sl) statistics rows, token-order columns. Serves what
-    :func:`ws_dkdv_unsupported` accepts (``block_m`` and ``block_n`` dividing 128). Not yet part
-    of ``backward="split_ws"``: written in the 27th session with no H200 time left to measure it;
+    :func:`ws_dkdv_unsupported` accepts (``block_m`` and ``block_n`` dividing 128).
+    ``backward="split_ws"`` runs it only when opted in (``local_configs.dq_ws_config``): written in
+    the 27th session with no H200 time left to measure it;
     Triton 3.6 compiles it for sm_90 at (BM, BN) = (128, 64), (128, 128), (64, 64), (64, 128) with
     2 or 3 stages, 168 registers and no spills (ptxas -v)."""
     B, H, L, D = q.shape

@@ -61,8 +61,8 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreter_enabled
-from .local_configs import circle_tile, default_backward, local_config
-from .local_dkdv_hopper import launch_dkdv_ws, ws_dkdv_unsupported
+from .local_configs import circle_tile, default_backward, dq_ws_config, local_config
+from .local_dkdv_hopper import launch_dkdv_ws, launch_dq_ws, ws_dkdv_unsupported
 from .local_layout import (
     MASK_NONE,
     MASK_TABLE,
@@ -1512,16 +1512,25 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     delta = _stats(B, H, L, layout, 0.0, q.device)
     dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
     if backward in ("split", "split_ws"):
-        # Δ inside the dQ kernel where its rows load whole (D a power of two): 19th session
-        # (benchmarks/results/ab_delta_dq_19th.json), the dQ kernel's extra O loads against the
-        # separate pass: flux-4k circle -0.08 ms, Wan 720p -0.07, sdxl-4k -0.01; at PixArt's head dim
-        # 72 (masked 144-byte rows) +0.05 ms, so the separate pass stays there
-        delta_in_dq = D == setup.constexprs["D_PAD"]
-        if not delta_in_dq:
-            _launch_delta(setup, o, do, delta, tile_copy=False)  # (the dQ kernel stores the tile-major copy)
-        _launch_dq(setup, q, k, v, o, do, lse, delta, dq, delta_here=delta_in_dq)
+        ws_dq = None
         if backward == "split_ws":
             _require_ws(q, (k, v, do, dk, dv), layout, text_len, tile_order)
+            # the warp-specialised dQ kernel only where asked for (not yet measured on the H200)
+            ws_dq = dq_ws_config()
+        if ws_dq is not None:
+            _launch_delta(setup, o, do, delta, tile_copy=False)  # (Δ reduced inside stops Triton's WS)
+            launch_dq_ws(q, k, v, do, lse, delta, dq, layout, text_len, setup.sl, setup.qk_scale, setup.sm_scale,
+                         **ws_dq)
+        else:
+            # Δ inside the dQ kernel where its rows load whole (D a power of two): 19th session
+            # (benchmarks/results/ab_delta_dq_19th.json), the dQ kernel's extra O loads against the
+            # separate pass: flux-4k circle -0.08 ms, Wan 720p -0.07, sdxl-4k -0.01; at PixArt's head
+            # dim 72 (masked 144-byte rows) +0.05 ms, so the separate pass stays there
+            delta_in_dq = D == setup.constexprs["D_PAD"]
+            if not delta_in_dq:
+                _launch_delta(setup, o, do, delta, tile_copy=False)  # (the dQ kernel stores the tile-major copy)
+            _launch_dq(setup, q, k, v, o, do, lse, delta, dq, delta_here=delta_in_dq)
+        if backward == "split_ws":
             launch_dkdv_ws(q, k, v, do, lse, delta, dk, dv, layout, text_len, setup.sl, setup.qk_scale,
                            setup.sm_scale)
         else:
