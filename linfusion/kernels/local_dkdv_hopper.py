@@ -228,29 +228,35 @@ def _descriptor_scratch(device: torch.device):
         _allocation._allocator.reset(token)
 
 
+def _launch_ws(kernel, pointers, strided, layout, text_len: int, sl: int, qk_scale: float, sm_scale: float,
+               block_m: int, block_n: int, text_block: int, progs_per_tile: int, num_stages: int) -> None:
+    """Launch one of the WS kernels: ``pointers`` its tensor arguments in order, ``strided`` the
+    (B, H, L, D) ones whose batch / head / token strides follow; ``text_block`` tokens per text
+    program, ``progs_per_tile`` programs per image tile (per batch and head)."""
+    q = pointers[0]
+    B, H, L, D = q.shape
+    n0, n1, n2 = layout.n_tiles
+    r0, r1, r2 = layout.radius
+    n_text_blocks = text_len // text_block
+    n_text_progs = n_text_blocks * B * H
+    n_tiles = n0 * n1 * n2
+    strides = [s for t in strided for s in t.stride()[:3]]
+    with _descriptor_scratch(q.device):
+        kernel[(n_text_progs + n_tiles * progs_per_tile * B * H,)](
+            *pointers, *strides,
+            H, L, sl, text_len, n_text_progs, max(n_text_blocks, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
+            D=D, BM=block_m, BN=block_n, TV=layout.tile_volume, WS=q.device.type == "cuda",
+            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, num_warps=4, num_stages=num_stages,
+        )
+
+
 def launch_dkdv_ws(q, k, v, do, lse, delta, dk, dv, layout, text_len: int, sl: int,
                    qk_scale: float, sm_scale: float, num_stages: int = 2) -> None:
     """dK, dV (written into ``dk``, ``dv``, (B, H, L, D) views) of a tile-window local attention on
     tile-ordered tokens; ``lse`` (log2 units) and ``delta`` are the (B, H, sl) statistics rows.
     The caller checks :func:`ws_dkdv_unsupported` first."""
-    B, H, L, D = q.shape
-    n0, n1, n2 = layout.n_tiles
-    r0, r1, r2 = layout.radius
-    ntb = text_len // BN
-    n_text_progs = ntb * B * H
-    n_tiles = n0 * n1 * n2
-
-    def strides(t):
-        return t.stride(0), t.stride(1), t.stride(2)
-
-    with _descriptor_scratch(q.device):
-        _dkdv_ws_kernel[(n_text_progs + n_tiles * B * H,)](
-            q, k, v, do, lse, delta, dk, dv,
-            *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk),
-            H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
-            D=D, BM=BM, BN=BN, TV=layout.tile_volume, WS=q.device.type == "cuda",
-            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, num_warps=4, num_stages=num_stages,
-        )
+    _launch_ws(_dkdv_ws_kernel, (q, k, v, do, lse, delta, dk, dv), (q, k, v, do, dk), layout, text_len, sl,
+               qk_scale, sm_scale, BM, BN, text_block=BN, progs_per_tile=1, num_stages=num_stages)
 
 
 def launch_dq_ws(q, k, v, do, lse, delta, dq, layout, text_len: int, sl: int,
@@ -261,26 +267,11 @@ def launch_dq_ws(q, k, v, do, lse, delta, dq, layout, text_len: int, sl: int,
     ``local_triton._launch_delta``) the (B, H, sl) statistics rows, token-order columns. Serves what
     :func:`ws_dkdv_unsupported` accepts (``block_m`` and ``block_n`` dividing 128).
     ``backward="split_ws"`` runs it only when opted in (``local_configs.dq_ws_config``): written in
-    the 27th session with no H200 time left to measure it;
-    Triton 3.6 compiles it for sm_90 at (BM, BN) = (128, 64), (128, 128), (64, 64), (64, 128) with
-    2 or 3 stages, 168 registers and no spills (ptxas -v)."""
-    B, H, L, D = q.shape
-    n0, n1, n2 = layout.n_tiles
-    r0, r1, r2 = layout.radius
+    the 27th session with no H200 time left to measure it; Triton 3.6 compiles it for sm_90 at
+    (BM, BN) = (128, 64), (128, 128), (64, 64), (64, 128) with 2 or 3 stages, 168 registers and no
+    spills (ptxas -v)."""
     if BN % block_m or BN % block_n:
         raise ValueError(f"block_m ({block_m}) and block_n ({block_n}) must divide the {BN}-token tile")
-    ntq = text_len // block_m
-    n_text_progs = ntq * B * H
-    n_tiles = n0 * n1 * n2
-
-    def strides(t):
-        return t.stride(0), t.stride(1), t.stride(2)
-
-    with _descriptor_scratch(q.device):
-        _dq_ws_kernel[(n_text_progs + n_tiles * (BN // block_m) * B * H,)](
-            q, k, v, do, lse, delta, dq,
-            *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq),
-            H, L, sl, text_len, n_text_progs, max(ntq, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
-            D=D, BM=block_m, BN=block_n, TV=layout.tile_volume, WS=q.device.type == "cuda",
-            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, num_warps=4, num_stages=num_stages,
-        )
+    _launch_ws(_dq_ws_kernel, (q, k, v, do, lse, delta, dq), (q, k, v, do, dq), layout, text_len, sl,
+               qk_scale, sm_scale, block_m, block_n, text_block=block_m, progs_per_tile=BN // block_m,
+               num_stages=num_stages)
