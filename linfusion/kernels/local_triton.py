@@ -1392,9 +1392,10 @@ def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block
 #: per block pair), "fused_dq" (the dK/dV kernel also adds dQ into an fp32 buffer, by TMA reductions
 #: or per-element atomics: 5 matmuls, plus the reduction traffic; FA3's scheme), "split_ws" ("split"
 #: with the warp-specialised Hopper dK/dV kernel of ``local_dkdv_hopper``: tile windows on
-#: tile-ordered tokens only, see ``ws_dkdv_unsupported``) or "auto" (the
-#: default: whichever the H200 measured faster for the window shape, dtype and head dim,
-#: ``local_configs.default_backward``, chosen when the backward runs).
+#: tile-ordered tokens only, see ``ws_dkdv_unsupported``; with ``set_config_override("dq_ws", ...)``
+#: its dQ kernel is warp-specialised too) or "auto" (the default, chosen when the backward runs:
+#: "split_ws" where it can serve the call on a GPU, else ``local_configs.default_backward``, "split"
+#: since the H200 re-measured the fused one slower everywhere, 27th session).
 BACKWARDS = ("auto", "split", "fused_dq", "split_ws")
 
 
