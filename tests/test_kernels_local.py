@@ -221,8 +221,8 @@ def test_fused_dkdv_config_and_auto_backward(monkeypatch):
     assert fused["BM"] == 16 and fused["BN"] == 64 and fused["num_stages"] == 3  # dK/dV's blocks + overrides
     assert local_config("dkdv", bf16, 128, 128)["num_stages"] == 2  # the split backward's kernel keeps its own
 
-    for args in (("tile", bf16, 128, 128, True), ("circle", bf16, 128, 128), ("circle", fp16, 128, 128),
-                 ("circle", bf16, 64, 128, True), ("circle", bf16, 64, 128, False), ("circle", torch.float32, 128, 128)):
+    for args in (("tile", bf16, 128, 128), ("circle", bf16, 128, 128), ("circle", fp16, 128, 128),
+                 ("circle", bf16, 64, 128), ("circle", bf16, 64, 64), ("circle", torch.float32, 128, 128)):
         assert default_backward(*args) == "split", args  # the H200's 27th-session figures: split everywhere
 
 
@@ -256,8 +256,6 @@ def test_auto_backward_takes_split_ws_where_it_serves_on_a_gpu(monkeypatch):
     pick = local_triton._auto_backward
     assert pick(q, (q, q, q), tiled, 128, True) == "split"  # a CPU tensor: the interpreter keeps "split"
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
-    monkeypatch.setattr(local_triton, "_fused_uses_tma", lambda *args: False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # default_backward as on a GPU
     assert pick(q, (q, q, q), tiled, 128, True) == "split_ws"
     assert pick(q, (q, q, q), tiled, 128, False) == "split"  # the kernel refuses row-major tokens
     assert seen[-2:] == [("tile", True), ("tile", False)]

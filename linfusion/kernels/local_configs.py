@@ -295,7 +295,7 @@ def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]
     return (8, 8) if ndim == 2 else (1, 8, 8)
 
 
-def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume: int, dq_tma: bool = False) -> str:
+def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume: int) -> str:
     """The backward variant ``backward="auto"`` starts from (see ``local_triton.BACKWARDS``;
     ``local_triton._auto_backward`` then takes "split_ws" where that kernel can serve the call).
 
@@ -306,5 +306,5 @@ def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume:
     tile window 14.21 / 16.89, default 8×8 circle tiles 14.07 / 30.31, sdxl-4k 1.18 / 1.62, Wan
     480p 4.63 / 10.61. (The 14th session had measured the fused one 3–22% faster on circles.) The
     arguments stay so a future sweep can bring a case back."""
-    del shape, dtype, head_dim, tile_volume, dq_tma
+    del shape, dtype, head_dim, tile_volume
     return "split"

@@ -145,8 +145,8 @@ def _dq_ws_kernel(
     N0, N1, N2, R0, R1, R2, qk_scale, sm_scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TV: tl.constexpr, WS: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """dQ of one block of BM queries of one (batch, head). Programs ``[0, n_text_progs)`` own BM text queries (NTQ such blocks per head) and loop over
-    every key, BN at a time; the others one BM-row slice of an image tile, and loop over the text
+    """dQ of one block of BM queries of one (batch, head). Programs ``[0, n_text_progs)`` own BM
+    text queries (NTQ such blocks per head) and loop over every key, BN at a time; the others one BM-row slice of an image tile, and loop over the text
     keys, then the key tiles of the window box around their tile (the dK/dV kernel's walk, with keys
     in place of queries: the window is symmetric). Inputs (B, H, L, D) by strides, tokens in tile
     order; LSE, DELTA (B·H, SL) fp32, token-order columns; DQ (B, H, L, D) by strides."""

@@ -1513,11 +1513,10 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
     delta = _stats(B, H, L, layout, 0.0, q.device)
     dq, dk, dv = (_new((B, L, H, D), q.dtype, q.device).transpose(1, 2) for _ in range(3))  # token-major
     if backward in ("split", "split_ws"):
-        ws_dq = None
-        if backward == "split_ws":
+        ws = backward == "split_ws"
+        if ws:
             _require_ws(q, (k, v, do, dk, dv), layout, text_len, tile_order)
-            # the warp-specialised dQ kernel only where asked for (not yet measured on the H200)
-            ws_dq = dq_ws_config()
+        ws_dq = dq_ws_config() if ws else None  # the WS dQ kernel only where asked for (not yet measured)
         if ws_dq is not None:
             _launch_delta(setup, o, do, delta, tile_copy=False)  # (Δ reduced inside stops Triton's WS)
             launch_dq_ws(q, k, v, do, lse, delta, dq, layout, text_len, setup.sl, setup.qk_scale, setup.sm_scale,
@@ -1531,7 +1530,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
             if not delta_in_dq:
                 _launch_delta(setup, o, do, delta, tile_copy=False)  # (the dQ kernel stores the tile-major copy)
             _launch_dq(setup, q, k, v, o, do, lse, delta, dq, delta_here=delta_in_dq)
-        if backward == "split_ws":
+        if ws:
             launch_dkdv_ws(q, k, v, do, lse, delta, dk, dv, layout, text_len, setup.sl, setup.qk_scale,
                            setup.sm_scale)
         else:
@@ -1590,13 +1589,12 @@ def _require_ws(q, tensors, layout: LocalLayout, text_len: int, tile_order: bool
 
 
 def _auto_backward(q: torch.Tensor, others, layout: LocalLayout, text_len: int, tile_order: bool) -> str:
-    """The variant ``backward="auto"`` runs (``local_configs.default_backward``): whether the fused
-    backward could add dQ by TMA reductions here is part of the choice. Where the split backward
-    would run and the warp-specialised dK/dV kernel can serve the call on a GPU, "split_ws" instead
-    (H200, 26th session, benchmarks/results/ws_dkdv_26th_b.json: flux tile windows in tile order,
-    backward 13.53 against 14.14 ms at 4K, 55.3 against 58.4 at 8K, same gradients)."""
-    dq_tma = _fused_uses_tma(q, layout, tile_order)
-    variant = default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume, dq_tma)
+    """The variant ``backward="auto"`` runs: ``local_configs.default_backward``, and where that is
+    the split backward and the warp-specialised dK/dV kernel can serve the call on a GPU
+    (``ws_dkdv_unsupported``; ``others``: k, v, dO), "split_ws" (H200, 27th session,
+    benchmarks/results/ws_dkdv_27th.json: FLUX tile windows in tile order, backward 13.89 against
+    14.19 ms at 4K, 56.6 against 59.1 at 8K, the same gradients)."""
+    variant = default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume)
     if (variant == "split" and q.device.type == "cuda"
             and ws_dkdv_unsupported(q, others, layout, text_len, tile_order) is None):
         return "split_ws"
