@@ -72,11 +72,12 @@ def check(name, B, H, D, grid, text, dtype, strided):
     return rec
 
 
-def _with_dq_ws(fn):
-    """fn() with backward="split_ws" running the warp-specialised dQ kernel too (default blocks)."""
+def _with_dq_ws(fn, config=None):
+    """fn() with backward="split_ws" running the warp-specialised dQ kernel too (``config``: its
+    blocks, e.g. {"block_m": 128, "block_n": 128}; default: ``local_configs.dq_ws_config``'s)."""
     from linfusion.kernels.local_configs import set_config_override
 
-    set_config_override("dq_ws", {})
+    set_config_override("dq_ws", config or {})
     try:
         return fn()
     finally:
@@ -118,6 +119,9 @@ def timings(name, B, H, D, grid, text, repeats, dq_ws=False):
             "delta_pass": lambda: lt._launch_delta(setup, to, tdo, delta, tile_copy=False),
             "bwd_split_ws_dq_ws_tile_order": lambda: _with_dq_ws(
                 lambda: lt._backward(tdo, tq, tk, tv, to, tlse, layout, text, True, "split_ws")),
+            "bwd_split_ws_dq_ws128_tile_order": lambda: _with_dq_ws(
+                lambda: lt._backward(tdo, tq, tk, tv, to, tlse, layout, text, True, "split_ws"),
+                {"block_m": 128, "block_n": 128}),
             **{f"dq_ws_{bm}x{bn}_s{st}": (lambda bm=bm, bn=bn, st=st: launch_dq_ws(
                 tq, tk, tv, tdo, tlse, delta, dq, layout, text, setup.sl, setup.qk_scale, setup.sm_scale,
                 block_m=bm, block_n=bn, num_stages=st)) for bm, bn, st in DQ_WS_BLOCKS},
@@ -158,7 +162,8 @@ def timings(name, B, H, D, grid, text, repeats, dq_ws=False):
         rec["dq_ws_best"] = best
         rec["bwd_both_ws_projected_ms"] = med["delta_pass"] + med[best] + med["dkdv_ws"]
         rec["bwd_over_fwd"]["both_ws_projected"] = rec["bwd_both_ws_projected_ms"] / med["fwd_tile_order"]
-        rec["bwd_over_fwd"]["split_ws_dq_ws_tile_order"] = med["bwd_split_ws_dq_ws_tile_order"] / med["fwd_tile_order"]
+        for key in ("split_ws_dq_ws_tile_order", "split_ws_dq_ws128_tile_order"):
+            rec["bwd_over_fwd"][key] = med[f"bwd_{key}"] / med["fwd_tile_order"]
     print({k_: rec[k_] for k_ in ("case", "ms", "bwd_over_fwd")}, flush=True)
     return rec
 
