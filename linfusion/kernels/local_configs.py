@@ -33,7 +33,8 @@ def set_config_override(kind: str, config: dict | None) -> None:
 def dq_ws_config() -> dict | None:
     """Keyword arguments of ``local_dkdv_hopper.launch_dq_ws`` (block_m, block_n, num_stages) when
     ``backward="split_ws"`` is to run the warp-specialised dQ kernel too, else None (the default:
-    it has not been measured on the H200 yet). Opt in with ``set_config_override("dq_ws", {})`` or
+    on the H200 it was level or slower end to end, ``ws_dq_29th.json``). Opt in with
+    ``set_config_override("dq_ws", {})`` or
     with explicit blocks, e.g. ``{"block_m": 64, "block_n": 128}``."""
     if "dq_ws" not in _OVERRIDE:
         return None

@@ -27,10 +27,13 @@ LSE (log2 units) and Δ are read from the token-order columns of the statistics 
 (``local_triton._stats``): in tile order those are already a tile's contiguous run.
 
 :func:`launch_dq_ws` is the same scheme for dQ (one program per query block, a loop over the text
-keys and the key tiles of its window box). It matches the reference in the tests and compiles for
-sm_90 (``benchmarks/ws_compile_sm90.py``) but has not run on a GPU yet, so ``backward="split_ws"``
-runs it only when opted in (``local_configs.set_config_override("dq_ws", {})``);
-``benchmarks/ws_dkdv.py --dq`` times it against the split backward's dQ kernel.
+keys and the key tiles of its window box). It matches the reference in the tests and on the H200,
+but brings nothing there (29th session, ``benchmarks/results/ws_dq_29th.json``): alone it is at most
+3% faster than the split backward's dQ kernel (flux-4k 5.84 against 5.91 ms at 128×128 blocks,
+slower at 8K), and it needs Δ from a separate pass (0.20 ms at 4K) that the split dQ kernel
+computes on the way, so ``backward="split_ws"`` with it was level or slower end to end (4K 13.38
+and 13.61 against 13.36 ms). It runs only when opted in
+(``local_configs.set_config_override("dq_ws", {})``); ``benchmarks/ws_dkdv.py --dq`` times it.
 """
 
 from __future__ import annotations
@@ -266,10 +269,10 @@ def launch_dq_ws(q, k, v, do, lse, delta, dq, layout, text_len: int, sl: int,
     tile-ordered tokens; ``lse`` (log2 units) and ``delta`` (Δ = rowsum(dO ∘ O), e.g. from
     ``local_triton._launch_delta``) the (B, H, sl) statistics rows, token-order columns. Serves what
     :func:`ws_dkdv_unsupported` accepts (``block_m`` and ``block_n`` dividing 128).
-    ``backward="split_ws"`` runs it only when opted in (``local_configs.dq_ws_config``): written in
-    the 27th session with no H200 time left to measure it; Triton 3.6 compiles it for sm_90 at
+    ``backward="split_ws"`` runs it only when opted in (``local_configs.dq_ws_config``; no faster
+    end to end on the H200, see the module docstring); Triton 3.6 compiles it for sm_90 at
     (BM, BN) = (128, 64), (128, 128), (64, 64), (64, 128) with 2 or 3 stages, 168 registers and no
-    spills (ptxas -v)."""
+    spills (ptxas -v); 64-query blocks run twice as slow."""
     if BN % block_m or BN % block_n:
         raise ValueError(f"block_m ({block_m}) and block_n ({block_n}) must divide the {BN}-token tile")
     _launch_ws(_dq_ws_kernel, (q, k, v, do, lse, delta, dq), (q, k, v, do, dq), layout, text_len, sl,

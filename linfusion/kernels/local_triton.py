@@ -1516,7 +1516,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         ws = backward == "split_ws"
         if ws:
             _require_ws(q, (k, v, do, dk, dv), layout, text_len, tile_order)
-        ws_dq = dq_ws_config() if ws else None  # the WS dQ kernel only where asked for (not yet measured)
+        ws_dq = dq_ws_config() if ws else None  # the WS dQ kernel only where asked for (no faster: ws_dq_29th.json)
         if ws_dq is not None:
             _launch_delta(setup, o, do, delta, tile_copy=False)  # (Δ reduced inside stops Triton's WS)
             launch_dq_ws(q, k, v, do, lse, delta, dq, layout, text_len, setup.sl, setup.qk_scale, setup.sm_scale,
