@@ -128,11 +128,15 @@ def test_plan_stages_defaults_and_errors():
     with pytest.raises(ValueError, match="strength"):
         generate_highres(pipe, "a cat", 64, 64, strength=[0.5, 0.5, 0.5], steps=1)
     with pytest.raises(ValueError, match="upscale"):
-        generate_highres(pipe, "a cat", 64, 64, upscale="lanczos9", steps=1)
+        generate_highres(pipe, "a cat", 64, 64, upscale="lanczos9", steps=2)
     with pytest.raises(TypeError, match="image pipelines"):
         generate_highres(build_tiny_pipeline("wan21"), "a cat", 64, 64)
     with pytest.raises(TypeError, match="unknown pipeline argument"):
-        generate_highres(pipe, "a cat", 64, 64, steps=1, not_an_arg=3)
+        generate_highres(pipe, "a cat", 64, 64, steps=2, not_an_arg=3)
+    with pytest.raises(ValueError, match=r"refine_steps=1 × strength=0.6 gives none"):
+        generate_highres(pipe, "a cat", 64, 64, steps=1)  # int(1 × 0.6) = 0 steps: was an error deep in diffusers
+    with pytest.raises(ValueError, match=r"refine_steps=3 × strength=0.25 gives none"):
+        generate_highres(pipe, "a cat", 64, 64, steps=1, refine_steps=3, strength=0.25)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "pixart_sigma", "flux"])

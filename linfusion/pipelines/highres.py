@@ -375,6 +375,11 @@ def generate_highres(
     if len(strengths) != n_refine or any(not 0 < s <= 1 for s in strengths):
         raise ValueError(f"strength must be in (0, 1], one value or one per refinement pass ({n_refine})")
     refine_steps = refine_steps or steps
+    too_few = [s for s in strengths if int(refine_steps * s) < 1]
+    if too_few:  # diffusers' img2img would run an empty schedule and fail deep inside the model
+        raise ValueError(f"a refinement pass runs int(refine_steps × strength) denoising steps: refine_steps="
+                         f"{refine_steps} × strength={too_few[0]} gives none; raise refine_steps (default: steps) "
+                         f"or the strength so that their product is at least 1")
     refiner = img2img_pipeline(pipe) if n_refine else None
     _check_kwargs([pipe] + ([refiner] if refiner is not None else []), pipe_kwargs)
 
