@@ -345,7 +345,7 @@ def generate_highres(
             the noise schedule re-run; lower keeps more of the upscaled image.
         steps: denoising steps of the base pass.
         refine_steps: ``num_inference_steps`` of each refinement (default ``steps``); it runs
-            ``int(refine_steps · strength)`` of them.
+            ``int(refine_steps · strength)`` of them, which must be at least 1 (else ValueError).
         upscale: "bicubic", "bilinear", "nearest" (in pixel space: decode, upscale, encode), "latent"
             (bicubic on the latents: no VAE encode or decode between stages, only the final decode;
             a latent upscale is softer, so give it more strength), or
