@@ -114,9 +114,18 @@ def resolve_adapter(path_or_id: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise AdapterMismatchError(f"{path} is a file; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    text = str(path_or_id)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        # a path, not a hub id ("namespace/name"): say so instead of a hub validation error
+        raise AdapterMismatchError(f"no adapter folder at {text!r} (a local folder written by save_adapter, "
+                                   "or a Hugging Face hub id 'namespace/name')")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
-    return Path(snapshot_download(repo_id=str(path_or_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except HFValidationError as exc:
+        raise AdapterMismatchError(f"{text!r} is neither a local adapter folder nor a valid hub id: {exc}") from exc
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:

@@ -21,6 +21,14 @@ ADAPTER_FORMAT_VERSION = 1
 LayerSelector = Union[str, Sequence[str], Callable[[str], bool]]
 
 
+#: options only one method reads (``methods.build_method``); the rest (layers, dense_fallback, gate,
+#: backend) apply to both
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "linear": ("feature_map", "hedgehog_features", "feature_mlp", "mlp_ratio", "conv_v", "conv_kernel", "eps"),
+    "local": ("window", "temporal_window", "shape", "tile", "global_pool"),
+}
+
+
 @dataclasses.dataclass
 class PatchConfig:
     """What to put in place of softmax self-attention.
@@ -160,10 +168,17 @@ class PatchConfig:
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> PatchConfig:
-        """Build from user keyword arguments with a helpful error for typos."""
+        """Build from user keyword arguments with a helpful error for typos and for an option of
+        the other method (``METHOD_OPTIONS``: it would be ignored, so it is a mistake)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(options) - known
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; supported options: {sorted(known)}")
+        method = options.get("method", cls.method)
+        if method in METHOD_OPTIONS:
+            misplaced = sorted(k for m, names in METHOD_OPTIONS.items() if m != method for k in names if k in options)
+            if misplaced:
+                raise ValueError(f"option(s) {misplaced} do not apply to method={method!r} (its own options: "
+                                 f"{list(METHOD_OPTIONS[method])}); did you mean the other method?")
         return cls(**options)
 

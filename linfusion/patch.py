@@ -125,8 +125,15 @@ def patch_model(model: nn.Module, config: PatchConfig | None = None, **options: 
     """
     config = config or PatchConfig.from_kwargs(**options)
     plan = _plan_patch(model, config, default_component_name(model))
+    if callable(config.layers) and not plan[1]:
+        _no_layer_selected(type(model).__name__, len(plan[0].self_attention_layers(model)))
     _apply_plan(model, config, *plan)
     return model
+
+
+def _no_layer_selected(what: str, n_layers: int) -> None:
+    raise ValueError(f"the layers selector chose none of the {n_layers} self-attention layers of {what}; "
+                     "see `linfusion.describe(...)` for their names")
 
 
 def _plan_patch(
@@ -137,6 +144,9 @@ def _plan_patch(
     all_layers = family.self_attention_layers(model)
     if not all_layers:
         raise UnsupportedModelError(f"{type(model).__name__} has no self-attention layers LinFusion could patch")
+    if config.method == "local" and config.temporal_window is not None and family.grid_dims != 3:
+        raise ValueError(f"temporal_window applies to video models (a (T, H, W) token grid); {type(model).__name__} "
+                         f"({family.description}) has a 2D grid: give window=... alone")
     selected = _select_layers(all_layers, config.layers, component)
     for name, attn in selected.items():
         if patch_record(model) is None or name not in patch_record(model).layers:
@@ -218,6 +228,8 @@ def patch_pipeline(pipe: Any, method: str | None = None, *, adapter: str | None 
     plans = [(model, _plan_patch(model, config, name)) for name, model in models]
     if isinstance(config.layers, list):
         _check_layer_names_exist(config.layers, models)
+    if callable(config.layers) and not any(selected for _, (_, selected) in plans):
+        _no_layer_selected(type(pipe).__name__, sum(len(f.self_attention_layers(m)) for m, (f, _) in plans))
     for model, plan in plans:
         _apply_plan(model, config, *plan)
     return pipe

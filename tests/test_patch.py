@@ -173,6 +173,11 @@ def test_patch_model_on_bare_denoiser_and_describe():
         ({"method": "quadratic"}, "method"),
         ({"method": "local", "shape": "square"}, "shape"),
         ({"method": "linear", "backend": "cuda"}, "backend"),
+        # an option of the other method would be ignored: refused instead
+        ({"method": "linear", "window": 8}, r"\['window'\] do not apply to method='linear'"),
+        ({"method": "local", "feature_map": "relu", "conv_v": True}, r"\['conv_v', 'feature_map'\] do not apply"),
+        ({"method": "local", "window": 4, "temporal_window": 2}, "temporal_window applies to video models"),
+        ({"method": "linear", "layers": lambda name: False}, "chose none of the"),
     ],
 )
 def test_invalid_options_raise_before_anything_changes(options, match):
@@ -280,6 +285,24 @@ def test_missing_adapter_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterMismatchError, match="not a LinFusion adapter"):
         patch_pipeline(build_tiny_pipeline("sd15"), adapter=str(tmp_path / "empty"))
+    # a path that does not exist is not sent to the hub as a repo id
+    with pytest.raises(AdapterMismatchError, match="no adapter folder at"):
+        patch_pipeline(build_tiny_pipeline("sd15"), adapter=str(tmp_path / "missing"))
+    with pytest.raises(AdapterMismatchError, match="neither a local adapter folder nor a valid hub id"):
+        patch_pipeline(build_tiny_pipeline("sd15"), adapter="not a repo id")
+
+
+def test_predicate_selecting_no_layer_of_a_bare_model_is_an_error():
+    pipe = build_tiny_pipeline("pixart_sigma")
+    with pytest.raises(ValueError, match="chose none of the 2 self-attention layers of PixArtTransformer2DModel"):
+        patch_model(pipe.transformer, method="linear", layers=lambda name: name.startswith("nothing"))
+    assert not is_patched(pipe)
+
+
+def test_temporal_window_on_a_video_model_is_accepted():
+    pipe = build_tiny_pipeline("wan21")
+    patch_pipeline(pipe, method="local", window=4, temporal_window=2)
+    assert describe(pipe)["components"]["transformer"]["options"]["temporal_window"] == 2
 
 
 def test_save_adapter_of_unpatched_pipeline_is_an_error(tmp_path):

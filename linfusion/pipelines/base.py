@@ -33,6 +33,8 @@ class FamilyAdapter(abc.ABC):
     processor_classes: tuple[str, ...] = ()
     #: the patched processor class
     processor_cls: type[LinFusionProcessor] = LinFusionProcessor
+    #: dimensions of the latent token grid: 2 (H, W) for images, 3 (T, H, W) for video
+    grid_dims: int = 2
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.model_classes

@@ -67,6 +67,7 @@ class CogVideoXFamily(FamilyAdapter):
     model_classes = ("CogVideoXTransformer3DModel",)
     processor_classes = ("CogVideoXAttnProcessor2_0",)
     processor_cls = CogVideoXProcessor
+    grid_dims = 3
 
     def self_attention_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: module for name, module in model.named_modules() if name.endswith(".attn1")}

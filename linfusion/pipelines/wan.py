@@ -59,6 +59,7 @@ class WanFamily(FamilyAdapter):
     model_classes = ("WanTransformer3DModel",)
     processor_classes = ("WanAttnProcessor", "WanAttnProcessor2_0")
     processor_cls = WanProcessor
+    grid_dims = 3
 
     def self_attention_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: module for name, module in model.named_modules() if name.endswith(".attn1")}
