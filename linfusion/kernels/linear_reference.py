@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .input_checks import check_float_dtypes, check_linear_shapes
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (for tests); everything else accumulates in float32."""
@@ -32,6 +34,8 @@ def linear_attention_state(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tens
         kv: (B, H, Dk, Dv) = (1/N) Σ_j k_jᵀ v_j, in the accumulation dtype.
         k_mean: (B, H, Dk) = (1/N) Σ_j k_j, in the accumulation dtype.
     """
+    check_float_dtypes("linear_attention_state", k=k, v=v)
+    check_linear_shapes("linear_attention_state", k, v)
     acc = accumulation_dtype(k.dtype)
     n = k.shape[-2]
     kv = torch.einsum("bhnk,bhnv->bhkv", k.to(acc), v.to(acc)) / n
@@ -64,5 +68,7 @@ def linear_attention_reference(
     Returns:
         (B, H, M, Dv) in q's dtype.
     """
+    check_float_dtypes("linear_attention", q=q, k=k, v=v)
+    check_linear_shapes("linear_attention", k, v, q)
     kv, k_mean = linear_attention_state(k, v)
     return linear_attention_apply(q, kv, k_mean, eps)

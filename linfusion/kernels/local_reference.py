@@ -32,6 +32,8 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from .input_checks import check_float_dtypes
+
 DEFAULT_TILE_2D: tuple[int, int] = (8, 16)
 DEFAULT_TILE_3D: tuple[int, int, int] = (2, 8, 8)
 SHAPES = ("circle", "tile")
@@ -186,6 +188,7 @@ def local_attention_reference(
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"expected q, k, v of shape (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_float_dtypes("local_attention", q=q, k=k, v=v)
     seq_len = q.shape[2]
     grid, radii, tile = validate_local_args(grid, window, text_len, shape, tile, seq_len)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .input_checks import check_float_dtypes
+
 
 def rotary_embedding_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of ``x`` by per-token angles.
@@ -27,6 +29,7 @@ def rotary_embedding_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     Returns:
         (B, L, H, D) in x's dtype.
     """
+    check_float_dtypes("rotary_embedding", x=x, cos=cos, sin=sin)
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"rotary embedding expects x of shape (B, L, H, D) with even D, got {tuple(x.shape)}")
     if cos.shape != (x.shape[1], x.shape[3]) or sin.shape != cos.shape:
