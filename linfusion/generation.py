@@ -49,7 +49,12 @@ def load_pipeline(model: str | os.PathLike | None, device: torch.device | None =
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(model), dtype=torch_dtype)
+        text = str(model)
+        if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text):
+            # a path, not a hub id ("namespace/name"): say so instead of a hub-id validation error
+            raise FileNotFoundError(f"no model folder at {text!r} (a folder written by save_pretrained, or a "
+                                    "Hugging Face hub id 'namespace/name')")
+        pipe = DiffusionPipeline.from_pretrained(text, dtype=torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -197,6 +202,12 @@ def _timed(device: torch.device, call) -> tuple[Any, float, float | None]:
     return result, time.perf_counter() - start, peak
 
 
+def _check_steps(steps: int) -> None:
+    # diffusers' schedulers divide by the step count: 0 would end in a ZeroDivisionError
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
 def run_pipeline(
     pipe,
     prompt: str,
@@ -214,6 +225,7 @@ def run_pipeline(
     """Run the pipeline once with a fixed seed; time it (synchronising CUDA) and read peak memory."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
+    _check_steps(steps)
     check_resolution(pipe, height, width)
     kwargs: dict[str, Any] = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
@@ -250,6 +262,7 @@ def run_highres(
 
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
+    _check_steps(steps)
     kwargs = _optional_kwargs(pipe, guidance_scale, negative_prompt, callback)
     output, seconds, peak = _timed(_device_of(pipe), lambda: generate_highres(
         pipe, prompt, height, width, steps=steps, strength=strength, lean=lean, upscale=upscale,
@@ -258,13 +271,18 @@ def run_highres(
 
 
 def apply_patch(pipe, method: str | None, adapter: str | None, options: dict[str, Any] | None = None) -> None:
-    """Patch with ``method`` (or an adapter); ``method=None`` and no adapter leave it original."""
+    """Patch with ``method`` (or an adapter); ``method=None`` and no adapter leave it original.
+    With an adapter only ``backend`` may be given: the rest of the patch is the adapter's."""
+    options = options or {}
+    if adapter and set(options) - {"backend"}:
+        raise ValueError(f"{sorted(set(options) - {'backend'})} cannot be set with an adapter ({adapter}): its "
+                         "saved configuration fixes them; drop them, or patch zero-shot without the adapter")
     if is_patched(pipe):
         unpatch_pipeline(pipe)
     if adapter:
-        patch_pipeline(pipe, adapter=adapter, **({"backend": options["backend"]} if options and "backend" in options else {}))
+        patch_pipeline(pipe, adapter=adapter, **({"backend": options["backend"]} if "backend" in options else {}))
     elif method:
-        patch_pipeline(pipe, method=method, **(options or {}))
+        patch_pipeline(pipe, method=method, **options)
 
 
 def side_by_side(left: Image.Image, right: Image.Image, gap: int = 8) -> Image.Image:

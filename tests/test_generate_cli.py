@@ -38,6 +38,31 @@ def test_generate_rejects_impossible_resolution(tmp_path, sd15_dir):
     assert "divisible by 8" in result.stderr and "64x96" in result.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "steps must be a positive integer, got 0"),
+    (["--method", "linear", "--window", "8"], "['window'] do not apply to method='linear'"),
+    (["--window", "8"], "--window and --shape apply to --method local"),
+    (["--method", "local", "--window", "0"], "window must be a positive radius"),
+])
+def test_generate_rejects_bad_options_with_a_clear_error(tmp_path, sd15_dir, args, message):
+    result = linfusion("generate", "x", "--model", sd15_dir, "--height", "64", "--width", "64", *args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_names_a_missing_model_folder_and_a_window_beside_an_adapter(tmp_path, sd15_dir):
+    result = linfusion("generate", "x", "--model", str(tmp_path / "no-such-model"), cwd=tmp_path)
+    assert result.returncode == 2 and "no model folder at" in result.stderr and "Traceback" not in result.stderr
+    from linfusion import patch_pipeline, save_adapter
+    from linfusion.testing.tiny_pipelines import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd15")
+    save_adapter(patch_pipeline(pipe, method="local", window=4), tmp_path / "adapter")
+    result = linfusion("generate", "x", "--model", sd15_dir, "--adapter", str(tmp_path / "adapter"), "--window", "8",
+                       "--height", "64", "--width", "64", "--steps", "1", cwd=tmp_path)
+    assert result.returncode == 2 and "cannot be set with an adapter" in result.stderr, result.stderr
+
+
 def test_info_and_help_run(tmp_path):
     assert "kernel backends" in linfusion("info", cwd=tmp_path).stdout
     assert "generate" in linfusion("--help", cwd=tmp_path).stdout

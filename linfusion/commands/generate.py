@@ -18,8 +18,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--adapter", default=None, help="adapter folder or hub id written by save_adapter")
     parser.add_argument("--method", choices=["linear", "local", "none"], default="none",
                         help="attention to patch in (zero-shot unless an adapter is given); default: none")
-    parser.add_argument("--window", type=int, default=16, help="local attention radius in latent tokens")
-    parser.add_argument("--shape", choices=["circle", "tile"], default="circle", help="local window shape")
+    parser.add_argument("--window", type=int, default=None,
+                        help="zero-shot --method local: radius in latent tokens (default 16)")
+    parser.add_argument("--shape", choices=["circle", "tile"], default=None,
+                        help="zero-shot --method local: window shape (default circle)")
     parser.add_argument("--backend", choices=["triton", "torch"], default=None, help="kernel backend")
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         device, run_pipeline = cp.device, functools.partial(run_pipeline_parallel, cp)
     try:
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-    except MiniNotBundledError as error:
+    except (MiniNotBundledError, OSError, ValueError) as error:  # OSError: a missing folder or hub file
         print(f"error: {error}", file=sys.stderr)
         return 2
     native_height, native_width = native_size(pipe)
@@ -78,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
         from ..mini.bundle import bundled_adapter
 
         adapter = bundled_adapter(method)  # LinFusion-Mini ships distilled students
-    options = {"window": args.window, "shape": args.shape} if method == "local" else {}
+    # only what was given: a window given to linear attention or beside an adapter is an error, not ignored
+    options = {key: value for key, value in (("window", args.window), ("shape", args.shape)) if value is not None}
+    if options and not method and not adapter:
+        print("error: --window and --shape apply to --method local", file=sys.stderr)
+        return 2
     if args.backend:
         options["backend"] = args.backend
     if args.highres and cp is not None:
