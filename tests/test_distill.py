@@ -540,6 +540,18 @@ def test_fsdp_and_resume_options():
         check_global_batch({"global_batch": 4}, 2, 1, 2, 1, Path("ck"))
 
 
+def test_patch_options_are_checked_before_any_work():
+    """A patch option of the other method or a typo stops the run when it is configured, not after
+    the teacher data has been generated."""
+    from linfusion.distill.config import DistillConfig
+
+    assert DistillConfig(method="local", patch={"window": 8}).patch == {"window": 8}
+    with pytest.raises(ValueError, match=r"\['window'\] do not apply to method='linear'"):
+        DistillConfig(method="linear", patch={"window": 8})
+    with pytest.raises(ValueError, match=r"--patch-option: unknown option\(s\) \['windw'\]"):
+        DistillConfig(method="local", patch={"windw": 8})
+
+
 def test_key_value_options_read_json_and_python_literals():
     from linfusion.distill.cli import parse_key_values
 

@@ -106,6 +106,14 @@ class DistillConfig:
                              "use --trainable new or new+qkvo")
         self.losses = parse_losses(self.losses)
         self.size()
+        # the patch options now, not after the teacher data is generated (an option of the other
+        # method, or a typo, would otherwise stop the run only then)
+        from ..config import PatchConfig
+
+        try:
+            PatchConfig.from_kwargs(**dict(self.patch or {}, method=self.method, gate=self.selective))
+        except TypeError as error:  # an unknown key: a usage error like the others here
+            raise ValueError(f"--patch-option: {error}") from None
 
     def size(self) -> tuple[int | None, int | None]:
         """(height, width) from ``resolution`` ("512" or "HxW"), or (None, None)."""

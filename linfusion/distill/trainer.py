@@ -74,7 +74,7 @@ def load_pipeline(model: str, dtype: str = "float32"):
     torch_dtype = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                    "fp16": torch.float16, "float16": torch.float16}[dtype]
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
     except (OSError, ValueError) as error:
         raise DistillError(f"could not load a diffusers pipeline from {model!r}: {error}") from error
     pipe.set_progress_bar_config(disable=True)
