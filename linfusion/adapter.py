@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -100,6 +101,8 @@ def save_adapter(obj: Any, directory: str | os.PathLike, dense_fallback: bool | 
             tensors[f"{component}.base.{name}"] = params[name].detach().to("cpu").contiguous()
     if not components:
         raise ValueError("nothing to save: the pipeline/model is not patched by LinFusion")
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; an adapter is saved as a folder")
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": ADAPTER_FORMAT_VERSION, "library_version": __version__, "components": components}
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -132,7 +135,12 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise AdapterMismatchError(f"{directory} is not a LinFusion adapter (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    meta = json.loads(config_path.read_text())
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterMismatchError(f"{config_path} is not valid JSON ({error}); the adapter is damaged") from None
+    if not isinstance(meta, dict):
+        raise AdapterMismatchError(f"{config_path} holds a {type(meta).__name__}, not an adapter configuration")
     version = meta.get("format_version")
     if version != ADAPTER_FORMAT_VERSION:
         raise AdapterMismatchError(
@@ -191,7 +199,11 @@ def load_adapter(
         if dense_fallback is not None:
             options["dense_fallback"] = dense_fallback
         plans.append((component, model, PatchConfig.from_dict(options), entry))
-    tensors = load_file(directory / WEIGHTS_NAME)
+    try:
+        tensors = load_file(directory / WEIGHTS_NAME)
+    except SafetensorError as error:
+        raise AdapterMismatchError(f"{directory / WEIGHTS_NAME} is not a readable safetensors file ({error}); "
+                                   "the adapter is damaged") from None
     for component, model, config, entry in plans:
         patch_model(model, config)
         try:

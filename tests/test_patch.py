@@ -292,6 +292,28 @@ def test_missing_adapter_folder_is_a_clear_error(tmp_path):
         patch_pipeline(build_tiny_pipeline("sd15"), adapter="not a repo id")
 
 
+def test_damaged_adapter_files_are_named(tmp_path):
+    pipe = build_tiny_pipeline("sd15")
+    save_adapter(patch_pipeline(pipe, method="linear"), tmp_path / "ad")
+    config, weights = tmp_path / "ad" / "linfusion_adapter.json", tmp_path / "ad" / "linfusion_adapter.safetensors"
+    good_config, good_weights = config.read_text(), weights.read_bytes()
+    fresh = build_tiny_pipeline("sd15")
+    config.write_text("{not json")
+    with pytest.raises(AdapterMismatchError, match="linfusion_adapter.json is not valid JSON"):
+        patch_pipeline(fresh, adapter=str(tmp_path / "ad"))
+    config.write_text(good_config)
+    weights.write_bytes(b"garbage" * 10)
+    with pytest.raises(AdapterMismatchError, match="linfusion_adapter.safetensors is not a readable safetensors file"):
+        patch_pipeline(fresh, adapter=str(tmp_path / "ad"))
+    assert not is_patched(fresh)
+    weights.write_bytes(good_weights)
+    patch_pipeline(fresh, adapter=str(tmp_path / "ad"))
+    assert is_patched(fresh)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; an adapter is saved as a folder"):
+        save_adapter(fresh, tmp_path / "a-file")
+
+
 def test_predicate_selecting_no_layer_of_a_bare_model_is_an_error():
     pipe = build_tiny_pipeline("pixart_sigma")
     with pytest.raises(ValueError, match="chose none of the 2 self-attention layers of PixArtTransformer2DModel"):
