@@ -102,6 +102,7 @@ def test_api_is_named_generate_with_prompt_first_and_defaults(client):
         ("x", {"width": 90}, "divisible by 8"),
         ("x", {"width": 8192, "height": 8192}, "choose a smaller resolution"),
         ("x", {"width": 0}, "must be positive"),
+        ("x", {"steps": 1, "highres": True}, "High-res mode needs at least 2 steps"),
     ],
 )
 def test_bad_input_is_an_error_and_the_next_call_succeeds(client, prompt, kwargs, message):

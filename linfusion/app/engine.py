@@ -394,6 +394,10 @@ class DemoEngine:
                     plan = plan_stages(self.pipe, height, width)
                 except ValueError as error:
                     raise ValueError(f"High-res mode cannot make {width}×{height}: {error}") from None
+                if len(plan) > 1 and int(steps * HIGHRES_STRENGTH) < 1:
+                    need = next(n for n in range(1, 100) if int(n * HIGHRES_STRENGTH) >= 1)
+                    raise ValueError(f"High-res mode needs at least {need} steps: each refinement runs "
+                                     f"{HIGHRES_STRENGTH:.0%} of them, and {steps} gives none")
                 note = "high-res mode: " + " → ".join(f"{w}×{h}" for h, w in plan)
             common = dict(height=height, width=width, steps=steps, seed=seed,
                           guidance_scale=float(guidance) if guidance is not None and self.has_guidance else None,
