@@ -147,6 +147,9 @@ def _plan_patch(
     if config.method == "local" and config.temporal_window is not None and family.grid_dims != 3:
         raise ValueError(f"temporal_window applies to video models (a (T, H, W) token grid); {type(model).__name__} "
                          f"({family.description}) has a 2D grid: give window=... alone")
+    if config.method == "local" and isinstance(config.window, tuple) and len(config.window) != family.grid_dims:
+        raise ValueError(f"window {config.window} has {len(config.window)} radii but {type(model).__name__}'s token "
+                         f"grid has {family.grid_dims} dimensions ({'(T, H, W)' if family.grid_dims == 3 else '(H, W)'})")
     selected = _select_layers(all_layers, config.layers, component)
     for name, attn in selected.items():
         if patch_record(model) is None or name not in patch_record(model).layers:

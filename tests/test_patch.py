@@ -177,6 +177,7 @@ def test_patch_model_on_bare_denoiser_and_describe():
         ({"method": "linear", "window": 8}, r"\['window'\] do not apply to method='linear'"),
         ({"method": "local", "feature_map": "relu", "conv_v": True}, r"\['conv_v', 'feature_map'\] do not apply"),
         ({"method": "local", "window": 4, "temporal_window": 2}, "temporal_window applies to video models"),
+        ({"method": "local", "window": (1, 2, 3)}, r"window \(1, 2, 3\) has 3 radii but UNet2DConditionModel's token grid has 2"),
         ({"method": "linear", "layers": lambda name: False}, "chose none of the"),
     ],
 )
