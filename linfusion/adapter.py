@@ -29,6 +29,7 @@ from torch import nn
 
 from . import __version__
 from .config import ADAPTER_FORMAT_VERSION, PatchConfig
+from .hub import looks_like_local_path
 from .patch import _models_of, mark_base_params_trained, patch_model, patch_record
 from .pipelines import family_for
 
@@ -118,8 +119,7 @@ def resolve_adapter(path_or_id: str | os.PathLike) -> Path:
     if path.exists():
         raise AdapterMismatchError(f"{path} is a file; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
     text = str(path_or_id)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
-        # a path, not a hub id ("namespace/name"): say so instead of a hub validation error
+    if looks_like_local_path(text):
         raise AdapterMismatchError(f"no adapter folder at {text!r} (a local folder written by save_adapter, "
                                    "or a Hugging Face hub id 'namespace/name')")
     from huggingface_hub import snapshot_download

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .hub import looks_like_local_path
 from .patch import denoisers, is_patched, patch_pipeline, unpatch_pipeline
 
 VIDEO_PIPELINES = ("WanPipeline", "CogVideoXPipeline")
@@ -50,8 +51,7 @@ def load_pipeline(model: str | os.PathLike | None, device: torch.device | None =
         from diffusers import DiffusionPipeline
 
         text = str(model)
-        if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text):
-            # a path, not a hub id ("namespace/name"): say so instead of a hub-id validation error
+        if not Path(text).exists() and looks_like_local_path(text):
             raise FileNotFoundError(f"no model folder at {text!r} (a folder written by save_pretrained, or a "
                                     "Hugging Face hub id 'namespace/name')")
         pipe = DiffusionPipeline.from_pretrained(text, dtype=torch_dtype)
@@ -202,12 +202,6 @@ def _timed(device: torch.device, call) -> tuple[Any, float, float | None]:
     return result, time.perf_counter() - start, peak
 
 
-def _check_steps(steps: int) -> None:
-    # diffusers' schedulers divide by the step count: 0 would end in a ZeroDivisionError
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-
-
 def run_pipeline(
     pipe,
     prompt: str,
@@ -225,7 +219,8 @@ def run_pipeline(
     """Run the pipeline once with a fixed seed; time it (synchronising CUDA) and read peak memory."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
-    _check_steps(steps)
+    if not isinstance(steps, int) or steps < 1:  # diffusers' schedulers divide by it
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     check_resolution(pipe, height, width)
     kwargs: dict[str, Any] = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps)
     kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
@@ -262,7 +257,6 @@ def run_highres(
 
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
-    _check_steps(steps)
     kwargs = _optional_kwargs(pipe, guidance_scale, negative_prompt, callback)
     output, seconds, peak = _timed(_device_of(pipe), lambda: generate_highres(
         pipe, prompt, height, width, steps=steps, strength=strength, lean=lean, upscale=upscale,

@@ -133,6 +133,8 @@ def test_plan_stages_defaults_and_errors():
         generate_highres(build_tiny_pipeline("wan21"), "a cat", 64, 64)
     with pytest.raises(TypeError, match="unknown pipeline argument"):
         generate_highres(pipe, "a cat", 64, 64, steps=2, not_an_arg=3)
+    with pytest.raises(ValueError, match="steps and refine_steps must be positive, got 0 and None"):
+        generate_highres(pipe, "a cat", 64, 64, steps=0)
     with pytest.raises(ValueError, match=r"refine_steps=1 × strength=0.6 gives none"):
         generate_highres(pipe, "a cat", 64, 64, steps=1)  # int(1 × 0.6) = 0 steps: was an error deep in diffusers
     with pytest.raises(ValueError, match=r"refine_steps=3 × strength=0.25 gives none"):

@@ -33,11 +33,11 @@ def test_float_inputs_still_pass(dtype):
 
 def test_linear_shape_mismatches_name_the_shapes():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"q and k need the same feature dim Dk; got q \(1, 2, 80, 8\), k \(1, 2, 80, 4\)"):
+    with pytest.raises(ValueError, match=r"q and k must have the same head dim Dk; got q \(1, 2, 80, 8\), k \(1, 2, 80, 4\)"):
         linear_attention(q, k[..., :4], v, backend="torch")
-    with pytest.raises(ValueError, match="k and v need the same number of tokens"):
+    with pytest.raises(ValueError, match="k and v must have the same length"):
         linear_attention(q, k, v[:, :, :40], backend="torch")
-    with pytest.raises(ValueError, match="k and v need the same number of tokens, at least one"):
+    with pytest.raises(ValueError, match="k and v must hold at least one token"):
         linear_attention_state(k[:, :, :0], v[:, :, :0], backend="torch")
     with pytest.raises(ValueError, match=r"must share \(B, H\)"):
         linear_attention(q, k[:, :1], v[:, :1], backend="torch")

@@ -1,22 +1,12 @@
 """CI runs exactly what the README tells users to run."""
 
-from pathlib import Path
+from readme_blocks import README, fenced_blocks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = README.parent
 
 
 def _bash_blocks(text: str) -> list[str]:
-    blocks, inside, current = [], False, []
-    for line in text.splitlines():
-        if line.strip().startswith("```"):
-            if inside:
-                blocks.append("\n".join(current).strip())
-                current = []
-            inside = not inside and line.strip() == "```bash"
-            continue
-        if inside:
-            current.append(line)
-    return blocks
+    return [block.strip() for block in fenced_blocks(text, "bash")]
 
 
 def test_ci_runs_the_readme_test_command():

@@ -9,28 +9,16 @@ signature or a removed option in the README fails here.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import torch
+from readme_blocks import README, fenced_blocks
 
 from linfusion import describe, patch_pipeline, save_adapter, unpatch_model, unpatch_pipeline
 from linfusion.testing.tiny_pipelines import build_tiny_pipeline
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
 
 def _python_blocks() -> list[str]:
-    blocks, current, inside = [], [], False
-    for line in README.read_text().splitlines():
-        if line.strip().startswith("```"):
-            if inside:
-                blocks.append("\n".join(current))
-                current = []
-            inside = not inside and line.strip() == "```python"
-            continue
-        if inside:
-            current.append(line)
-    return blocks
+    return fenced_blocks(README.read_text(), "python")
 
 
 def _example(first_line_start: str) -> str:

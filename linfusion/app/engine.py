@@ -395,7 +395,7 @@ class DemoEngine:
                 except ValueError as error:
                     raise ValueError(f"High-res mode cannot make {width}×{height}: {error}") from None
                 if len(plan) > 1 and int(steps * HIGHRES_STRENGTH) < 1:
-                    need = next(n for n in range(1, 100) if int(n * HIGHRES_STRENGTH) >= 1)
+                    need = math.ceil(1 / HIGHRES_STRENGTH)
                     raise ValueError(f"High-res mode needs at least {need} steps: each refinement runs "
                                      f"{HIGHRES_STRENGTH:.0%} of them, and {steps} gives none")
                 note = "high-res mode: " + " → ".join(f"{w}×{h}" for h, w in plan)

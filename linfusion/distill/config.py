@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import PatchConfig
 from .losses import parse_losses
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -108,8 +109,6 @@ class DistillConfig:
         self.size()
         # the patch options now, not after the teacher data is generated (an option of the other
         # method, or a typo, would otherwise stop the run only then)
-        from ..config import PatchConfig
-
         try:
             PatchConfig.from_kwargs(**dict(self.patch or {}, method=self.method, gate=self.selective))
         except TypeError as error:  # an unknown key: a usage error like the others here

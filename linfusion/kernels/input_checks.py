@@ -27,7 +27,9 @@ def check_linear_shapes(op: str, k: torch.Tensor, v: torch.Tensor, q: torch.Tens
         raise ValueError(f"{op}: expected 4-D (B, H, L, D) tensors; got {shapes}")
     if len({t.shape[:2] for t in named.values()}) != 1:
         raise ValueError(f"{op}: q, k, v must share (B, H); got {shapes}")
-    if k.shape[2] != v.shape[2] or k.shape[2] == 0:
-        raise ValueError(f"{op}: k and v need the same number of tokens, at least one; got {shapes}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{op}: k and v must have the same length; got {shapes}")
+    if k.shape[2] == 0:
+        raise ValueError(f"{op}: k and v must hold at least one token (the state is a mean over keys); got {shapes}")
     if q is not None and q.shape[3] != k.shape[3]:
-        raise ValueError(f"{op}: q and k need the same feature dim Dk; got {shapes}")
+        raise ValueError(f"{op}: q and k must have the same head dim Dk; got {shapes}")

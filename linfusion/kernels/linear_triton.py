@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreter_enabled
+from .input_checks import check_linear_shapes
 from .linear_configs import MAX_HEAD_DIM, MAX_HEAD_DIM_FP32, MAX_VALUE_DIM, LinearConfig, linear_config, padded_dim
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -369,24 +370,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernel supports fp16, bf16 and fp32")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
-        raise ValueError(
-            f"q, k, v must share (B, H): got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same length, got {k.shape[2]} and {v.shape[2]}")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same head dim, got {q.shape[3]} and {k.shape[3]}")
-    if k.shape[2] == 0:
-        raise ValueError("k and v must hold at least one token (the state is a mean over keys)")
+    check_linear_shapes("linear attention (Triton)", k, v, q)  # the references' shape rules
     dk, dv = q.shape[3], v.shape[3]
     if not (1 <= dk <= MAX_HEAD_DIM and 1 <= dv <= MAX_VALUE_DIM):
         raise ValueError(

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import METHOD_OPTIONS
 from .model import TEXT_LEN
 
 MODELS = ("teacher", "zero_shot_linear", "zero_shot_local", "linear", "local")
@@ -191,7 +192,7 @@ def apply_patch(pipe, method: str | None, adapter: str | None, options: dict | N
 
 #: per method, the attention options that define a student's attention function (not its learned
 #: parts) and so its zero-shot version: the local window, the linear feature map
-ZERO_SHOT_OPTIONS = {"local": ("window", "temporal_window", "shape", "tile", "global_pool"),
+ZERO_SHOT_OPTIONS = {"local": METHOD_OPTIONS["local"],
                      "linear": ("feature_map", "hedgehog_features")}
 
 

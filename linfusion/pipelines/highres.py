@@ -374,6 +374,8 @@ def generate_highres(
     strengths = [float(strength)] * n_refine if isinstance(strength, (int, float)) else [float(s) for s in strength]
     if len(strengths) != n_refine or any(not 0 < s <= 1 for s in strengths):
         raise ValueError(f"strength must be in (0, 1], one value or one per refinement pass ({n_refine})")
+    if steps < 1 or (refine_steps is not None and refine_steps < 1):
+        raise ValueError(f"steps and refine_steps must be positive, got {steps} and {refine_steps}")
     refine_steps = refine_steps or steps
     too_few = [s for s in strengths if int(refine_steps * s) < 1]
     if too_few:  # diffusers' img2img would run an empty schedule and fail deep inside the model
