@@ -161,55 +161,6 @@ def test_fused_dq_backward_matches_reference(case, monkeypatch):
     check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=7, variant="fused_dq")
 
 
-# stored dS: text (partial text blocks), table-mode ellipse, odd tile, 3D, bf16 / fp16, text longer than a block
-STORED_CASES = FUSED_CASES + [c for c in CASES if c[0] in ("2d-tile-13x21", "3d-tile")] + [
-    ("2d-tile-text77", 1, 2, 64, (7, 9), (3, 5), 77, "tile", (4, 8), torch.bfloat16),
-    ("2d-circle-text45-b2", 2, 1, 64, (6, 10), 4, 45, "circle", (4, 8), torch.float16),
-]
-# the dK/dV kernel's blocks and the dQ-from-dS kernel's differ: each writes and reads its own sub-blocks
-STORED_BLOCKS = [
-    {"dkdv": {"BM": 16, "BN": 16}, "dq_stored": {"BM": 32, "BN": 16}},
-    {"dkdv": {"BM": 32, "BN": 16}, "dq_stored": {"BM": 16, "BN": 32}},
-]
-
-
-@pytest.mark.parametrize("blocks", STORED_BLOCKS, ids=["dkdv16-dq32x16", "dkdv32x16-dq16x32"])
-@pytest.mark.parametrize("case", STORED_CASES, ids=[c[0] for c in STORED_CASES])
-def test_stored_ds_backward_matches_reference(case, blocks, monkeypatch):
-    """backward="stored_ds": the dK/dV kernel stores every dSᵀ block, a dQ kernel reduces them. Blocks
-    smaller than the tile and different in the two kernels; every buffer starts as NaN, so a block
-    the dQ kernel reads that the dK/dV kernel did not write fails the test."""
-    from linfusion.kernels import local_configs
-
-    monkeypatch.setattr(local_configs, "_OVERRIDE", blocks)
-    _, B, H, D, grid, window, text_len, shape, tile, dtype = case
-    check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=17, variant="stored_ds")
-
-
-def test_stored_ds_in_head_groups_within_the_budget(monkeypatch):
-    """With a budget below all heads' stored dS, the backward runs in groups of heads of one batch
-    element each, and each group's buffers fit the budget; the gradients match the reference."""
-    from linfusion.kernels import local_configs
-
-    grid, window, text_len, shape, tile = (9, 13), 5, 6, "circle", (4, 8)
-    B, H, dtype = 2, 3, torch.float16
-    layout = get_layout(grid, window, shape, tile, DEVICE)
-    L = text_len + math.prod(grid)
-    per_head = local_triton._StoredDS.bytes_per_head(layout, text_len, L, dtype)
-    budget = 2 * per_head + 1
-    monkeypatch.setattr(local_configs, "_OVERRIDE", {"stored_ds": {"budget_bytes": budget}})
-    groups = local_triton._stored_ds_groups(B, H, per_head, local_configs.stored_ds_budget())
-    assert groups == [(0, 0, 2), (0, 2, 3), (1, 0, 2), (1, 2, 3)]
-    allocated = []
-    new = local_triton._StoredDS.new
-    monkeypatch.setattr(local_triton._StoredDS, "new",
-                        staticmethod(lambda *args: allocated.append(args[0]) or new(*args)))
-    check(B, H, 64, grid, window, text_len, shape, tile, dtype, seed=19, variant="stored_ds")
-    assert allocated == [2]
-    assert local_triton._stored_ds_groups(B, H, per_head, 6 * per_head) == [(None, 0, H)]  # all at once
-    assert local_triton._stored_ds_groups(1, 4, per_head, 1) == [(0, h, h + 1) for h in range(4)]  # one head at least
-
-
 def test_unknown_backward_variant_raises():
     q = torch.randn(1, 1, 12, 16, device=DEVICE)
     with pytest.raises(ValueError, match="fused_dq"):
@@ -364,7 +315,7 @@ def test_circle_mask_dot_matches_reference(case, blocks, monkeypatch):
     for kind in ("fwd", "dkdv", "dq", "dkdv_fused"):
         _, _, cfg = local_triton._blocks(kind, q, d_pad, layout)
         assert local_triton._mask_flags(cfg, layout) == {"MASK_DOT": True}
-    for variant in ("split", "fused_dq", "stored_ds"):
+    for variant in ("split", "fused_dq"):
         check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=11, variant=variant)
 
 
@@ -699,12 +650,12 @@ def test_tma_loads_match_reference(case, monkeypatch):
 
     _, B, H, D, grid, window, text_len, shape, tile, dtype, blocks = case
     monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {**blocks, "tma_loads": True}
-                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused", "dq_stored")})
+                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused")})
     used = []
     decide = local_triton._tma_loads_allowed
     monkeypatch.setattr(local_triton, "_tma_loads_allowed", lambda *args: used.append(decide(*args)) or used[-1])
     layout = "blhd" if "blhd" in case[0] else "bhld"
-    for variant in ("split", "fused_dq", "stored_ds"):
+    for variant in ("split", "fused_dq"):
         check(B, H, D, grid, window, text_len, shape, tile, dtype, seed=13, variant=variant, layout=layout)
     expect = not ON_GPU or dtype != torch.float32  # a GPU loads fp32 by pointers (TMA: 16-bit inputs only)
     assert used and all(u == expect for u in used), used
@@ -862,12 +813,12 @@ def test_tma_loads_tile_order_match_reference(case, monkeypatch):
 
     _, B, H, D, grid, window, text_len, shape, tile, dtype, blocks = case
     monkeypatch.setattr(local_configs, "_OVERRIDE", {k: {**blocks, "tma_loads": True}
-                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused", "dq_stored")})
+                                                     for k in ("fwd", "dkdv", "dq", "dkdv_fused")})
     used = []
     decide = local_triton._tma_loads_allowed
     monkeypatch.setattr(local_triton, "_tma_loads_allowed", lambda *args: used.append(decide(*args)) or used[-1])
     layout = "blhd" if "blhd" in case[0] else "bhld"
-    for variant in ("split", "fused_dq", "stored_ds"):
+    for variant in ("split", "fused_dq"):
         check_tiled(B, H, D, grid, window, text_len, shape, tile, dtype, variant, layout, seed=3)
     expect = not ON_GPU or dtype != torch.float32
     assert used and all(u == expect for u in used), used
@@ -974,7 +925,7 @@ def test_split_ws_backward_refuses_what_it_cannot_serve():
         local_attention_tiled(t32, t32, t32, grid, 16, text_len, "tile", tile, backward="split_ws")
 
 
-@pytest.mark.parametrize("backward", ["split", "fused_dq", "stored_ds"])
+@pytest.mark.parametrize("backward", ["split", "fused_dq"])
 def test_tile_order_entry_point(backward):
     """local_attention_tiled on to_tile_order'ed tokens equals the row-major call, with either backward
     (the fused one accumulates dQ in row-major order and permutes it back to tile order)."""
@@ -1105,23 +1056,6 @@ def test_gpu_flux_2k_bf16(shape):
 
 @needs_cuda
 @pytest.mark.parametrize("shape", ["circle", "tile"])
-def test_gpu_flux_2k_stored_ds(shape):
-    """The stored-dS backward at a real size (default blocks: 64×64 dK/dV, 128×64 dQ), also on
-    tile-ordered tokens, and in head groups of a small budget at batch 2."""
-    from linfusion.kernels import local_configs
-
-    check(1, 2, 128, (128, 128), 16, 512, shape, None, torch.bfloat16, seed=2, variant="stored_ds")
-    tile = (8, 16) if shape == "tile" else (8, 8)
-    check_tiled(1, 2, 128, (128, 128), 16, 512, shape, tile, torch.bfloat16, "stored_ds", seed=3)
-    local_configs.set_config_override("stored_ds", {"budget_bytes": 1})
-    try:
-        check(2, 3, 128, (40, 57), 16, 20, shape, None, torch.float16, layout="blhd", seed=4, variant="stored_ds")
-    finally:
-        local_configs.set_config_override("stored_ds", None)
-
-
-@needs_cuda
-@pytest.mark.parametrize("shape", ["circle", "tile"])
 def test_gpu_flux_2k_fused_dq(shape):
     """The fused-dQ backward at a real size: many key blocks add into each query's dQ row."""
     check(1, 2, 128, (128, 128), 16, 512, shape, None, torch.bfloat16, seed=1, variant="fused_dq")
@@ -1213,14 +1147,6 @@ def test_gpu_more_dtypes_dims_and_small_tiles(case):
     """The interpreter's odd shapes, compiled for the GPU, plus fp32 / padded head dims / strides."""
     _, B, H, D, grid, window, text_len, shape, tile, dtype, layout = case
     check(B, H, D, grid, window, text_len, shape, tile, dtype, layout=layout, seed=11)
-
-
-@needs_cuda
-@pytest.mark.parametrize("case", GPU_MORE, ids=[c[0] for c in GPU_MORE])
-def test_gpu_more_stored_ds(case):
-    """The stored-dS backward on the same cases: fp32, head dims 40 to 80, strides, tables, 3D."""
-    _, B, H, D, grid, window, text_len, shape, tile, dtype, layout = case
-    check(B, H, D, grid, window, text_len, shape, tile, dtype, layout=layout, seed=12, variant="stored_ds")
 
 
 @needs_cuda

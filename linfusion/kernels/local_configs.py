@@ -41,27 +41,6 @@ def dq_ws_config() -> dict | None:
     return {"block_m": 128, "block_n": 64, "num_stages": 2, **_OVERRIDE["dq_ws"]}
 
 
-#: bytes of stored dS one ``backward="stored_ds"`` may hold at a time (``local_triton._stored_ds_groups``)
-STORED_DS_BUDGET = 4 << 30
-
-
-def stored_ds_budget() -> int:
-    """The stored-dS budget in bytes: ``STORED_DS_BUDGET`` unless overridden with
-    ``set_config_override("stored_ds", {"budget_bytes": ...})``."""
-    return int(_OVERRIDE.get("stored_ds", {}).get("budget_bytes", STORED_DS_BUDGET))
-
-
-def _dq_stored_config(dtype: torch.dtype, tile_block: int) -> dict:
-    """The dQ-from-stored-dS kernel (``local_triton._dq_stored_kernel``): one matmul per block pair,
-    bound by reading dS; K chunks by TMA where the launch allows it."""
-    if triton_interpreter_enabled():
-        return {"BM": tile_block, "BN": 128, "num_warps": 4, "num_stages": 1}
-    if dtype == torch.float32:
-        return {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2}
-    return {"BM": tile_block, "BN": 64, "num_warps": 8 if tile_block >= 128 else 4, "num_stages": 3,
-            "tma_loads": True}
-
-
 def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, head_dim: int | None = None,
                  circle_dot: bool = False, window_mask: bool = True) -> dict:
     """{"BM", "BN", "num_warps", "num_stages"} for kernel ``kind`` ("fwd", "dkdv", "dq", "dkdv_fused"),
@@ -99,8 +78,6 @@ def local_config(kind: str, dtype: torch.dtype, d_pad: int, tile_volume: int, he
         return {**cfg, **_OVERRIDE.get(kind, {})}
     interp = triton_interpreter_enabled()
     tile_block = max(16, min(128, _pow2(tile_volume)))
-    if kind == "dq_stored":
-        return {**_dq_stored_config(dtype, tile_block), **_OVERRIDE.get(kind, {})}
     if interp:
         # the interpreter's cost is per operation, not per element: large blocks (the caller
         # clamps them to the tile volume)

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreter_enabled
-from .local_configs import circle_tile, default_backward, dq_ws_config, local_config, stored_ds_budget
+from .local_configs import circle_tile, default_backward, dq_ws_config, local_config
 from .local_dkdv_hopper import launch_dkdv_ws, launch_dq_ws, ws_dkdv_unsupported
 from .local_layout import (
     MASK_NONE,
@@ -195,6 +195,16 @@ def _next_chunk(kc0, kc1, j, sc, lo1, lo2, nr1, nj, CPT: tl.constexpr):
 
 
 @triton.jit
+def _load_tokens(x_base, y_base, sxn, syn, pos, valid, offs_d, dmask):
+    """Two [len(pos), D_PAD] tiles of the tokens ``pos`` by per-token pointers (token strides sxn,
+    syn), zeros where not ``valid`` and in the padded head dims."""
+    mask = valid[:, None] & dmask[None, :]
+    x = tl.load(x_base + pos[:, None] * sxn + offs_d[None, :], mask=mask, other=0.0)
+    y = tl.load(y_base + pos[:, None] * syn + offs_d[None, :], mask=mask, other=0.0)
+    return x, y
+
+
+@triton.jit
 def _load_rows(X_ROWS, Y_ROWS, x_base, y_base, sxn, syn, b, h, start, pos, valid, offs_d, dmask,
                BLOCK: tl.constexpr, D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr):
     """Two [BLOCK, D_PAD] tiles (K and V, or Q and dO) of the contiguous tokens ``pos`` = start.. of
@@ -202,20 +212,12 @@ def _load_rows(X_ROWS, Y_ROWS, x_base, y_base, sxn, syn, b, h, start, pos, valid
     [1, 1, BLOCK, D_PAD]); rows past the valid ones arrive as other tokens (zeros past L), which the
     callers mask. Else per-token pointers from ``x_base``/``y_base`` (token strides sxn, syn), zeros
     where not ``valid``."""
-    x = _load_rows1(X_ROWS, x_base, sxn, b, h, start, pos, valid, offs_d, dmask, BLOCK, D_PAD, TMA_LOADS)
-    y = _load_rows1(Y_ROWS, y_base, syn, b, h, start, pos, valid, offs_d, dmask, BLOCK, D_PAD, TMA_LOADS)
-    return x, y
-
-
-@triton.jit
-def _load_rows1(X_ROWS, x_base, sxn, b, h, start, pos, valid, offs_d, dmask,
-                BLOCK: tl.constexpr, D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr):
-    """One tensor's tile of ``_load_rows``."""
     if TMA_LOADS:
         x = tl.reshape(X_ROWS.load([b, h, start, 0]), [BLOCK, D_PAD])
+        y = tl.reshape(Y_ROWS.load([b, h, start, 0]), [BLOCK, D_PAD])
     else:
-        x = tl.load(x_base + pos[:, None] * sxn + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
-    return x
+        x, y = _load_tokens(x_base, y_base, sxn, syn, pos, valid, offs_d, dmask)
+    return x, y
 
 
 @triton.jit
@@ -229,28 +231,18 @@ def _load_chunk(X_GRID, Y_GRID, x_base, y_base, sxn, syn, b, h, sc, kc0, kc1, kc
     zeros, which the callers mask. With TILE_ORDER (whole tiles only) the descriptors are the
     tile-ordered image [B, H, N0·N1, N2·TV, D], box [1, 1, 1, BLOCK, D_PAD]: the chunk is one run of
     its tile (``_load_descriptors``). Else per-token pointers, zeros where not ``valid``."""
-    x = _load_chunk1(X_GRID, x_base, sxn, b, h, sc, kc0, kc1, kc2, G1, pos, valid, offs_d, dmask,
-                     BLOCK, T0, T1, T2, D_PAD, TMA_LOADS, TILE_ORDER)
-    y = _load_chunk1(Y_GRID, y_base, syn, b, h, sc, kc0, kc1, kc2, G1, pos, valid, offs_d, dmask,
-                     BLOCK, T0, T1, T2, D_PAD, TMA_LOADS, TILE_ORDER)
-    return x, y
-
-
-@triton.jit
-def _load_chunk1(X_GRID, x_base, sxn, b, h, sc, kc0, kc1, kc2, G1, pos, valid, offs_d, dmask,
-                 BLOCK: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-                 D_PAD: tl.constexpr, TMA_LOADS: tl.constexpr, TILE_ORDER: tl.constexpr):
-    """One tensor's tile of ``_load_chunk``."""
     if TMA_LOADS and TILE_ORDER:
         col = kc2 * (T0 * T1 * T2) + sc * BLOCK
         x = tl.reshape(X_GRID.load([b, h, kc0 * (G1 // T1) + kc1, col, 0]), [BLOCK, D_PAD])
+        y = tl.reshape(Y_GRID.load([b, h, kc0 * (G1 // T1) + kc1, col, 0]), [BLOCK, D_PAD])
     elif TMA_LOADS:
         first = sc * BLOCK
         row = (kc0 * T0 + first // (T1 * T2)) * G1 + kc1 * T1 + (first // T2) % T1
         x = tl.reshape(X_GRID.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
+        y = tl.reshape(Y_GRID.load([b, h, row, kc2 * T2, 0]), [BLOCK, D_PAD])
     else:
-        x = tl.load(x_base + pos[:, None] * sxn + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
-    return x
+        x, y = _load_tokens(x_base, y_base, sxn, syn, pos, valid, offs_d, dmask)
+    return x, y
 
 
 @triton.jit
@@ -873,33 +865,9 @@ def _query_stats(LSE_ROWS, DELTA_ROWS, lse_row, delta_row, bh, first, cols, vali
     return lse, delta
 
 
-@triton.jit
-def _num_slots(R0, R1, R2):
-    """Key tiles in a window box: ``Π (2 R_d + 1)``, the stored dS blocks per query tile."""
-    return (2 * R0 + 1) * (2 * R1 + 1) * (2 * R2 + 1)
-
-
-@triton.jit
-def _ds_block(ds_bh, q_tile, d0, d1, d2, R0, R1, R2, TVP: tl.constexpr):
-    """Start of the stored [TVP, TVP] dSᵀ block of query tile ``q_tile`` (row-major tile numbering)
-    and the key tile at tile offset (d0, d1, d2) = key tile − query tile (``_StoredDS``)."""
-    slot = ((d0 + R0) * (2 * R1 + 1) + d1 + R1) * (2 * R2 + 1) + d2 + R2
-    return ds_bh + (q_tile.to(tl.int64) * _num_slots(R0, R1, R2) + slot) * (TVP * TVP)
-
-
-@triton.jit
-def _dense_ds_rows(kpos, TEXT, L):
-    """[len(kpos)] offsets, inside one (b, h) of the stored dense dSᵀ (``_StoredDS``), of the rows of
-    keys ``kpos`` (token positions): a text key's row holds every query (L columns), an image key's
-    the text queries (TEXT columns)."""
-    kpos = kpos.to(tl.int64)
-    return tl.where(kpos < TEXT, kpos * L, (kpos + L) * TEXT)  # (TEXT·L + kpos·TEXT)
-
-
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ROWS, DQ_GRID, TAB, Q_ROWS, DO_ROWS, Q_GRID, DO_GRID, LSE_ROWS, DELTA_ROWS,
-    DS_WIN, DS_DENSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     H, L, SL, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
     G0, G1, G2, N0, N1, N2, R0, R1, R2, CAP0, CAP1,
@@ -910,7 +878,6 @@ def _dkdv_kernel(
     UPCAST: tl.constexpr, WIN_STAGES: tl.constexpr, MASK_DOT: tl.constexpr,
     FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOADS: tl.constexpr, DPT_ORDER: tl.constexpr,
     DIV_CHUNKS: tl.constexpr, TTP: tl.constexpr, STATS_TMA: tl.constexpr, DENSE_WHOLE: tl.constexpr,
-    STORE_DS: tl.constexpr = False, TVP: tl.constexpr = 16,
 ):
     """One key block (BN text keys, or a slice of a key tile); loops over the query chunks (BM)
     that see it: text keys are seen by every query, image keys by the text queries and by the
@@ -938,10 +905,7 @@ def _dkdv_kernel(
     each as separate 4-byte ``cp.async`` copies with their 64-bit addresses, and spilled.
 
     WHOLE / DENSE_WHOLE: no window / dense chunk of the launch is partial (``_whole_chunks``,
-    ``_dense_whole``), so the loops compile without validity masks.
-
-    STORE_DS (``backward="stored_ds"``): also store every block pair's dSᵀ (the inputs' dtype) in
-    DS_WIN / DS_DENSE (``_StoredDS``), for ``_dq_stored_kernel`` to reduce without recomputing it."""
+    ``_dense_whole``), so the loops compile without validity masks."""
     pid = tl.program_id(0)
     offs_d = tl.arange(0, D_PAD)
     dmask = offs_d < HEAD_DIM
@@ -965,10 +929,6 @@ def _dkdv_kernel(
     rf = 0
     if MASK_DOT:
         rf = _row_features(kp0, kp1, kp2, c0, c1, c2, W0, W1, W2, WT, T0, T1, T2, IS_3D)
-    if STORE_DS:
-        ds_dense_rows = DS_DENSE + bh.to(tl.int64) * 2 * TEXT * L + _dense_ds_rows(kpos, TEXT, L)
-        ds_keys = ((tl.maximum(pid - n_text_progs, 0) % n_img_per_bh) % SUB) * BN + tl.arange(0, BN)  # in the tile
-        ds_bh = DS_WIN + bh.to(tl.int64) * (N0 * N1 * N2) * _num_slots(R0, R1, R2) * (TVP * TVP)
     # 1) dense queries: the text queries (image keys) or every query (text keys)
     for start in range(0, dense_end, BM):
         qpos = start + tl.arange(0, BM)
@@ -986,9 +946,6 @@ def _dkdv_kernel(
         dv, dpT = _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC, UPCAST, DPT_ORDER)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
-        if STORE_DS:
-            tl.store(ds_dense_rows[:, None] + qpos[None, :], dsT.to(DS_DENSE.dtype.element_ty),
-                     mask=kvalid[:, None] & qvalid[None, :])
         if FUSE_DQ:
             share = _dq_share(dsT, k, sm_scale, DOT_PREC, UPCAST)
             if DQ_TMA:
@@ -1020,10 +977,6 @@ def _dkdv_kernel(
         dv, dpT = _dv_and_dpT(pT, v, do, dv, dpT, DOT_PREC, UPCAST, DPT_ORDER)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_PREC, UPCAST)
-        if STORE_DS:  # rows: this block's keys in their tile; columns: the chunk's queries in theirs
-            blk = _ds_block(ds_bh, (qc0 * N1 + qc1) * N2 + qc2, c0 - qc0, c1 - qc1, c2 - qc2, R0, R1, R2, TVP)
-            tl.store(blk + ds_keys[:, None] * TVP + (sc * BM + tl.arange(0, BM))[None, :],
-                     dsT.to(DS_WIN.dtype.element_ty))
         if FUSE_DQ:
             share = _dq_share(dsT, k, sm_scale, DOT_PREC, UPCAST)
             if DQ_TMA:  # the chunk's first token: full tile rows, so the box starts at column qc2·T2
@@ -1132,65 +1085,6 @@ def _dq_kernel(
         kc0, kc1, kc2, sc = _next_chunk(kc0, kc1, kc2, sc, lo1, lo2, nr1, nj, CPT)
     tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qpos[:, None] * sgn + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qmask)
-
-
-# ----------------------------------------------------------------------------- stored dS
-
-
-@triton.jit(do_not_specialize=_NO_SPEC)
-def _dq_stored_kernel(
-    K, DS_WIN, DS_DENSE, DQ, K_ROWS, K_GRID,
-    skb, skh, skn, sgb, sgh, sgn,
-    H, L, TEXT, n_text_progs, NTB, n_img_per_bh, SUB,
-    G0, G1, G2, N0, N1, N2, R0, R1, R2, sm_scale,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, CPT: tl.constexpr, WHOLE: tl.constexpr,
-    TILE_ORDER: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA_LOADS: tl.constexpr,
-    TVP: tl.constexpr,
-):
-    """dQ of one query block (``_own_block``) from the dS the dK/dV kernel stored (STORE_DS):
-    ``dQ = scale · Σ dS K`` over the same keys as the dQ kernel's, one matmul per block pair instead
-    of three, reading dSᵀ blocks instead of recomputing P and dP. Entries of invalid keys or
-    queries (past a partial tile, or a text block's end) are never stored; the loads' masks give 0."""
-    pid = tl.program_id(0)
-    offs_d = tl.arange(0, D_PAD)
-    dmask = offs_d < HEAD_DIM
-    is_text, bh, c0, c1, c2, _, _, _, qpos, qvalid, dense_end = _own_block(
-        pid, n_text_progs, NTB, n_img_per_bh, SUB, N1, N2, G0, G1, G2, TEXT, L, BM, T0, T1, T2, TILE_ORDER)
-    b = bh // H
-    h = bh - b * H
-    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    dq = tl.zeros([BM, D_PAD], tl.float32)
-    # 1) dense keys: the text keys (image queries) or every key (text queries)
-    dense_bh = DS_DENSE + bh.to(tl.int64) * 2 * TEXT * L
-    for start in range(0, dense_end, BN):
-        kpos = start + tl.arange(0, BN)
-        kvalid = kpos < dense_end
-        k = _load_rows1(K_ROWS, k_base, skn, b, h, start, kpos, kvalid, offs_d, dmask, BN, D_PAD, TMA_LOADS)
-        dsT = tl.load(dense_bh + _dense_ds_rows(kpos, TEXT, L)[:, None] + qpos[None, :],
-                      mask=kvalid[:, None] & qvalid[None, :], other=0.0)
-        dq = _dot(tl.trans(dsT), k, dq, DOT_PREC, UPCAST)
-    # 2) the window: the stored blocks of this query tile, in the dQ kernel's key-tile order
-    lo0, lo1, lo2, nr1, nj, n_win = _window_setup(c0, c1, c2, R0, R1, R2, N0, N1, N2, CPT)
-    n_win = tl.where(is_text, 0, n_win)
-    rem = tl.maximum(pid - n_text_progs, 0) % n_img_per_bh
-    ds_bh = DS_WIN + bh.to(tl.int64) * (N0 * N1 * N2) * _num_slots(R0, R1, R2) * (TVP * TVP)
-    q_cols = (rem % SUB) * BM + tl.arange(0, BM)  # this block's queries in their tile
-    kc0, kc1, kc2, sc = lo0, lo1, lo2, lo0 * 0
-    for it in tl.range(0, n_win):
-        kpos, kvalid, _, _, _, _ = _chunk(kc0, kc1, kc2, sc, G0, G1, G2, TEXT, BN, T0, T1, T2, TILE_ORDER, WHOLE)
-        k = _load_chunk1(K_GRID, k_base, skn, b, h, sc, kc0, kc1, kc2, G1, kpos, kvalid, offs_d, dmask,
-                         BN, T0, T1, T2, D_PAD, TMA_LOADS, TILE_ORDER)
-        blk = _ds_block(ds_bh, rem // SUB, kc0 - c0, kc1 - c1, kc2 - c2, R0, R1, R2, TVP)
-        ptrs = blk + (sc * BN + tl.arange(0, BN))[:, None] * TVP + q_cols[None, :]
-        if WHOLE:
-            dsT = tl.load(ptrs)
-        else:
-            dsT = tl.load(ptrs, mask=kvalid[:, None] & qvalid[None, :], other=0.0)
-        dq = _dot(tl.trans(dsT), k, dq, DOT_PREC, UPCAST)
-        kc0, kc1, kc2, sc = _next_chunk(kc0, kc1, kc2, sc, lo1, lo2, nr1, nj, CPT)
-    tl.store(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + qpos[:, None] * sgn + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qvalid[:, None] & dmask[None, :])
 
 
 # ----------------------------------------------------------------------------- host side
@@ -1502,7 +1396,7 @@ def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block
 #: its dQ kernel is warp-specialised too) or "auto" (the default, chosen when the backward runs:
 #: "split_ws" where it can serve the call on a GPU, else ``local_configs.default_backward``, "split"
 #: since the H200 re-measured the fused one slower everywhere, 27th session).
-BACKWARDS = ("auto", "split", "fused_dq", "split_ws", "stored_ds")
+BACKWARDS = ("auto", "split", "fused_dq", "split_ws")
 
 
 def _program_counts(layout: LocalLayout, text_len: int, n_heads: int, block: int) -> tuple[int, int, int, int]:
@@ -1584,10 +1478,9 @@ def _launch_dq(setup: _BackwardSetup, q, k, v, o, do, lse, delta, dq, delta_here
     )
 
 
-def _launch_dkdv(setup: _BackwardSetup, q, k, v, do, lse, delta, dk, dv, dq_acc=None,
-                 stored: "_StoredDS | None" = None) -> None:
+def _launch_dkdv(setup: _BackwardSetup, q, k, v, do, lse, delta, dk, dv, dq_acc=None) -> None:
     """The dK/dV kernel; with ``dq_acc`` (the fused backward's fp32 [B·H, L, D_PAD] dQ accumulator,
-    zeroed) it adds dQ as it goes (FUSE_DQ); with ``stored`` it stores every dSᵀ block there (STORE_DS)."""
+    zeroed) it adds dQ as it goes (FUSE_DQ)."""
     B, H, L, D = q.shape
     layout, text_len = setup.layout, setup.text_len
     fused = dq_acc is not None
@@ -1601,7 +1494,6 @@ def _launch_dkdv(setup: _BackwardSetup, q, k, v, do, lse, delta, dk, dv, dq_acc=
     _dkdv_kernel[(n_text_progs + n_img * B * H,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc if fused else dk,  # (DQ: a placeholder when not fused)
         dq_rows, dq_grid, setup.table, *descriptors, *stats_rows,
-        *((stored.window, stored.dense) if stored is not None else (dk, dk)),
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk),
         H, L, setup.sl, text_len, n_text_progs, ntb_arg, n_img, sub,
         *_kernel_args(layout), setup.qk_scale, setup.sm_scale,
@@ -1609,91 +1501,8 @@ def _launch_dkdv(setup: _BackwardSetup, q, k, v, do, lse, delta, dk, dv, dq_acc=
         FUSE_DQ=fused, DQ_TMA=dq_tma, TMA_LOADS=tma_loads, DPT_ORDER=_dpt_order(cfg),
         DIV_CHUNKS=bool(cfg.get("div_chunks", False)), TTP=setup.ttp, STATS_TMA=stats_tma,
         DENSE_WHOLE=_dense_whole(text_len, L, BM) and bool(cfg.get("dense_whole", True)),
-        STORE_DS=stored is not None, TVP=_ds_side(layout),
         **_mask_flags(cfg, layout), **setup.constexprs,
     )
-
-
-def _ds_side(layout: LocalLayout) -> int:
-    """TVP: the side of a stored dSᵀ block (``_StoredDS``), the tile volume rounded up to a power of two
-    (at least 16): every kernel's blocks divide it (``_blocks`` caps them there)."""
-    return max(16, _pow2(layout.tile_volume))
-
-
-@dataclass(frozen=True)
-class _StoredDS:
-    """The dSᵀ buffers of ``backward="stored_ds"`` for ``heads`` (b, h) pairs, written by the dK/dV
-    kernel (STORE_DS) and reduced into dQ by ``_dq_stored_kernel``; the inputs' dtype (the dtype the
-    split kernels round dS to before their dots).
-
-    * ``window`` [heads, tiles, slots, TVP, TVP]: per query tile, one block per key tile of its
-      window box (slot: the key tile's offset + R, row-major over the box; ``_ds_block``); rows: the
-      key tile's tokens, columns: the query tile's, each in its tile's row-major order. Blocks of key
-      tiles outside the grid, and rows or columns past a tile's tokens, are never written nor read.
-    * ``dense`` [heads, 2 · TEXT · L]: every text key's row over all L queries, then each image key's
-      row over the TEXT text queries (``_dense_ds_rows``)."""
-
-    window: torch.Tensor
-    dense: torch.Tensor
-
-    @staticmethod
-    def bytes_per_head(layout: LocalLayout, text_len: int, L: int, dtype: torch.dtype) -> int:
-        slots = math.prod(2 * r + 1 for r in layout.radius)
-        elements = layout.num_tiles * slots * _ds_side(layout) ** 2 + 2 * text_len * L
-        return elements * torch.tensor([], dtype=dtype).element_size()
-
-    @staticmethod
-    def new(heads: int, layout: LocalLayout, text_len: int, L: int, dtype: torch.dtype, device) -> "_StoredDS":
-        slots = math.prod(2 * r + 1 for r in layout.radius)
-        tvp = _ds_side(layout)
-        window = _new((heads, layout.num_tiles, slots, tvp, tvp), dtype, device)
-        dense = _new((heads, max(1, 2 * text_len * L)), dtype, device)
-        return _StoredDS(window, dense)
-
-
-def _launch_dq_stored(setup: _BackwardSetup, k, stored: _StoredDS, dq) -> None:
-    """``_dq_stored_kernel``: dQ from the stored dSᵀ."""
-    B, H, L, D = k.shape
-    layout, text_len = setup.layout, setup.text_len
-    BM, BN, cfg = _blocks("dq_stored", k, setup.constexprs["D_PAD"], layout)
-    n_text_progs, ntb_arg, n_img, sub = _program_counts(layout, text_len, B * H, BM)
-    tma_loads, descriptors = _tma_loads(cfg, (k,), text_len, layout, BN, setup.tile_order)
-    descriptors = list(descriptors)[:2]  # K's rows and grid (or None placeholders)
-    c = setup.constexprs
-    _dq_stored_kernel[(n_text_progs + n_img * B * H,)](
-        k, stored.window, stored.dense, dq, *descriptors, *_strides(k), *_strides(dq),
-        H, L, text_len, n_text_progs, ntb_arg, n_img, sub, *_kernel_args(layout)[:9], setup.sm_scale,
-        HEAD_DIM=D, D_PAD=c["D_PAD"], BM=BM, BN=BN, **_tile_constexprs(layout, BN), TILE_ORDER=setup.tile_order,
-        DOT_PREC=c["DOT_PREC"], UPCAST=c["UPCAST"], TMA_LOADS=tma_loads, TVP=_ds_side(layout), **_launch_options(cfg),
-    )
-
-
-def _stored_ds_groups(B: int, H: int, per_head: int, budget: int):
-    """(b, h0, h1) slices of the inputs whose stored dS fits ``budget`` bytes at a time (at least one
-    head each): all at once where it fits, else head groups of one batch element, of equal sizes."""
-    if per_head * B * H <= budget:
-        return [(None, 0, H)]
-    groups = max(1, -(-H // max(1, budget // per_head)))
-    size = -(-H // groups)
-    return [(b, h0, min(H, h0 + size)) for b in range(B) for h0 in range(0, H, size)]
-
-
-def _backward_stored_ds(setup: _BackwardSetup, do, q, k, v, o, lse, delta, dq, dk, dv) -> None:
-    """``backward="stored_ds"``: Δ first (``_delta_kernel``), then per group of heads
-    (``_stored_ds_groups``, within ``local_configs.stored_ds_budget``) the dK/dV kernel storing dSᵀ and
-    ``_dq_stored_kernel`` reducing it: 5 block products per block pair, against the split backward's 7,
-    for the traffic of writing and reading dS once (``_StoredDS``)."""
-    B, H, L, _ = q.shape
-    _launch_delta(setup, o, do, delta, tile_copy=True)
-    per_head = _StoredDS.bytes_per_head(setup.layout, setup.text_len, L, q.dtype)
-    groups = _stored_ds_groups(B, H, per_head, stored_ds_budget())
-    heads = max((h1 - h0) * (B if b is None else 1) for b, h0, h1 in groups)
-    stored = _StoredDS.new(heads, setup.layout, setup.text_len, L, q.dtype, q.device)
-    for b, h0, h1 in groups:
-        part = (slice(None) if b is None else slice(b, b + 1), slice(h0, h1))
-        _launch_dkdv(setup, q[part], k[part], v[part], do[part], lse[part], delta[part], dk[part], dv[part],
-                     stored=stored)
-        _launch_dq_stored(setup, k[part], stored, dq[part])
 
 
 def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_order: bool, backward: str = "split"):
@@ -1726,8 +1535,6 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
                            setup.sm_scale)
         else:
             _launch_dkdv(setup, q, k, v, do, lse, delta, dk, dv)
-    elif backward == "stored_ds":
-        _backward_stored_ds(setup, do, q, k, v, o, lse, delta, dq, dk, dv)
     elif backward == "fused_dq":
         _launch_delta(setup, o, do, delta, tile_copy=True)
         dq_acc = torch.zeros((B * H, L, setup.constexprs["D_PAD"]), dtype=torch.float32, device=q.device)
