@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -54,12 +55,18 @@ def build_sdxl(device: torch.device, dtype: torch.dtype):
                                 pad_token_id=tokenizer.pad_token_id)
         return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
-    pipe.register_modules(
-        unet=build_model("sdxl", False, device, dtype),
-        vae=AutoencoderKL(**SDXL_VAE).eval(),
-        text_encoder=clip(pipe.tokenizer, 768),
-        text_encoder_2=clip(pipe.tokenizer_2, 1280, projection=1280),
-    )
+    # a new pipeline from the components, not register_modules on the tiny one: the constructor
+    # derives vae_scale_factor (8 here, 2 for the tiny VAE) and the image processors from the VAE.
+    # (Until the 30th session the 16K run swapped the VAE in, so its base pass ran 4× too large per
+    # side: linfusion.generation.check_vae_factor now refuses such a pipeline.)
+    pipe = type(pipe)(**{
+        **pipe.components,
+        "unet": build_model("sdxl", False, device, dtype),
+        "vae": AutoencoderKL(**SDXL_VAE).eval(),
+        "text_encoder": clip(pipe.tokenizer, 768),
+        "text_encoder_2": clip(pipe.tokenizer_2, 1280, projection=1280),
+    })
+    assert pipe.vae_scale_factor == 8, pipe.vae_scale_factor
     return pipe.to(device=device, dtype=dtype)
 
 
@@ -105,6 +112,7 @@ def main(argv=None, log=print) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     step_seconds: dict[str, float] = {}  # denoising time per pass, keyed by latent size
+    step_times: dict[str, list[float]] = {}  # each step's time per pass
     last = [time.perf_counter()]
 
     def on_step_end(_pipe, _index, _timestep, callback_kwargs):
@@ -113,6 +121,7 @@ def main(argv=None, log=print) -> int:
         now = time.perf_counter()
         key = "x".join(str(pipe.vae_scale_factor * n) for n in callback_kwargs["latents"].shape[-2:])
         step_seconds[key] = round(step_seconds.get(key, 0.0) + now - last[0], 2)
+        step_times.setdefault(key, []).append(round(now - last[0], 3))
         last[0] = now
         return callback_kwargs
 
@@ -138,6 +147,12 @@ def main(argv=None, log=print) -> int:
         # time from the previous step's end (or the start) to each step's end, summed per pass: a
         # pass's first step also carries the upscale + VAE encode before it; the final decode is not in any
         "pass_seconds": step_seconds,
+        # a pass's first step minus the median of its others: the upscale (and VAE decode + encode in pixel
+        # space) before the pass; after the last step: the final decode
+        "between_passes_s": {key: round(times[0] - statistics.median(times[1:]), 2) if len(times) > 1 else None
+                             for key, times in step_times.items()},
+        "final_decode_s": round(total - sum(sum(times) for times in step_times.values()), 2),
+        "step_times": step_times,
         "build_s": round(build_s, 2),
         "peak_gb": round(peak, 2),
     }

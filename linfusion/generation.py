@@ -110,10 +110,32 @@ def native_size(pipe) -> tuple[int, int]:
     return int(sample) * factor, int(sample) * factor
 
 
+def check_vae_factor(pipe) -> None:
+    """Raise ``ValueError`` when the pipeline's VAE factor is not its VAE's: diffusers computes
+    ``vae_scale_factor`` once, in the pipeline's constructor, so a VAE swapped in afterwards
+    (``register_modules(vae=...)``) leaves latents sized for the old one (a 2× VAE's factor with an
+    8× VAE makes every pass 4× too large per side). VAEs whose config has no ``block_out_channels``
+    (Wan's) are not checked."""
+    vae = getattr(pipe, "vae", None)
+    channels = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    if not channels:
+        return
+    expected, have = 2 ** (len(channels) - 1), _vae_factor(pipe)
+    if have != expected:
+        raise ValueError(
+            f"{type(pipe).__name__}'s vae_scale_factor is {have}, but its VAE ({type(vae).__name__}, "
+            f"{len(channels)} blocks) scales by {expected}: the VAE was swapped after the pipeline was built, "
+            f"and diffusers would size the latents for the old one. Build the pipeline with this VAE, e.g. "
+            f"{type(pipe).__name__}(**{{**pipe.components, 'vae': vae}})"
+        )
+
+
 def check_resolution(pipe, height: int, width: int) -> None:
-    """Raise ``ValueError`` naming what is supported when a pipeline cannot serve height×width."""
+    """Raise ``ValueError`` naming what is supported when a pipeline cannot serve height×width (or its
+    VAE factor is stale: :func:`check_vae_factor`)."""
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got {height}x{width}")
+    check_vae_factor(pipe)
     multiple = resolution_multiple(pipe)
     if height % multiple or width % multiple:
         def near(x: int) -> int:

@@ -53,3 +53,26 @@ def test_demo_presets_stop_at_the_model_side_cap():
     presets = DemoEngine(pipe, model_name="tiny-sd3", max_pixels=10**9).presets()
     sides = [max(size) for _, size in presets]
     assert sides[0] == 32 and max(sides) == max_side(pipe)  # native 32 px up to the 64 px cap, nothing above
+
+
+def test_a_vae_swapped_after_construction_is_refused():
+    """diffusers computes vae_scale_factor in the constructor: a VAE registered afterwards leaves the
+    old factor (here 2 with an 8× VAE: every latent 4× too large per side, as the 16K benchmark's base
+    pass ran before the 30th session). check_resolution, and so generate_highres, name it; a pipeline
+    built with the new VAE passes."""
+    from diffusers import AutoencoderKL
+
+    from linfusion.pipelines.highres import generate_highres
+
+    pipe = build_tiny_pipeline("sdxl")
+    config = {k: v for k, v in pipe.vae.config.items() if not k.startswith("_")}
+    vae = AutoencoderKL(**{**config, "block_out_channels": (8, 16, 16, 16),
+                           "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4})
+    check_resolution(pipe, 64, 64)
+    pipe.register_modules(vae=vae)
+    for refuse in (lambda: check_resolution(pipe, 64, 64),
+                   lambda: generate_highres(pipe, "a fox", 128, 128, base_height=64, base_width=64, steps=1)):
+        with pytest.raises(ValueError, match="vae_scale_factor is 2, but its VAE .* scales by 8"):
+            refuse()
+    rebuilt = type(pipe)(**{**pipe.components, "vae": vae})
+    check_resolution(rebuilt, 64, 64)
