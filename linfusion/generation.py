@@ -20,6 +20,7 @@ from PIL import Image
 
 from .hub import looks_like_local_path
 from .patch import denoisers, is_patched, patch_pipeline, unpatch_pipeline
+from .pipelines.vae_tiling import vae_scale_factor
 
 VIDEO_PIPELINES = ("WanPipeline", "CogVideoXPipeline")
 
@@ -120,7 +121,7 @@ def check_vae_factor(pipe) -> None:
     channels = getattr(getattr(vae, "config", None), "block_out_channels", None)
     if not channels:
         return
-    expected, have = 2 ** (len(channels) - 1), _vae_factor(pipe)
+    expected, have = vae_scale_factor(vae), _vae_factor(pipe)
     if have != expected:
         raise ValueError(
             f"{type(pipe).__name__}'s vae_scale_factor is {have}, but its VAE ({type(vae).__name__}, "
