@@ -28,6 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import environment  # noqa: E402
 
 SDXL_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, scaling_factor=0.13025, force_upcast=False,
@@ -138,7 +140,7 @@ def main(argv=None, log=print) -> int:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     image = out.images
     result = {
-        "env": {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__},
+        "env": environment(),
         "config": {k: v for k, v in vars(args).items()},
         "sizes": out.sizes,
         "image_shape": list(image.shape),
