@@ -14,7 +14,7 @@ from typing import Any, Union
 METHODS = ("linear", "local")
 FEATURE_MAPS = ("elu1", "relu", "hedgehog")
 WINDOW_SHAPES = ("circle", "tile")
-BACKENDS = (None, "triton", "torch")
+BACKENDS = (None, "triton", "torch", "fa4")
 #: Bumped when the adapter file layout changes incompatibly.
 ADAPTER_FORMAT_VERSION = 1
 
@@ -44,7 +44,8 @@ class PatchConfig:
             Stored in adapters; pass ``dense_fallback=False`` to force the replacement everywhere.
         gate: add a learnable score r per layer: ``r·softmax + (1-r)·new``; r starts
             at 1 (pure softmax). Used by selective layer transfer.
-        backend: None (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+        backend: None (Triton on CUDA, PyTorch elsewhere), "triton", "torch", or "fa4" (local tile
+            windows through FlashAttention-4 on Hopper/Blackwell, opt-in: ``kernels.local_fa4``).
 
     ``linear``:
         feature_map: "elu1" (LinFusion), "relu" (SANA/LiT) or "hedgehog" (learnable softmax map).
@@ -96,6 +97,9 @@ class PatchConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "fa4" and self.method != "local":
+            raise ValueError('backend="fa4" (FlashAttention-4 block-sparse kernels) serves method="local" with '
+                             f'shape="tile" only, got method={self.method!r}; use None, "triton" or "torch"')
         if isinstance(self.layers, str):
             if self.layers not in ("auto", "all"):
                 raise ValueError(f"layers must be 'auto', 'all', a list of names or a predicate, got {self.layers!r}")
@@ -129,6 +133,8 @@ class PatchConfig:
             raise ValueError(f"temporal_window must be > 0, got {self.temporal_window}")
         if self.shape not in WINDOW_SHAPES:
             raise ValueError(f"shape must be one of {WINDOW_SHAPES}, got {self.shape!r}")
+        if self.backend == "fa4" and self.shape != "tile":
+            raise ValueError(f'backend="fa4" serves tile windows only (shape="tile"), got shape={self.shape!r}')
         if self.tile is not None:
             self.tile = tuple(int(t) for t in self.tile)
             if any(t <= 0 for t in self.tile):

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
                         help="zero-shot --method local: radius in latent tokens (default 16)")
     parser.add_argument("--shape", choices=["circle", "tile"], default=None,
                         help="zero-shot --method local: window shape (default circle)")
-    parser.add_argument("--backend", choices=["triton", "torch"], default=None, help="kernel backend")
+    parser.add_argument("--backend", choices=["triton", "torch", "fa4"], default=None, help="kernel backend (fa4: local tile windows, FlashAttention-4)")
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")

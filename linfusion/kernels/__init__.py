@@ -136,11 +136,17 @@ def local_attention(
         tile: tile size per dimension (default (8, 16) in 2D, (2, 8, 8) in 3D). It defines a tile
             window; for a circle it is only the kernel's unit of work (the window is exact), and the
             Triton kernel picks its own when none is given (``local_configs.circle_tile``).
-        backend: None, "triton" or "torch".
+        backend: None, "triton", "torch" or "fa4". "fa4" (opt-in, ``pip install flash-attn-4``) runs
+            tile windows of 128-token tiles through FlashAttention-4's block-sparse kernels on
+            Hopper/Blackwell GPUs (``local_fa4``) and raises, naming the reason, for anything else.
 
     Returns:
         (B, H, L, D) in q's dtype.
     """
+    if backend == "fa4":
+        from .local_fa4 import local_attention_fa4
+
+        return local_attention_fa4(q, k, v, grid, window, text_len, shape, tile)
     if choose_backend("local", q, backend) == "triton":
         from .local_triton import _check_inputs, local_attention_triton
 

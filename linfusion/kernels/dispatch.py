@@ -47,7 +47,8 @@ def choose_backend(op: str, tensor: torch.Tensor, backend: str | None) -> str:
     choice that cannot run raises ``RuntimeError`` saying why.
     """
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+        extra = ' ("fa4" serves local attention only)' if backend == "fa4" else ""
+        raise ValueError(f"backend must be None or one of {BACKENDS} for {op} attention{extra}, got {backend!r}")
     if backend == "torch":
         return "torch"
     reason = why_triton_cannot_run(tensor)
@@ -72,4 +73,8 @@ def available_backends() -> dict[str, str]:
         triton_state = "available on CPU through TRITON_INTERPRET=1 (slow, for tests)"
     else:
         triton_state = "installed, but no CUDA device (set TRITON_INTERPRET=1 to run it on CPU)"
-    return {"torch": "available (reference, any device)", "triton": triton_state}
+    from .local_fa4 import fa4_is_installed
+
+    fa4_state = ("installed (local attention, tile windows of 128-token tiles, Hopper/Blackwell; opt-in: "
+                 'backend="fa4")' if fa4_is_installed() else "not installed (optional: pip install flash-attn-4)")
+    return {"torch": "available (reference, any device)", "triton": triton_state, "fa4": fa4_state}

@@ -62,7 +62,7 @@ class LocalAttention(AttentionMethod):
         shape: "circle" or "tile".
         tile: tile size per dimension for "tile" (None: the kernel's default).
         global_pool: pooling factor of the global K/V branch, or None.
-        backend: kernel backend (None, "triton", "torch").
+        backend: kernel backend (None, "triton", "torch", "fa4").
     """
 
     name = "local"
