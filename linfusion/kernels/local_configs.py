@@ -298,7 +298,8 @@ def circle_tile(ndim: int, dtype: torch.dtype, head_dim: int) -> tuple[int, ...]
 
 def default_backward(shape: str, dtype: torch.dtype, head_dim: int, tile_volume: int) -> str:
     """The backward variant ``backward="auto"`` starts from (see ``local_triton.BACKWARDS``;
-    ``local_triton._auto_backward`` then takes "split_ws" where that kernel can serve the call).
+    ``local_triton._auto_backward`` took "split_ws" where that kernel could serve the call from the
+    27th to the 32nd session, when it was found to leave a dK/dV block non-finite now and then).
 
     "split" everywhere since the 27th session (benchmarks/results/fused_27th.json,
     auto_circle_27th.json, H200, bf16, same calls): the split backward's dK/dV and dQ kernels gained
