@@ -1,7 +1,7 @@
 """Does a backward variant leave gradient elements non-finite or unwritten, now and then?
 
 FLUX tile windows (8×16 tiles, ±2 × ±1 tiles, 512 text tokens, bf16, tile order) at 2K, 4K and 8K:
-the ``split_ws`` and ``split`` backwards, repeated on one graph, with every bf16 output buffer of
+the ``split_ws`` backward (with and without ``local_dkdv_hopper.SYNC_DESCRIPTORS``) and ``split``, repeated on one graph, with every bf16 output buffer of
 the Triton local kernel poisoned (777.0) before the kernels write it. Counts, per variant, runs with
 non-finite values, runs with poison left, and runs that differ from the first (both variants are
 deterministic). Writes ``$OUT/ws_stress_32nd.json``. On the H200: ``python benchmarks/ws_stress.py``
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from linfusion.kernels import local_triton
+from linfusion.kernels import local_dkdv_hopper, local_triton
 from linfusion.kernels.local_triton import local_attention_tiled
 SENT = 777.0
 
@@ -35,7 +35,9 @@ def rnd(L, s):
 for name, grid, reps in (("flux-2k", (128, 128), 500), ("flux-4k", (256, 256), 300), ("flux-8k", (512, 512), 100)):
     L = TEXT + grid[0] * grid[1]
     q, k, v, do = (rnd(L, s) for s in range(4))
-    for variant in ("split_ws", "split"):
+    for label, variant, sync in (("split_ws", "split_ws", False), ("split_ws+barrier", "split_ws", True),
+                                 ("split", "split", False)):
+        local_dkdv_hopper.SYNC_DESCRIPTORS = sync
         inp = [t.detach().requires_grad_() for t in (q, k, v)]
         o = local_attention_tiled(*inp, grid, 16, TEXT, "tile", TILE, backward=variant)
         first = None
@@ -60,8 +62,8 @@ for name, grid, reps in (("flux-2k", (128, 128), 500), ("flux-4k", (256, 256), 3
             del g
             if time.time() - T0 > float(os.environ.get("STRESS_DEADLINE", 400)):
                 break
-        res[f"{name}/{variant}"] = stats
-        print(name, variant, json.dumps(stats)[:600], f"{time.time()-T0:.0f}s", flush=True)
+        res[f"{name}/{label}"] = stats
+        print(name, label, json.dumps(stats)[:600], f"{time.time()-T0:.0f}s", flush=True)
         del o, inp, first
         torch.cuda.empty_cache()
 open(os.path.join(os.environ.get("OUT", "/tmp"), "ws_stress_32nd.json"), "w").write(json.dumps(res, indent=1))
