@@ -2,7 +2,8 @@
 
 Cases flux-2k/4k/8k (1×24 heads×(512 + (res/16)²)×128, bf16, tile window 8×16 tiles ±2 rows ×
 ±1 column, tokens in tile order, heads-interleaved memory): forward and backward of
-``local_attention_tiled`` (Triton, ``split_ws`` backward) and of ``local_attention_fa4`` (FA4
+``local_attention_tiled`` (Triton, the library's default split backward; the 32nd session's
+first run used ``split_ws``, refused on GPUs since) and of ``local_attention_fa4`` (FA4
 through ``linfusion.kernels.local_fa4``), in interleaved rounds; relative errors of both against
 float32 on two heads; and dense context at L = 16,384: FA4 and cuDNN, forward and backward.
 
@@ -48,7 +49,7 @@ def local_case(name: str, grid, res: dict) -> dict:
     L = TEXT + grid[0] * grid[1]
     q, k, v, do = (_randn(L, s) for s in range(4))
     impls = {
-        "triton": lambda *t: local_attention_tiled(*t, grid, WINDOW, TEXT, "tile", TILE, backward="split_ws"),
+        "triton": lambda *t: local_attention_tiled(*t, grid, WINDOW, TEXT, "tile", TILE),
         "fa4": lambda *t: local_attention_fa4(*t, grid, WINDOW, TEXT, "tile", TILE, tile_order=True),
     }
     fns, results = {}, {}

@@ -13,6 +13,9 @@ import time
 
 import torch
 
+# this script times or probes backward="split_ws", which the library refuses on GPUs (32nd session)
+os.environ.setdefault("LINFUSION_UNSAFE_SPLIT_WS", "1")
+
 from linfusion.kernels import local_dkdv_hopper, local_triton
 from linfusion.kernels.local_triton import local_attention_tiled
 SENT = 777.0

@@ -54,7 +54,7 @@ Design (sliding-tile style, STA / NATTEN-Hopper):
 from __future__ import annotations
 
 import math
-import warnings
+import os
 from dataclasses import dataclass
 
 import torch
@@ -1581,16 +1581,19 @@ def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto
     return layout, backward
 
 
-_WS_WARNED = False
+#: set to "1" to run backward="split_ws" on a GPU anyway (to investigate it): refused otherwise
+UNSAFE_SPLIT_WS_ENV = "LINFUSION_UNSAFE_SPLIT_WS"
 
 
 def _require_ws(q, tensors, layout: LocalLayout, text_len: int, tile_order: bool) -> None:
-    global _WS_WARNED
-    if q.device.type == "cuda" and not _WS_WARNED:
-        _WS_WARNED = True
-        warnings.warn('backward="split_ws" is experimental: on the H200 it intermittently left one 128-key '
-                      'block of dK/dV non-finite (32nd session); backward="auto" / "split" do not use it',
-                      RuntimeWarning, stacklevel=3)
+    if q.device.type == "cuda" and os.environ.get(UNSAFE_SPLIT_WS_ENV) != "1":
+        raise RuntimeError(
+            'backward="split_ws" is refused on GPUs: on the H200 its warp-specialised kernels (Triton 3.6\'s '
+            "automatic warp specialisation) left 128-key blocks of dK/dV non-finite in 7% (FLUX 2K), 31% (4K) "
+            "and 58% (8K) of backward calls (32nd session, benchmarks/results/ws_stress_32nd.json; the split "
+            'backward: none in 900). Use backward="auto" or "split"; set '
+            f"{UNSAFE_SPLIT_WS_ENV}=1 only to investigate the kernel."
+        )
     why = ws_dkdv_unsupported(q, tensors, layout, text_len, tile_order)
     if why is not None:
         raise ValueError(f'backward="split_ws" cannot serve this call: {why}. It needs a tile window on '
