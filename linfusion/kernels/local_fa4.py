@@ -94,10 +94,11 @@ def tile_window_blocks(grid: Sequence[int], tile: Sequence[int], tile_radius: Se
 def _block_lists(blocks: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts (1, 1, rows) and ascending column indices (1, 1, rows, max count), int32, of a bool matrix."""
     counts = blocks.sum(1)
-    width = int(counts.max())
-    order = torch.argsort((~blocks).to(torch.int8), dim=1, stable=True)[:, :width]  # True columns first, ascending
-    order = torch.where(torch.arange(width)[None, :] < counts[:, None], order, 0)
-    return counts.to(torch.int32)[None, None].to(device), order.to(torch.int32)[None, None].to(device)
+    rows, cols = blocks.nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    starts = torch.cumsum(counts, 0) - counts
+    index = torch.zeros(blocks.shape[0], int(counts.max()), dtype=torch.int32)
+    index[rows, torch.arange(len(rows)) - starts[rows]] = cols.to(torch.int32)
+    return counts.to(torch.int32)[None, None].to(device), index[None, None].to(device)
 
 
 @functools.lru_cache(maxsize=16)
