@@ -30,7 +30,7 @@ for name, (B, H, D, grid, window, text) in CASES.items():
     q, k, v, do = (torch.randn(B, H, L, D, generator=gen, device="cuda").bfloat16() for _ in range(4))
     layout = lt._prepare(q, k, v, grid, window, text, "circle", None)[0]
     o, lse = lt._forward(q, k, v, layout, text, False)
-    auto = lt._auto_backward(q, (k, v, do), layout, text, False)
+    auto = lt._auto_backward(q, layout)
     base = lt._backward(do, q, k, v, o, lse, layout, text, False, "split")
     rec = {"case": name, "tile": list(layout.tile), "auto": auto, "ms": {}, "rounds": {}}
     fns = {"fwd": lambda: lt._forward(q, k, v, layout, text, False),

@@ -96,7 +96,7 @@ def main(argv=None) -> None:
 
         base = lt._prepare(q, k, v, grid, window, text, "circle", tiles[0])[0]
         o_ref, lse_ref = forward(base)
-        g_ref = lt._backward(do, q, k, v, o_ref, lse_ref, base, text, False, lt._auto_backward(q, (k, v, do), base, text, False))
+        g_ref = lt._backward(do, q, k, v, o_ref, lse_ref, base, text, False, lt._auto_backward(q, base))
         for tile in tiles:
             layout = lt._prepare(q, k, v, grid, window, text, "circle", tile)[0]
             for cfg in FWD_CONFIGS:

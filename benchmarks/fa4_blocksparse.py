@@ -76,8 +76,8 @@ def pairs(grid) -> int:
     from linfusion.kernels.local_fa4 import tile_window_blocks
     from linfusion.kernels.local_layout import get_layout
 
-    radius = get_layout(grid, WINDOW, "tile", TILE).radius
-    return int(tile_window_blocks(grid, TILE, radius, TEXT).sum()) * 128 * 128
+    layout = get_layout(grid, WINDOW, "tile", TILE)
+    return int(tile_window_blocks(layout.n_tiles, layout.radius, TEXT).sum()) * 128 * 128
 
 
 def fp32_check(grid, q, k, v, do, results) -> dict:

@@ -48,7 +48,8 @@ def _tile_order_mask(grid, window, text_len, tile) -> torch.Tensor:
     ],
 )
 def test_block_lists_equal_reference_mask(grid, tile, window, text_len):
-    blocks = tile_window_blocks(grid, tile, get_layout(grid, window, "tile", tile).radius, text_len)
+    layout = get_layout(grid, window, "tile", tile)
+    blocks = tile_window_blocks(layout.n_tiles, layout.radius, text_len)
     tokens = blocks.repeat_interleave(128, 0).repeat_interleave(128, 1)
     ref = _tile_order_mask(grid, window, text_len, tile)
     assert tokens.shape == ref.shape

@@ -48,9 +48,6 @@ BN = 128  # keys per program: one tile; the two consumer warpgroups take 64 each
 BM = 64  # query rows per chunk (the dense probe's fastest, benchmarks/ws_probe.py)
 HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-# a CTA barrier between building the on-device descriptors and the warp-specialised loop: the 32nd
-# session's candidate fix for dK/dV blocks left non-finite now and then (benchmarks/ws_stress.py)
-SYNC_DESCRIPTORS = False
 
 
 @triton.jit
@@ -99,7 +96,6 @@ def _dkdv_ws_kernel(
     H, L, SL, TEXT, n_text_progs, NTB, n_tiles,
     N0, N1, N2, R0, R1, R2, qk_scale, sm_scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TV: tl.constexpr, WS: tl.constexpr, UPCAST: tl.constexpr,
-    SYNC: tl.constexpr,
 ):
     """dK, dV of one block of BN keys of one (batch, head): programs ``[0, n_text_progs)`` own BN
     text keys (NTB such blocks per head), the others one image tile. Inputs (B, H, L, D) by
@@ -123,8 +119,6 @@ def _dkdv_ws_kernel(
     v_d = tl.make_tensor_descriptor(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh, [L, D], [svn, 1], [BN, D])
     lse_d = tl.make_tensor_descriptor(LSE + bh.to(tl.int64) * SL, [L], [1], [BM])
     delta_d = tl.make_tensor_descriptor(DELTA + bh.to(tl.int64) * SL, [L], [1], [BM])
-    if SYNC:  # every warp past the descriptors' writes before any (the producer warp's) uses them
-        tl.debug_barrier()
     k = k_d.load([key_row, 0])
     v = v_d.load([key_row, 0])
     dk = tl.zeros([BN, D], dtype=tl.float32)
@@ -153,7 +147,6 @@ def _dq_ws_kernel(
     H, L, SL, TEXT, n_text_progs, NTQ, n_tiles,
     N0, N1, N2, R0, R1, R2, qk_scale, sm_scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TV: tl.constexpr, WS: tl.constexpr, UPCAST: tl.constexpr,
-    SYNC: tl.constexpr,
 ):
     """dQ of one block of BM queries of one (batch, head). Programs ``[0, n_text_progs)`` own BM
     text queries (NTQ such blocks per head) and loop over every key, BN at a time; the others one BM-row slice of an image tile, and loop over the text
@@ -177,8 +170,6 @@ def _dq_ws_kernel(
     do_d = tl.make_tensor_descriptor(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, [L, D], [sdn, 1], [BM, D])
     k_d = tl.make_tensor_descriptor(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh, [L, D], [skn, 1], [BN, D])
     v_d = tl.make_tensor_descriptor(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh, [L, D], [svn, 1], [BN, D])
-    if SYNC:
-        tl.debug_barrier()
     q = q_d.load([q_row, 0])
     do = do_d.load([q_row, 0])
     # LSE and Δ by descriptors too: with pointer loads, or Δ = rowsum(dO ∘ O) reduced here, Triton
@@ -258,8 +249,7 @@ def _launch_ws(kernel, pointers, strided, layout, text_len: int, sl: int, qk_sca
             *pointers, *strides,
             H, L, sl, text_len, n_text_progs, max(n_text_blocks, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
             D=D, BM=block_m, BN=block_n, TV=layout.tile_volume, WS=q.device.type == "cuda",
-            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, SYNC=SYNC_DESCRIPTORS,
-            num_warps=4, num_stages=num_stages,
+            UPCAST=q.device.type != "cuda" and q.dtype == torch.bfloat16, num_warps=4, num_stages=num_stages,
         )
 
 

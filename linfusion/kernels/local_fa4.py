@@ -8,9 +8,9 @@ its own tile), so no element mask is needed. This module builds those lists arit
 layout (cached per resolution) and hands them to FA4; our Triton kernel (``local_triton``) stays the
 default and serves every other case (circles, partial edge tiles, other tile sizes, CPU).
 
-Measured on an H200 (``benchmarks/results/fa4_blocksparse_32nd.json``, flux-4k, tile window 8×16,
-±2 × ±1 tiles, 512 text tokens, bf16): FA4 forward 4.18 ms / backward 11.56 ms against the Triton
-kernel's 4.49 / 13.51 ms, the same gradients to bf16 rounding.
+Measured on an H200 (``benchmarks/results/fa4_blocksparse_split_32nd.json``, flux-4k, tile window
+8×16, ±2 × ±1 tiles, 512 text tokens, bf16, same run): FA4 forward 4.31 ms / backward 11.46 ms
+against the Triton kernel's 4.41 / 14.39 ms (split backward), the same gradients to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .local_layout import get_layout, to_tile_order, from_tile_order, tile_order_index
+from .local_layout import from_tile_order, get_layout, to_tile_order
 from .local_reference import validate_local_args
 
 BLOCK = 128  # FA4's sparse block (query and key) on Hopper; one tile of tokens
@@ -65,28 +65,19 @@ def why_fa4_cannot_serve(q: torch.Tensor, grid: Sequence[int], tile: Sequence[in
     return None
 
 
-def tile_window_blocks(grid: Sequence[int], tile: Sequence[int], tile_radius: Sequence[int],
-                       text_len: int) -> torch.Tensor:
-    """(nb, nb) bool, nb = (text_len + prod(grid)) / 128: which 128-token key blocks each query block
-    sees, tokens in tile order (text blocks first). Text blocks see and are seen by every block; an
-    image block (one tile) sees the tiles within ``tile_radius`` tiles along every dimension."""
-    grid, tile = tuple(grid), tuple(tile)
-    n = math.prod(grid)
-    slot = tile_order_index(grid, tile)  # row-major token -> tile-order slot
-    token_of_slot = torch.empty_like(slot)
-    token_of_slot[slot] = torch.arange(n)
-    first = token_of_slot[::BLOCK]  # row-major index of each tile's first token
-    coords, rest = [], first
-    for size in reversed(grid):  # row-major index -> per-dimension coordinates, last dim first
-        coords.append(rest % size)
-        rest = rest // size
-    tile_coords = [c // t for c, t in zip(reversed(coords), tile)]
-    radius = tuple(tile_radius)[-len(grid):]
-    sees = torch.ones(len(first), len(first), dtype=torch.bool)
-    for c, r in zip(tile_coords, radius):
+def tile_window_blocks(n_tiles: Sequence[int], tile_radius: Sequence[int], text_len: int) -> torch.Tensor:
+    """(nb, nb) bool, nb = text_len / 128 + tiles: which 128-token key blocks each query block sees,
+    tokens in tile order (text blocks first), for a layout's ``n_tiles`` and ``radius`` (3D, a 2D
+    grid has one plane). With whole tiles, tile order numbers the tiles row-major over ``n_tiles``
+    (``local_layout.tile_order_index``). Text blocks see and are seen by every block; a tile sees the
+    tiles within ``tile_radius`` tiles along every dimension."""
+    n0, n1, n2 = n_tiles
+    tiles = torch.arange(n0 * n1 * n2)
+    sees = torch.ones(len(tiles), len(tiles), dtype=torch.bool)
+    for c, r in zip((tiles // (n1 * n2), (tiles // n2) % n1, tiles % n2), tile_radius):
         sees &= (c[:, None] - c[None, :]).abs() <= r
     nt = text_len // BLOCK
-    blocks = torch.ones(nt + len(first), nt + len(first), dtype=torch.bool)
+    blocks = torch.ones(nt + len(tiles), nt + len(tiles), dtype=torch.bool)
     blocks[nt:, nt:] = sees
     return blocks
 
@@ -102,12 +93,12 @@ def _block_lists(blocks: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tens
 
 
 @functools.lru_cache(maxsize=16)
-def _sparse_tensors(grid: tuple, tile: tuple, tile_radius: tuple, text_len: int, device: torch.device):
+def _sparse_tensors(n_tiles: tuple, tile_radius: tuple, text_len: int, device: torch.device):
     """FA4's forward (query block -> key blocks) and backward (key block -> query blocks) lists,
     built once per resolution and device."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    blocks = tile_window_blocks(grid, tile, tile_radius, text_len)
+    blocks = tile_window_blocks(n_tiles, tile_radius, text_len)
 
     def as_fa4(matrix):
         counts, index = _block_lists(matrix, device)
@@ -146,7 +137,7 @@ def local_attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
     from flash_attn.cute.interface import flash_attn_func
 
     layout = get_layout(grid, radii, "tile", tile, q.device)
-    fwd_lists, bwd_lists = _sparse_tensors(tuple(grid), tuple(tile), tuple(layout.radius), int(text_len), q.device)
+    fwd_lists, bwd_lists = _sparse_tensors(layout.n_tiles, layout.radius, int(text_len), q.device)
     if not tile_order:
         q, k, v = (to_tile_order(t, grid, tile, int(text_len)) for t in (q, k, v))
     # FA4 takes (B, L, H, D); a heads-first view of token-major memory transposes back for free

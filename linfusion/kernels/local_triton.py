@@ -1558,7 +1558,7 @@ class _LocalAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         variant = ctx.backward
         if variant == "auto":
-            variant = _auto_backward(q, (k, v, do), ctx.layout, ctx.text_len, ctx.tile_order)
+            variant = _auto_backward(q, ctx.layout)
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.layout, ctx.text_len, ctx.tile_order, variant)
         return dq, dk, dv, None, None, None, None
 
@@ -1601,15 +1601,11 @@ def _require_ws(q, tensors, layout: LocalLayout, text_len: int, tile_order: bool
                          'multiple of 128, head dim 128, fp16/bf16, on an sm_90 GPU; use "split" or "auto".')
 
 
-def _auto_backward(q: torch.Tensor, others, layout: LocalLayout, text_len: int, tile_order: bool) -> str:
-    """The variant ``backward="auto"`` runs: ``local_configs.default_backward``. It no longer takes
-    "split_ws" where that kernel could serve (it did from the 27th session, 3–5% faster): on the
-    H200 the warp-specialised dK/dV kernel left one 128-key block of dK and dV non-finite in one
-    head, intermittently (32nd session, ``benchmarks/results/diag_flux-2k_flux-4k_flux-8k.json``:
-    flux-8k, head 4, key block 52, after flux-2k and flux-4k ran in the same process; the split
-    kernels' gradients and FlashAttention-4's were finite), which points at Triton 3.6's automatic
-    warp specialisation. ``others`` (k, v, dO) is kept for the day it is fixed."""
-    del others, text_len, tile_order
+def _auto_backward(q: torch.Tensor, layout: LocalLayout) -> str:
+    """The variant ``backward="auto"`` runs: ``local_configs.default_backward``. From the 27th to the
+    32nd session it took "split_ws" wherever that kernel could serve (3–5% faster), until the H200
+    showed its warp-specialised dK/dV kernel leaving 128-key blocks of dK/dV non-finite in 7–58% of
+    FLUX backward calls (``benchmarks/results/ws_stress_32nd.json``); see :func:`_require_ws`."""
     return default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume)
 
 
