@@ -64,6 +64,7 @@ import triton.language as tl
 from .dispatch import triton_interpreter_enabled
 from .local_configs import circle_tile, default_backward, dq_ws_config, local_config
 from .local_dkdv_hopper import launch_dkdv_ws, launch_dq_ws, ws_dkdv_unsupported
+from .local_bwd_gluon import fused_gluon_unsupported, launch_fused_gluon
 from .local_layout import (
     MASK_NONE,
     MASK_TABLE,
@@ -1397,7 +1398,7 @@ def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block
 #: its dQ kernel is warp-specialised too) or "auto" (the default, chosen when the backward runs:
 #: "split_ws" where it can serve the call on a GPU, else ``local_configs.default_backward``, "split"
 #: since the H200 re-measured the fused one slower everywhere, 27th session).
-BACKWARDS = ("auto", "split", "fused_dq", "split_ws")
+BACKWARDS = ("auto", "split", "fused_dq", "split_ws", "fused_gluon")
 
 
 def _program_counts(layout: LocalLayout, text_len: int, n_heads: int, block: int) -> tuple[int, int, int, int]:
@@ -1536,6 +1537,12 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
                            setup.sm_scale)
         else:
             _launch_dkdv(setup, q, k, v, do, lse, delta, dk, dv)
+    elif backward == "fused_gluon":
+        _launch_delta(setup, o, do, delta, tile_copy=False)
+        dq_acc = torch.zeros((B * H * L, D), dtype=torch.float32, device=q.device)
+        launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len, setup.sl, setup.qk_scale,
+                           setup.sm_scale)
+        torch.mul(dq_acc.view(B, H, L, D), setup.sm_scale, out=dq)  # scale and round in one pass
     elif backward == "fused_dq":
         _launch_delta(setup, o, do, delta, tile_copy=True)
         dq_acc = torch.zeros((B * H, L, setup.constexprs["D_PAD"]), dtype=torch.float32, device=q.device)
@@ -1578,6 +1585,12 @@ def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto
     layout = get_layout(grid, radii, shape, tile, q.device)
     if backward == "split_ws":
         _require_ws(q, (k, v), layout, int(text_len), tile_order)
+    if backward == "fused_gluon":
+        why = fused_gluon_unsupported(q, layout, int(text_len), tile_order)
+        if why is not None:
+            raise ValueError(f'backward="fused_gluon" cannot serve this call: {why}. It needs a tile window on '
+                             'tile-ordered tokens (local_attention_tiled), whole 128-token tiles, text length a '
+                             'multiple of 128, head dim 128, fp16/bf16, on an sm_90 GPU; use "split" or "auto".')
     return layout, backward
 
 

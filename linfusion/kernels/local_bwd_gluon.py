@@ -1,0 +1,293 @@
+"""Fused tile-window backward for Hopper, written in Gluon (Triton's explicit-layout dialect).
+
+One kernel computes dK, dV *and* dQ of a tile-window local attention (``shape="tile"``) on tokens
+in tile order, with five matrix products per block pair instead of the split backward's seven:
+
+* one program per 128-key tile (text-key tiles first, their loops being the longest) keeps its
+  dK and dV in registers and walks every 64-query chunk that sees it: the text queries, then the
+  query tiles of the symmetric window box around its tile (``local_dkdv_hopper``'s arithmetic);
+* a one-warp producer partition brings each chunk's Q, dO, LSE and Δ by TMA into a two-stage ring
+  guarded by mbarriers;
+* the two consumer warpgroups (the default partition, 64 keys each) compute Sᵀ = K·Qᵀ and
+  dPᵀ = V·dOᵀ, Pᵀ and dSᵀ, then dV += Pᵀ·dO and dK += dSᵀ·Q with the probabilities as register
+  operands, and the chunk's dQ share dS·K through shared memory;
+* the dQ share goes to an fp32 accumulator by a TMA *reduction* (``cp.reduce.async.bulk.tensor``):
+  the TMA unit adds the tile in L2 while the warps go on. This is FlashAttention-3's design; the
+  10th–30th sessions' Triton versions added the share with per-thread atomics or without explicit
+  warp specialisation and lost to the split loops (``benchmarks/NOTES_local.md``).
+
+Serves what :func:`fused_gluon_unsupported` accepts: a CUDA sm_90 device, fp16 / bf16, head dim 128,
+tile order, tile windows of 128-token tiles covering the grid, text a multiple of 128.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton ≥ 3.5; the library imports without it (CPU-only installs)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+BN = 128  # keys per program: one tile
+BM = 64  # queries per chunk
+HEAD_DIM = 128
+STAGES = 2
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+if HAVE_GLUON:
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
+    # the TMA load's name in Triton 3.6; later releases call it async_load (same arguments)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+    if hasattr(tma, "async_atomic_add"):  # Triton ≥ 3.7 names the TMA reduction
+        _tma_reduce_add = tma.async_atomic_add
+    else:
+
+        @_builtin
+        def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+            """Add the shared-memory tile ``src`` into the global box at ``coord`` by a TMA
+            reduction (Triton 3.6's Gluon builder has the op but no Python name for it)."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
+
+    @gluon.jit
+    def _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM: gl.constexpr, TV: gl.constexpr):
+        """First token (tile order, within a (b, h)) of query chunk ``i`` of a program: dense
+        chunks ``i · BM`` for ``i < n_dense``, then ``TV / BM`` chunks per tile of the window box
+        whose first tile is (lo0, lo1, lo2), n12 tiles per plane, n2 per row."""
+        SUBQ: gl.constexpr = TV // BM
+        j = gl.maximum(i - n_dense, 0)
+        t = j // SUBQ
+        sub = j - t * SUBQ
+        a = t // n12
+        rem = t - a * n12
+        c = rem // n2
+        tile = ((lo0 + a) * N1 + lo1 + c) * N2 + lo2 + (rem - c * n2)
+        return gl.where(i < n_dense, i * BM, TEXT + tile * TV + sub * BM)
+
+    @gluon.jit
+    def _producer(q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty,
+                  q_row0, q_col, do_row0, do_col, stat0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2,
+                  BM: gl.constexpr, D: gl.constexpr, TV: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: Q, dO, LSE, Δ of query chunk i into stage i % STAGES once the consumers have
+        released it (``empty``); ``ready`` completes when all four have landed."""
+        for i in range(n_iter):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # the first round passes at once
+            row = _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, TV)
+            mbarrier.expect(ready.index(s), 2 * BM * D * q_desc.dtype.primitive_bitwidth // 8 + 2 * BM * 4)
+            _tma_load(q_desc, [q_row0 + row, q_col], ready.index(s), q_smem.index(s))
+            _tma_load(do_desc, [do_row0 + row, do_col], ready.index(s), do_smem.index(s))
+            _tma_load(lse_desc, [stat0 + row], ready.index(s), lse_smem.index(s))
+            _tma_load(dl_desc, [stat0 + row], ready.index(s), dl_smem.index(s))
+
+    @gluon.jit
+    def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty, dq_desc,
+                  dq_row0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, qk_scale,
+                  BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, TV: gl.constexpr, STAGES: gl.constexpr,
+                  num_warps: gl.constexpr):
+        """Two warpgroups in lockstep (64 keys each): dK, dV [BN, D] of the program's keys over all
+        its query chunks (returned unscaled, fp32); each chunk's dQ share [BM, D] is added into the
+        accumulator behind ``dq_desc`` by a TMA reduction."""
+        dtype: gl.constexpr = q_smem.dtype
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, BM, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, D, 16])
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, num_warps // 4],
+                                                            instr_shape=[16, D // (num_warps // 4), 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        cols_st: gl.constexpr = gl.SliceLayout(0, st_layout)
+        dk = gl.zeros([BN, D], gl.float32, acc_layout)
+        dv = gl.zeros([BN, D], gl.float32, acc_layout)
+        for i in range(n_iter):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            st = warpgroup_mma(k_smem, q_smem.index(s).permute((1, 0)), gl.zeros([BN, BM], gl.float32, st_layout),
+                               use_acc=False, is_async=True)
+            dpt = warpgroup_mma(v_smem, do_smem.index(s).permute((1, 0)), gl.zeros([BN, BM], gl.float32, st_layout),
+                                use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(1, deps=(st,))  # Sᵀ done, dPᵀ still running
+            pt = gl.exp2(st * qk_scale - gl.expand_dims(lse_smem.index(s).load(cols_st), 0))
+            dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout, assert_trivial=True), do_smem.index(s), dv,
+                               is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=(dpt,))  # dPᵀ done, dV running
+            dst = (pt * (dpt - gl.expand_dims(dl_smem.index(s).load(cols_st), 0))).to(dtype)
+            ds = ds_smem.index(i % 2)  # two buffers: the other warpgroup may still read the last one
+            ds.store(dst)
+            fence_async_shared()
+            gl.thread_barrier()
+            dq = warpgroup_mma(ds.permute((1, 0)), k_smem, gl.zeros([BM, D], gl.float32, dq_layout), use_acc=False,
+                               is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(dst, a_layout, assert_trivial=True), q_smem.index(s), dk,
+                               is_async=True)
+            dv, dq = warpgroup_mma_wait(1, deps=(dv, dq))  # dK still running
+            tma.store_wait(0)  # the last chunk's reduction has read the dQ buffer
+            gl.thread_barrier()
+            dq_smem.store(dq)
+            fence_async_shared()
+            gl.thread_barrier()
+            row = _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, TV)
+            _tma_reduce_add(dq_desc, [dq_row0 + row, 0], dq_smem)
+            dk = warpgroup_mma_wait(0, deps=(dk,))
+            gl.thread_barrier()  # both warpgroups are done with this stage's Q and dO
+            mbarrier.arrive(empty.index(s), count=1)
+        tma.store_wait(0)
+        return dk, dv
+
+    @gluon.jit
+    def fused_bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse_desc, dl_desc, dq_desc, DK, DV,
+                         q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch,
+                         sgb, sgh, sgn, H, L, SL, TEXT, n_text_progs, NTB, n_tiles,
+                         N0, N1, N2, R0, R1, R2, qk_scale, sm_scale,
+                         BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, TV: gl.constexpr,
+                         STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Program ``pid``: BN text keys (``pid < n_text_progs``, NTB blocks per (b, h)) or one image
+        tile of one (b, h). Row coordinates of a (b, h) in the 2D TMA views of q, k / v, dO:
+        ``b · *_rb + h · *_rh`` and column ``h · *_ch``; DK, DV (B, H, L, D) by strides."""
+        pid = gl.program_id(0)
+        is_text = pid < n_text_progs
+        pid_img = gl.maximum(pid - n_text_progs, 0)
+        bh = gl.where(is_text, pid // NTB, pid_img // n_tiles)
+        tile = pid_img - (pid_img // n_tiles) * n_tiles
+        key_row = gl.where(is_text, (pid - (pid // NTB) * NTB) * BN, TEXT + tile * TV)
+        b = bh // H
+        h = bh - b * H
+        # the window box of query tiles around this key tile (the window is symmetric), clipped
+        c0 = tile // (N1 * N2)
+        c1 = (tile // N2) % N1
+        c2 = tile % N2
+        lo0 = gl.maximum(c0 - R0, 0)
+        lo1 = gl.maximum(c1 - R1, 0)
+        lo2 = gl.maximum(c2 - R2, 0)
+        n2 = gl.minimum(c2 + R2, N2 - 1) - lo2 + 1
+        n12 = (gl.minimum(c1 + R1, N1 - 1) - lo1 + 1) * n2
+        n_box = (gl.minimum(c0 + R0, N0 - 1) - lo0 + 1) * n12
+        n_dense = gl.where(is_text, L // BM, TEXT // BM)
+        n_iter = n_dense + gl.where(is_text, 0, n_box * (TV // BM))
+
+        dtype: gl.constexpr = q_desc.dtype
+        smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        k_smem = gl.allocate_shared_memory(dtype, [BN, D], smem)
+        v_smem = gl.allocate_shared_memory(dtype, [BN, D], smem)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D], smem)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D], smem)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, BN, BM], smem)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [BM, D], dq_desc.layout)
+        stats: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats)
+        dl_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        mbarrier.expect(kv_bar, 2 * BN * D * dtype.primitive_bitwidth // 8)
+        _tma_load(k_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, k_smem)
+        _tma_load(v_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, v_smem)
+        mbarrier.wait(kv_bar, 0)
+        dk, dv = gl.warp_specialize([
+            (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty, dq_desc,
+                         bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, qk_scale,
+                         BM, BN, D, TV, STAGES, num_warps)),
+            (_producer, (q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty,
+                         b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch, bh * SL,
+                         n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV, STAGES)),
+        ], [1], [PRODUCER_REGS])
+        # dK, dV straight from the accumulators' layout (an epilogue: no shared memory left for a shuffle)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, D, 16])
+        rows = key_row + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        offs = gl.expand_dims(rows.to(gl.int64) * sgn, 1) + gl.expand_dims(cols, 0)
+        base = b.to(gl.int64) * sgb + h.to(gl.int64) * sgh
+        gl.store(DK + base + offs, (dk * sm_scale).to(DK.dtype.element_ty))
+        gl.store(DV + base + offs, dv.to(DV.dtype.element_ty))
+
+
+def _row_view(t: torch.Tensor):
+    """(2D view, rows per batch, rows per head, columns per head) of a (B, H, L, D) tensor whose
+    tokens are rows of one 2D strided matrix: heads-first memory (``[B·H·L, D]``) or token-major
+    with heads side by side (``[B·L, H·D]``). None where neither describes it."""
+    B, H, L, D = t.shape
+    sb, sh, sn, sd = t.stride()
+    if sd != 1:
+        return None
+    if sh % sn == 0 and sb % sn == 0 and sn >= D:  # heads (and batches) are row offsets
+        rows = (B - 1) * (sb // sn) + (H - 1) * (sh // sn) + L
+        return t.as_strided((rows, D), (sn, 1)), sb // sn, sh // sn, 0
+    if sh == D and sb % sn == 0 and sn >= H * D:  # heads side by side in a token's row
+        rows = (B - 1) * (sb // sn) + L
+        return t.as_strided((rows, H * D), (sn, 1)), sb // sn, 0, D
+    return None
+
+
+def fused_gluon_unsupported(q: torch.Tensor, layout, text_len: int, tile_order: bool) -> str | None:
+    """Why :func:`launch_fused_gluon` cannot serve this backward (None: it can)."""
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon"
+    if not tile_order:
+        return "tokens are row-major (this kernel walks tile-ordered tokens)"
+    if layout.shape != "tile":
+        return "the window is a circle (its edge tiles need per-token masks)"
+    if layout.tile_volume != BN or any(g % t for g, t in zip(layout.grid, layout.tile)):
+        return f"tiles of {layout.tile_volume} tokens or a grid not a multiple of the tile (needs {BN}, whole tiles)"
+    if text_len % BN:
+        return f"text length {text_len} is not a multiple of {BN}"
+    if q.shape[-1] != HEAD_DIM or q.dtype not in SUPPORTED_DTYPES:
+        return f"head dim {q.shape[-1]} / {q.dtype} (needs {HEAD_DIM}, fp16 or bf16)"
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not a Hopper (sm_90) GPU"
+    return None
+
+
+def _descriptor(t: torch.Tensor, block, layout):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), layout)
+
+
+def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len: int, sl: int,
+                       qk_scale: float, sm_scale: float, producer_regs: int = 40) -> None:
+    """dK, dV (written into ``dk``, ``dv``, (B, H, L, D) views sharing one stride set) and the
+    unscaled dQ added into ``dq_acc`` (fp32 (B·H·L, D), zeroed by the caller) of a tile-window
+    local attention on tile-ordered tokens; ``lse`` (log2 units) and ``delta`` the (B, H, sl)
+    statistics rows (token-order columns). The caller checks :func:`fused_gluon_unsupported`."""
+    B, H, L, D = q.shape
+    views = [_row_view(t) for t in (q, k, v, do)]
+    if any(view is None for view in views) or views[1][1:] != views[2][1:]:
+        # (k and v share their coordinates in the kernel; other strides are copied to heads-first)
+        views = [_row_view(t.contiguous()) for t in (q, k, v, do)]
+    (qv, q_rb, q_rh, q_ch), (kv, k_rb, k_rh, k_ch), (vv, _, _, _), (dov, do_rb, do_rh, do_ch) = views
+    smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    stats = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    acc_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    n0, n1, n2 = layout.n_tiles
+    r0, r1, r2 = layout.radius
+    ntb = text_len // BN
+    n_text_progs = ntb * B * H
+    n_tiles = n0 * n1 * n2
+    fused_bwd_kernel[(n_text_progs + n_tiles * B * H,)](
+        _descriptor(qv, (BM, D), smem), _descriptor(kv, (BN, D), smem), _descriptor(vv, (BN, D), smem),
+        _descriptor(dov, (BM, D), smem), _descriptor(lse.reshape(-1), (BM,), stats),
+        _descriptor(delta.reshape(-1), (BM,), stats), _descriptor(dq_acc, (BM, D), acc_layout), dk, dv,
+        q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch, *dk.stride()[:3],
+        H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
+        BM=BM, BN=BN, D=D, TV=BN, STAGES=STAGES, PRODUCER_REGS=producer_regs, num_warps=8,
+    )
