@@ -49,8 +49,9 @@ if HAVE_GLUON:
     from triton._C.libtriton import ir as _ir
     from triton.experimental.gluon.language._core import builtin as _builtin
 
-    # the TMA load's name in Triton 3.6; later releases call it async_load (same arguments)
+    # Triton 3.6's names; later releases call them async_load and barrier (same arguments)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
     if hasattr(tma, "async_atomic_add"):  # Triton ≥ 3.7 names the TMA reduction
         _tma_reduce_add = tma.async_atomic_add
@@ -130,21 +131,21 @@ if HAVE_GLUON:
             ds = ds_smem.index(i % 2)  # two buffers: the other warpgroup may still read the last one
             ds.store(dst)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             dq = warpgroup_mma(ds.permute((1, 0)), k_smem, gl.zeros([BM, D], gl.float32, dq_layout), use_acc=False,
                                is_async=True)
             dk = warpgroup_mma(gl.convert_layout(dst, a_layout, assert_trivial=True), q_smem.index(s), dk,
                                is_async=True)
             dv, dq = warpgroup_mma_wait(1, deps=(dv, dq))  # dK still running
             tma.store_wait(0)  # the last chunk's reduction has read the dQ buffer
-            gl.thread_barrier()
+            _cta_barrier()
             dq_smem.store(dq)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             row = _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, TV)
             _tma_reduce_add(dq_desc, [dq_row0 + row, 0], dq_smem)
             dk = warpgroup_mma_wait(0, deps=(dk,))
-            gl.thread_barrier()  # both warpgroups are done with this stage's Q and dO
+            _cta_barrier()  # both warpgroups are done with this stage's Q and dO
             mbarrier.arrive(empty.index(s), count=1)
         tma.store_wait(0)
         return dk, dv
