@@ -101,7 +101,10 @@ def check_case(name: str, grid, stress: int) -> dict:
     return out
 
 
-def timing_fns(name: str, grid) -> dict:
+VARIANTS = [(False, 1), (False, 2), (True, 1), (True, 2)]  # (dQ writer warp, dQ buffers)
+
+
+def timing_fns(name: str, grid, variant_checks: dict) -> dict:
     """Callables: forward, split backward, fused backward, and the fused backward's pieces."""
     import linfusion.kernels.local_triton as lt
     from linfusion.kernels.local_bwd_gluon import launch_fused_gluon
@@ -123,8 +126,25 @@ def timing_fns(name: str, grid) -> dict:
     dk, dv, dq = (torch.empty(1, L, H, D, dtype=q.dtype, device="cuda").transpose(1, 2) for _ in range(3))
     fns[f"{name}/piece_delta"] = lambda: lt._launch_delta(setup, o, do, delta, tile_copy=False)
     fns[f"{name}/piece_zero"] = lambda: acc.zero_()
-    fns[f"{name}/piece_kernel"] = lambda: launch_fused_gluon(q, k, v, do, lse, delta, acc, dk, dv, layout, TEXT,
-                                                             setup.sl, setup.qk_scale, setup.sm_scale)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    split = torch.autograd.grad(_attn("split")(*inputs, grid), inputs, do)
+    for writer, bufs in VARIANTS:
+        def kernel(writer=writer, bufs=bufs):
+            launch_fused_gluon(q, k, v, do, lse, delta, acc, dk, dv, layout, TEXT, setup.sl, setup.qk_scale,
+                               setup.sm_scale, dq_bufs=bufs, dq_writer=writer)
+
+        tag = f"writer{int(writer)}_bufs{bufs}"
+        try:
+            acc.zero_()
+            dk.fill_(float("nan"))
+            dv.fill_(float("nan"))
+            kernel()
+            torch.mul(acc.view(1, H, L, D), setup.sm_scale, out=dq)
+            variant_checks[f"{name}/{tag}"] = [_rel(a, b) for a, b in zip((dq, dk, dv), split)]
+            fns[f"{name}/piece_kernel_{tag}"] = kernel
+        except Exception:  # noqa: BLE001
+            variant_checks[f"{name}/{tag}"] = traceback.format_exc()[-1500:]
+        print(name, tag, variant_checks[f"{name}/{tag}"], flush=True)
     fns[f"{name}/piece_convert"] = lambda: torch.mul(acc.view(1, H, L, D), setup.sm_scale, out=dq)
     return fns
 
@@ -141,7 +161,7 @@ def measure(cases, repeats: int, stress: int, deadline_s: float) -> dict:
     fns = {}
     for name in cases:
         try:
-            fns.update(timing_fns(name, CASES[name]))
+            fns.update(timing_fns(name, CASES[name], res.setdefault("variant_vs_split_rel", {})))
         except Exception:  # noqa: BLE001
             res["notes"].append(f"timing {name}: " + traceback.format_exc()[-2000:])
     for fn in fns.values():

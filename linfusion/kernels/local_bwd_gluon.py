@@ -97,10 +97,23 @@ if HAVE_GLUON:
             _tma_load(dl_desc, [stat0 + row], ready.index(s), dl_smem.index(s))
 
     @gluon.jit
-    def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty, dq_desc,
-                  dq_row0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, qk_scale,
+    def _dq_writer(dq_desc, dq_smem, dq_full, dq_empty, dq_row0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
+                   N2, BM: gl.constexpr, TV: gl.constexpr, DQ_BUFS: gl.constexpr):
+        """One warp: adds each chunk's dQ share (fp32 [BM, D] in shared memory, buffer i % DQ_BUFS)
+        into the accumulator by a TMA reduction, and frees the buffer once the reduction has read it."""
+        for i in range(n_iter):
+            b = i % DQ_BUFS
+            mbarrier.wait(dq_full.index(b), (i // DQ_BUFS) & 1)
+            row = _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, TV)
+            _tma_reduce_add(dq_desc, [dq_row0 + row, 0], dq_smem.index(b))
+            tma.store_wait(0)
+            mbarrier.arrive(dq_empty.index(b), count=1)
+
+    @gluon.jit
+    def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty, dq_full,
+                  dq_empty, dq_desc, dq_row0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, qk_scale,
                   BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, TV: gl.constexpr, STAGES: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  DQ_BUFS: gl.constexpr, DQ_WRITER: gl.constexpr, num_warps: gl.constexpr):
         """Two warpgroups in lockstep (64 keys each): dK, dV [BN, D] of the program's keys over all
         its query chunks (returned unscaled, fp32); each chunk's dQ share [BM, D] is added into the
         accumulator behind ``dq_desc`` by a TMA reduction."""
@@ -137,13 +150,22 @@ if HAVE_GLUON:
             dk = warpgroup_mma(gl.convert_layout(dst, a_layout, assert_trivial=True), q_smem.index(s), dk,
                                is_async=True)
             dv, dq = warpgroup_mma_wait(1, deps=(dv, dq))  # dK still running
-            tma.store_wait(0)  # the last chunk's reduction has read the dQ buffer
-            _cta_barrier()
-            dq_smem.store(dq)
-            fence_async_shared()
-            _cta_barrier()
-            row = _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, TV)
-            _tma_reduce_add(dq_desc, [dq_row0 + row, 0], dq_smem)
+            if DQ_WRITER:  # hand the share to the writer warp
+                b = i % DQ_BUFS
+                mbarrier.wait(dq_empty.index(b), ((i // DQ_BUFS) & 1) ^ 1)
+                dq_smem.index(b).store(dq)
+                fence_async_shared()
+                _cta_barrier()
+                mbarrier.arrive(dq_full.index(b), count=1)
+            else:  # reduce it from here
+                b = i % DQ_BUFS
+                tma.store_wait(DQ_BUFS - 1)  # the reduction that last read this buffer is done reading
+                _cta_barrier()
+                dq_smem.index(b).store(dq)
+                fence_async_shared()
+                _cta_barrier()
+                row = _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, TV)
+                _tma_reduce_add(dq_desc, [dq_row0 + row, 0], dq_smem.index(b))
             dk = warpgroup_mma_wait(0, deps=(dk,))
             _cta_barrier()  # both warpgroups are done with this stage's Q and dO
             mbarrier.arrive(empty.index(s), count=1)
@@ -156,7 +178,8 @@ if HAVE_GLUON:
                          sgb, sgh, sgn, H, L, SL, TEXT, n_text_progs, NTB, n_tiles,
                          N0, N1, N2, R0, R1, R2, qk_scale, sm_scale,
                          BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, TV: gl.constexpr,
-                         STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                         STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, DQ_BUFS: gl.constexpr,
+                         DQ_WRITER: gl.constexpr, num_warps: gl.constexpr):
         """Program ``pid``: BN text keys (``pid < n_text_progs``, NTB blocks per (b, h)) or one image
         tile of one (b, h). Row coordinates of a (b, h) in the 2D TMA views of q, k / v, dO:
         ``b · *_rb + h · *_rh`` and column ``h · *_ch``; DK, DV (B, H, L, D) by strides."""
@@ -188,14 +211,19 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D], smem)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BM, D], smem)
         ds_smem = gl.allocate_shared_memory(dtype, [2, BN, BM], smem)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [BM, D], dq_desc.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFS, BM, D], dq_desc.layout)
         stats: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats)
         dl_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BM], stats)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        dq_full = gl.allocate_shared_memory(gl.int64, [DQ_BUFS, 1], mbarrier.MBarrierLayout())
+        dq_empty = gl.allocate_shared_memory(gl.int64, [DQ_BUFS, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
+        for s in gl.static_range(DQ_BUFS):
+            mbarrier.init(dq_full.index(s), count=1)
+            mbarrier.init(dq_empty.index(s), count=1)
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
@@ -203,14 +231,26 @@ if HAVE_GLUON:
         _tma_load(k_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, k_smem)
         _tma_load(v_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, v_smem)
         mbarrier.wait(kv_bar, 0)
-        dk, dv = gl.warp_specialize([
-            (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty, dq_desc,
-                         bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, qk_scale,
-                         BM, BN, D, TV, STAGES, num_warps)),
-            (_producer, (q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty,
-                         b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch, bh * SL,
-                         n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV, STAGES)),
-        ], [1], [PRODUCER_REGS])
+        if DQ_WRITER:
+            dk, dv = gl.warp_specialize([
+                (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty,
+                             dq_full, dq_empty, dq_desc, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
+                             N2, qk_scale, BM, BN, D, TV, STAGES, DQ_BUFS, DQ_WRITER, num_warps)),
+                (_producer, (q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty,
+                             b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch, bh * SL,
+                             n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV, STAGES)),
+                (_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2,
+                              n12, n2, N1, N2, BM, TV, DQ_BUFS)),
+            ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
+        else:
+            dk, dv = gl.warp_specialize([
+                (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty,
+                             dq_full, dq_empty, dq_desc, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
+                             N2, qk_scale, BM, BN, D, TV, STAGES, DQ_BUFS, DQ_WRITER, num_warps)),
+                (_producer, (q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty,
+                             b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch, bh * SL,
+                             n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV, STAGES)),
+            ], [1], [PRODUCER_REGS])
         # dK, dV straight from the accumulators' layout (an epilogue: no shared memory left for a shuffle)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, D, 16])
@@ -265,7 +305,8 @@ def _descriptor(t: torch.Tensor, block, layout):
 
 
 def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len: int, sl: int,
-                       qk_scale: float, sm_scale: float, producer_regs: int = 40) -> None:
+                       qk_scale: float, sm_scale: float, producer_regs: int = 40, dq_bufs: int = 1,
+                       dq_writer: bool = False) -> None:
     """dK, dV (written into ``dk``, ``dv``, (B, H, L, D) views sharing one stride set) and the
     unscaled dQ added into ``dq_acc`` (fp32 (B·H·L, D), zeroed by the caller) of a tile-window
     local attention on tile-ordered tokens; ``lse`` (log2 units) and ``delta`` the (B, H, sl)
@@ -290,5 +331,6 @@ def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len
         _descriptor(delta.reshape(-1), (BM,), stats), _descriptor(dq_acc, (BM, D), acc_layout), dk, dv,
         q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch, *dk.stride()[:3],
         H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
-        BM=BM, BN=BN, D=D, TV=BN, STAGES=STAGES, PRODUCER_REGS=producer_regs, num_warps=8,
+        BM=BM, BN=BN, D=D, TV=BN, STAGES=STAGES, PRODUCER_REGS=producer_regs, DQ_BUFS=dq_bufs,
+        DQ_WRITER=dq_writer, num_warps=8,
     )
