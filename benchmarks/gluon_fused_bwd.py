@@ -101,7 +101,7 @@ def check_case(name: str, grid, stress: int) -> dict:
     return out
 
 
-VARIANTS = [(False, 1), (False, 2), (True, 1), (True, 2)]  # (dQ writer warp, dQ buffers)
+VARIANTS = [(False, 1, 2), (False, 2, 2), (True, 1, 2), (True, 2, 2), (True, 1, 3)]  # (dQ writer, dQ buffers, stages)
 
 
 def timing_fns(name: str, grid, variant_checks: dict) -> dict:
@@ -128,12 +128,12 @@ def timing_fns(name: str, grid, variant_checks: dict) -> dict:
     fns[f"{name}/piece_zero"] = lambda: acc.zero_()
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     split = torch.autograd.grad(_attn("split")(*inputs, grid), inputs, do)
-    for writer, bufs in VARIANTS:
-        def kernel(writer=writer, bufs=bufs):
+    for writer, bufs, stages in VARIANTS:
+        def kernel(writer=writer, bufs=bufs, stages=stages):
             launch_fused_gluon(q, k, v, do, lse, delta, acc, dk, dv, layout, TEXT, setup.sl, setup.qk_scale,
-                               setup.sm_scale, dq_bufs=bufs, dq_writer=writer)
+                               setup.sm_scale, dq_bufs=bufs, dq_writer=writer, stages=stages)
 
-        tag = f"writer{int(writer)}_bufs{bufs}"
+        tag = f"writer{int(writer)}_bufs{bufs}_stages{stages}"
         try:
             acc.zero_()
             dk.fill_(float("nan"))

@@ -306,7 +306,7 @@ def _descriptor(t: torch.Tensor, block, layout):
 
 def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len: int, sl: int,
                        qk_scale: float, sm_scale: float, producer_regs: int = 40, dq_bufs: int = 1,
-                       dq_writer: bool = False) -> None:
+                       dq_writer: bool = False, stages: int = STAGES) -> None:
     """dK, dV (written into ``dk``, ``dv``, (B, H, L, D) views sharing one stride set) and the
     unscaled dQ added into ``dq_acc`` (fp32 (B·H·L, D), zeroed by the caller) of a tile-window
     local attention on tile-ordered tokens; ``lse`` (log2 units) and ``delta`` the (B, H, sl)
@@ -331,6 +331,6 @@ def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len
         _descriptor(delta.reshape(-1), (BM,), stats), _descriptor(dq_acc, (BM, D), acc_layout), dk, dv,
         q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch, *dk.stride()[:3],
         H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
-        BM=BM, BN=BN, D=D, TV=BN, STAGES=STAGES, PRODUCER_REGS=producer_regs, DQ_BUFS=dq_bufs,
+        BM=BM, BN=BN, D=D, TV=BN, STAGES=stages, PRODUCER_REGS=producer_regs, DQ_BUFS=dq_bufs,
         DQ_WRITER=dq_writer, num_warps=8,
     )
