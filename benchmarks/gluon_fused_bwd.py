@@ -101,13 +101,13 @@ def check_case(name: str, grid, stress: int) -> dict:
     return out
 
 
-VARIANTS = [(False, 1, 2), (False, 2, 2), (True, 1, 2), (True, 2, 2), (True, 1, 3)]  # (dQ writer, dQ buffers, stages)
+VARIANTS = [(True, 1, 2), (False, 1, 2)]  # (dQ writer, dQ buffers, stages)
 
 
 def timing_fns(name: str, grid, variant_checks: dict) -> dict:
     """Callables: forward, split backward, fused backward, and the fused backward's pieces."""
     import linfusion.kernels.local_triton as lt
-    from linfusion.kernels.local_bwd_gluon import launch_fused_gluon
+    from linfusion.kernels.local_bwd_gluon import launch_fused_gluon, scale_into
 
     L = TEXT + grid[0] * grid[1]
     q, k, v, do = (_randn(L, s) for s in range(4))
@@ -139,13 +139,13 @@ def timing_fns(name: str, grid, variant_checks: dict) -> dict:
             dk.fill_(float("nan"))
             dv.fill_(float("nan"))
             kernel()
-            torch.mul(acc.view(1, H, L, D), setup.sm_scale, out=dq)
+            scale_into(acc, dq, setup.sm_scale)
             variant_checks[f"{name}/{tag}"] = [_rel(a, b) for a, b in zip((dq, dk, dv), split)]
             fns[f"{name}/piece_kernel_{tag}"] = kernel
         except Exception:  # noqa: BLE001
             variant_checks[f"{name}/{tag}"] = traceback.format_exc()[-1500:]
         print(name, tag, variant_checks[f"{name}/{tag}"], flush=True)
-    fns[f"{name}/piece_convert"] = lambda: torch.mul(acc.view(1, H, L, D), setup.sm_scale, out=dq)
+    fns[f"{name}/piece_convert"] = lambda: scale_into(acc, dq, setup.sm_scale)
     return fns
 
 

@@ -245,18 +245,27 @@ def test_auto_backward_is_chosen_by_the_backward_pass(monkeypatch):
 
 
 def test_auto_backward_never_takes_split_ws(monkeypatch):
-    """"auto" keeps "split" even where the warp-specialised dK/dV kernel could serve the call (tile
-    window, tile order, whole 128-token tiles, head dim 128, 16-bit, on a GPU): that kernel left dK/dV
-    blocks non-finite on the H200 (32nd session)."""
+    """"auto" never takes "split_ws", even where the warp-specialised dK/dV kernel could serve the
+    call (tile window, tile order, whole 128-token tiles, head dim 128, 16-bit, on a GPU): that kernel
+    left dK/dV blocks non-finite on the H200 (32nd session). There the Gluon fused backward runs
+    (where this Triton has Gluon), elsewhere the split one."""
+    from linfusion.kernels import local_bwd_gluon
+
     q = torch.zeros(1, 1, 128 + 16 * 16, 128, dtype=torch.bfloat16)
     tiled = get_layout((16, 16), 16, "tile", (8, 16))
     pick = local_triton._auto_backward
-    assert pick(q, tiled) == "split"
+    assert pick(q, tiled, 128, True) == "split"  # on the CPU
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
-    assert pick(q, tiled) == "split"
-    assert pick(q, get_layout((16, 16), 16, "circle", (8, 16))) == "split"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    on_gpu = "fused_gluon" if local_bwd_gluon.HAVE_GLUON else "split"
+    assert pick(q, tiled, 128, True) == on_gpu
+    assert pick(q, tiled, 128, False) == "split"  # row-major tokens
+    assert pick(q, tiled, 100, True) == "split"  # text not a multiple of 128
+    assert pick(q, get_layout((16, 16), 16, "circle", (8, 16)), 128, True) == "split"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (10, 0))
+    assert pick(q, tiled, 128, True) == "split"  # not Hopper
     monkeypatch.setattr(local_triton, "default_backward", lambda *args: "fused_dq")
-    assert pick(q, tiled) == "fused_dq"  # the configured default, as it is
+    assert pick(q, tiled, 128, True) == "fused_dq"  # the configured default, as it is
 
 
 def test_stats_tma_only_with_tma_loads_and_runs_of_32_or_more():
@@ -908,15 +917,18 @@ def test_split_ws_with_the_ws_dq_kernel_matches_reference(monkeypatch):
 
 
 @needs_cuda
-def test_gpu_auto_backward_runs_split_on_tiled_flux_layers(monkeypatch):
+def test_gpu_auto_backward_runs_fused_gluon_on_tiled_flux_layers(monkeypatch):
     """On the H200 a FLUX-like tile window in tile order (128-token tiles, head dim 128, 512 text
-    tokens) takes "split" under backward="auto" (not the experimental "split_ws"), and its
-    gradients match the reference."""
+    tokens) takes the Gluon fused backward under backward="auto" (never the experimental
+    "split_ws"), and its gradients match the reference."""
+    from linfusion.kernels import local_bwd_gluon
+
     seen = []
     run_backward = local_triton._backward
     monkeypatch.setattr(local_triton, "_backward", lambda *args: seen.append(args[-1]) or run_backward(*args))
     check_tiled(1, 3, 128, (64, 48), (16, 16), 512, "tile", (8, 16), torch.bfloat16, "auto", "blhd", seed=5)
-    assert seen == ["split"]
+    hopper = torch.cuda.get_device_capability() == (9, 0) and local_bwd_gluon.HAVE_GLUON
+    assert seen == ["fused_gluon" if hopper else "split"]
 
 
 def test_split_ws_backward_refuses_what_it_cannot_serve(monkeypatch):

@@ -203,3 +203,18 @@ def test_fused_gluon_matches_float64_reference(monkeypatch, grid, tile, window, 
     split = torch.autograd.grad(out2, inputs2, do)
     for g, s in zip(grads, split):
         assert ((g.float() - s.float()).norm() / s.float().norm()).item() < tol
+
+
+@pytest.mark.parametrize("B, H, L, dtype", [(1, 3, 64, torch.bfloat16), (2, 2, 48, torch.float16)])
+def test_scale_into_writes_every_strided_element(monkeypatch, B, H, L, dtype):
+    """The dQ accumulator's scale-and-round pass (Triton; the interpreter on the CPU) fills a
+    token-major (B, L, H, D) result seen heads-first, every element (to one 16-bit rounding step:
+    the interpreter's conversion truncates where the GPU rounds to nearest)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    D = 128
+    acc = torch.randn(B * H * L, D, device="cuda" if torch.cuda.is_available() else "cpu")
+    out = torch.full((B, L, H, D), float("nan"), dtype=dtype, device=acc.device).transpose(1, 2)
+    G.scale_into(acc, out, 0.125)
+    assert torch.isfinite(out).all()
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    torch.testing.assert_close(out.float(), acc.view(B, H, L, D) * 0.125, rtol=ulp, atol=1e-6)

@@ -64,7 +64,7 @@ import triton.language as tl
 from .dispatch import triton_interpreter_enabled
 from .local_configs import circle_tile, default_backward, dq_ws_config, local_config
 from .local_dkdv_hopper import launch_dkdv_ws, launch_dq_ws, ws_dkdv_unsupported
-from .local_bwd_gluon import fused_gluon_unsupported, launch_fused_gluon
+from .local_bwd_gluon import fused_gluon_unsupported, launch_fused_gluon, scale_into
 from .local_layout import (
     MASK_NONE,
     MASK_TABLE,
@@ -1542,7 +1542,7 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         dq_acc = torch.zeros((B * H * L, D), dtype=torch.float32, device=q.device)
         launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len, setup.sl, setup.qk_scale,
                            setup.sm_scale)
-        torch.mul(dq_acc.view(B, H, L, D), setup.sm_scale, out=dq)  # scale and round in one pass
+        scale_into(dq_acc, dq, setup.sm_scale)
     elif backward == "fused_dq":
         _launch_delta(setup, o, do, delta, tile_copy=True)
         dq_acc = torch.zeros((B * H, L, setup.constexprs["D_PAD"]), dtype=torch.float32, device=q.device)
@@ -1565,7 +1565,7 @@ class _LocalAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         variant = ctx.backward
         if variant == "auto":
-            variant = _auto_backward(q, ctx.layout)
+            variant = _auto_backward(q, ctx.layout, ctx.text_len, ctx.tile_order)
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.layout, ctx.text_len, ctx.tile_order, variant)
         return dq, dk, dv, None, None, None, None
 
@@ -1614,12 +1614,18 @@ def _require_ws(q, tensors, layout: LocalLayout, text_len: int, tile_order: bool
                          'multiple of 128, head dim 128, fp16/bf16, on an sm_90 GPU; use "split" or "auto".')
 
 
-def _auto_backward(q: torch.Tensor, layout: LocalLayout) -> str:
-    """The variant ``backward="auto"`` runs: ``local_configs.default_backward``. From the 27th to the
-    32nd session it took "split_ws" wherever that kernel could serve (3–5% faster), until the H200
-    showed its warp-specialised dK/dV kernel leaving 128-key blocks of dK/dV non-finite in 7–58% of
-    FLUX backward calls (``benchmarks/results/ws_stress_32nd.json``); see :func:`_require_ws`."""
-    return default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume)
+def _auto_backward(q: torch.Tensor, layout: LocalLayout, text_len: int = 0, tile_order: bool = False) -> str:
+    """The variant ``backward="auto"`` runs: the Gluon fused backward wherever it can serve the call
+    (tile windows on tile-ordered tokens, 128-token tiles, head dim 128, fp16/bf16, sm_90:
+    :func:`local_bwd_gluon.fused_gluon_unsupported`; 33rd session, H200, FLUX 2K/4K/8K
+    ``benchmarks/results/gluon_fused_bwd_33rd.json``), else ``local_configs.default_backward``.
+    From the 27th to the 32nd session it took "split_ws" wherever that kernel could serve, until the
+    H200 showed its warp-specialised dK/dV kernel leaving 128-key blocks of dK/dV non-finite in 7–58%
+    of FLUX backward calls (``benchmarks/results/ws_stress_32nd.json``); see :func:`_require_ws`."""
+    default = default_backward(layout.shape, q.dtype, q.shape[-1], layout.tile_volume)
+    if default == "split" and fused_gluon_unsupported(q, layout, text_len, tile_order) is None:
+        return "fused_gluon"
+    return default
 
 
 def local_attention_tiled(q, k, v, grid, window, text_len: int = 0, shape: str = "circle", tile=None,
