@@ -88,7 +88,7 @@ VARIANTS_3D = [("circle-r2x8x8", "circle", (2, 8, 8), (2, 8, 8)), ("tile-2x8x8-r
 FLEX_CASES = ("flux-2k", "flux-4k")  # FlexAttention compiles + builds masks for seconds per shape
 FLEX_BWD_CASES = ("flux-4k",)
 FUSED_DQ_CASES = ("flux-4k", "flux-8k")  # both backward variants timed too (impls triton_split, triton_fused_dq)
-TILED_CASES = ("flux-4k", "flux-8k")  # tokens already in tile order: the gain of keeping them so
+TILED_CASES = ("flux-1k", "flux-2k", "flux-4k", "flux-8k")  # tokens in tile order (their backward: fused_gluon)
 DENSE_BWD_MAX_L = 70000
 
 
