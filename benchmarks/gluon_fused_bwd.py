@@ -50,13 +50,15 @@ def _nan_alloc(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def _attn(backward: str):
-    from linfusion.kernels.local_triton import local_attention_tiled
+def _attn(backward: str, tile_order: bool = True):
+    """The library call on tokens in tile order (``local_attention_tiled``) or row-major."""
+    from linfusion.kernels.local_triton import local_attention_tiled, local_attention_triton
 
-    return lambda q, k, v, grid: local_attention_tiled(q, k, v, grid, WINDOW, TEXT, "tile", TILE, backward=backward)
+    fn = local_attention_tiled if tile_order else local_attention_triton
+    return lambda q, k, v, grid: fn(q, k, v, grid, WINDOW, TEXT, "tile", TILE, backward=backward)
 
 
-def check_case(name: str, grid, stress: int) -> dict:
+def check_case(name: str, grid, stress: int, tile_order: bool = True) -> dict:
     """Gradients of split and fused (poisoned outputs), their agreement, fp32 errors, repeat stress."""
     import linfusion.kernels.local_triton as lt
 
@@ -69,7 +71,7 @@ def check_case(name: str, grid, stress: int) -> dict:
         grads = {}
         for bwd in ("split", "fused_gluon"):
             inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-            o = _attn(bwd)(*inputs, grid)
+            o = _attn(bwd, tile_order)(*inputs, grid)
             grads[bwd] = torch.autograd.grad(o, inputs, do)
             out[f"{bwd}_finite"] = [bool(torch.isfinite(g).all()) for g in grads[bwd]]
         out["fused_vs_split_rel"] = [_rel(a, b) for a, b in zip(grads["fused_gluon"], grads["split"])]
@@ -78,7 +80,7 @@ def check_case(name: str, grid, stress: int) -> dict:
             from linfusion.kernels.local_reference import local_attention_reference
 
             def row_major(t):
-                return from_tile_order(t.float(), grid, TILE, TEXT)
+                return from_tile_order(t.float(), grid, TILE, TEXT) if tile_order else t.float()
 
             ref_in = [row_major(t).requires_grad_() for t in (q, k, v)]
             ref = local_attention_reference(*ref_in, grid, WINDOW, TEXT, "tile", TILE)
@@ -87,7 +89,7 @@ def check_case(name: str, grid, stress: int) -> dict:
         # repeats: non-finite values, dK/dV bit-identical, dQ within reordering
         bad, dkdv_diff, dq_max = 0, 0, 0.0
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        o = _attn("fused_gluon")(*inputs, grid)
+        o = _attn("fused_gluon", tile_order)(*inputs, grid)
         first = torch.autograd.grad(o, inputs, do, retain_graph=True)
         for _ in range(stress):
             g = torch.autograd.grad(o, inputs, do, retain_graph=True)
@@ -101,7 +103,7 @@ def check_case(name: str, grid, stress: int) -> dict:
     return out
 
 
-VARIANTS = [(True, 1, 2), (False, 1, 2)]  # (dQ writer, dQ buffers, stages)
+VARIANTS = [(True, 1, 2)]  # (dQ writer, dQ buffers, stages)
 
 
 def timing_fns(name: str, grid, variant_checks: dict) -> dict:
@@ -111,11 +113,14 @@ def timing_fns(name: str, grid, variant_checks: dict) -> dict:
 
     L = TEXT + grid[0] * grid[1]
     q, k, v, do = (_randn(L, s) for s in range(4))
-    fns = {f"{name}/fwd": lambda: _attn("split")(q, k, v, grid)}
+    fns = {f"{name}/fwd": lambda: _attn("split")(q, k, v, grid),
+           f"{name}/fwd_rowmajor": lambda: _attn("split", False)(q, k, v, grid)}
     for bwd in ("split", "fused_gluon"):
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        o = _attn(bwd)(*inputs, grid)
-        fns[f"{name}/bwd_{bwd}"] = lambda o=o, inputs=inputs: torch.autograd.grad(o, inputs, do, retain_graph=True)
+        for order, suffix in ((True, ""), (False, "_rowmajor")):
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            o = _attn(bwd, order)(*inputs, grid)
+            fns[f"{name}/bwd_{bwd}{suffix}"] = lambda o=o, inputs=inputs: torch.autograd.grad(o, inputs, do,
+                                                                                             retain_graph=True)
     # pieces of the fused backward
     layout, _ = lt._prepare(q, k, v, grid, WINDOW, TEXT, "tile", TILE, "fused_gluon", tile_order=True)
     o, lse = lt._forward(q, k, v, layout, TEXT, True)
@@ -153,11 +158,14 @@ def measure(cases, repeats: int, stress: int, deadline_s: float) -> dict:
     start = time.time()
     res = {"env": environment(), "notes": [], "checks": {}, "rounds": {}}
     for name in ["tiny", *cases]:
-        try:
-            res["checks"][name] = check_case(name, {**SMALL, **CASES}[name], stress if name != "flux-8k" else stress // 4)
-        except Exception:  # noqa: BLE001
-            res["notes"].append(f"check {name}: " + traceback.format_exc()[-2000:])
-        print(name, res["checks"].get(name), flush=True)
+        for order in ("tile", "row"):
+            key = f"{name}/{order}"
+            try:
+                res["checks"][key] = check_case(name, {**SMALL, **CASES}[name],
+                                                stress if name != "flux-8k" else stress // 4, order == "tile")
+            except Exception:  # noqa: BLE001
+                res["notes"].append(f"check {key}: " + traceback.format_exc()[-2000:])
+            print(key, res["checks"].get(key), flush=True)
     fns = {}
     for name in cases:
         try:
@@ -176,10 +184,12 @@ def measure(cases, repeats: int, stress: int, deadline_s: float) -> dict:
     med = res["median_ms"] = {k: statistics.median(v) for k, v in res["rounds"].items()}
     res["bwd_over_fwd"] = {}
     for name in cases:
-        if f"{name}/fwd" in med:
-            for bwd in ("split", "fused_gluon"):
-                if f"{name}/bwd_{bwd}" in med:
-                    res["bwd_over_fwd"][f"{name}/{bwd}"] = med[f"{name}/bwd_{bwd}"] / med[f"{name}/fwd"]
+        for suffix in ("", "_rowmajor"):
+            if f"{name}/fwd{suffix}" in med:
+                for bwd in ("split", "fused_gluon"):
+                    if f"{name}/bwd_{bwd}{suffix}" in med:
+                        res["bwd_over_fwd"][f"{name}/{bwd}{suffix}"] = (med[f"{name}/bwd_{bwd}{suffix}"]
+                                                                        / med[f"{name}/fwd{suffix}"])
     print(json.dumps({"median_ms": med, "bwd_over_fwd": res["bwd_over_fwd"]}, indent=1), flush=True)
     return res
 
@@ -193,15 +203,17 @@ def plot(path: Path) -> None:
     res = json.loads(path.read_text())
     ratios = res["bwd_over_fwd"]
     cases = [c for c in CASES if f"{c}/split" in ratios]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.35
-    for i, bwd in enumerate(("split", "fused_gluon")):
-        ax.bar([j + (i - 0.5) * width for j in range(len(cases))], [ratios.get(f"{c}/{bwd}", 0) for c in cases],
-               width, label=f"{bwd} backward")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.2
+    kinds = [("split", "split, tile order"), ("fused_gluon", "fused_gluon, tile order"),
+             ("split_rowmajor", "split, row-major"), ("fused_gluon_rowmajor", "fused_gluon, row-major")]
+    for i, (key, label) in enumerate(kinds):
+        ax.bar([j + (i - 1.5) * width for j in range(len(cases))], [ratios.get(f"{c}/{key}", 0) for c in cases],
+               width, label=label)
     ax.axhline(3.0, color="red", ls="--", lw=1, label="target 3×")
     ax.set_xticks(range(len(cases)), cases)
     ax.set_ylabel("backward / forward")
-    ax.set_title("FLUX tile window, tile order, bf16", fontsize=9)
+    ax.set_title("FLUX tile window (8x16 tiles, ±2x±1 tiles, 512 text tokens), bf16", fontsize=9)
     ax.legend(fontsize=7)
     env = res["env"]
     fig.suptitle(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}", fontsize=8)

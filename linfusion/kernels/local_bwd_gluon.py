@@ -83,20 +83,57 @@ if HAVE_GLUON:
         return gl.where(i < n_dense, i * BM, TEXT + tile * TV + sub * BM)
 
     @gluon.jit
-    def _producer(q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty,
-                  q_row0, q_col, do_row0, do_col, stat0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2,
-                  BM: gl.constexpr, D: gl.constexpr, TV: gl.constexpr, STAGES: gl.constexpr):
+    def _producer(q_desc, do_desc, q_gdesc, do_gdesc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready,
+                  empty, q_row0, q_col, do_row0, do_col, q_go, q_gc, do_go, do_gc, stat0, slot0, n_dense, n_iter, TEXT,
+                  lo0, lo1, lo2, n12, n2, N1, N2, BM: gl.constexpr, D: gl.constexpr, TV: gl.constexpr,
+                  STAGES: gl.constexpr, ROW_MAJOR: gl.constexpr, T0: gl.constexpr, T1: gl.constexpr,
+                  T2: gl.constexpr, CB0: gl.constexpr, CB1: gl.constexpr, CB2: gl.constexpr):
         """One warp: Q, dO, LSE, Δ of query chunk i into stage i % STAGES once the consumers have
-        released it (``empty``); ``ready`` completes when all four have landed."""
+        released it (``empty``); ``ready`` completes when all four have landed. ROW_MAJOR: image
+        chunks (tile-order position ≥ TEXT) come as [CB0, CB1, CB2] boxes of the row-major grid
+        (``q_gdesc``, ``do_gdesc``) and their LSE / Δ from the tile-major slots from ``slot0`` on."""
         for i in range(n_iter):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # the first round passes at once
             row = _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, TV)
             mbarrier.expect(ready.index(s), 2 * BM * D * q_desc.dtype.primitive_bitwidth // 8 + 2 * BM * 4)
-            _tma_load(q_desc, [q_row0 + row, q_col], ready.index(s), q_smem.index(s))
-            _tma_load(do_desc, [do_row0 + row, do_col], ready.index(s), do_smem.index(s))
-            _tma_load(lse_desc, [stat0 + row], ready.index(s), lse_smem.index(s))
-            _tma_load(dl_desc, [stat0 + row], ready.index(s), dl_smem.index(s))
+            if ROW_MAJOR:
+                if row < TEXT:
+                    _tma_load(q_desc, [q_row0 + row, q_col], ready.index(s), q_smem.index(s))
+                    _tma_load(do_desc, [do_row0 + row, do_col], ready.index(s), do_smem.index(s))
+                    _tma_load(lse_desc, [stat0 + row], ready.index(s), lse_smem.index(s))
+                    _tma_load(dl_desc, [stat0 + row], ready.index(s), dl_smem.index(s))
+                else:
+                    j = row - TEXT
+                    tile = j // TV
+                    sub = (j - tile * TV) // BM
+                    y0, y1, y2 = _chunk_origin(tile, sub, N1, N2, T0, T1, T2, CB0, CB1, CB2)
+                    _tma_load(q_gdesc, [q_go, y0, y1, y2, q_gc], ready.index(s),
+                              q_smem.index(s).reshape([1, CB0, CB1, CB2, D]))
+                    _tma_load(do_gdesc, [do_go, y0, y1, y2, do_gc], ready.index(s),
+                              do_smem.index(s).reshape([1, CB0, CB1, CB2, D]))
+                    stat = stat0 + slot0 + tile * TV + sub * BM
+                    _tma_load(lse_desc, [stat], ready.index(s), lse_smem.index(s))
+                    _tma_load(dl_desc, [stat], ready.index(s), dl_smem.index(s))
+            else:
+                _tma_load(q_desc, [q_row0 + row, q_col], ready.index(s), q_smem.index(s))
+                _tma_load(do_desc, [do_row0 + row, do_col], ready.index(s), do_smem.index(s))
+                _tma_load(lse_desc, [stat0 + row], ready.index(s), lse_smem.index(s))
+                _tma_load(dl_desc, [stat0 + row], ready.index(s), dl_smem.index(s))
+
+    @gluon.jit
+    def _chunk_origin(tile, sub, N1, N2, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr,
+                      CB0: gl.constexpr, CB1: gl.constexpr, CB2: gl.constexpr):
+        """Grid coordinates of the first token of query chunk ``sub`` of tile ``tile`` (row-major
+        tile numbering over an N0 × N1 × N2 tile grid): a tile splits into chunks of CB0 × CB1 × CB2
+        along its first dimension that the chunk does not span whole."""
+        SPLIT0: gl.constexpr = CB0 < T0
+        SPLIT1: gl.constexpr = (CB0 == T0) and (CB1 < T1)
+        SPLIT2: gl.constexpr = (CB0 == T0) and (CB1 == T1)
+        y0 = (tile // (N1 * N2)) * T0 + sub * CB0 * SPLIT0
+        y1 = ((tile // N2) % N1) * T1 + sub * CB1 * SPLIT1
+        y2 = (tile % N2) * T2 + sub * CB2 * SPLIT2
+        return y0, y1, y2
 
     @gluon.jit
     def _dq_writer(dq_desc, dq_smem, dq_full, dq_empty, dq_row0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
@@ -175,16 +212,23 @@ if HAVE_GLUON:
         return dk, dv
 
     @gluon.jit
-    def fused_bwd_kernel(q_desc, k_desc, v_desc, do_desc, lse_desc, dl_desc, dq_desc, DK, DV,
-                         q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch,
+    def fused_bwd_kernel(q_desc, k_desc, v_desc, do_desc, q_gdesc, k_gdesc, v_gdesc, do_gdesc, lse_desc, dl_desc,
+                         dq_desc, DK, DV, q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch,
+                         q_gb, q_gh, q_gc, k_gb, k_gh, k_gc, do_gb, do_gh, do_gc,
                          sgb, sgh, sgn, H, L, SL, TEXT, n_text_progs, NTB, n_tiles,
-                         N0, N1, N2, R0, R1, R2, qk_scale, sm_scale,
+                         N0, N1, N2, R0, R1, R2, G1, G2, qk_scale, sm_scale,
                          BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, TV: gl.constexpr,
                          STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, DQ_BUFS: gl.constexpr,
-                         DQ_WRITER: gl.constexpr, num_warps: gl.constexpr):
+                         DQ_WRITER: gl.constexpr, ROW_MAJOR: gl.constexpr, T0: gl.constexpr, T1: gl.constexpr,
+                         T2: gl.constexpr, CB0: gl.constexpr, CB1: gl.constexpr, CB2: gl.constexpr,
+                         num_warps: gl.constexpr):
         """Program ``pid``: BN text keys (``pid < n_text_progs``, NTB blocks per (b, h)) or one image
         tile of one (b, h). Row coordinates of a (b, h) in the 2D TMA views of q, k / v, dO:
-        ``b · *_rb + h · *_rh`` and column ``h · *_ch``; DK, DV (B, H, L, D) by strides."""
+        ``b · *_rb + h · *_rh`` and column ``h · *_ch``. ROW_MAJOR (tokens row-major, the grid
+        G0 × G1 × G2): image tiles and chunks come as boxes of the 5D views [outer, G0, G1, G2, C]
+        (``*_gdesc``) at outer ``b · *_gb + h · *_gh`` and column ``h · *_gc``; the dQ accumulator
+        stays in tile order either way (:func:`scale_into` puts the rows in place). DK, DV
+        (B, H, L, D) by strides."""
         pid = gl.program_id(0)
         is_text = pid < n_text_progs
         pid_img = gl.maximum(pid - n_text_progs, 0)
@@ -230,17 +274,28 @@ if HAVE_GLUON:
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
         mbarrier.expect(kv_bar, 2 * BN * D * dtype.primitive_bitwidth // 8)
-        _tma_load(k_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, k_smem)
-        _tma_load(v_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, v_smem)
+        if ROW_MAJOR:
+            if is_text:
+                _tma_load(k_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, k_smem)
+                _tma_load(v_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, v_smem)
+            else:
+                box = [b * k_gb + h * k_gh, c0 * T0, c1 * T1, c2 * T2, h * k_gc]
+                _tma_load(k_gdesc, box, kv_bar, k_smem.reshape([1, T0, T1, T2, D]))
+                _tma_load(v_gdesc, box, kv_bar, v_smem.reshape([1, T0, T1, T2, D]))
+        else:
+            _tma_load(k_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, k_smem)
+            _tma_load(v_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, v_smem)
         mbarrier.wait(kv_bar, 0)
         if DQ_WRITER:
             dk, dv = gl.warp_specialize([
                 (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty,
                              dq_full, dq_empty, dq_desc, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
                              N2, qk_scale, BM, BN, D, TV, STAGES, DQ_BUFS, DQ_WRITER, num_warps)),
-                (_producer, (q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty,
-                             b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch, bh * SL,
-                             n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV, STAGES)),
+                (_producer, (q_desc, do_desc, q_gdesc, do_gdesc, lse_desc, dl_desc, q_smem, do_smem, lse_smem,
+                             dl_smem, ready, empty, b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch,
+                             b * q_gb + h * q_gh, h * q_gc, b * do_gb + h * do_gh, h * do_gc, bh * SL,
+                             SL - n_tiles * TV, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV,
+                             STAGES, ROW_MAJOR, T0, T1, T2, CB0, CB1, CB2)),
                 (_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2,
                               n12, n2, N1, N2, BM, TV, DQ_BUFS)),
             ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
@@ -249,14 +304,23 @@ if HAVE_GLUON:
                 (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty,
                              dq_full, dq_empty, dq_desc, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
                              N2, qk_scale, BM, BN, D, TV, STAGES, DQ_BUFS, DQ_WRITER, num_warps)),
-                (_producer, (q_desc, do_desc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready, empty,
-                             b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch, bh * SL,
-                             n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV, STAGES)),
+                (_producer, (q_desc, do_desc, q_gdesc, do_gdesc, lse_desc, dl_desc, q_smem, do_smem, lse_smem,
+                             dl_smem, ready, empty, b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch,
+                             b * q_gb + h * q_gh, h * q_gc, b * do_gb + h * do_gh, h * do_gc, bh * SL,
+                             SL - n_tiles * TV, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV,
+                             STAGES, ROW_MAJOR, T0, T1, T2, CB0, CB1, CB2)),
             ], [1], [PRODUCER_REGS])
         # dK, dV straight from the accumulators' layout (an epilogue: no shared memory left for a shuffle)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, D, 16])
-        rows = key_row + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
+        r = gl.arange(0, BN, layout=gl.SliceLayout(1, acc_layout))
+        if ROW_MAJOR:  # the tile's tokens, row-major within the tile, at their grid positions
+            y0 = c0 * T0 + r // (T1 * T2)
+            y1 = c1 * T1 + (r // T2) % T1
+            y2 = c2 * T2 + r % T2
+            rows = gl.where(is_text, key_row + r, TEXT + (y0 * G1 + y1) * G2 + y2)
+        else:
+            rows = key_row + r
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
         offs = gl.expand_dims(rows.to(gl.int64) * sgn, 1) + gl.expand_dims(cols, 0)
         base = b.to(gl.int64) * sgb + h.to(gl.int64) * sgh
@@ -265,13 +329,26 @@ if HAVE_GLUON:
 
 
 @triton.jit
-def _scale_store_kernel(ACC, OUT, so_b, so_h, so_n, H, L, scale, D: tl.constexpr, ROWS: tl.constexpr):
+def _scale_store_kernel(ACC, OUT, so_b, so_h, so_n, H, L, TEXT, N1, N2, G1, G2, scale, D: tl.constexpr,
+                        ROWS: tl.constexpr, ROW_MAJOR: tl.constexpr, T0: tl.constexpr, T1: tl.constexpr,
+                        T2: tl.constexpr):
     """OUT[b, h, t, :] = scale · ACC[(b·H + h)·L + t, :] for ROWS rows (rows of one (b, h): L is a
-    multiple of ROWS), rounded to OUT's dtype: the fp32 dQ accumulator to the strided result."""
+    multiple of ROWS), rounded to OUT's dtype: the fp32 dQ accumulator to the strided result.
+    ROW_MAJOR: the accumulator's rows are in tile order (tiles T0 × T1 × T2, N1 × N2 per plane of
+    the tile grid), OUT's tokens row-major over the G0 × G1 × G2 grid after TEXT text tokens."""
     pid = tl.program_id(0)
     r0 = pid * ROWS
     bh = r0 // L
     t = r0 - bh * L + tl.arange(0, ROWS)
+    if ROW_MAJOR:
+        TV: tl.constexpr = T0 * T1 * T2
+        j = tl.maximum(t - TEXT, 0)
+        tile = j // TV
+        r = j - tile * TV
+        y0 = (tile // (N1 * N2)) * T0 + r // (T1 * T2)
+        y1 = ((tile // N2) % N1) * T1 + (r // T2) % T1
+        y2 = (tile % N2) * T2 + r % T2
+        t = tl.where(t < TEXT, t, TEXT + (y0 * G1 + y1) * G2 + y2)
     b = bh // H
     h = bh - b * H
     cols = tl.arange(0, D)
@@ -280,13 +357,19 @@ def _scale_store_kernel(ACC, OUT, so_b, so_h, so_n, H, L, scale, D: tl.constexpr
     tl.store(OUT + base + t.to(tl.int64)[:, None] * so_n + cols[None, :], (acc * scale).to(OUT.dtype.element_ty))
 
 
-def scale_into(acc: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+def scale_into(acc: torch.Tensor, out: torch.Tensor, scale: float, layout=None, text_len: int = 0) -> None:
     """``out`` ((B, H, L, D), any strides with a contiguous last dimension) = ``scale`` · ``acc``
     (fp32 (B·H·L, D)), in one pass: ``torch.mul(..., out=)`` into the strided 16-bit view took 0.73 ms
-    at FLUX 4K on the H200 (33rd session), several times what its bytes need."""
+    at FLUX 4K on the H200 (33rd session), several times what its bytes need. With ``layout``:
+    ``acc``'s rows are in tile order, ``out``'s tokens row-major (``launch_fused_gluon`` on row-major
+    tokens)."""
     B, H, L, D = out.shape
     rows = 32 if L % 32 == 0 else 16 if L % 16 == 0 else 1
-    _scale_store_kernel[(B * H * L // rows,)](acc, out, *out.stride()[:3], H, L, scale, D=D, ROWS=rows)
+    t0, t1, t2 = layout.tile if layout is not None else (1, 1, 1)
+    _, g1, g2 = layout.grid if layout is not None else (1, 1, 1)
+    _, n1, n2 = layout.n_tiles if layout is not None else (1, 1, 1)
+    _scale_store_kernel[(B * H * L // rows,)](acc, out, *out.stride()[:3], H, L, text_len, n1, n2, g1, g2, scale,
+                                             D=D, ROWS=rows, ROW_MAJOR=layout is not None, T0=t0, T1=t1, T2=t2)
 
 
 def _row_view(t: torch.Tensor):
@@ -306,12 +389,42 @@ def _row_view(t: torch.Tensor):
     return None
 
 
+def _grid_view(t: torch.Tensor, text_len: int, grid):
+    """(5D view [outer, G0, G1, G2, C] of the image tokens, outer index per batch, per head, column
+    per head) of a (B, H, L, D) tensor with row-major tokens, for TMA boxes of grid tiles: token-major
+    memory with heads side by side (outer = batch, column h·D) or heads-first memory whose batches
+    and heads at one stride (outer = b·H + h or h·B + b). None where neither describes it."""
+    B, H, L, D = t.shape
+    sb, sh, sn, sd = t.stride()
+    g0, g1, g2 = grid
+    inner = [g1 * g2 * sn, g2 * sn, sn, 1]
+    offset = t.storage_offset() + text_len * sn
+    if sd != 1:
+        return None
+    if sh == D and sn >= H * D:
+        return t.as_strided((B, g0, g1, g2, H * D), (sb, *inner), offset), 1, 0, D
+    if sh % sn == 0 and sh >= L * sn:  # heads-first: (b, h) -> one outer index of one stride
+        for stride, ob, oh in ((sh, H, 1), (sb, 1, B)):
+            if (B == 1 or sb == ob * stride) and (H == 1 or sh == oh * stride):
+                return t.as_strided((B * H, g0, g1, g2, D), (stride, *inner), offset), ob, oh, 0
+    return None
+
+
+def _chunk_box(tile) -> tuple[int, int, int]:
+    """The [CB0, CB1, CB2] box of a BM-query chunk: the tile halved (BN = 2 · BM) along its first
+    dimension longer than 1."""
+    t0, t1, t2 = tile
+    if t0 > 1:
+        return t0 // 2, t1, t2
+    if t1 > 1:
+        return 1, t1 // 2, t2
+    return 1, 1, t2 // 2
+
+
 def fused_gluon_unsupported(q: torch.Tensor, layout, text_len: int, tile_order: bool) -> str | None:
     """Why :func:`launch_fused_gluon` cannot serve this backward (None: it can)."""
     if not HAVE_GLUON:
         return "this Triton has no Gluon"
-    if not tile_order:
-        return "tokens are row-major (this kernel walks tile-ordered tokens)"
     if layout.shape != "tile":
         return "the window is a circle (its edge tiles need per-token masks)"
     if layout.tile_volume != BN or any(g % t for g, t in zip(layout.grid, layout.tile)):
@@ -333,17 +446,30 @@ def _descriptor(t: torch.Tensor, block, layout):
 
 def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len: int, sl: int,
                        qk_scale: float, sm_scale: float, producer_regs: int = 40, dq_bufs: int = 1,
-                       dq_writer: bool = True, stages: int = STAGES) -> None:
+                       dq_writer: bool = True, stages: int = STAGES, tile_order: bool = True) -> None:
     """dK, dV (written into ``dk``, ``dv``, (B, H, L, D) views sharing one stride set) and the
     unscaled dQ added into ``dq_acc`` (fp32 (B·H·L, D), zeroed by the caller) of a tile-window
     local attention on tile-ordered tokens; ``lse`` (log2 units) and ``delta`` the (B, H, sl)
     statistics rows (token-order columns). The caller checks :func:`fused_gluon_unsupported`."""
     B, H, L, D = q.shape
-    views = [_row_view(t) for t in (q, k, v, do)]
-    if any(view is None for view in views) or views[1][1:] != views[2][1:]:
+    tensors = [q, k, v, do]
+    views = [_row_view(t) for t in tensors]
+    gviews = [_grid_view(t, text_len, layout.grid) for t in tensors] if not tile_order else views
+    if (any(view is None for view in views + gviews) or views[1][1:] != views[2][1:]
+            or gviews[1][1:] != gviews[2][1:]):
         # (k and v share their coordinates in the kernel; other strides are copied to heads-first)
-        views = [_row_view(t.contiguous()) for t in (q, k, v, do)]
+        tensors = [t.contiguous() for t in tensors]
+        views = [_row_view(t) for t in tensors]
+        gviews = [_grid_view(t, text_len, layout.grid) for t in tensors] if not tile_order else views
     (qv, q_rb, q_rh, q_ch), (kv, k_rb, k_rh, k_ch), (vv, _, _, _), (dov, do_rb, do_rh, do_ch) = views
+    (qg, q_gb, q_gh, q_gc), (kg, k_gb, k_gh, k_gc), (vg, _, _, _), (dog, do_gb, do_gh, do_gc) = gviews
+    cb = _chunk_box(layout.tile)
+    if tile_order:  # (the grid descriptors are unused: the 2D ones stand in)
+        grid_descs = [None] * 4
+    else:
+        g5 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5)
+        grid_descs = [_descriptor(qg, (1, *cb, D), g5), _descriptor(kg, (1, *layout.tile, D), g5),
+                      _descriptor(vg, (1, *layout.tile, D), g5), _descriptor(dog, (1, *cb, D), g5)]
     smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     stats = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     acc_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
@@ -352,12 +478,16 @@ def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len
     ntb = text_len // BN
     n_text_progs = ntb * B * H
     n_tiles = n0 * n1 * n2
+    row_descs = [_descriptor(qv, (BM, D), smem), _descriptor(kv, (BN, D), smem), _descriptor(vv, (BN, D), smem),
+                 _descriptor(dov, (BM, D), smem)]
+    grid_descs = [g if g is not None else r for g, r in zip(grid_descs, row_descs)]
     fused_bwd_kernel[(n_text_progs + n_tiles * B * H,)](
-        _descriptor(qv, (BM, D), smem), _descriptor(kv, (BN, D), smem), _descriptor(vv, (BN, D), smem),
-        _descriptor(dov, (BM, D), smem), _descriptor(lse.reshape(-1), (BM,), stats),
+        *row_descs, *grid_descs, _descriptor(lse.reshape(-1), (BM,), stats),
         _descriptor(delta.reshape(-1), (BM,), stats), _descriptor(dq_acc, (BM, D), acc_layout), dk, dv,
-        q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch, *dk.stride()[:3],
-        H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles, n0, n1, n2, r0, r1, r2, qk_scale, sm_scale,
+        q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch, q_gb, q_gh, q_gc, k_gb, k_gh, k_gc,
+        do_gb, do_gh, do_gc, *dk.stride()[:3], H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles,
+        n0, n1, n2, r0, r1, r2, layout.grid[1], layout.grid[2], qk_scale, sm_scale,
         BM=BM, BN=BN, D=D, TV=BN, STAGES=stages, PRODUCER_REGS=producer_regs, DQ_BUFS=dq_bufs,
-        DQ_WRITER=dq_writer, num_warps=8,
+        DQ_WRITER=dq_writer, ROW_MAJOR=not tile_order, T0=layout.tile[0], T1=layout.tile[1], T2=layout.tile[2],
+        CB0=cb[0], CB1=cb[1], CB2=cb[2], num_warps=8,
     )

@@ -1538,11 +1538,12 @@ def _backward(do, q, k, v, o, lse, layout: LocalLayout, text_len: int, tile_orde
         else:
             _launch_dkdv(setup, q, k, v, do, lse, delta, dk, dv)
     elif backward == "fused_gluon":
-        _launch_delta(setup, o, do, delta, tile_copy=False)
-        dq_acc = torch.zeros((B * H * L, D), dtype=torch.float32, device=q.device)
+        # on row-major tokens the kernel reads image rows' LSE / Δ from their tile-major copies
+        _launch_delta(setup, o, do, delta, tile_copy=not tile_order)
+        dq_acc = torch.zeros((B * H * L, D), dtype=torch.float32, device=q.device)  # rows in tile order
         launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len, setup.sl, setup.qk_scale,
-                           setup.sm_scale)
-        scale_into(dq_acc, dq, setup.sm_scale)
+                           setup.sm_scale, tile_order=tile_order)
+        scale_into(dq_acc, dq, setup.sm_scale, None if tile_order else layout, text_len)
     elif backward == "fused_dq":
         _launch_delta(setup, o, do, delta, tile_copy=True)
         dq_acc = torch.zeros((B * H, L, setup.constexprs["D_PAD"]), dtype=torch.float32, device=q.device)
@@ -1588,9 +1589,9 @@ def _prepare(q, k, v, grid, window, text_len, shape, tile, backward: str = "auto
     if backward == "fused_gluon":
         why = fused_gluon_unsupported(q, layout, int(text_len), tile_order)
         if why is not None:
-            raise ValueError(f'backward="fused_gluon" cannot serve this call: {why}. It needs a tile window on '
-                             'tile-ordered tokens (local_attention_tiled), whole 128-token tiles, text length a '
-                             'multiple of 128, head dim 128, fp16/bf16, on an sm_90 GPU; use "split" or "auto".')
+            raise ValueError(f'backward="fused_gluon" cannot serve this call: {why}. It needs a tile window '
+                             '(shape="tile") of whole 128-token tiles, text length a multiple of 128, head dim '
+                             '128, fp16/bf16, on an sm_90 GPU; use "split" or "auto".')
     return layout, backward
 
 
