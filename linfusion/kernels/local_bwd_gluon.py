@@ -1,23 +1,28 @@
 """Fused tile-window backward for Hopper, written in Gluon (Triton's explicit-layout dialect).
 
-One kernel computes dK, dV *and* dQ of a tile-window local attention (``shape="tile"``) on tokens
-in tile order, with five matrix products per block pair instead of the split backward's seven:
+One kernel computes dK, dV *and* dQ of a tile-window local attention (``shape="tile"``), with five
+matrix products per block pair instead of the split backward's seven:
 
 * one program per 128-key tile (text-key tiles first, their loops being the longest) keeps its
   dK and dV in registers and walks every 64-query chunk that sees it: the text queries, then the
   query tiles of the symmetric window box around its tile (``local_dkdv_hopper``'s arithmetic);
 * a one-warp producer partition brings each chunk's Q, dO, LSE and Δ by TMA into a two-stage ring
-  guarded by mbarriers;
+  guarded by mbarriers (on row-major tokens image tiles and chunks are 5D boxes of the grid and
+  their LSE / Δ come from the tile-major copies the forward writes);
 * the two consumer warpgroups (the default partition, 64 keys each) compute Sᵀ = K·Qᵀ and
   dPᵀ = V·dOᵀ, Pᵀ and dSᵀ, then dV += Pᵀ·dO and dK += dSᵀ·Q with the probabilities as register
   operands, and the chunk's dQ share dS·K through shared memory;
-* the dQ share goes to an fp32 accumulator by a TMA *reduction* (``cp.reduce.async.bulk.tensor``):
-  the TMA unit adds the tile in L2 while the warps go on. This is FlashAttention-3's design; the
-  10th–30th sessions' Triton versions added the share with per-thread atomics or without explicit
-  warp specialisation and lost to the split loops (``benchmarks/NOTES_local.md``).
+* a one-warp writer adds the dQ share to an fp32 accumulator (rows in tile order) by a TMA
+  *reduction* (``cp.reduce.async.bulk.tensor``): the TMA unit adds the tile in L2 while the warps go
+  on; :func:`scale_into` then scales it into the result, putting rows back in row-major order.
+
+This is FlashAttention-3's design. The 10th–30th sessions' versions (Triton, and Gluon with a
+per-thread-atomics writer) lost to the split loops (``benchmarks/NOTES_local.md``); this one wins:
+on the H200, FLUX 1K–8K, its backward is 2.59–2.76× its forward against the split backward's
+3.15–3.44× (33rd session, ``benchmarks/results/gluon_fused_bwd_33rd.json``).
 
 Serves what :func:`fused_gluon_unsupported` accepts: a CUDA sm_90 device, fp16 / bf16, head dim 128,
-tile order, tile windows of 128-token tiles covering the grid, text a multiple of 128.
+tile windows of 128-token tiles covering the grid, text a multiple of 128, either token order.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ try:  # Gluon ships with Triton ≥ 3.5; the library imports without it (CPU-onl
         warpgroup_mma_wait,
     )
 
-    HAVE_GLUON = True
+    # built and measured with Triton 3.6 (the H200's), compiled with 3.9 in CI: older Gluon differs
+    HAVE_GLUON = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 6)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
@@ -424,7 +430,7 @@ def _chunk_box(tile) -> tuple[int, int, int]:
 def fused_gluon_unsupported(q: torch.Tensor, layout, text_len: int, tile_order: bool) -> str | None:
     """Why :func:`launch_fused_gluon` cannot serve this backward (None: it can)."""
     if not HAVE_GLUON:
-        return "this Triton has no Gluon"
+        return f"this Triton ({triton.__version__}) has no Gluon of 3.6 or later"
     if layout.shape != "tile":
         return "the window is a circle (its edge tiles need per-token masks)"
     if layout.tile_volume != BN or any(g % t for g, t in zip(layout.grid, layout.tile)):
@@ -448,9 +454,13 @@ def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len
                        qk_scale: float, sm_scale: float, producer_regs: int = 40, dq_bufs: int = 1,
                        dq_writer: bool = True, stages: int = STAGES, tile_order: bool = True) -> None:
     """dK, dV (written into ``dk``, ``dv``, (B, H, L, D) views sharing one stride set) and the
-    unscaled dQ added into ``dq_acc`` (fp32 (B·H·L, D), zeroed by the caller) of a tile-window
-    local attention on tile-ordered tokens; ``lse`` (log2 units) and ``delta`` the (B, H, sl)
-    statistics rows (token-order columns). The caller checks :func:`fused_gluon_unsupported`."""
+    unscaled dQ added into ``dq_acc`` (fp32 (B·H·L, D), rows in tile order, zeroed by the caller)
+    of a tile-window local attention on tile-ordered (``tile_order``) or row-major tokens; ``lse``
+    (log2 units) and ``delta`` the (B, H, sl) statistics rows (token-order columns, and on row-major
+    tokens the image rows' tile-major copies too). The caller checks
+    :func:`fused_gluon_unsupported`. The other options are the variants timed on the H200
+    (``benchmarks/gluon_fused_bwd.py``): the defaults, a writer warp, one dQ buffer and two stages,
+    were fastest (flux-4k kernel 10.87 ms, 11.54 without the writer warp, 12.42 with three stages)."""
     B, H, L, D = q.shape
     tensors = [q, k, v, do]
     views = [_row_view(t) for t in tensors]
