@@ -103,7 +103,7 @@ def check_case(name: str, grid, stress: int, tile_order: bool = True) -> dict:
     return out
 
 
-VARIANTS = [(True, 1, 2)]  # (dQ writer, dQ buffers, stages)
+VARIANTS = [(1, 2)]  # (dQ buffers, stages)
 
 
 def timing_fns(name: str, grid, variant_checks: dict) -> dict:
@@ -133,12 +133,12 @@ def timing_fns(name: str, grid, variant_checks: dict) -> dict:
     fns[f"{name}/piece_zero"] = lambda: acc.zero_()
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     split = torch.autograd.grad(_attn("split")(*inputs, grid), inputs, do)
-    for writer, bufs, stages in VARIANTS:
-        def kernel(writer=writer, bufs=bufs, stages=stages):
+    for bufs, stages in VARIANTS:
+        def kernel(bufs=bufs, stages=stages):
             launch_fused_gluon(q, k, v, do, lse, delta, acc, dk, dv, layout, TEXT, setup.sl, setup.qk_scale,
-                               setup.sm_scale, dq_bufs=bufs, dq_writer=writer, stages=stages)
+                               setup.sm_scale, dq_bufs=bufs, stages=stages)
 
-        tag = f"writer{int(writer)}_bufs{bufs}_stages{stages}"
+        tag = f"writer1_bufs{bufs}_stages{stages}"
         try:
             acc.zero_()
             dk.fill_(float("nan"))

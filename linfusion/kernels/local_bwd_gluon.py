@@ -89,6 +89,15 @@ if HAVE_GLUON:
         return gl.where(i < n_dense, i * BM, TEXT + tile * TV + sub * BM)
 
     @gluon.jit
+    def _load_rows(q_desc, do_desc, lse_desc, dl_desc, q_dst, do_dst, lse_dst, dl_dst, bar, q_row, q_col, do_row,
+                   do_col, stat):
+        """TMA loads of one chunk of contiguous token rows (Q, dO boxes [BM, D]; LSE, Δ runs)."""
+        _tma_load(q_desc, [q_row, q_col], bar, q_dst)
+        _tma_load(do_desc, [do_row, do_col], bar, do_dst)
+        _tma_load(lse_desc, [stat], bar, lse_dst)
+        _tma_load(dl_desc, [stat], bar, dl_dst)
+
+    @gluon.jit
     def _producer(q_desc, do_desc, q_gdesc, do_gdesc, lse_desc, dl_desc, q_smem, do_smem, lse_smem, dl_smem, ready,
                   empty, q_row0, q_col, do_row0, do_col, q_go, q_gc, do_go, do_gc, stat0, slot0, n_dense, n_iter, TEXT,
                   lo0, lo1, lo2, n12, n2, N1, N2, BM: gl.constexpr, D: gl.constexpr, TV: gl.constexpr,
@@ -105,10 +114,9 @@ if HAVE_GLUON:
             mbarrier.expect(ready.index(s), 2 * BM * D * q_desc.dtype.primitive_bitwidth // 8 + 2 * BM * 4)
             if ROW_MAJOR:
                 if row < TEXT:
-                    _tma_load(q_desc, [q_row0 + row, q_col], ready.index(s), q_smem.index(s))
-                    _tma_load(do_desc, [do_row0 + row, do_col], ready.index(s), do_smem.index(s))
-                    _tma_load(lse_desc, [stat0 + row], ready.index(s), lse_smem.index(s))
-                    _tma_load(dl_desc, [stat0 + row], ready.index(s), dl_smem.index(s))
+                    _load_rows(q_desc, do_desc, lse_desc, dl_desc, q_smem.index(s), do_smem.index(s),
+                               lse_smem.index(s), dl_smem.index(s), ready.index(s), q_row0 + row, q_col,
+                               do_row0 + row, do_col, stat0 + row)
                 else:
                     j = row - TEXT
                     tile = j // TV
@@ -122,10 +130,8 @@ if HAVE_GLUON:
                     _tma_load(lse_desc, [stat], ready.index(s), lse_smem.index(s))
                     _tma_load(dl_desc, [stat], ready.index(s), dl_smem.index(s))
             else:
-                _tma_load(q_desc, [q_row0 + row, q_col], ready.index(s), q_smem.index(s))
-                _tma_load(do_desc, [do_row0 + row, do_col], ready.index(s), do_smem.index(s))
-                _tma_load(lse_desc, [stat0 + row], ready.index(s), lse_smem.index(s))
-                _tma_load(dl_desc, [stat0 + row], ready.index(s), dl_smem.index(s))
+                _load_rows(q_desc, do_desc, lse_desc, dl_desc, q_smem.index(s), do_smem.index(s), lse_smem.index(s),
+                           dl_smem.index(s), ready.index(s), q_row0 + row, q_col, do_row0 + row, do_col, stat0 + row)
 
     @gluon.jit
     def _chunk_origin(tile, sub, N1, N2, T0: gl.constexpr, T1: gl.constexpr, T2: gl.constexpr,
@@ -158,10 +164,10 @@ if HAVE_GLUON:
     def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty, dq_full,
                   dq_empty, dq_desc, dq_row0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, qk_scale,
                   BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, TV: gl.constexpr, STAGES: gl.constexpr,
-                  DQ_BUFS: gl.constexpr, DQ_WRITER: gl.constexpr, num_warps: gl.constexpr):
+                  DQ_BUFS: gl.constexpr, num_warps: gl.constexpr):
         """Two warpgroups in lockstep (64 keys each): dK, dV [BN, D] of the program's keys over all
-        its query chunks (returned unscaled, fp32); each chunk's dQ share [BM, D] is added into the
-        accumulator behind ``dq_desc`` by a TMA reduction."""
+        its query chunks (returned unscaled, fp32); each chunk's dQ share [BM, D] goes to the writer
+        warp through ``dq_smem`` (buffer i % DQ_BUFS, ``dq_full`` / ``dq_empty``)."""
         dtype: gl.constexpr = q_smem.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                             instr_shape=[16, BM, 16])
@@ -195,26 +201,15 @@ if HAVE_GLUON:
             dk = warpgroup_mma(gl.convert_layout(dst, a_layout, assert_trivial=True), q_smem.index(s), dk,
                                is_async=True)
             dv, dq = warpgroup_mma_wait(1, deps=(dv, dq))  # dK still running
-            if DQ_WRITER:  # hand the share to the writer warp
-                b = i % DQ_BUFS
-                mbarrier.wait(dq_empty.index(b), ((i // DQ_BUFS) & 1) ^ 1)
-                dq_smem.index(b).store(dq)
-                fence_async_shared()
-                _cta_barrier()
-                mbarrier.arrive(dq_full.index(b), count=1)
-            else:  # reduce it from here
-                b = i % DQ_BUFS
-                tma.store_wait(DQ_BUFS - 1)  # the reduction that last read this buffer is done reading
-                _cta_barrier()
-                dq_smem.index(b).store(dq)
-                fence_async_shared()
-                _cta_barrier()
-                row = _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, TV)
-                _tma_reduce_add(dq_desc, [dq_row0 + row, 0], dq_smem.index(b))
+            b = i % DQ_BUFS  # hand the share to the writer warp
+            mbarrier.wait(dq_empty.index(b), ((i // DQ_BUFS) & 1) ^ 1)
+            dq_smem.index(b).store(dq)
+            fence_async_shared()
+            _cta_barrier()
+            mbarrier.arrive(dq_full.index(b), count=1)
             dk = warpgroup_mma_wait(0, deps=(dk,))
             _cta_barrier()  # both warpgroups are done with this stage's Q and dO
             mbarrier.arrive(empty.index(s), count=1)
-        tma.store_wait(0)
         return dk, dv
 
     @gluon.jit
@@ -225,7 +220,7 @@ if HAVE_GLUON:
                          N0, N1, N2, R0, R1, R2, G1, G2, qk_scale, sm_scale,
                          BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, TV: gl.constexpr,
                          STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, DQ_BUFS: gl.constexpr,
-                         DQ_WRITER: gl.constexpr, ROW_MAJOR: gl.constexpr, T0: gl.constexpr, T1: gl.constexpr,
+                         ROW_MAJOR: gl.constexpr, T0: gl.constexpr, T1: gl.constexpr,
                          T2: gl.constexpr, CB0: gl.constexpr, CB1: gl.constexpr, CB2: gl.constexpr,
                          num_warps: gl.constexpr):
         """Program ``pid``: BN text keys (``pid < n_text_progs``, NTB blocks per (b, h)) or one image
@@ -292,30 +287,18 @@ if HAVE_GLUON:
             _tma_load(k_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, k_smem)
             _tma_load(v_desc, [b * k_rb + h * k_rh + key_row, h * k_ch], kv_bar, v_smem)
         mbarrier.wait(kv_bar, 0)
-        if DQ_WRITER:
-            dk, dv = gl.warp_specialize([
-                (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty,
-                             dq_full, dq_empty, dq_desc, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
-                             N2, qk_scale, BM, BN, D, TV, STAGES, DQ_BUFS, DQ_WRITER, num_warps)),
-                (_producer, (q_desc, do_desc, q_gdesc, do_gdesc, lse_desc, dl_desc, q_smem, do_smem, lse_smem,
-                             dl_smem, ready, empty, b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch,
-                             b * q_gb + h * q_gh, h * q_gc, b * do_gb + h * do_gh, h * do_gc, bh * SL,
-                             SL - n_tiles * TV, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV,
-                             STAGES, ROW_MAJOR, T0, T1, T2, CB0, CB1, CB2)),
-                (_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2,
-                              n12, n2, N1, N2, BM, TV, DQ_BUFS)),
-            ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
-        else:
-            dk, dv = gl.warp_specialize([
-                (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty,
-                             dq_full, dq_empty, dq_desc, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
-                             N2, qk_scale, BM, BN, D, TV, STAGES, DQ_BUFS, DQ_WRITER, num_warps)),
-                (_producer, (q_desc, do_desc, q_gdesc, do_gdesc, lse_desc, dl_desc, q_smem, do_smem, lse_smem,
-                             dl_smem, ready, empty, b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch,
-                             b * q_gb + h * q_gh, h * q_gc, b * do_gb + h * do_gh, h * do_gc, bh * SL,
-                             SL - n_tiles * TV, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV,
-                             STAGES, ROW_MAJOR, T0, T1, T2, CB0, CB1, CB2)),
-            ], [1], [PRODUCER_REGS])
+        dk, dv = gl.warp_specialize([
+            (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty,
+                         dq_full, dq_empty, dq_desc, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
+                         N2, qk_scale, BM, BN, D, TV, STAGES, DQ_BUFS, num_warps)),
+            (_producer, (q_desc, do_desc, q_gdesc, do_gdesc, lse_desc, dl_desc, q_smem, do_smem, lse_smem,
+                         dl_smem, ready, empty, b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch,
+                         b * q_gb + h * q_gh, h * q_gc, b * do_gb + h * do_gh, h * do_gc, bh * SL,
+                         SL - n_tiles * TV, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM, D, TV,
+                         STAGES, ROW_MAJOR, T0, T1, T2, CB0, CB1, CB2)),
+            (_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2,
+                          n12, n2, N1, N2, BM, TV, DQ_BUFS)),
+        ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
         # dK, dV straight from the accumulators' layout (an epilogue: no shared memory left for a shuffle)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                              instr_shape=[16, D, 16])
@@ -452,15 +435,16 @@ def _descriptor(t: torch.Tensor, block, layout):
 
 def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len: int, sl: int,
                        qk_scale: float, sm_scale: float, producer_regs: int = 40, dq_bufs: int = 1,
-                       dq_writer: bool = True, stages: int = STAGES, tile_order: bool = True) -> None:
+                       stages: int = STAGES, tile_order: bool = True) -> None:
     """dK, dV (written into ``dk``, ``dv``, (B, H, L, D) views sharing one stride set) and the
     unscaled dQ added into ``dq_acc`` (fp32 (B·H·L, D), rows in tile order, zeroed by the caller)
     of a tile-window local attention on tile-ordered (``tile_order``) or row-major tokens; ``lse``
     (log2 units) and ``delta`` the (B, H, sl) statistics rows (token-order columns, and on row-major
     tokens the image rows' tile-major copies too). The caller checks
-    :func:`fused_gluon_unsupported`. The other options are the variants timed on the H200
-    (``benchmarks/gluon_fused_bwd.py``): the defaults, a writer warp, one dQ buffer and two stages,
-    were fastest (flux-4k kernel 10.87 ms, 11.54 without the writer warp, 12.42 with three stages)."""
+    :func:`fused_gluon_unsupported`. The other options are variants timed on the H200
+    (``benchmarks/gluon_fused_bwd.py``, 33rd session): the defaults, one dQ buffer and two stages,
+    were fastest (flux-4k kernel 10.87 ms; 11.19 with two dQ buffers, 12.42 with three stages; the
+    reduction issued by the consumers themselves instead of a writer warp: 11.54, removed)."""
     B, H, L, D = q.shape
     tensors = [q, k, v, do]
     views = [_row_view(t) for t in tensors]
@@ -498,6 +482,6 @@ def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len
         do_gb, do_gh, do_gc, *dk.stride()[:3], H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles,
         n0, n1, n2, r0, r1, r2, layout.grid[1], layout.grid[2], qk_scale, sm_scale,
         BM=BM, BN=BN, D=D, TV=BN, STAGES=stages, PRODUCER_REGS=producer_regs, DQ_BUFS=dq_bufs,
-        DQ_WRITER=dq_writer, ROW_MAJOR=not tile_order, T0=layout.tile[0], T1=layout.tile[1], T2=layout.tile[2],
+        ROW_MAJOR=not tile_order, T0=layout.tile[0], T1=layout.tile[1], T2=layout.tile[2],
         CB0=cb[0], CB1=cb[1], CB2=cb[2], num_warps=8,
     )
