@@ -73,6 +73,9 @@ if HAVE_GLUON:
             _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
                                                       src.handle)
 
+    # (the walk's arithmetic repeats ``local_dkdv_hopper._query_chunk_row`` / ``_window_box``: Gluon
+    # compiles calls to plain Triton functions, but not once TRITON_INTERPRET=1 has made them
+    # interpreter objects, as in the CPU test runs that compile this kernel for sm_90)
     @gluon.jit
     def _chunk_row(i, n_dense, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, BM: gl.constexpr, TV: gl.constexpr):
         """First token (tile order, within a (b, h)) of query chunk ``i`` of a program: dense
