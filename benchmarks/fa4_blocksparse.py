@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import bench_ms, environment  # noqa: E402
+from timing import environment, interleaved_rounds  # noqa: E402
 
 H, D, TILE, WINDOW, TEXT = 24, 128, (8, 16), 16, 512
 CASES = {"flux-2k": (128, 128), "flux-4k": (256, 256), "flux-8k": (512, 512)}
@@ -137,16 +136,7 @@ def measure(cases, repeats: int, deadline_s: float) -> dict:
     for name in cases:
         fns.update(local_case(name, CASES[name], res))
     fns.update(dense_context(res["notes"]))
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
-    for r in range(repeats):  # interleaved rounds
-        if time.time() - start > deadline_s:
-            res["notes"].append(f"stopped after {r} rounds (deadline)")
-            break
-        for key, fn in fns.items():
-            res["rounds"].setdefault(key, []).append(bench_ms(fn))
-    med = res["median_ms"] = {k: statistics.median(v) for k, v in res["rounds"].items()}
+    med = res["median_ms"] = interleaved_rounds(fns, repeats, deadline_s, start, res)
     res["bwd_over_fwd"] = {k[:-4]: med[k] / med[k[:-4] + "/fwd"] for k in med if k.endswith("/bwd")}
     res["fa4_bwd_over_triton_fwd"] = {c: med[f"{c}/fa4/bwd"] / med[f"{c}/triton/fwd"] for c in cases}
     res["useful_tflops"] = {}

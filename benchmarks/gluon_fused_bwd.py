@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import bench_ms, environment  # noqa: E402
+from timing import environment, interleaved_rounds  # noqa: E402
 
 H, D, TILE, WINDOW, TEXT = 24, 128, (8, 16), 16, 512
 CASES = {"flux-1k": (64, 64), "flux-2k": (128, 128), "flux-4k": (256, 256), "flux-8k": (512, 512)}
@@ -172,16 +171,7 @@ def measure(cases, repeats: int, stress: int, deadline_s: float) -> dict:
             fns.update(timing_fns(name, CASES[name], res.setdefault("variant_vs_split_rel", {})))
         except Exception:  # noqa: BLE001
             res["notes"].append(f"timing {name}: " + traceback.format_exc()[-2000:])
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
-    for r in range(repeats):  # interleaved rounds
-        if time.time() - start > deadline_s:
-            res["notes"].append(f"stopped after {r} rounds (deadline)")
-            break
-        for key, fn in fns.items():
-            res["rounds"].setdefault(key, []).append(bench_ms(fn))
-    med = res["median_ms"] = {k: statistics.median(v) for k, v in res["rounds"].items()}
+    med = res["median_ms"] = interleaved_rounds(fns, repeats, deadline_s, start, res)
     res["bwd_over_fwd"] = {}
     for name in cases:
         for suffix in ("", "_rowmajor"):

@@ -78,3 +78,19 @@ def cpu_ms(fn, repeat: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def interleaved_rounds(fns: dict, repeats: int, deadline_s: float, start: float, res: dict) -> dict:
+    """Warm every callable up, then time them in ``repeats`` interleaved rounds (``bench_ms``), so
+    clock and power drift spread over all of them alike; rounds stop starting ``deadline_s`` after
+    ``start`` (a note in ``res["notes"]``). Fills ``res["rounds"]`` and returns the medians (ms)."""
+    for fn in fns.values():
+        fn()
+    torch.cuda.synchronize()
+    for r in range(repeats):
+        if time.time() - start > deadline_s:
+            res["notes"].append(f"stopped after {r} rounds (deadline)")
+            break
+        for key, fn in fns.items():
+            res.setdefault("rounds", {}).setdefault(key, []).append(bench_ms(fn))
+    return {k: statistics.median(v) for k, v in res.get("rounds", {}).items()}

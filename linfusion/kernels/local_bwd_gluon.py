@@ -165,9 +165,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty, dq_full,
-                  dq_empty, dq_desc, dq_row0, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1, N2, qk_scale,
-                  BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, TV: gl.constexpr, STAGES: gl.constexpr,
-                  DQ_BUFS: gl.constexpr, num_warps: gl.constexpr):
+                  dq_empty, n_iter, qk_scale, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+                  STAGES: gl.constexpr, DQ_BUFS: gl.constexpr, num_warps: gl.constexpr):
         """Two warpgroups in lockstep (64 keys each): dK, dV [BN, D] of the program's keys over all
         its query chunks (returned unscaled, fp32); each chunk's dQ share [BM, D] goes to the writer
         warp through ``dq_smem`` (buffer i % DQ_BUFS, ``dq_full`` / ``dq_empty``)."""
@@ -292,8 +291,7 @@ if HAVE_GLUON:
         mbarrier.wait(kv_bar, 0)
         dk, dv = gl.warp_specialize([
             (_consumer, (k_smem, v_smem, q_smem, do_smem, ds_smem, dq_smem, lse_smem, dl_smem, ready, empty,
-                         dq_full, dq_empty, dq_desc, bh * L, n_dense, n_iter, TEXT, lo0, lo1, lo2, n12, n2, N1,
-                         N2, qk_scale, BM, BN, D, TV, STAGES, DQ_BUFS, num_warps)),
+                         dq_full, dq_empty, n_iter, qk_scale, BM, BN, D, STAGES, DQ_BUFS, num_warps)),
             (_producer, (q_desc, do_desc, q_gdesc, do_gdesc, lse_desc, dl_desc, q_smem, do_smem, lse_smem,
                          dl_smem, ready, empty, b * q_rb + h * q_rh, h * q_ch, b * do_rb + h * do_rh, h * do_ch,
                          b * q_gb + h * q_gh, h * q_gc, b * do_gb + h * do_gh, h * do_gc, bh * SL,
@@ -449,24 +447,19 @@ def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len
     were fastest (flux-4k kernel 10.87 ms; 11.19 with two dQ buffers, 12.42 with three stages; the
     reduction issued by the consumers themselves instead of a writer warp: 11.54, removed)."""
     B, H, L, D = q.shape
-    tensors = [q, k, v, do]
-    views = [_row_view(t) for t in tensors]
-    gviews = [_grid_view(t, text_len, layout.grid) for t in tensors] if not tile_order else views
-    if (any(view is None for view in views + gviews) or views[1][1:] != views[2][1:]
-            or gviews[1][1:] != gviews[2][1:]):
+
+    def describe(tensors):  # 2D row views and, on row-major tokens, 5D grid views
+        rows = [_row_view(t) for t in tensors]
+        grids = [_grid_view(t, text_len, layout.grid) for t in tensors] if not tile_order else None
+        return rows, grids
+
+    views, gviews = describe([q, k, v, do])
+    k_v_apart = views[1][1:] != views[2][1:] or (gviews is not None and gviews[1][1:] != gviews[2][1:])
+    if k_v_apart or any(vw is None for vw in views + (gviews or [])):
         # (k and v share their coordinates in the kernel; other strides are copied to heads-first)
-        tensors = [t.contiguous() for t in tensors]
-        views = [_row_view(t) for t in tensors]
-        gviews = [_grid_view(t, text_len, layout.grid) for t in tensors] if not tile_order else views
+        views, gviews = describe([t.contiguous() for t in (q, k, v, do)])
     (qv, q_rb, q_rh, q_ch), (kv, k_rb, k_rh, k_ch), (vv, _, _, _), (dov, do_rb, do_rh, do_ch) = views
-    (qg, q_gb, q_gh, q_gc), (kg, k_gb, k_gh, k_gc), (vg, _, _, _), (dog, do_gb, do_gh, do_gc) = gviews
     cb = _chunk_box(layout.tile)
-    if tile_order:  # (the grid descriptors are unused: the 2D ones stand in)
-        grid_descs = [None] * 4
-    else:
-        g5 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5)
-        grid_descs = [_descriptor(qg, (1, *cb, D), g5), _descriptor(kg, (1, *layout.tile, D), g5),
-                      _descriptor(vg, (1, *layout.tile, D), g5), _descriptor(dog, (1, *cb, D), g5)]
     smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     stats = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     acc_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
@@ -477,13 +470,20 @@ def launch_fused_gluon(q, k, v, do, lse, delta, dq_acc, dk, dv, layout, text_len
     n_tiles = n0 * n1 * n2
     row_descs = [_descriptor(qv, (BM, D), smem), _descriptor(kv, (BN, D), smem), _descriptor(vv, (BN, D), smem),
                  _descriptor(dov, (BM, D), smem)]
-    grid_descs = [g if g is not None else r for g, r in zip(grid_descs, row_descs)]
+    if tile_order:  # every chunk is rows: the 2D descriptors stand in for the unused grid ones
+        grid_descs, grid_coords = row_descs, (0,) * 9
+    else:
+        (qg, q_gb, q_gh, q_gc), (kg, k_gb, k_gh, k_gc), (vg, _, _, _), (dog, do_gb, do_gh, do_gc) = gviews
+        g5 = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5)
+        grid_descs = [_descriptor(qg, (1, *cb, D), g5), _descriptor(kg, (1, *layout.tile, D), g5),
+                      _descriptor(vg, (1, *layout.tile, D), g5), _descriptor(dog, (1, *cb, D), g5)]
+        grid_coords = (q_gb, q_gh, q_gc, k_gb, k_gh, k_gc, do_gb, do_gh, do_gc)
     fused_bwd_kernel[(n_text_progs + n_tiles * B * H,)](
         *row_descs, *grid_descs, _descriptor(lse.reshape(-1), (BM,), stats),
         _descriptor(delta.reshape(-1), (BM,), stats), _descriptor(dq_acc, (BM, D), acc_layout), dk, dv,
-        q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch, q_gb, q_gh, q_gc, k_gb, k_gh, k_gc,
-        do_gb, do_gh, do_gc, *dk.stride()[:3], H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles,
-        n0, n1, n2, r0, r1, r2, layout.grid[1], layout.grid[2], qk_scale, sm_scale,
+        q_rb, q_rh, q_ch, k_rb, k_rh, k_ch, do_rb, do_rh, do_ch, *grid_coords, *dk.stride()[:3],
+        H, L, sl, text_len, n_text_progs, max(ntb, 1), n_tiles, n0, n1, n2, r0, r1, r2,
+        layout.grid[1], layout.grid[2], qk_scale, sm_scale,
         BM=BM, BN=BN, D=D, TV=BN, STAGES=stages, PRODUCER_REGS=producer_regs, DQ_BUFS=dq_bufs,
         ROW_MAJOR=not tile_order, T0=layout.tile[0], T1=layout.tile[1], T2=layout.tile[2],
         CB0=cb[0], CB1=cb[1], CB2=cb[2], num_warps=8,

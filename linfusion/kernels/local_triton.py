@@ -1395,9 +1395,11 @@ def _dq_descriptors(acc: torch.Tensor, text_len: int, layout: LocalLayout, block
 #: or per-element atomics: 5 matmuls, plus the reduction traffic; FA3's scheme), "split_ws" ("split"
 #: with the warp-specialised Hopper dK/dV kernel of ``local_dkdv_hopper``: tile windows on
 #: tile-ordered tokens only, see ``ws_dkdv_unsupported``; with ``set_config_override("dq_ws", ...)``
-#: its dQ kernel is warp-specialised too) or "auto" (the default, chosen when the backward runs:
-#: "split_ws" where it can serve the call on a GPU, else ``local_configs.default_backward``, "split"
-#: since the H200 re-measured the fused one slower everywhere, 27th session).
+#: its dQ kernel is warp-specialised too; refused on GPUs since the 32nd session), "fused_gluon" (one
+#: fused Hopper kernel in Gluon, ``local_bwd_gluon``: 5 matmuls, dQ by TMA reductions from a writer
+#: warp; tile windows of 128-token tiles at head dim 128, either token order) or "auto" (the default,
+#: chosen when the backward runs: "fused_gluon" where it can serve the call, else
+#: ``local_configs.default_backward``: "split").
 BACKWARDS = ("auto", "split", "fused_dq", "split_ws", "fused_gluon")
 
 
@@ -1617,8 +1619,8 @@ def _require_ws(q, tensors, layout: LocalLayout, text_len: int, tile_order: bool
 
 def _auto_backward(q: torch.Tensor, layout: LocalLayout, text_len: int = 0, tile_order: bool = False) -> str:
     """The variant ``backward="auto"`` runs: the Gluon fused backward wherever it can serve the call
-    (tile windows on tile-ordered tokens, 128-token tiles, head dim 128, fp16/bf16, sm_90:
-    :func:`local_bwd_gluon.fused_gluon_unsupported`; 33rd session, H200, FLUX 2K/4K/8K
+    (tile windows of 128-token tiles on either token order, head dim 128, fp16/bf16, sm_90:
+    :func:`local_bwd_gluon.fused_gluon_unsupported`; 33rd session, H200, FLUX 1K–8K
     ``benchmarks/results/gluon_fused_bwd_33rd.json``), else ``local_configs.default_backward``.
     From the 27th to the 32nd session it took "split_ws" wherever that kernel could serve, until the
     H200 showed its warp-specialised dK/dV kernel leaving 128-key blocks of dK/dV non-finite in 7–58%
